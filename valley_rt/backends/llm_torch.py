@@ -1,0 +1,69 @@
+"""The reference LLM backend: a transformers `LlamaForCausalLM` with a `DynamicCache`.
+
+Plain and slow on purpose: every fast backend is tested against it token for token. Runs in the
+model's own dtype; embeddings in and logits out are float32 like every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+
+class TorchLLM:
+    """One batch-1 KV-cached session over a `LlamaForCausalLM` (implements generate.LLMBackend)."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, max_context: int | None = None):
+        self.model = model.eval()
+        cfg = model.config
+        self.config = cfg
+        self.hidden_size = int(cfg.hidden_size)
+        self.vocab_size = int(cfg.vocab_size)
+        self.max_context = int(max_context or cfg.max_position_embeddings)
+        self._param = next(model.parameters())
+        self.cache = DynamicCache(config=cfg)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "TorchLLM":
+        """Load an HF LLaMA folder (config.json + safetensors)."""
+        from transformers import LlamaForCausalLM
+
+        return cls(LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype))
+
+    @property
+    def position(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    def embed(self, ids: Sequence[int]) -> torch.Tensor:
+        table = self.model.get_input_embeddings().weight  # [V, H]
+        return table[torch.as_tensor(list(ids), dtype=torch.long)].detach().float()  # [S, H]
+
+    @torch.inference_mode()
+    def _forward(self, **inputs) -> torch.Tensor:
+        out = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()  # [V]
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        # embeds: [S, H] -> [1, S, H] in the model's dtype
+        x = embeds.to(device=self._param.device, dtype=self._param.dtype)[None]
+        return self._forward(inputs_embeds=x)
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        ids = torch.tensor([[token_id]], dtype=torch.long, device=self._param.device)  # [1, 1]
+        return self._forward(input_ids=ids)
+
+    def truncate(self, position: int) -> None:
+        cur = self.position
+        if not 0 <= position <= cur:
+            raise ValueError(f"truncate to {position} outside the cache of {cur} tokens")
+        if position == 0:
+            self.reset()
+        elif position < cur:
+            self.cache.crop(position - cur)  # transformers 5 crops by a negative count
+
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.config)
