@@ -1,0 +1,102 @@
+"""Valley's "v1" conversation prompt, the <video> token layout, and answer clean-up.
+
+    {system}\n\n###  Human: {text} \n### Assistent: {text} \n### ...
+
+("Assistent" is sic: the released template spells it so, and a converted checkpoint was trained on it.)
+A prompt for generation ends right after the last "###"; the model continues with its role and the
+answer, and stops at the next "###". The whole string is tokenized at once, exactly as the original does,
+after `<video>` is replaced by the placeholder tokens; training labels come from character offsets, so
+training and inference tokenize identically.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from valley_rt.config import ValleyConfig
+from valley_rt.errors import ContextLengthError
+
+SEP = "###"
+HUMAN, ASSISTANT = "Human", "Assistent"  # sic
+VIDEO = "<video>"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Turn:
+    role: str  # "human" or "gpt"
+    text: str
+
+
+def video_placeholder(num_patches: int, num_frames: int) -> str:
+    """What `<video>` becomes: im_start, N im_patch, im_end, vi_start, T vi_frame, vi_end."""
+    return ("<im_start>" + "<im_patch>" * num_patches + "<im_end>"
+            + "<vi_start>" + "<vi_frame>" * num_frames + "<vi_end>")
+
+
+def format_conversation(turns: list[Turn], *, system: str) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt text and the character spans [start, end) the loss covers (assistant turns).
+
+    A span covers " Assistent: {text} \\n###" so the model learns its role marker and where to stop.
+    """
+    text = f"{system}\n\n{SEP}"
+    spans = []
+    for turn in turns:
+        if turn.role == "human":
+            text += f" {HUMAN}: {turn.text} \n{SEP}"
+        elif turn.role == "gpt":
+            start = len(text)
+            text += f" {ASSISTANT}: {turn.text} \n{SEP}"
+            spans.append((start, len(text)))
+        else:
+            raise ValueError(f"unknown role {turn.role!r} (expected 'human' or 'gpt')")
+    return text, spans
+
+
+def encode(tokenizer, text: str, *, cfg: ValleyConfig, num_frames: int | None,
+           spans: list[tuple[int, int]] | None = None) -> tuple[list[int], list[int] | None]:
+    """Token ids of `text` with each `<video>` expanded; labels (IGNORE_INDEX outside `spans`) if spans given.
+
+    num_frames: frames of the video (None when the text has no video).
+    """
+    n_video = text.count(VIDEO)
+    if n_video > 1:
+        raise ValueError(f"a prompt may hold one {VIDEO}, found {n_video}")
+    if n_video and num_frames is None:
+        raise ValueError(f"the prompt has {VIDEO} but no video was given")
+    shift = []  # (position in expanded text, length added) to map spans through the expansion
+    if n_video:
+        placeholder = video_placeholder(cfg.num_patches, num_frames)
+        pos = text.index(VIDEO)
+        shift.append((pos, len(placeholder) - len(VIDEO)))
+        text = text.replace(VIDEO, placeholder)
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=spans is not None)
+    ids = list(enc["input_ids"])
+    if spans is None:
+        return ids, None
+
+    def moved(c: int) -> int:
+        return c + sum(d for p, d in shift if c > p)
+
+    spans = [(moved(a), moved(b)) for a, b in spans]
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(s <= a and b <= e for s, e in spans):
+            labels[i] = ids[i]
+    return ids, labels
+
+
+def check_context(n_prompt: int, max_new_tokens: int, context: int) -> None:
+    if n_prompt + max_new_tokens > context:
+        raise ContextLengthError(f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                                 f"context of {context} tokens")
+
+
+_LEADING = re.compile(r"^\s*(?:###|Assistant:|Assistent:|Response:|Valley:|\s)*", re.IGNORECASE)
+
+
+def clean_answer(text: str) -> str:
+    """Strip the leading separator / role markers and cut at the first "###" (spec: prompt)."""
+    text = _LEADING.sub("", text)
+    return text.split(SEP, 1)[0].strip()
