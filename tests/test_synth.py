@@ -1,0 +1,196 @@
+"""The synthetic video-instruction generator: files decode, records are well formed, output is
+deterministic per seed and disjoint across seeds, and every short answer agrees with the decoded pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from valley_rt.train import synth
+
+N_CLIPS = 16
+SEED = 3
+
+
+def decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    meta = synth.generate(out, n=N_CLIPS, seed=SEED)
+    return out, meta, json.loads((out / "data.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def arena():
+    return synth.make_arena(128, 96)
+
+
+def object_of(question: str) -> str:
+    """The one "<color> <shape>" a question names."""
+    names = [f"{c} {s}" for c in synth.COLORS for s in synth.SHAPES if f"{c} {s}" in question]
+    assert len(names) == 1, question
+    return names[0]
+
+
+def color_track(frames: np.ndarray, color: str, arena) -> list[tuple[int, float, float]]:
+    """(frame, centroid x, centroid y) of the pixels near `color` inside the arena, per frame it is visible in."""
+    x0, y0, s = arena.x0, arena.y0, arena.side
+    crop = frames[:, y0:y0 + s, x0:x0 + s].astype(np.int32)
+    near = np.abs(crop - np.array(synth.COLORS[color])).sum(-1) < 90  # [T, s, s]
+    out = []
+    for t in range(len(frames)):
+        ys, xs = np.nonzero(near[t])
+        if len(xs) >= 30:  # a 16 px object covers >= ~120 px; stray edge pixels never reach 30
+            out.append((t, x0 + xs.mean(), y0 + ys.mean()))
+    return out
+
+
+def answer(rec) -> str:
+    return rec["conversations"][-1]["value"]
+
+
+def test_files_decode_and_records_well_formed(gen):
+    out, meta, records = gen
+    videos = sorted((out / "videos").glob("*.mp4"))
+    assert len(videos) == N_CLIPS == meta["n"]
+    frames = decode(videos[0])
+    assert frames.shape == (32, 96, 128, 3)
+    with av.open(str(videos[0])) as c:
+        st = c.streams.video[0]
+        assert st.codec_context.name == "h264" and st.codec_context.pix_fmt == "yuv420p"
+    for v in videos[1:]:
+        assert len(decode(v)) == 32
+    ids = [r["id"] for r in records]
+    assert len(set(ids)) == len(ids)
+    for r in records:
+        assert (out / "videos" / r["video"]).is_file()
+        assert r["task"] in synth.TASK_FAMILIES
+        conv = r["conversations"]
+        assert len(conv) >= 2 and len(conv) % 2 == 0
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<video>\n") and conv[0]["value"].count("<video>") == 1
+        assert all(t["value"].strip() for t in conv)
+        assert r["short"] == (r["task"] in synth.SHORT_FAMILIES)
+        if r["short"]:
+            norm = [synth.normalize_answer(c) for c in r["choices"]]
+            assert synth.normalize_answer(answer(r)) in norm and len(set(norm)) == len(norm)
+    assert meta["families"] == {f: sum(r["task"] == f for r in records) for f in synth.TASK_FAMILIES}
+    assert json.loads((out / "meta.json").read_text())["families"] == meta["families"]
+    assert set(meta["chance"]) == set(synth.SHORT_FAMILIES)
+    assert meta["chance"]["action"] < 0.5 and meta["chance"]["order"] == 0.5
+
+
+def test_every_family_produced(gen):
+    _, meta, _ = gen
+    assert all(meta["families"][f] > 0 for f in synth.TASK_FAMILIES), meta["families"]
+    assert set(synth.TEMPORAL_FAMILIES) <= set(synth.SHORT_FAMILIES)
+
+
+def test_deterministic_for_a_seed(gen, tmp_path):
+    out, _, records = gen
+    synth.generate(tmp_path, n=4, seed=SEED, workers=2)  # a prefix of the same split, other worker count
+    again = json.loads((tmp_path / "data.json").read_text())
+    assert again == [r for r in records if int(r["video"].split("_")[1][:5]) < 4]
+    for v in sorted((tmp_path / "videos").glob("*.mp4")):
+        assert (out / "videos" / v.name).read_bytes() == v.read_bytes()
+        assert np.array_equal(decode(v), decode(out / "videos" / v.name))
+
+
+def test_seeds_give_disjoint_splits(gen, tmp_path):
+    _, meta, records = gen
+    other = synth.generate(tmp_path, n=N_CLIPS, seed=SEED + 1)
+    other_records = json.loads((tmp_path / "data.json").read_text())
+    assert not {r["id"] for r in records} & {r["id"] for r in other_records}
+    assert not {r["video"] for r in records} & {r["video"] for r in other_records}
+    assert not set(meta["clip_hashes"]) & set(other["clip_hashes"])
+    assert len(set(meta["clip_hashes"])) == N_CLIPS
+
+
+def test_direction_answers_match_pixels(gen, arena):
+    out, _, records = gen
+    checked = 0
+    for r in (r for r in records if r["task"] == "action"):
+        color = object_of(r["conversations"][0]["value"]).split()[0]
+        track = color_track(decode(out / "videos" / r["video"]), color, arena)
+        (_, xa, ya), (_, xb, yb) = track[0], track[-1]
+        dx, dy = xb - xa, yb - ya
+        moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}
+        assert max(moved, key=moved.get) == answer(r), (r["id"], moved)
+        assert moved[answer(r)] >= 10
+        checked += 1
+    assert checked >= 5
+
+
+def test_causal_answers_match_pixels(gen, arena):
+    """At its turning point the bouncer touches the wall, or the object the answer names."""
+    out, _, records = gen
+    checked = 0
+    for r in (r for r in records if r["task"] == "causal"):
+        frames = decode(out / "videos" / r["video"])
+        color = object_of(r["conversations"][0]["value"]).split()[0]
+        track = color_track(frames, color, arena)
+        xs, ys = np.array([p[1] for p in track]), np.array([p[2] for p in track])
+        axis = xs if np.ptp(xs) > np.ptp(ys) else ys
+        k = int(np.argmax(np.abs(axis - axis[0])))  # the turn: farthest from where it started
+        assert 0 < k < len(track) - 1, r["id"]
+        t, cx, cy = track[k]
+        if answer(r) == "it hit the wall":
+            lo, hi = arena.lo, arena.hi
+            box = [cx - lo[0], hi[0] - cx, cy - lo[1], hi[1] - cy]
+            assert min(box) < 5, (r["id"], box)  # centroid of a triangle is off-centre by < 3 px
+        else:
+            other = answer(r).removeprefix("it hit the ").split()[0]
+            o = [p for p in color_track(frames, other, arena) if p[0] == t]
+            assert o, r["id"]
+            assert abs(o[0][1] - cx) + abs(o[0][2] - cy) < arena.size + 6, r["id"]
+        checked += 1
+    assert checked >= 2
+
+
+def test_order_and_count_answers_match_pixels(gen, arena):
+    out, _, records = gen
+    for r in (r for r in records if r["task"] in ("order", "counting")):
+        frames = decode(out / "videos" / r["video"])
+        first_seen = {c: track[0][0] for c in synth.COLORS if (track := color_track(frames, c, arena))}
+        if r["task"] == "counting":
+            assert synth.normalize_answer(answer(r)) == str(len(first_seen)), r["id"]
+        else:
+            a, b = (object_of(c).split()[0] for c in r["choices"])
+            first = a if first_seen[a] < first_seen[b] else b
+            assert object_of(answer(r)).split()[0] == first, r["id"]
+
+
+def test_normalize_answer():
+    assert synth.normalize_answer("The Red square.") == "red square"
+    assert synth.normalize_answer(" It hit the wall! ") == "it hit wall"
+    assert synth.normalize_answer("Three") == synth.normalize_answer("3") == "3"
+    assert synth.normalize_answer("Left") == "left"
+
+
+def test_render_blank_video(gen, tmp_path):
+    out, _, records = gen
+    src = out / "videos" / records[0]["video"]
+    synth.render_blank_video(tmp_path / "blank.mp4", like=src)
+    blank = decode(tmp_path / "blank.mp4")
+    assert blank.shape == decode(src).shape
+    assert blank.max() <= 20
+
+
+def test_cli_synth(tmp_path):
+    from typer.testing import CliRunner
+
+    from valley_rt.cli import app
+
+    res = CliRunner().invoke(app, ["synth", str(tmp_path / "d"), "--n", "2", "--seed", "9"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["n"] == 2
+    bad = CliRunner().invoke(app, ["synth", str(tmp_path / "e"), "--n", "0", "--seed", "9"])
+    assert bad.exit_code == 2 and "error:" in bad.output

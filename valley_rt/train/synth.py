@@ -1,0 +1,618 @@
+"""Synthetic video-instruction data: a tiny procedurally rendered world, really encoded as mp4.
+
+Each clip is a few seconds of coloured shapes (square / circle / triangle) inside a walled arena on a
+plain background. Objects move in straight lines, bounce off the wall or off each other, appear,
+disappear, and some clips cut to a second scene. Every clip yields several instruction records in
+Valley's format (one QA pair each), one per task family of the paper: multi-shot captions, long
+descriptions, action recognition, causal inference, counting and order of events.
+
+The trade-off: the world is *planned*, not simulated. The answer of each short-answer family is drawn
+first (balanced, so chance is known), then the geometry is drawn until the clip shows exactly that
+answer, with no accidental contact, every event visible in the frames a model samples
+(`np.linspace(0, T - 1, frames_hint)`), and every object inside the centre crop the model sees. A
+clip depends only on `(seed, index)`, so generation is deterministic and parallel, and two seeds give
+disjoint splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from valley_rt.errors import DataError, VideoError
+
+# Saturated, well separated RGB colours (they survive yuv420p chroma subsampling).
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (235, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 80, 255),
+    "yellow": (245, 225, 20),
+    "white": (245, 245, 245),
+    "purple": (165, 40, 220),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (8, 8, 8), "gray": (95, 95, 95), "brown": (80, 48, 20)}
+WALL_RGB = (150, 150, 150)
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+TASK_FAMILIES: tuple[str, ...] = ("multi_shot_caption", "long_description", "action", "causal", "counting",
+                                  "order")
+TEMPORAL_FAMILIES: tuple[str, ...] = ("action", "causal", "order")  # a single frame cannot answer these
+SHORT_FAMILIES: tuple[str, ...] = ("action", "causal", "counting", "order")  # exact-match answers
+
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "multi_shot_caption": (
+        "Describe each scene of the video in one sentence.",
+        "Give a short caption for every scene in this video.",
+        "Write one caption per shot of the video.",
+        "Caption each scene of the clip.",
+    ),
+    "long_description": (
+        "Describe the video in detail.",
+        "What happens in this video? Describe it step by step.",
+        "Give a detailed description of the clip.",
+        "Tell me everything that happens in the video.",
+    ),
+    "action": (
+        "Which way does the {obj} move?",
+        "In which direction is the {obj} moving?",
+        "Where does the {obj} go: left, right, up or down?",
+        "What direction does the {obj} travel in?",
+    ),
+    "causal": (
+        "Why does the {obj} change direction?",
+        "What makes the {obj} turn back?",
+        "Why did the {obj} bounce back?",
+        "What caused the {obj} to reverse?",
+    ),
+    "counting": (
+        "How many objects appear in the video?",
+        "How many shapes are shown in the whole clip?",
+        "Count the objects that appear in this video.",
+        "How many different objects can be seen in the video?",
+    ),
+    "order": (
+        "What appeared first, the {a} or the {b}?",
+        "Which came first in the video: the {a} or the {b}?",
+        "Which object showed up earlier, the {a} or the {b}?",
+        "Did the {a} or the {b} appear first?",
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class Arena:
+    """The walled square, in frame pixels, that stays inside the model's centre crop."""
+
+    x0: int
+    y0: int
+    side: int  # outer side of the wall, pixels
+    wall: int  # wall thickness, pixels
+    size: int  # object side, pixels
+
+    @property
+    def lo(self) -> tuple[float, float]:  # smallest object centre (x, y) that does not touch the wall
+        return self.x0 + self.wall + self.size / 2, self.y0 + self.wall + self.size / 2
+
+    @property
+    def hi(self) -> tuple[float, float]:
+        return (self.x0 + self.side - self.wall - self.size / 2, self.y0 + self.side - self.wall - self.size / 2)
+
+
+def make_arena(width: int, height: int, *, resize_short: int = 73, crop: int = 64) -> Arena:
+    """The largest square the model sees after "resize short side to `resize_short`, centre crop `crop`"."""
+    scale = resize_short / min(width, height)
+    side = int(crop / scale) - 4  # 2 px margin each side for the resize's rounding
+    size = 2 * round(side * 0.1)  # ~16 px at 128x96, i.e. ~12 model pixels
+    if size * scale < 9:
+        raise ValueError(f"synth frame {width}x{height} makes objects {size * scale:.1f} px after resizing; need >= 9")
+    return Arena(x0=(width - side) // 2, y0=(height - side) // 2, side=side, wall=2, size=size)
+
+
+# --------------------------------------------------------------------------------------------- the plan
+@dataclass
+class Track:
+    """One object in one scene: where its centre is in each clip frame it is visible in."""
+
+    color: str
+    shape: str
+    role: str  # "mover" (constant direction), "bouncer", "partner" (what a bouncer hits), "still"
+    start: int  # first visible clip frame
+    end: int  # one past the last visible clip frame
+    xs: list[float] = field(default_factory=list)  # centre x per visible frame (len end - start)
+    ys: list[float] = field(default_factory=list)
+    direction: Optional[str] = None  # mover: its direction; bouncer/moving partner: direction before the bounce
+    bounce_at: Optional[int] = None  # clip frame of the contact
+    cause: Optional[str] = None  # bouncer: "wall" or the name of the object it hits
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass
+class Scene:
+    start: int
+    end: int
+    background: str
+    tracks: list[Track]
+
+
+@dataclass
+class ClipPlan:
+    index: int
+    seed: int
+    num_frames: int
+    scenes: list[Scene]
+    targets: dict[str, Any]  # the drawn answers: count, direction (+ its object), cause, order pair
+
+    def content_hash(self) -> str:
+        blob = json.dumps([asdict(s) for s in self.scenes], sort_keys=True, default=float)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def tracks(self) -> list[Track]:
+        return [t for s in self.scenes for t in s.tracks]
+
+
+class _Retry(Exception):
+    """Internal: this draw of the geometry does not show the planned answers; draw again."""
+
+
+def _line(rng, arena: Arena, axis: int, sign: int, frames: int) -> tuple[float, float]:
+    """A start coordinate and signed speed that cross 50-95 % of the arena along `axis` in `frames` steps."""
+    lo, hi = arena.lo[axis], arena.hi[axis]
+    span = float(rng.uniform(0.5, 0.95)) * (hi - lo)
+    p0 = float(rng.uniform(lo, hi - span)) if sign > 0 else float(rng.uniform(lo + span, hi))
+    return p0, sign * span / max(frames, 1)
+
+
+def _axis_sign(direction: str) -> tuple[int, int]:
+    return {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}[direction]
+
+
+def _place_mover(rng, arena, tr: Track, direction: str) -> None:
+    axis, sign = _axis_sign(direction)
+    n = tr.end - tr.start
+    p0, v = _line(rng, arena, axis, sign, n - 1)
+    cross = float(rng.uniform(arena.lo[1 - axis], arena.hi[1 - axis]))
+    along = [p0 + v * i for i in range(n)]
+    tr.direction = direction
+    tr.xs, tr.ys = (along, [cross] * n) if axis == 0 else ([cross] * n, along)
+
+
+def _place_still(rng, arena, tr: Track) -> None:
+    n = tr.end - tr.start
+    tr.xs = [float(rng.uniform(arena.lo[0], arena.hi[0]))] * n
+    tr.ys = [float(rng.uniform(arena.lo[1], arena.hi[1]))] * n
+
+
+def _place_bounce(rng, arena, b: Track, p: Optional[Track], tb: int) -> None:
+    """`b` moves, touches the wall (p is None) or `p` at clip frame `tb`, and goes back."""
+    axis = int(rng.integers(2))
+    sign = int(rng.choice([-1, 1]))
+    lo, hi = arena.lo[axis], arena.hi[axis]
+    s = float(rng.uniform(1.4, 2.4))
+    cross = float(rng.uniform(arena.lo[1 - axis], arena.hi[1 - axis]))
+    if p is None:
+        contact = hi if sign > 0 else lo
+    else:
+        s2 = float(rng.uniform(1.0, 2.0)) if rng.random() < 0.5 else 0.0  # the partner moves or stands still
+        q = float(rng.uniform(lo, hi))
+        contact = q - sign * arena.size  # bouncer's centre when the two touch
+        along_p = [q + sign * s2 * abs(tb - t) for t in range(p.start, p.end)]
+        p.xs, p.ys = (along_p, [cross] * len(along_p)) if axis == 0 else ([cross] * len(along_p), along_p)
+        p.direction = _dir_name(axis, -sign) if s2 > 0 else None
+        p.bounce_at = tb if s2 > 0 else None
+    along = [contact - sign * s * abs(tb - t) for t in range(b.start, b.end)]
+    b.xs, b.ys = (along, [cross] * len(along)) if axis == 0 else ([cross] * len(along), along)
+    b.direction, b.bounce_at = _dir_name(axis, sign), tb
+    b.cause = "wall" if p is None else p.name
+
+
+def _dir_name(axis: int, sign: int) -> str:
+    return ("left", "right")[sign > 0] if axis == 0 else ("up", "down")[sign > 0]
+
+
+def _check(arena: Arena, scene: Scene, sampled: np.ndarray) -> None:
+    """Reject a draw with objects outside the arena, accidental contact, or events the samples miss."""
+    lo, hi = arena.lo, arena.hi
+    for tr in scene.tracks:
+        if min(tr.xs) < lo[0] - 1e-6 or max(tr.xs) > hi[0] + 1e-6 or min(tr.ys) < lo[1] - 1e-6 or max(tr.ys) > hi[1] + 1e-6:
+            raise _Retry
+        seen = [t for t in sampled if tr.start <= t < tr.end]
+        if len(seen) < 2:
+            raise _Retry
+        if tr.role == "mover":  # direction readable from the sampled frames: it travels >= its own size
+            i, j = seen[0] - tr.start, seen[-1] - tr.start
+            if math.hypot(tr.xs[j] - tr.xs[i], tr.ys[j] - tr.ys[i]) < arena.size:
+                raise _Retry
+        if tr.bounce_at is not None:  # two samples on each side of the bounce, moving visibly
+            before = [t for t in seen if t < tr.bounce_at - 1]
+            after = [t for t in seen if t > tr.bounce_at + 1]
+            if len(before) < 2 or len(after) < 2:
+                raise _Retry
+    tracks = scene.tracks
+    for tr in tracks:  # what a bouncer hits is there well before the contact
+        hit = next((o for o in tracks if o.name == tr.cause), None)
+        if hit is not None and not hit.start <= tr.bounce_at - 6:
+            raise _Retry
+    for i in range(len(tracks)):
+        for j in range(i + 1, len(tracks)):
+            a, b = tracks[i], tracks[j]
+            designed = a.cause == b.name or b.cause == a.name
+            gap = 0.0 if designed else 6.0  # undesigned objects never come close enough to look like a hit
+            for t in range(max(a.start, b.start), min(a.end, b.end)):
+                dx = abs(a.xs[t - a.start] - b.xs[t - b.start])
+                dy = abs(a.ys[t - a.start] - b.ys[t - b.start])
+                if dx < arena.size + gap - 1e-6 and dy < arena.size + gap - 1e-6:
+                    raise _Retry
+
+
+def plan_clip(seed: int, index: int, *, arena: Arena, num_frames: int = 32, frames_hint: int = 8) -> ClipPlan:
+    """Draw the answers of clip `index` of split `seed`, then a geometry that shows them."""
+    rng = np.random.default_rng([seed, index])
+    T = num_frames
+    sampled = np.linspace(0, T - 1, frames_hint).astype(int)
+    count = int(rng.integers(1, 4))
+    two_scenes = count >= 2 and rng.random() < 0.45  # ~30 % of clips have a cut
+    direction = str(rng.choice(DIRECTIONS))
+    cause = str(rng.choice(["wall", "object"]))
+    colors = [str(c) for c in rng.permutation(list(COLORS))[:count]]
+    shapes = [str(rng.choice(SHAPES)) for _ in range(count)]
+    backgrounds = [str(b) for b in rng.permutation(list(BACKGROUNDS))[:2]]
+    order_swap = bool(rng.random() < 0.5)  # which of the pair the question names first
+    for _ in range(500):
+        try:
+            if two_scenes:
+                scenes, targets = _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction)
+            else:
+                scenes, targets = _one_scene(rng, arena, T, sampled, colors, shapes, backgrounds[0], direction, cause)
+        except _Retry:
+            continue
+        targets["count"] = count
+        targets["order_swap"] = order_swap
+        return ClipPlan(index=index, seed=seed, num_frames=T, scenes=scenes, targets=targets)
+    raise RuntimeError(f"synth: no geometry found for clip {index} of seed {seed} after 500 draws")
+
+
+def _one_scene(rng, arena, T, sampled, colors, shapes, background, direction, cause):
+    k = len(colors)
+    if k == 1:
+        roles = ["mover"]
+    elif k == 2:
+        roles = ["mover", "bouncer"] if cause == "wall" else ["bouncer", "partner"]
+    else:
+        roles = ["mover", "bouncer", "still" if cause == "wall" else "partner"]
+    order = rng.permutation(k)
+    tracks = []
+    for i in range(k):
+        start = 0 if order[i] == 0 else int(rng.choice([0, rng.integers(5, 11)]))
+        end = T
+        if roles[i] in ("mover", "still") and rng.random() < 0.3:
+            end = int(rng.integers(T - 10, T - 5))  # disappears
+        tracks.append(Track(colors[i], shapes[i], roles[i], start, end))
+    tb = int(rng.integers(T // 2 - 3, T // 2 + 4))
+    partner = next((t for t in tracks if t.role == "partner"), None)
+    for tr in tracks:
+        if tr.role == "mover":
+            _place_mover(rng, arena, tr, direction)
+        elif tr.role == "still":
+            _place_still(rng, arena, tr)
+        elif tr.role == "bouncer":
+            _place_bounce(rng, arena, tr, partner, tb)
+    scene = Scene(0, T, background, tracks)
+    _check(arena, scene, sampled)
+    targets: dict[str, Any] = {}
+    mover = next((t for t in tracks if t.role == "mover"), None)
+    if mover is not None:
+        targets["direction"] = (mover.name, direction)
+    bouncer = next((t for t in tracks if t.role == "bouncer"), None)
+    if bouncer is not None:
+        targets["cause"] = (bouncer.name, "it hit the wall" if bouncer.cause == "wall" else f"it hit the {bouncer.cause}")
+    targets["order"] = _order_pair(rng, tracks, sampled)
+    return [scene], targets
+
+
+def _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction):
+    cut = T // 2
+    n1 = 1 if len(colors) == 2 else int(rng.integers(1, 3))
+    spans = [(0, cut), (cut, T)]
+    who = int(rng.integers(len(colors)))  # the object the direction question asks about
+    scenes = []
+    for si, (a, b) in enumerate(spans):
+        idx = range(0, n1) if si == 0 else range(n1, len(colors))
+        tracks = []
+        for i in idx:
+            moving = i == who or rng.random() < 0.6
+            tr = Track(colors[i], shapes[i], "mover" if moving else "still", a, b)
+            if moving:
+                _place_mover(rng, arena, tr, direction if i == who else str(rng.choice(DIRECTIONS)))
+            else:
+                _place_still(rng, arena, tr)
+            tracks.append(tr)
+        scene = Scene(a, b, backgrounds[si], tracks)
+        _check(arena, scene, sampled)
+        scenes.append(scene)
+    all_tracks = [t for s in scenes for t in s.tracks]
+    targets = {"direction": (all_tracks[who].name, direction),
+               "order": _order_pair(rng, all_tracks, sampled)}
+    return scenes, targets
+
+
+def _order_pair(rng, tracks: list[Track], sampled) -> Optional[tuple[str, str]]:
+    """(first, second): a pair whose appearances are told apart by a sampled frame, or None."""
+    pairs = []
+    for a in tracks:
+        for b in tracks:
+            if a.start < b.start and any(a.start <= t < a.end and t < b.start for t in sampled):
+                pairs.append((a.name, b.name))
+    if not pairs:
+        return None
+    return pairs[int(rng.integers(len(pairs)))]
+
+
+# --------------------------------------------------------------------------------------------- rendering
+def _masks(size: int) -> dict[str, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    c = size / 2
+    return {
+        "square": np.ones((size, size), bool),
+        "circle": (xx - c) ** 2 + (yy - c) ** 2 <= c * c,
+        "triangle": np.abs(xx - c) <= yy / 2,  # apex up, base at the bottom
+    }
+
+
+def render_frames(plan: ClipPlan, arena: Arena, width: int, height: int) -> np.ndarray:
+    """uint8 [T, H, W, 3] RGB frames of a plan."""
+    frames = np.empty((plan.num_frames, height, width, 3), np.uint8)
+    masks = _masks(arena.size)
+    x0, y0, s, w = arena.x0, arena.y0, arena.side, arena.wall
+    for scene in plan.scenes:
+        base = np.empty((height, width, 3), np.uint8)
+        base[:] = BACKGROUNDS[scene.background]
+        base[y0:y0 + s, x0:x0 + s] = WALL_RGB
+        base[y0 + w:y0 + s - w, x0 + w:x0 + s - w] = BACKGROUNDS[scene.background]
+        for t in range(scene.start, scene.end):
+            f = frames[t]
+            f[:] = base
+            for tr in scene.tracks:
+                if not tr.start <= t < tr.end:
+                    continue
+                cx, cy = tr.xs[t - tr.start], tr.ys[t - tr.start]
+                left, top = int(round(cx - arena.size / 2)), int(round(cy - arena.size / 2))
+                region = f[top:top + arena.size, left:left + arena.size]
+                region[masks[tr.shape]] = COLORS[tr.color]
+    return frames
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
+    """Encode RGB frames as H.264 (libx264, yuv420p) mp4; one encoder thread so output bytes are deterministic."""
+    import av
+
+    T, H, W, _ = frames.shape
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+        stream.codec_context.thread_count = 1
+        for i in range(T):
+            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def render_blank_video(path: str | os.PathLike, *, like: str | os.PathLike) -> None:
+    """A video with the size, frame count and frame rate of `like`, every frame black (the eval's blind control)."""
+    import av
+
+    try:
+        with av.open(str(like)) as c:
+            st = c.streams.video[0]
+            W, H = st.codec_context.width, st.codec_context.height
+            fps = st.average_rate or st.base_rate or 10
+            n = sum(1 for _ in c.decode(st))
+    except (av.error.FFmpegError, IndexError) as e:
+        raise VideoError(f"{like}: cannot read as a video to copy its shape ({e})") from None
+    write_mp4(path, np.zeros((max(n, 1), H, W, 3), np.uint8), int(round(float(fps))))
+
+
+# --------------------------------------------------------------------------------------------- language
+def _capitalize(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _verb(tr: Track) -> str:
+    if tr.role == "mover":
+        return f"moves {tr.direction}"
+    if tr.role == "bouncer":
+        where = "the wall" if tr.cause == "wall" else f"the {tr.cause}"
+        return f"bounces off {where}"
+    if tr.role == "partner" and tr.direction is not None:
+        return f"moves {tr.direction} and bounces back"
+    return "stays still"
+
+
+def scene_caption(scene: Scene) -> str:
+    objs = _join([f"a {tr.name} {_verb(tr)}" for tr in sorted(scene.tracks, key=lambda t: t.start)])
+    return f"{objs} on a {scene.background} background"
+
+
+def describe(plan: ClipPlan) -> str:
+    """A long description: what is there and every event, in time order."""
+    out = []
+    for si, scene in enumerate(plan.scenes):
+        out.append(("The video shows" if si == 0 else "Then the scene cuts to")
+                   + f" a walled {scene.background} arena.")
+        events: list[tuple[int, int, str]] = []  # (frame, tie-break, sentence)
+        for k, tr in enumerate(scene.tracks):
+            there = "At the start there is" if tr.start == scene.start else "Then appears"
+            events.append((tr.start, k, f"{there} a {tr.name}."))
+            if tr.role == "mover":
+                events.append((tr.start, 10 + k, f"The {tr.name} moves {tr.direction}."))
+            elif tr.role == "still" or (tr.role == "partner" and tr.direction is None):
+                events.append((tr.start, 10 + k, f"The {tr.name} stays still."))
+            if tr.direction is not None and tr.bounce_at is not None:
+                events.append((tr.start, 10 + k, f"The {tr.name} moves {tr.direction}."))
+                what = "the wall" if tr.cause in (None, "wall") and tr.role == "bouncer" else None
+                if what is None:
+                    other = tr.cause if tr.cause else next(o.name for o in scene.tracks if o.cause == tr.name)
+                    what = f"the {other}"
+                events.append((tr.bounce_at, 20 + k,
+                               f"The {tr.name} hits {what} and goes back {_OPPOSITE[tr.direction]}."))
+            if tr.end < scene.end:
+                events.append((tr.end, 30 + k, f"The {tr.name} disappears."))
+        out += [s for _, _, s in sorted(events)]
+    return " ".join(out)
+
+
+def clip_records(plan: ClipPlan, video: str) -> list[dict[str, Any]]:
+    """The instruction records of one clip (one QA pair each), in TASK_FAMILIES order where applicable."""
+    rng = np.random.default_rng([plan.seed, plan.index, 1])  # question wording; separate from the geometry
+    tg = plan.targets
+    names = [t.name for t in plan.tracks]
+    qa: list[tuple[str, str, str, Optional[list[str]]]] = []  # family, question, answer, choices
+    caption = " ".join(f"Scene {i + 1}: {scene_caption(s)}." for i, s in enumerate(plan.scenes))
+    qa.append(("multi_shot_caption", _pick(rng, "multi_shot_caption"), caption, None))
+    qa.append(("long_description", _pick(rng, "long_description"), describe(plan), None))
+    if "direction" in tg:
+        obj, d = tg["direction"]
+        qa.append(("action", _pick(rng, "action", obj=obj), d, list(DIRECTIONS)))
+    if "cause" in tg:
+        obj, ans = tg["cause"]
+        choices = ["it hit the wall"] + [f"it hit the {n}" for n in names if n != obj]
+        qa.append(("causal", _pick(rng, "causal", obj=obj), ans, choices))
+    qa.append(("counting", _pick(rng, "counting"), NUMBER_WORDS[tg["count"]], list(NUMBER_WORDS[1:4])))
+    if tg.get("order"):
+        first, second = tg["order"]
+        a, b = (second, first) if tg["order_swap"] else (first, second)
+        qa.append(("order", _pick(rng, "order", a=a, b=b), f"the {first}", [f"the {a}", f"the {b}"]))
+    stem = Path(video).stem
+    records = []
+    for family, q, ans, choices in qa:
+        rec: dict[str, Any] = {
+            "id": f"{stem}-{family}",
+            "video": video,
+            "task": family,
+            "short": family in SHORT_FAMILIES,
+            "conversations": [{"from": "human", "value": "<video>\n" + q}, {"from": "gpt", "value": ans}],
+        }
+        if choices is not None:
+            rec["choices"] = choices
+        records.append(rec)
+    return records
+
+
+def _pick(rng, family: str, **names: str) -> str:
+    templates = QUESTIONS[family]
+    return templates[int(rng.integers(len(templates)))].format(**names)
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, number words -> digits, collapse spaces (exact-match key)."""
+    s = _PUNCT.sub(" ", text.lower())
+    s = _ARTICLES.sub(" ", s)
+    words = [str(NUMBER_WORDS.index(w)) if w in NUMBER_WORDS else w for w in s.split()]
+    return " ".join(words)
+
+
+# --------------------------------------------------------------------------------------------- driver
+@dataclass(frozen=True)
+class _Job:
+    out_dir: str
+    seed: int
+    width: int
+    height: int
+    fps: int
+    num_frames: int
+    frames_hint: int
+    resize_short: int
+    crop: int
+
+
+def _make_clip(job: _Job, index: int) -> tuple[list[dict[str, Any]], str]:
+    arena = make_arena(job.width, job.height, resize_short=job.resize_short, crop=job.crop)
+    plan = plan_clip(job.seed, index, arena=arena, num_frames=job.num_frames, frames_hint=job.frames_hint)
+    video = f"s{job.seed}_{index:05d}.mp4"
+    write_mp4(Path(job.out_dir) / "videos" / video, render_frames(plan, arena, job.width, job.height), job.fps)
+    return clip_records(plan, video), plan.content_hash()
+
+
+def _make_range(args: tuple[_Job, int, int]) -> list[tuple[list[dict[str, Any]], str]]:
+    job, lo, hi = args
+    return [_make_clip(job, i) for i in range(lo, hi)]
+
+
+def chance_accuracy(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Per short-answer family: the best a question-only guesser can expect, i.e. the larger of the mean
+    1/len(choices) (guessing among the choices the question allows) and the most frequent answer's share."""
+    out = {}
+    for fam in SHORT_FAMILIES:
+        recs = [r for r in records if r["task"] == fam]
+        if not recs:
+            continue
+        uniform = float(np.mean([1.0 / len(r["choices"]) for r in recs]))
+        answers = [normalize_answer(r["conversations"][-1]["value"]) for r in recs]
+        majority = max(answers.count(a) for a in set(answers)) / len(answers)
+        out[fam] = round(max(uniform, majority), 4)
+    return out
+
+
+def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128, height: int = 96, fps: int = 10,
+             num_frames: int = 32, frames_hint: int = 8, resize_short: int = 73, crop: int = 64,
+             workers: int = 1) -> dict[str, Any]:
+    """Write `out_dir/videos/*.mp4`, `out_dir/data.json` (records) and `out_dir/meta.json`; return the meta
+    plus timing (`seconds`, `clips_per_s`). Output depends only on the arguments, not on `workers`."""
+    if n < 1:
+        raise DataError(f"synth: --n must be >= 1, got {n}")
+    if width % 2 or height % 2:
+        raise DataError(f"synth: yuv420p needs an even frame size, got {width}x{height}")
+    if num_frames < frames_hint:
+        raise DataError(f"synth: num_frames {num_frames} < frames_hint {frames_hint}")
+    make_arena(width, height, resize_short=resize_short, crop=crop)  # validate the size up front
+    out = Path(out_dir)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    job = _Job(str(out), seed, width, height, fps, num_frames, frames_hint, resize_short, crop)
+    t0 = time.perf_counter()
+    if workers <= 1 or n < 8:
+        results = _make_range((job, 0, n))
+    else:
+        import multiprocessing as mp
+
+        bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
+        chunks = [(job, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = [r for part in pool.map(_make_range, chunks) for r in part]
+    records = [r for recs, _ in results for r in recs]
+    seconds = time.perf_counter() - t0
+    families = {f: sum(r["task"] == f for r in records) for f in TASK_FAMILIES}
+    meta = {
+        "seed": seed, "n": n, "records": len(records), "width": width, "height": height, "fps": fps,
+        "num_frames": num_frames, "frames_hint": frames_hint, "families": families,
+        "short_families": list(SHORT_FAMILIES), "temporal_families": list(TEMPORAL_FAMILIES),
+        "chance": chance_accuracy(records), "clip_hashes": [h for _, h in results],
+    }
+    (out / "data.json").write_text(json.dumps(records, indent=1) + "\n")
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return {**meta, "seconds": round(seconds, 3), "clips_per_s": round(n / seconds, 2)}
