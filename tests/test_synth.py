@@ -3,7 +3,9 @@ deterministic per seed and disjoint across seeds, and every short answer agrees 
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 
 import av
@@ -19,6 +21,11 @@ SEED = 3
 def decode(path: Path) -> np.ndarray:
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@functools.lru_cache(maxsize=64)
+def decode_cached(path: Path) -> np.ndarray:
+    return decode(path)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +50,13 @@ def object_of(question: str) -> str:
 def color_track(frames: np.ndarray, color: str, arena) -> list[tuple[int, float, float]]:
     """(frame, centroid x, centroid y) of the pixels near `color` inside the arena, per frame it is visible in."""
     x0, y0, s = arena.x0, arena.y0, arena.side
-    crop = frames[:, y0:y0 + s, x0:x0 + s].astype(np.int32)
-    near = np.abs(crop - np.array(synth.COLORS[color])).sum(-1) < 90  # [T, s, s]
-    out = []
-    for t in range(len(frames)):
-        ys, xs = np.nonzero(near[t])
-        if len(xs) >= 30:  # a 16 px object covers >= ~120 px; stray edge pixels never reach 30
-            out.append((t, x0 + xs.mean(), y0 + ys.mean()))
-    return out
+    crop = frames[:, y0:y0 + s, x0:x0 + s].astype(np.int16)
+    near = (np.abs(crop - np.array(synth.COLORS[color], np.int16)).sum(-1, dtype=np.int16) < 90).astype(np.float32)
+    count = near.sum((1, 2))  # near: [T, s, s]
+    cx = near.sum(1) @ np.arange(s, dtype=np.float32) / np.maximum(count, 1)
+    cy = near.sum(2) @ np.arange(s, dtype=np.float32) / np.maximum(count, 1)
+    # a 16 px object covers >= ~120 px; stray edge pixels never reach 30
+    return [(t, x0 + cx[t], y0 + cy[t]) for t in range(len(frames)) if count[t] >= 30]
 
 
 def answer(rec) -> str:
@@ -119,7 +125,7 @@ def test_direction_answers_match_pixels(gen, arena):
     checked = 0
     for r in (r for r in records if r["task"] == "action"):
         color = object_of(r["conversations"][0]["value"]).split()[0]
-        track = color_track(decode(out / "videos" / r["video"]), color, arena)
+        track = color_track(decode_cached(out / "videos" / r["video"]), color, arena)
         (_, xa, ya), (_, xb, yb) = track[0], track[-1]
         dx, dy = xb - xa, yb - ya
         moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}
@@ -134,7 +140,7 @@ def test_causal_answers_match_pixels(gen, arena):
     out, _, records = gen
     checked = 0
     for r in (r for r in records if r["task"] == "causal"):
-        frames = decode(out / "videos" / r["video"])
+        frames = decode_cached(out / "videos" / r["video"])
         color = object_of(r["conversations"][0]["value"]).split()[0]
         track = color_track(frames, color, arena)
         xs, ys = np.array([p[1] for p in track]), np.array([p[2] for p in track])
@@ -157,11 +163,16 @@ def test_causal_answers_match_pixels(gen, arena):
 
 def test_order_and_count_answers_match_pixels(gen, arena):
     out, _, records = gen
+    descriptions = {r["video"]: r for r in records if r["task"] == "long_description"}
+    seen: dict[str, dict[str, int]] = {}  # video -> colour -> first frame it shows
     for r in (r for r in records if r["task"] in ("order", "counting")):
-        frames = decode(out / "videos" / r["video"])
-        first_seen = {c: track[0][0] for c in synth.COLORS if (track := color_track(frames, c, arena))}
-        if r["task"] == "counting":
-            assert synth.normalize_answer(answer(r)) == str(len(first_seen)), r["id"]
+        if r["video"] not in seen:
+            frames = decode_cached(out / "videos" / r["video"])
+            seen[r["video"]] = {c: track[0][0] for c in synth.COLORS if (track := color_track(frames, c, arena))}
+        first_seen = seen[r["video"]]
+        if r["task"] == "counting":  # a colour change shows one object in two colours
+            changes = answer(descriptions[r["video"]]).count(" turns ")
+            assert synth.normalize_answer(answer(r)) == str(len(first_seen) - changes), r["id"]
         else:
             a, b = (object_of(c).split()[0] for c in r["choices"])
             first = a if first_seen[a] < first_seen[b] else b
@@ -194,3 +205,50 @@ def test_cli_synth(tmp_path):
     assert json.loads((tmp_path / "d" / "meta.json").read_text())["n"] == 2
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "e"), "--n", "0", "--seed", "9"])
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+def test_color_changes_match_pixels(gen, arena):
+    """"The X turns Y": the X colour vanishes where the Y colour shows up, in the very next frame."""
+    out, _, records = gen
+    changes = 0
+    for r in (r for r in records if r["task"] == "long_description"):
+        for old, _shape, new in re.findall(r"The (\w+) (\w+) turns (\w+)\.", answer(r)):
+            frames = decode_cached(out / "videos" / r["video"])
+            a, b = color_track(frames, old, arena), color_track(frames, new, arena)
+            assert a[-1][0] + 1 == b[0][0], r["id"]
+            assert abs(a[-1][1] - b[0][1]) + abs(a[-1][2] - b[0][2]) < 2, r["id"]
+            changes += 1
+    assert changes >= 1
+
+
+def test_answers_are_balanced():
+    """Over many planned clips every short answer is about equally likely, so chance is known."""
+    arena = synth.make_arena(128, 96)
+    answers: dict[str, list[str]] = {f: [] for f in synth.SHORT_FAMILIES}
+    for i in range(400):
+        for r in synth.clip_records(synth.plan_clip(21, i, arena=arena), f"s21_{i:05d}.mp4"):
+            if r["short"]:
+                a = synth.normalize_answer(answer(r))
+                if r["task"] == "causal":
+                    a = "wall" if a == "it hit wall" else "object"
+                if r["task"] == "order":
+                    a = "named first" if a == synth.normalize_answer(r["choices"][0]) else "named second"
+                answers[r["task"]].append(a)
+    for fam, got in answers.items():
+        values = sorted(set(got))
+        assert len(values) == {"action": 4, "causal": 2, "counting": 3, "order": 2}[fam], (fam, values)
+        shares = [got.count(v) / len(got) for v in values]
+        assert max(shares) - min(shares) < 0.12, (fam, dict(zip(values, shares)))
+    assert len(answers["causal"]) > 100 and len(answers["order"]) > 100
+
+
+def test_arena_is_inside_the_model_crop():
+    """Everything drawn lies inside what survives Valley's resize-short-side + centre crop (spec)."""
+    for w, h in [(128, 96), (96, 72), (160, 120)]:
+        a = synth.make_arena(w, h)
+        scale = 73 / min(w, h)
+        rw, rh = int(73 * w / min(w, h)), int(73 * h / min(w, h))
+        left, top = int(round((rw - 64) / 2)), int(round((rh - 64) / 2))
+        assert a.x0 * scale >= left and (a.x0 + a.side) * scale <= left + 64
+        assert a.y0 * scale >= top and (a.y0 + a.side) * scale <= top + 64
+        assert a.size * scale >= 10  # objects at least 10 model pixels wide

@@ -2,7 +2,7 @@
 
 Each clip is a few seconds of coloured shapes (square / circle / triangle) inside a walled arena on a
 plain background. Objects move in straight lines, bounce off the wall or off each other, appear,
-disappear, and some clips cut to a second scene. Every clip yields several instruction records in
+disappear or change colour, and some clips cut to a second scene. Every clip yields several instruction records in
 Valley's format (one QA pair each), one per task family of the paper: multi-shot captions, long
 descriptions, action recognition, causal inference, counting and order of events.
 
@@ -136,6 +136,11 @@ class Track:
     direction: Optional[str] = None  # mover: its direction; bouncer/moving partner: direction before the bounce
     bounce_at: Optional[int] = None  # clip frame of the contact
     cause: Optional[str] = None  # bouncer: "wall" or the name of the object it hits
+    new_color: Optional[str] = None  # a still object may change colour (it keeps its first name) ...
+    change_at: Optional[int] = None  # ... from this clip frame on
+
+    def color_at(self, t: int) -> str:
+        return self.new_color if self.change_at is not None and t >= self.change_at else self.color
 
     @property
     def name(self) -> str:
@@ -193,8 +198,11 @@ def _place_mover(rng, arena, tr: Track, direction: str) -> None:
     tr.xs, tr.ys = (along, [cross] * n) if axis == 0 else ([cross] * n, along)
 
 
-def _place_still(rng, arena, tr: Track) -> None:
+def _place_still(rng, arena, tr: Track, spare: Optional[str] = None) -> None:
+    """A still object; given a `spare` colour (unused in the clip), it turns that colour half the time."""
     n = tr.end - tr.start
+    if spare is not None and rng.random() < 0.5:
+        tr.new_color, tr.change_at = spare, int(rng.integers(tr.start + n // 3, tr.end - n // 3 + 1))
     tr.xs = [float(rng.uniform(arena.lo[0], arena.hi[0]))] * n
     tr.ys = [float(rng.uniform(arena.lo[1], arena.hi[1]))] * n
 
@@ -239,6 +247,9 @@ def _check(arena: Arena, scene: Scene, sampled: np.ndarray) -> None:
             i, j = seen[0] - tr.start, seen[-1] - tr.start
             if math.hypot(tr.xs[j] - tr.xs[i], tr.ys[j] - tr.ys[i]) < arena.size:
                 raise _Retry
+        if tr.change_at is not None:  # two samples of each colour
+            if sum(t < tr.change_at for t in seen) < 2 or sum(t >= tr.change_at for t in seen) < 2:
+                raise _Retry
         if tr.bounce_at is not None:  # two samples on each side of the bounce, moving visibly
             before = [t for t in seen if t < tr.bounce_at - 1]
             after = [t for t in seen if t > tr.bounce_at + 1]
@@ -272,14 +283,17 @@ def plan_clip(seed: int, index: int, *, arena: Arena, num_frames: int = 32, fram
     cause = str(rng.choice(["wall", "object"]))
     colors = [str(c) for c in rng.permutation(list(COLORS))[:count]]
     shapes = [str(rng.choice(SHAPES)) for _ in range(count)]
+    spare = str(rng.permutation([c for c in COLORS if c not in colors])[0])  # what a still object may turn
     backgrounds = [str(b) for b in rng.permutation(list(BACKGROUNDS))[:2]]
     order_swap = bool(rng.random() < 0.5)  # which of the pair the question names first
     for _ in range(500):
         try:
             if two_scenes:
-                scenes, targets = _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction)
+                scenes, targets = _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction,
+                                              spare)
             else:
-                scenes, targets = _one_scene(rng, arena, T, sampled, colors, shapes, backgrounds[0], direction, cause)
+                scenes, targets = _one_scene(rng, arena, T, sampled, colors, shapes, backgrounds[0], direction, cause,
+                                            spare)
         except _Retry:
             continue
         targets["count"] = count
@@ -288,7 +302,7 @@ def plan_clip(seed: int, index: int, *, arena: Arena, num_frames: int = 32, fram
     raise RuntimeError(f"synth: no geometry found for clip {index} of seed {seed} after 500 draws")
 
 
-def _one_scene(rng, arena, T, sampled, colors, shapes, background, direction, cause):
+def _one_scene(rng, arena, T, sampled, colors, shapes, background, direction, cause, spare):
     k = len(colors)
     if k == 1:
         roles = ["mover"]
@@ -310,7 +324,7 @@ def _one_scene(rng, arena, T, sampled, colors, shapes, background, direction, ca
         if tr.role == "mover":
             _place_mover(rng, arena, tr, direction)
         elif tr.role == "still":
-            _place_still(rng, arena, tr)
+            _place_still(rng, arena, tr, spare)
         elif tr.role == "bouncer":
             _place_bounce(rng, arena, tr, partner, tb)
     scene = Scene(0, T, background, tracks)
@@ -326,8 +340,8 @@ def _one_scene(rng, arena, T, sampled, colors, shapes, background, direction, ca
     return [scene], targets
 
 
-def _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction):
-    cut = T // 2
+def _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction, spare):
+    cut = int(rng.integers(T // 2 - 3, T // 2 + 4))
     n1 = 1 if len(colors) == 2 else int(rng.integers(1, 3))
     spans = [(0, cut), (cut, T)]
     who = int(rng.integers(len(colors)))  # the object the direction question asks about
@@ -341,7 +355,8 @@ def _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction):
             if moving:
                 _place_mover(rng, arena, tr, direction if i == who else str(rng.choice(DIRECTIONS)))
             else:
-                _place_still(rng, arena, tr)
+                _place_still(rng, arena, tr, spare)
+                spare = None if tr.new_color else spare  # one colour change per clip at most
             tracks.append(tr)
         scene = Scene(a, b, backgrounds[si], tracks)
         _check(arena, scene, sampled)
@@ -394,7 +409,7 @@ def render_frames(plan: ClipPlan, arena: Arena, width: int, height: int) -> np.n
                 cx, cy = tr.xs[t - tr.start], tr.ys[t - tr.start]
                 left, top = int(round(cx - arena.size / 2)), int(round(cy - arena.size / 2))
                 region = f[top:top + arena.size, left:left + arena.size]
-                region[masks[tr.shape]] = COLORS[tr.color]
+                region[masks[tr.shape]] = COLORS[tr.color_at(t)]
     return frames
 
 
@@ -406,7 +421,7 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+        stream.options = {"crf": "18", "preset": "superfast", "threads": "1"}
         stream.codec_context.thread_count = 1
         for i in range(T):
             frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
@@ -447,7 +462,7 @@ def _verb(tr: Track) -> str:
         return f"bounces off {where}"
     if tr.role == "partner" and tr.direction is not None:
         return f"moves {tr.direction} and bounces back"
-    return "stays still"
+    return f"turns {tr.new_color}" if tr.new_color else "stays still"
 
 
 def scene_caption(scene: Scene) -> str:
@@ -463,12 +478,14 @@ def describe(plan: ClipPlan) -> str:
                    + f" a walled {scene.background} arena.")
         events: list[tuple[int, int, str]] = []  # (frame, tie-break, sentence)
         for k, tr in enumerate(scene.tracks):
-            there = "At the start there is" if tr.start == scene.start else "Then appears"
-            events.append((tr.start, k, f"{there} a {tr.name}."))
+            there = f"At the start there is a {tr.name}." if tr.start == scene.start else f"Then a {tr.name} appears."
+            events.append((tr.start, k, there))
             if tr.role == "mover":
                 events.append((tr.start, 10 + k, f"The {tr.name} moves {tr.direction}."))
             elif tr.role == "still" or (tr.role == "partner" and tr.direction is None):
                 events.append((tr.start, 10 + k, f"The {tr.name} stays still."))
+                if tr.new_color:
+                    events.append((tr.change_at, 20 + k, f"The {tr.name} turns {tr.new_color}."))
             if tr.direction is not None and tr.bounce_at is not None:
                 events.append((tr.start, 10 + k, f"The {tr.name} moves {tr.direction}."))
                 what = "the wall" if tr.cause in (None, "wall") and tr.role == "bouncer" else None
