@@ -1,0 +1,630 @@
+"""Build one ONNX graph for a whole LLaMA decoder, from a GPTQ folder or plain HF weights.
+
+Why one hand-built graph: batch-1 decoding on a CPU is bound by how fast the weights stream from
+memory. ONNX Runtime's `MatMulNBits` (accuracy_level 4: activations quantized to int8 per block)
+streams int4 weights at the memory roofline, `GroupQueryAttention` does rotary + KV cache append +
+attention in one op over a preallocated max-length cache (past and present share one buffer, so a
+decode step copies nothing), and `(Skip)SimplifiedLayerNormalization` fuse residual add + RMSNorm.
+The graph computes logits for the last position only, so a 300-token prefill does not pay for 300
+vocabulary GEMVs. This mirrors onnxruntime-genai's model builder, written for our one model family.
+
+Per layer (x: [1, S, H] residual stream):
+    n      = SkipSimplifiedLN(x_prev_out, residual)      -> normed, new residual
+    qkv    = MatMulNBits(n, W_qkv)                       # [1, S, (nh + 2 kvh) * hd], q/k/v fused
+    a, K, V= GroupQueryAttention(qkv, past K/V, seqlens_k, total_len, cos, sin)
+    o      = MatMulNBits(a, W_o)
+    n2     = SkipSimplifiedLN(o, residual)
+    gu     = MatMulNBits(n2, W_gate_up)                  # [1, S, 2 I], gate/up fused
+    down   = MatMulNBits(silu(gate) * up, W_down)
+
+Weights:
+  * quant="gptq": a GPTQ v1/v2 folder (`quantization_config` in config.json; int32-packed qweight
+    [in/8, out], qzeros [groups, out/8], fp16 scales [groups, out], g_idx [in]) is repacked exactly
+    into MatMulNBits' layout: uint8 B [out, blocks, block/2] (low nibble = even k), fp32 scales
+    [out, blocks], packed uint8 zero points. Act-order (desc_act) is handled by sorting the input rows
+    by group (x @ W == x[perm] @ W[perm]): the activation gets one Gather (cheap, [S, in]) and, for
+    down_proj, the permutation is folded into gate/up's output columns instead (free).
+  * quant="rtn4": round-to-nearest int4 of fp weights, group 128, asymmetric - the same GPTQ tensors
+    without error compensation, through the same repacker (for tests and benchmarks without GPTQ).
+  * quant="none": fp32 MatMul.
+  * lm_head (2048 x 32000 at 1.1B scale, ~11 % of the int4 bytes if int8): int8 RTN, block 32, via
+    MatMulNBits bits=8 by default (near lossless, ~4x fewer bytes than fp32); "int4" halves it again
+    at some accuracy cost; "fp32" keeps it exact (and is the only choice with quant="none").
+The embedding table is saved beside the graph as a .npy file the runtime memory-maps: the graph takes
+`inputs_embeds`, so text and visual tokens enter the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from valley_rt.errors import CheckpointError
+
+FORMAT_VERSION = 1
+MODEL_FILE = "llm.onnx"
+DATA_FILE = "llm.onnx.data"
+EMBED_FILE = "embed_tokens.npy"
+META_FILE = "llm_onnx.json"
+QUANTS = ("gptq", "rtn4", "none")
+LM_HEADS = ("int8", "int4", "fp32")
+
+
+# ------------------------------------------------------------------------------------------- shapes
+
+
+@dataclass
+class LlamaShape:
+    """The decoder's sizes, read from the HF config.json."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+
+    @property
+    def cache_head_dim(self) -> int:
+        """GroupQueryAttention on the CPU needs head_size % 16 == 0; smaller heads are zero-padded."""
+        return -(-self.head_dim // 16) * 16
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, path: Path) -> "LlamaShape":
+        rope = cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise CheckpointError(f"{path}: expected default rotary embeddings, got rope_scaling {rope}")
+        heads = int(cfg["num_attention_heads"])
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position_embeddings=int(cfg["max_position_embeddings"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+# ------------------------------------------------------------------------------------------- GPTQ tensors
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words holding 32/bits fields (field i at bit i*bits) -> int64 fields, expanded along dim."""
+    per = 32 // bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # [..] unsigned view
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    if dim == 0:  # [R, C] -> [R * per, C]
+        fields = (words[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
+        return fields.reshape(-1, packed.shape[1])
+    fields = (words[:, :, None] >> shifts[None, None, :]) & ((1 << bits) - 1)  # [R, C, per]
+    return fields.reshape(packed.shape[0], -1)
+
+
+def pack_int32(fields: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of unpack_int32 (fields already in [0, 2**bits))."""
+    per = 32 // bits
+    f = fields.to(torch.int64)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    if dim == 0:
+        f = f.reshape(-1, per, f.shape[1]) << shifts[None, :, None]
+        words = f.sum(dim=1)
+    else:
+        f = f.reshape(f.shape[0], -1, per) << shifts[None, None, :]
+        words = f.sum(dim=2)
+    words = words & 0xFFFFFFFF
+    return words.where(words < 2**31, words - 2**32).to(torch.int32)  # reinterpret as signed int32
+
+
+@dataclass
+class GPTQLinear:
+    """One linear layer in GPTQ terms, unpacked: W[i, j] = scales[g[i], j] * (q[i, j] - zeros[g[i], j])."""
+
+    q: torch.Tensor  # [in, out] int64 in [0, 2**bits)
+    zeros: torch.Tensor  # [groups, out] int64
+    scales: torch.Tensor  # [groups, out] float32
+    g_idx: torch.Tensor  # [in] int64 group of each input row
+    bits: int
+    group_size: int  # rows per group (in_features when the checkpoint says -1)
+
+    @classmethod
+    def from_checkpoint(cls, qweight, qzeros, scales, g_idx, *, bits: int, group_size: int,
+                        zeros_stored_minus_one: bool) -> "GPTQLinear":
+        q = unpack_int32(qweight, bits, dim=0)  # [in, out]
+        words = qzeros.to(torch.int64) & 0xFFFFFFFF
+        if zeros_stored_minus_one:
+            # checkpoint_format "gptq" (v1) subtracts 1 from every field with one int32 subtraction
+            # (borrows included); adding 0x11..1 back as one word is its exact inverse.
+            words = (words + sum(1 << (bits * i) for i in range(32 // bits))) & 0xFFFFFFFF
+        zeros = unpack_int32(words.to(torch.int64), bits, dim=1)  # [groups, out]
+        in_features = q.shape[0]
+        gs = in_features if group_size == -1 else group_size
+        if g_idx is None:
+            g_idx = torch.arange(in_features) // gs
+        return cls(q=q, zeros=zeros, scales=scales.float(), g_idx=g_idx.to(torch.int64), bits=bits, group_size=gs)
+
+    def dequantize(self) -> torch.Tensor:
+        """The plain-torch reference: [in, out] float32."""
+        g = self.g_idx
+        return self.scales[g] * (self.q - self.zeros[g]).float()
+
+
+def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int, sym: bool = False,
+                 g_idx: torch.Tensor | None = None) -> GPTQLinear:
+    """Round-to-nearest quantization of w [in, out] (float) into GPTQ form. `g_idx` (optional, a
+    permutation-grouping like act-order produces) says which group each input row belongs to."""
+    w = w.float()
+    in_features = w.shape[0]
+    if g_idx is None:
+        g_idx = torch.arange(in_features) // group_size
+    n_groups = int(g_idx.max()) + 1
+    qmax = (1 << bits) - 1
+    scales = torch.empty(n_groups, w.shape[1])
+    zeros = torch.empty(n_groups, w.shape[1], dtype=torch.int64)
+    for g in range(n_groups):
+        rows = w[g_idx == g]  # [gs, out]
+        lo, hi = rows.min(0).values.clamp(max=0), rows.max(0).values.clamp(min=0)
+        if sym:
+            amax = torch.maximum(-lo, hi)
+            s = (2 * amax / qmax).clamp(min=1e-8)
+            z = torch.full_like(s, (qmax + 1) // 2, dtype=torch.int64)
+        else:
+            s = ((hi - lo) / qmax).clamp(min=1e-8)
+            z = torch.round(-lo / s).to(torch.int64).clamp(0, qmax)
+        scales[g], zeros[g] = s, z
+    q = torch.round(w / scales[g_idx]).to(torch.int64) + zeros[g_idx]
+    return GPTQLinear(q=q.clamp(0, qmax), zeros=zeros, scales=scales, g_idx=g_idx.to(torch.int64), bits=bits,
+                      group_size=group_size)
+
+
+def to_gptq_checkpoint(lin: GPTQLinear) -> dict[str, torch.Tensor]:
+    """GPTQ v1 tensors (zeros stored minus one) as GPTQModel writes them; used by tests and rtn export."""
+    words = pack_int32(lin.zeros, lin.bits, dim=1).to(torch.int64) & 0xFFFFFFFF
+    words = (words - sum(1 << (lin.bits * i) for i in range(32 // lin.bits))) & 0xFFFFFFFF
+    return {
+        "qweight": pack_int32(lin.q, lin.bits, dim=0),
+        "qzeros": words.where(words < 2**31, words - 2**32).to(torch.int32),
+        "scales": lin.scales.half(),
+        "g_idx": lin.g_idx.to(torch.int32),
+    }
+
+
+# ------------------------------------------------------------------------------------------- MatMulNBits
+
+
+@dataclass
+class NBitsWeight:
+    """A linear in MatMulNBits layout (y = x[..., perm] @ W), N = out_features, K = in_features."""
+
+    b: np.ndarray  # [N, blocks, block_size * bits / 8] uint8
+    scales: np.ndarray  # [N, blocks] float32
+    zero_points: np.ndarray  # [N, ceil(blocks * bits / 8)] uint8, packed like b
+    perm: np.ndarray | None  # [K] int64: input rows sorted by group; None = identity
+    bits: int
+    block_size: int
+    k: int
+    n: int
+
+    def nbytes(self) -> int:
+        return self.b.nbytes + self.scales.nbytes + self.zero_points.nbytes
+
+    def permute_outputs(self, order: np.ndarray) -> "NBitsWeight":
+        return NBitsWeight(self.b[order], self.scales[order], self.zero_points[order], self.perm, self.bits,
+                           self.block_size, self.k, self.n)
+
+
+def _pack_fields(fields: np.ndarray, bits: int) -> np.ndarray:
+    """[..., L] fields < 2**bits -> [..., ceil(L * bits / 8)] uint8, first field in the low bits."""
+    if bits == 8:
+        return fields.astype(np.uint8)
+    per = 8 // bits
+    pad = (-fields.shape[-1]) % per
+    if pad:
+        fields = np.concatenate([fields, np.zeros(fields.shape[:-1] + (pad,), fields.dtype)], axis=-1)
+    f = fields.reshape(fields.shape[:-1] + (-1, per)).astype(np.uint8)
+    out = np.zeros(f.shape[:-1], np.uint8)
+    for i in range(per):
+        out |= f[..., i] << (i * bits)
+    return out
+
+
+def _block_size_for(group_size: int, k: int) -> int:
+    """MatMulNBits needs a power-of-two block >= 16 dividing the group (then each block repeats its
+    group's scale and zero exactly); pick the largest one up to 128."""
+    for bs in (128, 64, 32, 16):
+        if group_size % bs == 0 and k % bs == 0:
+            return bs
+    raise CheckpointError(f"GPTQ group_size {group_size} (in_features {k}): expected a multiple of 16")
+
+
+def to_matmul_nbits(lin: GPTQLinear) -> NBitsWeight:
+    """Repack a GPTQ linear exactly. Rows are sorted by group (identity unless act-order), then each
+    group's rows form consecutive MatMulNBits blocks sharing the group's scale and zero point."""
+    k, n = lin.q.shape
+    g = lin.g_idx
+    perm = torch.argsort(g, stable=True)
+    sorted_g = g[perm]
+    gs = lin.group_size
+    if not torch.equal(sorted_g, torch.arange(k) // gs):
+        raise CheckpointError(f"g_idx does not split {k} input rows into groups of {gs}: "
+                              f"group sizes {torch.bincount(g).tolist()[:8]}...")
+    bs = _block_size_for(gs, k)
+    blocks = k // bs
+    q = lin.q[perm].T.contiguous().numpy()  # [N, K], rows now grouped
+    block_group = (torch.arange(blocks) * bs) // gs  # [blocks] group of each block
+    scales = lin.scales[block_group].T.contiguous().numpy().astype(np.float32)  # [N, blocks]
+    zeros = lin.zeros[block_group].T.contiguous().numpy()  # [N, blocks]
+    b = _pack_fields(q.reshape(n, blocks, bs), lin.bits)  # [N, blocks, bs*bits/8]
+    zp = _pack_fields(zeros, lin.bits)  # [N, ceil(blocks*bits/8)]
+    identity = bool(torch.equal(perm, torch.arange(k)))
+    return NBitsWeight(b=b, scales=scales, zero_points=zp, perm=None if identity else perm.numpy(),
+                       bits=lin.bits, block_size=bs, k=k, n=n)
+
+
+def concat_outputs(parts: list[NBitsWeight]) -> NBitsWeight | None:
+    """Fuse linears sharing an input along N (q|k|v, gate|up); None when layouts differ."""
+    first = parts[0]
+    for p in parts[1:]:
+        same_perm = (p.perm is None and first.perm is None) or (
+            p.perm is not None and first.perm is not None and np.array_equal(p.perm, first.perm))
+        if not same_perm or p.block_size != first.block_size or p.bits != first.bits or p.k != first.k:
+            return None
+    return NBitsWeight(np.concatenate([p.b for p in parts]), np.concatenate([p.scales for p in parts]),
+                       np.concatenate([p.zero_points for p in parts]), first.perm, first.bits,
+                       first.block_size, first.k, sum(p.n for p in parts))
+
+
+# ------------------------------------------------------------------------------------------- weight source
+
+
+class _Tensors:
+    """Lazy access to every tensor in a folder's *.safetensors files."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: expected *.safetensors weight files, found none")
+        self.where: dict[str, object] = {}
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        for h in self._handles:
+            for key in h.keys():
+                self.where[key] = h
+        self.folder = folder
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.where:
+            raise CheckpointError(f"{self.folder}: expected tensor {key!r} in the safetensors files, not found")
+        return self.where[key].get_tensor(key)
+
+
+@dataclass
+class QuantSettings:
+    quant: str  # "gptq" | "rtn4" | "none"
+    lm_head: str  # "int8" | "int4" | "fp32"
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    zeros_stored_minus_one: bool = True
+
+
+class _WeightSource:
+    """Reads linears from an HF folder as either fp32 [in, out] arrays or NBitsWeight."""
+
+    def __init__(self, folder: Path, settings: QuantSettings):
+        self.t = _Tensors(folder)
+        self.s = settings
+
+    def linear(self, prefix: str) -> np.ndarray | NBitsWeight:
+        s = self.s
+        if s.quant == "gptq":
+            lin = GPTQLinear.from_checkpoint(
+                self.t.get(prefix + ".qweight"), self.t.get(prefix + ".qzeros"), self.t.get(prefix + ".scales"),
+                self.t.get(prefix + ".g_idx") if prefix + ".g_idx" in self.t else None,
+                bits=s.bits, group_size=s.group_size, zeros_stored_minus_one=s.zeros_stored_minus_one)
+            return to_matmul_nbits(lin)
+        w = self.t.get(prefix + ".weight").float().T.contiguous()  # [out, in] -> [in, out]
+        if s.quant == "rtn4":
+            return to_matmul_nbits(quantize_rtn(w, bits=4, group_size=s.group_size))
+        return w.numpy()
+
+    def lm_head(self, shape: LlamaShape) -> np.ndarray | NBitsWeight:
+        key = "lm_head.weight" if "lm_head.weight" in self.t else "model.embed_tokens.weight"
+        if "lm_head.weight" not in self.t and not shape.tie_word_embeddings:
+            raise CheckpointError(f"{self.t.folder}: expected 'lm_head.weight' (embeddings are not tied)")
+        w = self.t.get(key).float().T.contiguous()  # [H, V]
+        if self.s.lm_head == "fp32":
+            return w.numpy()
+        bits = 8 if self.s.lm_head == "int8" else 4
+        return to_matmul_nbits(quantize_rtn(w, bits=bits, group_size=32 if bits == 8 else 64))
+
+    def vector(self, key: str) -> np.ndarray:
+        return self.t.get(key).float().numpy()
+
+
+# ------------------------------------------------------------------------------------------- graph
+
+
+class _Graph:
+    """Accumulates nodes and initializers; names are made unique with a counter."""
+
+    def __init__(self, accuracy_level: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.accuracy_level = accuracy_level
+        self._n = 0
+        self.weight_bytes = 0  # bytes of weights each token streams (decode), for the benchmark
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def const(self, name: str, array: np.ndarray, streamed: bool = True) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if streamed:
+            self.weight_bytes += array.nbytes
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        name = self.name(op_type)
+        outs = [f"{name}_out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+    def linear(self, x: str, w: np.ndarray | NBitsWeight, name: str) -> str:
+        """x: [1, S, K] -> [1, S, N]."""
+        if isinstance(w, np.ndarray):
+            return self.op("MatMul", [x, self.const(name + ".weight", w.astype(np.float32))])[0]
+        if w.perm is not None:
+            x = self.op("Gather", [x, self.const(name + ".perm", w.perm.astype(np.int64), streamed=False)],
+                        axis=2)[0]
+        inputs = [x, self.const(name + ".qweight", w.b), self.const(name + ".scales", w.scales),
+                  self.const(name + ".qzeros", w.zero_points)]
+        return self.op("MatMulNBits", inputs, domain="com.microsoft", K=w.k, N=w.n, bits=w.bits,
+                       block_size=w.block_size, accuracy_level=self.accuracy_level)[0]
+
+
+def _rotary_cache(shape: LlamaShape) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_pos, head_dim/2], computed as transformers' LlamaRotaryEmbedding does (fp32)."""
+    dim = shape.head_dim
+    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    pos = torch.arange(shape.max_position_embeddings, dtype=torch.int64).float()
+    freqs = pos[:, None] * inv_freq[None, :]  # [max_pos, hd/2]
+    pad = (shape.cache_head_dim - dim) // 2  # padded rotary pairs are zeros: rotate them by angle 0
+    cos = torch.cat([freqs.cos(), torch.ones(len(pos), pad)], dim=1)
+    sin = torch.cat([freqs.sin(), torch.zeros(len(pos), pad)], dim=1)
+    return cos.numpy(), sin.numpy()
+
+
+def _head_columns(shape: LlamaShape, heads: int, rotary: bool) -> np.ndarray:
+    """Source column of each padded projection column (-1 = a zero column). Rotary heads keep their
+    two halves aligned with the padded halves, [x0 | 0 | x1 | 0], so rotate_half pairs stay pairs;
+    value heads are [v | 0]."""
+    hd, hp = shape.head_dim, shape.cache_head_dim
+    cols = np.full((heads, hp), -1, np.int64)
+    base = np.arange(heads)[:, None] * hd
+    if rotary:
+        half, half_p = hd // 2, hp // 2
+        cols[:, :half] = base + np.arange(half)
+        cols[:, half_p:half_p + half] = base + half + np.arange(half)
+    else:
+        cols[:, :hd] = base + np.arange(hd)
+    return cols.reshape(-1)
+
+
+def _expand_columns(w, cols: np.ndarray):
+    """Output columns of w picked by `cols`, zeros where cols == -1 (fp [K, N] or NBitsWeight)."""
+    keep = cols >= 0
+    if isinstance(w, np.ndarray):
+        out = np.zeros((w.shape[0], len(cols)), w.dtype)
+        out[:, keep] = w[:, cols[keep]]
+        return out
+    b = np.zeros((len(cols),) + w.b.shape[1:], np.uint8)
+    scales = np.zeros((len(cols),) + w.scales.shape[1:], np.float32)  # scale 0: the column is 0
+    zp = np.zeros((len(cols),) + w.zero_points.shape[1:], np.uint8)
+    b[keep], scales[keep], zp[keep] = w.b[cols[keep]], w.scales[cols[keep]], w.zero_points[cols[keep]]
+    return NBitsWeight(b, scales, zp, w.perm, w.bits, w.block_size, w.k, len(cols))
+
+
+def _layer_linears(src: _WeightSource, shape: LlamaShape, i: int) -> dict[str, list]:
+    """The layer's linears, fused where the layouts allow: {"qkv": [...], "o": [...], ...}."""
+    p = f"model.layers.{i}"
+    q, k, v = (src.linear(f"{p}.self_attn.{n}_proj") for n in "qkv")
+    o = src.linear(f"{p}.self_attn.o_proj")
+    gate, up, down = (src.linear(f"{p}.mlp.{n}_proj") for n in ("gate", "up", "down"))
+    if shape.cache_head_dim != shape.head_dim:
+        q = _expand_columns(q, _head_columns(shape, shape.num_heads, rotary=True))
+        k = _expand_columns(k, _head_columns(shape, shape.num_kv_heads, rotary=True))
+        v = _expand_columns(v, _head_columns(shape, shape.num_kv_heads, rotary=False))
+    if isinstance(down, NBitsWeight) and down.perm is not None:
+        # x @ W_down == x[perm] @ W_down[perm]: produce the activation already permuted by
+        # permuting gate/up output columns (silu(gate) * up is elementwise).
+        gate, up = gate.permute_outputs(down.perm), up.permute_outputs(down.perm)
+        down = NBitsWeight(down.b, down.scales, down.zero_points, None, down.bits, down.block_size, down.k, down.n)
+    if isinstance(q, np.ndarray):
+        qkv, gu = [np.concatenate([q, k, v], axis=1)], [np.concatenate([gate, up], axis=1)]
+    else:
+        fused = concat_outputs([q, k, v])
+        qkv = [fused] if fused is not None else [q, k, v]
+        fused = concat_outputs([gate, up])
+        gu = [fused] if fused is not None else [gate, up]
+    return {"qkv": qkv, "o": [o], "gate_up": gu, "down": [down]}
+
+
+def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 4) -> tuple[onnx.ModelProto, int]:
+    """The whole decoder as one ONNX model; returns it and the weight bytes streamed per token."""
+    g = _Graph(accuracy_level)
+    H, kvh, hd = shape.hidden_size, shape.num_kv_heads, shape.cache_head_dim
+    eps = shape.rms_norm_eps
+    inputs = [
+        helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "sequence_length", H]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),  # total tokens - 1
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, shape.vocab_size])]
+    cos, sin = _rotary_cache(shape)
+    cos_name, sin_name = g.const("cos_cache", cos, streamed=False), g.const("sin_cache", sin, streamed=False)
+
+    x = "inputs_embeds"  # [1, S, H]
+    residual = None
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}"
+        w = _layer_linears(src, shape, i)
+        ln1 = g.const(f"{p}.input_layernorm.weight", src.vector(f"{p}.input_layernorm.weight"))
+        if residual is None:
+            normed = g.op("SimplifiedLayerNormalization", [x, ln1], axis=-1, epsilon=eps, stash_type=1)[0]
+            residual = x
+        else:
+            normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [x, residual, ln1], n_out=4,
+                                          domain="com.microsoft", epsilon=eps)
+        qkv = [g.linear(normed, lw, f"{p}.self_attn.qkv{j}") for j, lw in enumerate(w["qkv"])]
+        qkv_inputs = qkv if len(qkv) == 3 else [qkv[0], "", ""]  # packed QKV or separate q, k, v
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        for name in (past_k, past_v):
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, kvh, "max_cache_length", hd]))
+        attn_out = f"{p}.attn_out"
+        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
+        for name in (present_k, present_v):
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, kvh, "max_cache_length", hd]))
+        g.nodes.append(helper.make_node(
+            "GroupQueryAttention",
+            qkv_inputs + [past_k, past_v, "seqlens_k", "total_sequence_length", cos_name, sin_name],
+            [attn_out, present_k, present_v], name=f"{p}.GroupQueryAttention", domain="com.microsoft",
+            num_heads=shape.num_heads, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0,
+            scale=1.0 / math.sqrt(shape.head_dim)))
+        if hd != shape.head_dim:  # drop the zero padding of every head: [1, S, nh*hp] -> [1, S, nh*hd]
+            heads = g.op("Reshape", [attn_out, g.const(g.name("shape"), np.array([0, 0, shape.num_heads, hd]),
+                                                       streamed=False)])[0]
+            heads = g.op("Slice", [heads, g.const(g.name("zero"), np.array([0]), streamed=False),
+                                   g.const(g.name("hd"), np.array([shape.head_dim]), streamed=False),
+                                   g.const(g.name("axis"), np.array([3]), streamed=False)])[0]
+            attn_out = g.op("Reshape", [heads, g.const(g.name("shape"), np.array([0, 0, shape.num_heads * shape.head_dim]),
+                                                        streamed=False)])[0]
+        o = g.linear(attn_out, w["o"][0], f"{p}.self_attn.o_proj")
+        ln2 = g.const(f"{p}.post_attention_layernorm.weight", src.vector(f"{p}.post_attention_layernorm.weight"))
+        normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ln2], n_out=4,
+                                      domain="com.microsoft", epsilon=eps)
+        gu = [g.linear(normed, lw, f"{p}.mlp.gate_up{j}") for j, lw in enumerate(w["gate_up"])]
+        if len(gu) == 1:
+            sizes = g.const("gate_up_split", np.array([shape.intermediate_size] * 2, np.int64), streamed=False) \
+                if i == 0 else "gate_up_split"
+            gate, up = g.op("Split", [gu[0], sizes], n_out=2, axis=-1)
+        else:
+            gate, up = gu
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]  # silu(gate) * up
+        x = g.linear(act, w["down"][0], f"{p}.mlp.down_proj")
+
+    # Only the last position needs logits: slice before the final norm and the vocabulary GEMV.
+    starts, ends, axes = (g.const(n, np.array(v, np.int64), streamed=False)
+                          for n, v in (("last_start", [-1]), ("last_end", [2**62]), ("seq_axis", [1])))
+    x_last = g.op("Slice", [x, starts, ends, axes])[0]
+    res_last = g.op("Slice", [residual, starts, ends, axes])[0]
+    norm_w = g.const("model.norm.weight", src.vector("model.norm.weight"))
+    final = g.op("SkipSimplifiedLayerNormalization", [x_last, res_last, norm_w], domain="com.microsoft",
+                 epsilon=eps)[0]
+    logits = g.linear(final, src.lm_head(shape), "lm_head")
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
+
+    graph = helper.make_graph(g.nodes, "llama_decoder", inputs, outputs, initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return model, g.weight_bytes
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def _read_settings(src: Path, cfg: dict, quant: str, lm_head: str, group_size: int) -> QuantSettings:
+    qc = cfg.get("quantization_config")
+    if quant == "gptq":
+        if not qc:
+            raise CheckpointError(f"{src / 'config.json'}: expected a GPTQ quantization_config for quant='gptq', found none")
+        method = qc.get("quant_method", "gptq")
+        fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+        if method != "gptq" or fmt not in ("gptq", "gptq_v2"):
+            raise CheckpointError(f"{src / 'config.json'}: expected quant_method 'gptq' with checkpoint_format "
+                                  f"'gptq' or 'gptq_v2', got {method!r} / {fmt!r}")
+        if int(qc["bits"]) != 4:
+            raise CheckpointError(f"{src / 'config.json'}: expected 4-bit GPTQ weights, got bits={qc['bits']}")
+        return QuantSettings("gptq", lm_head, bits=4, group_size=int(qc["group_size"]),
+                             desc_act=bool(qc.get("desc_act", False)), zeros_stored_minus_one=fmt == "gptq")
+    if qc:
+        raise CheckpointError(f"{src / 'config.json'}: a quantized checkpoint; expected fp weights for quant={quant!r}")
+    return QuantSettings(quant, lm_head, group_size=group_size)
+
+
+def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | None = None,
+                    group_size: int = 128, accuracy_level: int = 4) -> Path:
+    """Convert an HF LLaMA folder (GPTQ or fp) into `out_dir/llm.onnx` (+ .data, embedding table, meta).
+
+    quant: "gptq" (the folder holds GPTQ weights), "rtn4" (int4 round-to-nearest of fp weights) or
+    "none" (fp32). lm_head: "int8" (default with int4 layers), "int4" or "fp32" (default with none).
+    Returns the path of the .onnx file.
+    """
+    src, out = Path(src_dir), Path(out_dir)
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+    lm_head = lm_head or ("fp32" if quant == "none" else "int8")
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"lm_head must be one of {LM_HEADS}, got {lm_head!r}")
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: expected an HF LLaMA config.json, not found")
+    cfg = json.loads(cfg_path.read_text())
+    shape = LlamaShape.from_hf_config(cfg, cfg_path)
+    settings = _read_settings(src, cfg, quant, lm_head, group_size)
+    source = _WeightSource(src, settings)
+
+    model, weight_bytes = build_graph(source, shape, accuracy_level=accuracy_level)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / MODEL_FILE, out / DATA_FILE):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model, str(out / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    embed = source.t.get("model.embed_tokens.weight")
+    np.save(out / EMBED_FILE, embed.numpy() if embed.dtype in (torch.float16, torch.float32) else embed.float().numpy())
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "shape": asdict(shape),
+        "cache_head_dim": shape.cache_head_dim,  # KV cache rows are this wide (zero-padded heads)
+        "quant": asdict(settings),
+        "accuracy_level": accuracy_level,
+        "weight_bytes_per_token": weight_bytes,
+        "source": str(src),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return out / MODEL_FILE
+
+
+def iter_linear_names(shape: LlamaShape) -> Iterator[str]:
+    """Prefixes of every quantizable linear, in checkpoint naming."""
+    for i in range(shape.num_layers):
+        for n in ("q", "k", "v", "o"):
+            yield f"model.layers.{i}.self_attn.{n}_proj"
+        for n in ("gate", "up", "down"):
+            yield f"model.layers.{i}.mlp.{n}_proj"
+

@@ -1,0 +1,279 @@
+"""The ONNX LLM backend against the transformers reference, and the GPTQ -> MatMulNBits repacking
+against a plain-torch dequantize-then-matmul, on tiny LLaMAs (GQA; heads of 8 are zero-padded to 16)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from valley_rt.backends.llm_onnx import OnnxLLM
+from valley_rt.backends.llm_torch import TorchLLM
+from valley_rt.errors import CheckpointError, ContextLengthError, EngineError
+from valley_rt.export.llm_onnx import (GPTQLinear, _Graph, export_llm_onnx, iter_linear_names, pack_int32,
+                                       quantize_rtn, to_gptq_checkpoint, to_matmul_nbits, unpack_int32)
+from valley_rt.generate import SamplingParams, generate
+
+# (hidden, heads, kv heads): head_dim 8 (padded inside the graph) and head_dim 32 (native)
+SHAPES = {"hd8": (64, 8, 2), "hd32": (128, 4, 2)}
+
+
+def tiny_llama(kind: str = "hd8", seed: int = 0) -> LlamaForCausalLM:
+    hidden, heads, kv = SHAPES[kind]
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=128,
+                      rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # confident logits: greedy paths are not decided by near-ties
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name == "model.norm.weight":
+                p.uniform_(0.5, 1.5)  # non-trivial RMSNorm weights
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    out = {}
+    for kind in SHAPES:
+        d = tmp_path_factory.mktemp(f"hf_{kind}")
+        tiny_llama(kind).save_pretrained(d)
+        out[kind] = d
+    return out
+
+
+def _torch(folder) -> TorchLLM:
+    return TorchLLM(LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------------------------- packing
+
+
+def test_int32_packing_roundtrip():
+    fields = torch.randint(0, 16, (64, 24))
+    assert torch.equal(unpack_int32(pack_int32(fields, 4, dim=0), 4, dim=0), fields)
+    assert torch.equal(unpack_int32(pack_int32(fields, 4, dim=1), 4, dim=1), fields)
+
+
+def test_gptq_v1_zero_wraparound_roundtrip():
+    w = torch.rand(64, 16)  # all positive: asymmetric zeros are 0, stored as -1 in the v1 format
+    lin = quantize_rtn(w, bits=4, group_size=32)
+    assert (lin.zeros == 0).any()
+    ck = to_gptq_checkpoint(lin)
+    back = GPTQLinear.from_checkpoint(ck["qweight"], ck["qzeros"], ck["scales"], ck["g_idx"], bits=4,
+                                      group_size=32, zeros_stored_minus_one=True)
+    assert torch.equal(back.q, lin.q) and torch.equal(back.zeros, lin.zeros)
+    torch.testing.assert_close(back.dequantize(), lin.dequantize(), atol=1e-3, rtol=1e-3)  # fp16 scales
+
+
+def _act_order_g_idx(k: int, group_size: int, gen: torch.Generator) -> torch.Tensor:
+    """What act-order GPTQ writes: rows quantized in a permuted order, group = rank // group_size."""
+    order = torch.randperm(k, generator=gen)
+    g = torch.empty(k, dtype=torch.int64)
+    g[order] = torch.arange(k) // group_size
+    return g
+
+
+def _run_linear(w, x: np.ndarray, accuracy_level: int) -> np.ndarray:
+    g = _Graph(accuracy_level)
+    y = g.linear("x", w, "w")
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, w.k])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, False), (4, 64, True), (4, 32, True), (8, 32, False)])
+def test_matmul_nbits_equals_plain_torch_dequant(bits, group_size, act_order):
+    gen = torch.Generator().manual_seed(bits * 1000 + group_size)
+    k, n = 256, 96
+    w = torch.randn(k, n, generator=gen)
+    g_idx = _act_order_g_idx(k, group_size, gen) if act_order else None
+    lin = quantize_rtn(w, bits=bits, group_size=group_size, g_idx=g_idx)
+    ck = to_gptq_checkpoint(lin)  # through the on-disk int32 format, as a GPTQ folder holds it
+    lin = GPTQLinear.from_checkpoint(ck["qweight"], ck["qzeros"], ck["scales"], ck["g_idx"], bits=bits,
+                                     group_size=group_size, zeros_stored_minus_one=True)
+    packed = to_matmul_nbits(lin)
+    assert (packed.perm is not None) == act_order
+    x = torch.randn(1, 5, k, generator=gen)
+    want = (x @ lin.dequantize()).numpy()  # plain torch: dequantize, then matmul
+    exact = _run_linear(packed, x.numpy(), accuracy_level=0)  # fp32 compute: the repacking itself
+    np.testing.assert_allclose(exact, want, rtol=1e-4, atol=1e-4)
+    fast = _run_linear(packed, x.numpy(), accuracy_level=4)  # int8 activations: the fast kernel
+    cos = np.sum(fast * want) / np.linalg.norm(fast) / np.linalg.norm(want)
+    assert cos > 0.999
+
+
+def test_bad_grouping_is_rejected():
+    lin = quantize_rtn(torch.randn(64, 8), bits=4, group_size=32)
+    lin.g_idx = torch.zeros(64, dtype=torch.int64)  # one group of 64 rows with group_size 32
+    with pytest.raises(CheckpointError, match="g_idx"):
+        to_matmul_nbits(lin)
+
+
+# ------------------------------------------------------------------------------------------- fp32 parity
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_onnx_fp32_matches_torch(hf_dirs, tmp_path, kind):
+    onnx_llm = OnnxLLM(export_llm_onnx(hf_dirs[kind], tmp_path, quant="none"))
+    ref = _torch(hf_dirs[kind])
+    assert onnx_llm.name == "onnx-fp32"
+    ids = list(range(3, 40))
+    torch.testing.assert_close(onnx_llm.embed(ids), ref.embed(ids))
+    torch.testing.assert_close(onnx_llm.prefill(onnx_llm.embed(ids)), ref.prefill(ref.embed(ids)), atol=2e-4, rtol=1e-4)
+    for tok in (5, 17, 900):
+        torch.testing.assert_close(onnx_llm.decode(tok), ref.decode(tok), atol=2e-4, rtol=1e-4)
+    assert onnx_llm.position == ref.position == len(ids) + 3
+
+
+def test_onnx_greedy_tokens_match_torch(hf_dirs, tmp_path):
+    onnx_llm = OnnxLLM(export_llm_onnx(hf_dirs["hd8"], tmp_path, quant="none"))
+    ref = _torch(hf_dirs["hd8"])
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(f" {i}" for i in ids)
+
+    params = SamplingParams(max_new_tokens=24)
+    a = generate(onnx_llm, Tok(), input_ids=list(range(10, 30)), params=params, stop=(), eos_token_id=-1)
+    b = generate(ref, Tok(), input_ids=list(range(10, 30)), params=params, stop=(), eos_token_id=-1)
+    assert a.token_ids == b.token_ids
+    assert a.text == b.text
+
+
+def test_truncate_then_prefill_equals_fresh_run(hf_dirs, tmp_path):
+    path = export_llm_onnx(hf_dirs["hd32"], tmp_path, quant="none")
+    llm = OnnxLLM(path)
+    prefix, turn1, turn2 = list(range(5, 25)), [40, 41, 42], [50, 51, 52, 53]
+    llm.prefill(llm.embed(prefix))
+    llm.prefill(llm.embed(turn1))
+    llm.decode(60)
+    llm.truncate(len(prefix))
+    got = llm.prefill(llm.embed(turn2))
+    fresh = OnnxLLM(path)
+    want = fresh.prefill(fresh.embed(prefix + turn2))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    llm.reset()
+    assert llm.position == 0
+    torch.testing.assert_close(llm.prefill(llm.embed(prefix + turn2)), want, atol=1e-5, rtol=1e-5)
+
+
+def test_context_limit(hf_dirs, tmp_path):
+    llm = OnnxLLM(export_llm_onnx(hf_dirs["hd8"], tmp_path, quant="none"), max_context=32)
+    assert llm.max_context == 32
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    with pytest.raises(ContextLengthError, match="prompt of 30 tokens \\+ max_new_tokens 8 exceeds the context of 32"):
+        generate(llm, Tok(), input_ids=list(range(30)), params=SamplingParams(max_new_tokens=8))
+    assert llm.position == 0
+
+
+# ------------------------------------------------------------------------------------------- int4
+
+
+def _sqnr_db(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum()))
+
+
+def test_rtn4_logits_close_to_fp32(hf_dirs, tmp_path):
+    llm = OnnxLLM(export_llm_onnx(hf_dirs["hd32"], tmp_path, quant="rtn4", group_size=32))
+    ref = _torch(hf_dirs["hd32"])
+    ids = list(range(3, 40))
+    got, want = llm.prefill(llm.embed(ids)), ref.prefill(ref.embed(ids))
+    assert llm.name == "onnx-int4"
+    assert torch.cosine_similarity(got, want, dim=0) > 0.99
+    assert _sqnr_db(got, want) > 15
+
+
+def write_tiny_gptq(model: LlamaForCausalLM, folder, *, group_size: int, desc_act: bool, seed: int = 0) -> LlamaForCausalLM:
+    """Quantize every linear of `model` (RTN, symmetric) into a GPTQ v1 folder as GPTQModel lays it out;
+    with desc_act, act-order style g_idx (shared by q/k/v and by gate/up, as one Hessian gives them,
+    except layer 1's v_proj, which gets its own to exercise the unfused path). Returns the model with
+    the dequantized weights: the exact reference for the folder."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = LlamaForCausalLM(model.config).eval()
+    ref_sd = dict(sd)
+    shared: dict[tuple, torch.Tensor] = {}
+    tensors = {}
+    for prefix in iter_linear_names(_shape(model)):
+        w = sd.pop(prefix + ".weight").T.contiguous()  # [in, out]
+        g_idx = None
+        if desc_act:
+            layer, part = prefix.split(".")[2], prefix.split(".")[-1]
+            share = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}.get(part, part)
+            if layer == "1" and part == "v_proj":
+                share = "v"
+            key = (layer, share)
+            if key not in shared:
+                shared[key] = _act_order_g_idx(w.shape[0], group_size, gen)
+            g_idx = shared[key]
+        lin = quantize_rtn(w, bits=4, group_size=group_size, sym=True, g_idx=g_idx)
+        for name, t in to_gptq_checkpoint(lin).items():
+            tensors[f"{prefix}.{name}"] = t
+        back = GPTQLinear.from_checkpoint(tensors[prefix + ".qweight"], tensors[prefix + ".qzeros"],
+                                          tensors[prefix + ".scales"], tensors[prefix + ".g_idx"], bits=4,
+                                          group_size=group_size, zeros_stored_minus_one=True)
+        ref_sd[prefix + ".weight"] = back.dequantize().T.contiguous()
+    for k, v in sd.items():
+        tensors[k] = v.half() if v.is_floating_point() else v
+        if v.is_floating_point():
+            ref_sd[k] = v.half().float()  # the folder stores fp16, like GPTQModel's output
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size,
+                                  "desc_act": desc_act, "sym": True, "checkpoint_format": "gptq"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ref.load_state_dict(ref_sd)
+    return ref
+
+
+def _shape(model):
+    from valley_rt.export.llm_onnx import LlamaShape
+
+    return LlamaShape.from_hf_config(model.config.to_dict(), "config")
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_folder_matches_dequantized_reference(tmp_path, desc_act):
+    model = tiny_llama("hd8", seed=3)
+    gdir = tmp_path / "gptq"
+    gdir.mkdir()
+    ref_model = write_tiny_gptq(model, gdir, group_size=32, desc_act=desc_act)
+    ref = TorchLLM(ref_model)
+    # accuracy_level 0 (fp32 activations) + fp32 lm_head: only float rounding separates the two
+    exact = OnnxLLM(export_llm_onnx(gdir, tmp_path / "exact", quant="gptq", lm_head="fp32", accuracy_level=0))
+    ids = list(range(3, 30))
+    want = ref.prefill(ref.embed(ids))
+    torch.testing.assert_close(exact.prefill(exact.embed(ids)), want, atol=2e-3, rtol=1e-3)
+    # the shipped configuration: int8 activations in MatMulNBits, int8 lm_head
+    fast = OnnxLLM(export_llm_onnx(gdir, tmp_path / "fast", quant="gptq"))
+    got = fast.prefill(fast.embed(ids))
+    assert torch.cosine_similarity(got, want, dim=0) > 0.995
+    assert _sqnr_db(got, want) > 20
+    for tok in (7, 8):
+        got, want = fast.decode(tok), ref.decode(tok)
+        assert torch.cosine_similarity(got, want, dim=0) > 0.995
+
+
+def test_export_errors(hf_dirs, tmp_path):
+    with pytest.raises(CheckpointError, match="quantization_config"):
+        export_llm_onnx(hf_dirs["hd8"], tmp_path / "x", quant="gptq")
+    with pytest.raises(CheckpointError, match="config.json"):
+        export_llm_onnx(tmp_path / "missing", tmp_path / "y", quant="none")
+    with pytest.raises(EngineError, match="expected an exported LLM file"):
+        OnnxLLM(tmp_path / "nothing_here")

@@ -1,0 +1,126 @@
+"""The fast LLM backend: the whole LLaMA decoder as one ONNX Runtime session (int4 MatMulNBits).
+
+The graph comes from `valley_rt.export.llm_onnx`. The KV cache is one preallocated max-length
+buffer per layer and per K/V, bound through IOBinding as both GroupQueryAttention's past input and
+its present output (the op writes the new rows in place), so a decode step copies nothing but the
+[1, 1, H] embedding in and the [V] logits out. `truncate` is free: the cache length is just the
+`seqlens_k` / `total_sequence_length` we pass next time, rows past it are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from valley_rt.errors import EngineError
+
+
+def session_options(threads: int = 2, spinning: bool = True):
+    """ORT options for batch-1 decoding: a fixed small thread pool; spinning threads cut the wake-up
+    latency between the ~10 ops of each layer (turn off when sharing cores with other busy work)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # The graph is already fused by construction; basic optimizations (constant folding, dead-node
+    # removal) are all that is left to do and keep session creation fast.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return so
+
+
+class OnnxLLM:
+    """One batch-1 KV-cached session over an exported `llm.onnx` (implements generate.LLMBackend)."""
+
+    def __init__(self, path, *, threads: int = 2, spinning: bool = True, max_context: int | None = None):
+        import onnxruntime as ort
+
+        from valley_rt.export.llm_onnx import EMBED_FILE, META_FILE, MODEL_FILE
+
+        t0 = time.perf_counter()
+        path = Path(path)
+        folder = path.parent if path.suffix == ".onnx" else path
+        model_file = path if path.suffix == ".onnx" else folder / MODEL_FILE
+        meta_file = folder / META_FILE
+        for f in (model_file, meta_file, folder / EMBED_FILE):
+            if not f.is_file():
+                raise EngineError(f"{f}: expected an exported LLM file (valley_rt.export.llm_onnx), not found")
+        self.meta = json.loads(meta_file.read_text())
+        shape = self.meta["shape"]
+        self.hidden_size = int(shape["hidden_size"])
+        self.vocab_size = int(shape["vocab_size"])
+        self.num_layers = int(shape["num_layers"])
+        self.max_context = int(min(max_context or shape["max_position_embeddings"], shape["max_position_embeddings"]))
+        quant = self.meta["quant"]["quant"]
+        self.name = f"onnx-{'fp32' if quant == 'none' else 'int4'}"
+        self.weight_bytes_per_token = int(self.meta["weight_bytes_per_token"])
+
+        self.embed_table = np.load(folder / EMBED_FILE, mmap_mode="r")  # [V, H], rows read on demand
+        self.session = ort.InferenceSession(str(model_file), sess_options=session_options(threads, spinning),
+                                            providers=["CPUExecutionProvider"])
+        kv_shape = (1, int(shape["num_kv_heads"]), self.max_context, int(self.meta["cache_head_dim"]))
+        self.kv_bytes_per_token = 2 * self.num_layers * kv_shape[1] * kv_shape[3] * 4  # K and V, fp32
+        self._cache = [np.zeros(kv_shape, np.float32) for _ in range(2 * self.num_layers)]
+        self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
+        self._binding = self._bind_static(ort)
+        self._pos = 0
+        self.load_s = time.perf_counter() - t0
+
+    def _bind_static(self, ort):
+        """Bind what never changes: each layer's K/V buffer as past input AND present output."""
+        b = self.session.io_binding()
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                ov = ort.OrtValue.ortvalue_from_numpy(self._cache[2 * i + j])  # shares the numpy memory
+                b.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
+                b.bind_ortvalue_output(f"present.{i}.{kind}", ov)
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        return b
+
+    # ------------------------------------------------------------------------------ LLMBackend
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def embed(self, ids: Sequence[int]) -> torch.Tensor:
+        ids = np.asarray(list(ids), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got range [{ids.min()}, {ids.max()}]")
+        return torch.from_numpy(np.asarray(self.embed_table[ids], dtype=np.float32))  # [S, H]
+
+    def _run(self, x: np.ndarray) -> torch.Tensor:
+        """x: [1, S, H] float32 appended after the cache -> last-position logits [V]."""
+        s = x.shape[1]
+        total = self._pos + s
+        if total > self.max_context:
+            raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
+        b = self._binding
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(x, dtype=np.float32))
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        self.session.run_with_iobinding(b)
+        self._pos = total
+        return torch.from_numpy(self._logits[0, 0].copy())  # [V]; the buffer is reused next step
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        # embeds: [S, H] -> [1, S, H]
+        return self._run(embeds.detach().to(torch.float32).cpu().numpy()[None])
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        return self._run(np.asarray(self.embed_table[[token_id]], dtype=np.float32)[None])  # [1, 1, H]
+
+    def truncate(self, position: int) -> None:
+        if not 0 <= position <= self._pos:
+            raise ValueError(f"truncate to {position} outside the cache of {self._pos} tokens")
+        self._pos = position
+
+    def reset(self) -> None:
+        self._pos = 0
