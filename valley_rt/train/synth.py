@@ -596,6 +596,17 @@ def chance_accuracy(records: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def answer_counts(records: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per short-answer family: how often each (normalized) answer occurs."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        if r["short"]:
+            fam = out.setdefault(r["task"], {})
+            key = normalize_answer(r["conversations"][-1]["value"])
+            fam[key] = fam.get(key, 0) + 1
+    return {f: dict(sorted(c.items())) for f, c in sorted(out.items())}
+
+
 def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128, height: int = 96, fps: int = 10,
              num_frames: int = 32, frames_hint: int = 8, resize_short: int = 73, crop: int = 64,
              workers: int = 1) -> dict[str, Any]:
@@ -605,8 +616,10 @@ def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128,
         raise DataError(f"synth: --n must be >= 1, got {n}")
     if width % 2 or height % 2:
         raise DataError(f"synth: yuv420p needs an even frame size, got {width}x{height}")
-    if num_frames < frames_hint:
-        raise DataError(f"synth: num_frames {num_frames} < frames_hint {frames_hint}")
+    if not 2 <= frames_hint <= num_frames:
+        raise DataError(f"synth: --frames-hint must be in [2, num_frames={num_frames}], got {frames_hint}")
+    if fps < 1:
+        raise DataError(f"synth: fps must be >= 1, got {fps}")
     make_arena(width, height, resize_short=resize_short, crop=crop)  # validate the size up front
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -628,7 +641,8 @@ def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128,
         "seed": seed, "n": n, "records": len(records), "width": width, "height": height, "fps": fps,
         "num_frames": num_frames, "frames_hint": frames_hint, "families": families,
         "short_families": list(SHORT_FAMILIES), "temporal_families": list(TEMPORAL_FAMILIES),
-        "chance": chance_accuracy(records), "clip_hashes": [h for _, h in results],
+        "video_dir": "videos", "chance": chance_accuracy(records), "answers": answer_counts(records),
+        "clip_hashes": [h for _, h in results],
     }
     (out / "data.json").write_text(json.dumps(records, indent=1) + "\n")
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
