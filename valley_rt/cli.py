@@ -92,3 +92,16 @@ def synth(out_dir: Path = typer.Argument(..., help="Folder for videos/*.mp4, dat
 
     meta = generate(out_dir, n=n, seed=seed, frames_hint=frames_hint, workers=workers)
     emit_json({k: v for k, v in meta.items() if k != "clip_hashes"})
+
+
+@app.command()
+@user_errors
+def probe(video: Path = typer.Argument(..., help="Video file (or a still image)."),
+          frames: int = typer.Option(8, "--frames", help="Frames to sample in fixed mode."),
+          fps: Optional[float] = typer.Option(None, "--fps", help="Sample this many frames per second instead."),
+          max_frames: int = typer.Option(64, "--max-frames", help="Cap on the count in --fps mode.")) -> None:
+    """Print as JSON what would be sampled from a video: stream info, indices, timestamps, decode time."""
+    from valley_rt.video import probe as probe_video
+
+    emit_json(probe_video(video, num_frames=frames, mode="fixed" if fps is None else "fps",
+                          fps=fps if fps is not None else 0.5, max_frames=max_frames))

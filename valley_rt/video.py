@@ -1,0 +1,516 @@
+"""Video input: PyAV reading, frame sampling and Valley's preprocessing.
+
+Trade-off: Valley samples a handful of frames from videos that may be hours long, so the reader never
+decodes what it does not return. It first builds a *frame table* without decoding anything — from the
+container's sample index when that index is complete and constant-rate (MP4/MOV/AVI: free), otherwise
+by demuxing the video stream's packets (reads the file, decodes nothing) — which gives the exact frame
+count, every frame's presentation time and where the keyframes are. It then walks the wanted frames in
+order and, for each, either keeps decoding forward or seeks to the keyframe before it, whichever
+decodes fewer frames; dense sampling of short clips therefore becomes one sequential pass. Only the
+wanted frames are converted to RGB. Decoding is bounded (a frame budget and a deadline), so no input
+can hang a request.
+
+Sampling ("fixed" mode) follows the spec: indices `np.linspace(0, n - 1, T).astype(int)` over the real
+frame count n. Variable-frame-rate files are sampled by presentation time instead (evenly spaced times,
+each taking the frame on screen at that time). Short-clip policy: with n < T the same formula repeats
+frames, in order (each slot takes the frame at or before its evenly spaced position: 3 frames, T = 8 ->
+[0, 0, 0, 0, 1, 1, 1, 2]), so a clip always has exactly T frames. A still image is a one-frame video.
+
+Preprocessing reproduces the original code bit for bit: PIL bilinear (which antialiases when
+downscaling) on uint8 frames, centre crop, then scale and CLIP mean/std as one vectorized tensor op.
+A batched `torch.nn.functional.interpolate(antialias=True)` is *not* used: measured against the
+original's output it is off by one uint8 level on 0.07 % of pixels (0.015 after normalization) and on
+this CPU it is also slower than PIL (52 ms vs 16 ms for 8 snowmobile frames).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from valley_rt.config import PreprocessConfig
+from valley_rt.errors import VideoError
+
+# Containers PyAV opens for single images; those are decoded with PIL (EXIF orientation, palettes).
+IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif_pipe")
+SEEK_GAP = 4  # seek only when it skips more than this many frames (a seek costs about a few decodes)
+DECODE_TIMEOUT_S = 120.0  # hard wall-clock bound for one read_video call
+MODES = ("fixed", "fps")
+
+
+class VideoNotFound(VideoError):
+    """The path does not exist."""
+
+
+class EmptyVideo(VideoError):
+    """A zero-byte file."""
+
+
+class NotAVideo(VideoError):
+    """Bytes no demuxer recognises: garbage, a text file named .mp4, a directory."""
+
+
+class NoVideoStream(VideoError):
+    """A valid container without a video stream (e.g. audio only)."""
+
+
+class UndecodableVideo(VideoError):
+    """A video stream of which not one frame decodes (unknown codec, damaged data)."""
+
+
+class DecodeBudgetExceeded(VideoError):
+    """Decoding took more frames or time than the request's bound."""
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # uint8 [T, H, W, 3], upright RGB
+    indices: list[int]  # source frame index (presentation order) of each returned frame
+    timestamps: list[float]  # seconds from the stream start, presentation time of each returned frame
+    width: int  # source size after rotation
+    height: int
+    fps: float  # average frame rate of the source
+    duration: float  # seconds
+    num_source_frames: int  # n, the real frame count used for sampling
+    decode_ms: float
+    notes: list[str] = field(default_factory=list)  # what was unusual: repeats, decode errors, VFR, ...
+    stream: dict = field(default_factory=dict)  # codec, pix_fmt, rotation, frame-table source, ...
+
+
+@dataclass
+class _FrameTable:
+    """Every frame of the video stream in presentation order, known without decoding."""
+
+    pts: np.ndarray  # int64 [n] presentation timestamps in stream time base, ascending
+    keyframe: np.ndarray  # bool [n], frame k starts a GOP (decoding may begin there)
+    time_base: Fraction
+    cfr: bool  # constant frame rate (within timestamp rounding)
+    source: str  # "index" (container sample table) or "demux" (packets counted)
+
+    @property
+    def n(self) -> int:
+        return len(self.pts)
+
+    def seconds(self, k: int) -> float:
+        return float((int(self.pts[k]) - int(self.pts[0])) * self.time_base)
+
+    def index_of(self, pts: int) -> int:
+        """Presentation index of the frame with (or nearest to) this timestamp."""
+        i = int(np.searchsorted(self.pts, pts))
+        if i == self.n or (i > 0 and pts - self.pts[i - 1] < self.pts[i] - pts):
+            i -= 1
+        return i
+
+    def keyframe_before(self, k: int) -> int:
+        kf = np.flatnonzero(self.keyframe[: k + 1])
+        return int(kf[-1]) if len(kf) else 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Opening and the frame table
+
+
+def _open(path: Path):
+    import av
+
+    if not path.exists():
+        raise VideoNotFound(f"{path}: no such file")
+    if path.is_dir():
+        raise NotAVideo(f"{path}: is a directory, expected a video file")
+    if path.stat().st_size == 0:
+        raise EmptyVideo(f"{path}: empty file (0 bytes)")
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise NotAVideo(f"{path}: not a recognised video or image ({_one_line(e)})") from None
+    except OSError as e:
+        raise NotAVideo(f"{path}: cannot be read ({_one_line(e)})") from None
+    if not container.streams.video:
+        kinds = ", ".join(s.type for s in container.streams) or "no streams"
+        container.close()
+        raise NoVideoStream(f"{path}: no video stream (found: {kinds})")
+    return container
+
+
+def _one_line(e: BaseException) -> str:
+    """FFmpeg's reason without the path and errno it repeats ("Invalid data found when processing input")."""
+    text = getattr(e, "strerror", None) or str(e)
+    return " ".join(str(text).split()) or type(e).__name__
+
+
+def _is_cfr(pts: np.ndarray) -> bool:
+    if len(pts) < 3:
+        return True
+    d = np.diff(pts)
+    med = float(np.median(d))
+    return med > 0 and float(np.abs(d - med).max()) <= max(1.0, 0.02 * med)
+
+
+def _table_from_index(path: Path, stream, notes: list[str]) -> _FrameTable | None:
+    """The container's sample table, when it is complete, inside the file and constant-rate."""
+    entries = [e for e in stream.index_entries if not e.is_discard]
+    n = len(entries)
+    if n == 0 or stream.frames != n:
+        return None
+    size = path.stat().st_size
+    dts = np.fromiter((e.timestamp for e in entries), dtype=np.int64, count=n)
+    if max(e.pos + e.size for e in entries) > size:
+        notes.append(f"the container lists {n} frames but the file ends early (truncated): counted its packets")
+        return None
+    if (n > 1 and np.any(np.diff(dts) <= 0)) or not _is_cfr(dts):
+        return None  # VFR: the sample table holds decode times, so read the packets' presentation times
+    step = int(round(float(np.median(np.diff(dts))))) if n > 1 else 1
+    start = stream.start_time if stream.start_time is not None else int(dts[0])
+    keyframe = np.fromiter((e.is_keyframe for e in entries), dtype=bool, count=n)
+    keyframe[0] = True  # closed GOPs: a keyframe's decode position is its presentation position
+    return _FrameTable(np.arange(n, dtype=np.int64) * step + start, keyframe, stream.time_base, True, "index")
+
+
+def _table_from_demux(container, stream, notes: list[str], path: Path) -> _FrameTable:
+    """Read every packet of the video stream (no decoding) for the real count, times and keyframes."""
+    import av
+
+    pts, key = [], []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the flush packet at end of file
+            t = packet.pts if packet.pts is not None else packet.dts
+            pts.append(t if t is not None else len(pts))  # raw streams without times: count them
+            key.append(packet.is_keyframe)
+    except av.error.FFmpegError as e:
+        notes.append(f"demuxing stopped after {len(pts)} packets: {_one_line(e)}")
+    if not pts:
+        raise UndecodableVideo(f"{path}: the video stream holds no packets")
+    pts_a, key_a = np.asarray(pts, dtype=np.int64), np.asarray(key, dtype=bool)
+    order = np.argsort(pts_a, kind="stable")
+    pts_a, key_a = pts_a[order], key_a[order]
+    keep = np.concatenate([[True], np.diff(pts_a) > 0])  # duplicate timestamps cannot be told apart
+    if not keep.all():
+        notes.append(f"dropped {int((~keep).sum())} packets with duplicate timestamps")
+        pts_a, key_a = pts_a[keep], key_a[keep]
+    key_a[0] = True
+    tb = stream.time_base if stream.time_base is not None else Fraction(1, 25)
+    return _FrameTable(pts_a, key_a, tb, _is_cfr(pts_a), "demux")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which frames
+
+
+def _sample(table: _FrameTable, mode: str, num_frames: int, fps: float, max_frames: int,
+            notes: list[str]) -> list[int]:
+    n = table.n
+    if mode == "fixed":
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if table.cfr:
+            idx = np.linspace(0, n - 1, num_frames).astype(int)
+        else:  # evenly spaced presentation times; each takes the frame on screen at that time
+            times = np.linspace(float(table.pts[0]), float(table.pts[-1]), num_frames)
+            idx = np.searchsorted(table.pts, times + 1e-6, side="right") - 1
+            notes.append("variable frame rate: sampled by presentation time")
+        if n < num_frames:
+            notes.append(f"{n} source frames < {num_frames}: repeated frames in order to reach {num_frames}")
+        return [int(i) for i in idx]
+    if mode == "fps":
+        if fps <= 0 or max_frames < 1:
+            raise ValueError(f"fps mode needs fps > 0 and max_frames >= 1, got {fps} and {max_frames}")
+        if table.cfr and n > 1:
+            avg = 1.0 / float((table.pts[1] - table.pts[0]) * table.time_base)
+            step = max(1, int(round(avg) / fps))  # the spec's `int(round(avg_fps) / 0.5)`
+            idx = np.arange(0, n, step)
+        else:
+            span = float((table.pts[-1] - table.pts[0]) * table.time_base)
+            secs = np.arange(0.0, span + 1e-9, 1.0 / fps)
+            ticks = table.pts[0] + secs / float(table.time_base)
+            idx = np.unique(np.searchsorted(table.pts, ticks + 1e-6, side="right") - 1)
+        if len(idx) > max_frames:
+            notes.append(f"{len(idx)} frames at {fps} fps > max_frames {max_frames}: took {max_frames} evenly spaced")
+            idx = np.linspace(0, n - 1, max_frames).astype(int)
+        return [int(i) for i in idx]
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _rgb(frame) -> np.ndarray:
+    """Upright RGB uint8 [H, W, 3] (the display matrix says how far to turn it counterclockwise)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    quarter = int(round((frame.rotation or 0) / 90)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k=quarter)) if quarter else rgb
+
+
+class _Decoder:
+    """Decodes a video stream forward from wherever it was last positioned, with a frame budget."""
+
+    def __init__(self, container, stream, table: _FrameTable, path: Path, budget: int, deadline: float):
+        self.container, self.stream, self.table, self.path = container, stream, table, path
+        self.budget, self.deadline = budget, deadline
+        self.frames = None  # generator of (index, av frame) since the last seek; None = must seek
+        self.pos = -1  # presentation index of the last frame decoded
+        self.last = None  # (index, av frame) of that frame, the stand-in when a later frame fails
+        self.decoded = 0
+        self.seeks = 0
+        self.error: str | None = None  # the decode error that stopped decoding, if any
+        self.ended_at: int | None = None  # index of the last frame before the stream ended early
+
+    def _generate(self):
+        counter = self.pos
+        for packet in self.container.demux(self.stream):
+            for frame in self.stream.decode(packet):  # the empty packet at EOF flushes the decoder
+                counter = self.table.index_of(frame.pts) if frame.pts is not None else counter + 1
+                yield counter, frame
+
+    def seek(self, k: int) -> None:
+        self.container.seek(int(self.table.pts[k]), stream=self.stream, backward=True, any_frame=False)
+        self.seeks += 1
+        self.frames, self.pos, self.last = self._generate(), self.table.keyframe_before(k) - 1, None
+
+    def next(self):
+        """The next decoded (index, frame), or None at the end or after a decode error."""
+        import av
+
+        if self.decoded >= self.budget:
+            raise DecodeBudgetExceeded(f"{self.path}: decoded {self.decoded} frames without finding the "
+                                       f"requested ones (budget {self.budget})")
+        if time.monotonic() > self.deadline:
+            raise DecodeBudgetExceeded(f"{self.path}: decoding took longer than {DECODE_TIMEOUT_S:.0f} s")
+        try:
+            item = next(self.frames)
+        except StopIteration:
+            self.frames = None
+            self.ended_at = self.pos
+            return None
+        except av.error.FFmpegError as e:
+            self.error = _one_line(e)
+            self.frames = None
+            return None
+        self.decoded += 1
+        self.pos, self.last = item[0], item
+        return item
+
+    def _forward(self, k: int):
+        """Decode forward until a frame at or after k: (that item, frames decoded before it), or (None, 0)."""
+        before = 0
+        while (item := self.next()) is not None:
+            if item[0] >= k:
+                return item, before
+            before += 1
+        return None, before
+
+    def fetch(self, k: int):
+        """Frame k as (index actually returned, av frame), or None when nothing near it decodes."""
+        kf = self.table.keyframe_before(k)
+        if self.frames is None or k <= self.pos or kf - self.pos > SEEK_GAP:
+            self.seek(kf)
+        for attempt in range(3):
+            last = self.last
+            item, before = self._forward(k)
+            if item is None:  # end of stream or a decode error before k: the frame decoded last stands in
+                stand_in = self.last if self.last is not None else last
+                return stand_in if stand_in is not None and stand_in[0] < k else None
+            if item[0] == k or before or kf == 0:
+                return item  # k itself, or k has no frame of its own (the next one stands in)
+            # The seek landed after k (open GOP, an index that disagrees): go one keyframe further back.
+            kf = self.table.keyframe_before(kf - 1)
+            self.seek(kf)
+        return item
+
+
+def _read_frames(container, stream, table: _FrameTable, wanted: list[int], path: Path,
+                 notes: list[str], info: dict) -> tuple[list[np.ndarray], list[int]]:
+    """The wanted frames as upright RGB (a frame that fails is replaced by the nearest good one) and
+    their source indices; records the rotation applied and the decode work done in `info`."""
+    stream.codec_context.thread_type = "AUTO"
+    dec = _Decoder(container, stream, table, path, budget=2 * table.n + 64,
+                   deadline=time.monotonic() + DECODE_TIMEOUT_S)
+    got: dict[int, tuple[int, np.ndarray]] = {}
+    rotation = 0
+    for k in sorted(set(wanted)):
+        item = dec.fetch(k)
+        if item is None:
+            continue
+        rotation = item[1].rotation or 0
+        got[k] = (item[0], _rgb(item[1]))
+    if not got:
+        why = dec.error or "no frame decoded"
+        raise UndecodableVideo(f"{path}: no frame of the video stream decodes ({why})")
+    if dec.error:
+        notes.append(f"decode error after frame {dec.pos} of {table.n}: {dec.error}")
+    if dec.ended_at is not None and dec.ended_at < max(wanted):
+        notes.append(f"the stream ended after frame {dec.ended_at} of {table.n} (frames 0-{dec.ended_at} decodable)")
+    done = np.array(sorted(got))
+    frames, indices = [], []
+    for k in wanted:
+        near = int(done[np.abs(done - k).argmin()])  # a frame that failed takes the nearest good one
+        idx, rgb = got[near]
+        if idx != k:
+            notes.append(f"frame {k} could not be decoded; used frame {idx}")
+        frames.append(rgb)
+        indices.append(idx)
+    info.update(rotation=int(rotation), frames_decoded=dec.decoded, seeks=dec.seeks)
+    return frames, indices
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UndecodableVideo(f"{path}: image does not decode ({_one_line(e)})") from None
+
+
+def _same_size(frames: list[np.ndarray], notes: list[str]) -> np.ndarray:
+    """Stack; a stream that changes resolution mid-way is resized to its first sampled frame's size."""
+    from PIL import Image
+
+    h, w = frames[0].shape[:2]
+    if any(f.shape[:2] != (h, w) for f in frames):
+        notes.append(f"resolution changes within the stream; frames resized to {w}x{h}")
+        frames = [f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR))
+                  for f in frames]
+    return np.stack(frames)
+
+
+def read_video(path, *, num_frames: int = 8, mode: str = "fixed", fps: float = 0.5,
+               max_frames: int = 64) -> Clip:
+    """Sample frames of a video (or a still image) as upright RGB uint8; see the module docstring."""
+    path = Path(path)
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        cc = stream.codec_context
+        info = {"container": container.format.name, "codec": cc.name if cc else None,
+                "pix_fmt": cc.pix_fmt if cc else None, "stream_index": stream.index,
+                "coded_size": [cc.width, cc.height] if cc else None}
+        if container.format.name in IMAGE_FORMATS:
+            table = _FrameTable(np.zeros(1, np.int64), np.ones(1, bool), Fraction(1, 1), True, "image")
+            wanted = _sample(table, mode, num_frames, fps, max_frames, notes)
+            frame = _read_image(path)
+            frames, indices = [frame] * len(wanted), [0] * len(wanted)
+            notes.append("still image: one frame")
+            info.update(rotation=0, frames_decoded=1, seeks=0)
+        else:
+            if cc is None:
+                raise UndecodableVideo(f"{path}: no decoder for the video stream's codec")
+            table = _table_from_index(path, stream, notes) or _table_from_demux(container, stream, notes, path)
+            wanted = _sample(table, mode, num_frames, fps, max_frames, notes)
+            frames, indices = _read_frames(container, stream, table, wanted, path, notes, info)
+            if info["rotation"]:
+                notes.append(f"display matrix rotates {info['rotation']} degrees: frames turned upright")
+    finally:
+        container.close()
+    array = _same_size(frames, notes)
+    decode_ms = (time.perf_counter() - t0) * 1e3
+    h, w = array.shape[1:3]
+    n = table.n
+    if n > 1:
+        span = float((int(table.pts[-1]) - int(table.pts[0])) * table.time_base)
+        avg_fps = (n - 1) / span if span > 0 else 0.0
+        duration = span + (1.0 / avg_fps if avg_fps else 0.0)
+    else:
+        avg_fps, duration = 0.0, 0.0
+    info.update(frame_table=table.source, constant_rate=table.cfr, keyframes=int(table.keyframe.sum()))
+    return Clip(frames=array, indices=indices, timestamps=[table.seconds(i) for i in indices], width=int(w),
+                height=int(h), fps=avg_fps, duration=duration, num_source_frames=n, decode_ms=decode_ms,
+                notes=list(dict.fromkeys(notes)), stream=info)
+
+
+def read_video_naive(path, *, num_frames: int = 8) -> Clip:
+    """What the original Valley does (the benchmark reference): decode every frame with PyAV to rgb24,
+    keep them all, then take `linspace(0, n - 1, T)` of them."""
+    path = Path(path)
+    t0 = time.perf_counter()
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        fps = float(stream.average_rate or 0)
+    finally:
+        container.close()
+    if not frames:
+        raise UndecodableVideo(f"{path}: no frame of the video stream decodes")
+    idx = [int(i) for i in np.linspace(0, len(frames) - 1, num_frames).astype(int)]
+    array = np.stack([frames[i] for i in idx])
+    return Clip(frames=array, indices=idx, timestamps=[i / fps if fps else 0.0 for i in idx],
+                width=array.shape[2], height=array.shape[1], fps=fps,
+                duration=len(frames) / fps if fps else 0.0, num_source_frames=len(frames),
+                decode_ms=(time.perf_counter() - t0) * 1e3, notes=[])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preprocessing (spec: video preprocessing)
+
+
+def resize_crop(frames: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, crop, crop, 3]: PIL bilinear short side to cfg.resize_short
+    (long side truncated; skipped when already that size), then the spec's centre crop. For engines
+    that normalize inside their graph."""
+    from PIL import Image
+
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    s, c = cfg.resize_short, cfg.crop_size
+    out = np.empty((len(frames), c, c, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        im = Image.fromarray(frame)
+        w, h = im.size
+        if min(w, h) != s:
+            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+            im = im.resize(size, Image.BILINEAR)
+            w, h = im.size
+        if w < c or h < c:
+            raise ValueError(f"frame resized to {w}x{h} is smaller than the {c}x{c} crop")
+        left, top = int(round((w - c) / 2)), int(round((h - c) / 2))
+        out[i] = np.asarray(im.crop((left, top, left + c, top + c)))
+    return out
+
+
+def normalize(crops: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 [T, crop, crop, 3] -> float32 [T, 3, crop, crop]: scale to [0, 1], CLIP mean/std."""
+    x = torch.as_tensor(crops).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def preprocess(frames: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 [T, H, W, 3] RGB -> float32 [T, 3, crop, crop], exactly the original Valley transform."""
+    return normalize(resize_crop(frames, cfg), cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI helper
+
+
+def probe(path, *, num_frames: int = 8, mode: str = "fixed", fps: float = 0.5, max_frames: int = 64) -> dict:
+    """What read_video would sample, as a JSON-able dict (stream info, indices, timestamps, decode ms)."""
+    clip = read_video(path, num_frames=num_frames, mode=mode, fps=fps, max_frames=max_frames)
+    return {
+        "path": os.fspath(path),
+        "stream": clip.stream,
+        "width": clip.width,
+        "height": clip.height,
+        "fps": round(clip.fps, 6),
+        "duration_s": round(clip.duration, 6),
+        "num_source_frames": clip.num_source_frames,
+        "mode": mode,
+        "num_frames": len(clip.indices),
+        "indices": clip.indices,
+        "timestamps": [round(t, 6) for t in clip.timestamps],
+        "decode_ms": round(clip.decode_ms, 2),
+        "notes": clip.notes,
+    }
