@@ -257,12 +257,17 @@ def temporal_pool_reference(
     return pooled_out, cls_out
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _pick_blocks(B: int, T: int, NC: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK of the pooling kernel, BLOCK and SPLIT of the score kernel)."""
     if device.type != "cuda":
         # interpreter: every program is a Python-level loop, so few big programs run fastest
         return 16384, 16384, 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     # Pooling: 8 elements per thread (one 16-byte load per frame in fp16, see `_warps`); bigger blocks
     # once there are enough programs to fill every SM several times over, smaller ones at small B so
     # that more loads are in flight (B=1, N=256, C=1024 on 132 SMs: 512 elements -> 512 + 16 programs).

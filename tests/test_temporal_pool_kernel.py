@@ -191,7 +191,7 @@ def test_folded_kernel_matches_original():
         expected = (s[..., None] * P[:, :, 1:]).sum(1)
         w2, b2 = tp.fold_importance_weights(pooling_layer.weight, pooling_layer.bias, projector.weight, projector.bias)
         pooled, _ = tp._temporal_pool_triton(x, "importance", score_weight=w2, score_bias=b2)
-        torch.testing.assert_close(projector(pooled), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(projector(pooled), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

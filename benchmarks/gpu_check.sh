@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call that runs every GPU test and benchmark of the project on a CUDA machine:
+#   bash benchmarks/gpu_check.sh            (from anywhere; it cd's to the repo root)
+# Each step is one `step "<name>" <command...>` line: append yours at the end of the list below.
+# It prints what it runs, keeps going after a failure, prints a summary, and exits non-zero if any
+# step failed (or if there is no CUDA GPU: nothing here may pass silently without one).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+unset TRITON_INTERPRET          # GPU tests run the compiled kernels, not the interpreter
+unset VALLEY_RT_POOL_BACKEND    # and the runtime's own dispatch
+PY="${PYTHON:-python}"
+
+failed=()
+passed=()
+step() {
+    local name="$1"; shift
+    echo
+    echo "=== [$name] $*"
+    local t0=$SECONDS
+    if "$@"; then
+        passed+=("$name ($((SECONDS - t0)) s)")
+    else
+        local rc=$?
+        echo "=== [$name] FAILED (exit $rc)"
+        failed+=("$name (exit $rc)")
+    fi
+}
+
+echo "=== gpu_check on $(hostname) at $(date -u +%FT%TZ)"
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA GPU visible to torch; nothing was run" >&2
+    exit 2
+fi
+"$PY" -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| cuda', torch.version.cuda)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+# ---- steps: one line each; append new GPU tests and benchmarks below ---------------------------
+step "temporal_pool kernel tests" "$PY" -m pytest tests/test_temporal_pool_kernel.py -q -rs
+step "temporal_pool benchmark"    "$PY" benchmarks/bench_temporal_pool.py
+# -------------------------------------------------------------------------------------------------
+
+echo
+echo "=== gpu_check summary: ${#passed[@]} passed, ${#failed[@]} failed"
+for s in "${passed[@]}"; do echo "  ok     $s"; done
+for s in "${failed[@]}"; do echo "  FAILED $s"; done
+[ "${#failed[@]}" -eq 0 ]
