@@ -250,7 +250,9 @@ def _rgb(frame) -> np.ndarray:
 
 
 class _Decoder:
-    """Decodes a video stream forward from wherever it was last positioned, with a frame budget."""
+    """Decodes a video stream forward from wherever it was last positioned. A packet that fails to
+    decode is skipped (the decoder resynchronises at the next one), so damage costs only the frames it
+    touches. Work is bounded: at most `budget` packets read and frames decoded, and a deadline."""
 
     def __init__(self, container, stream, table: _FrameTable, path: Path, budget: int, deadline: float):
         self.container, self.stream, self.table, self.path = container, stream, table, path
@@ -259,16 +261,35 @@ class _Decoder:
         self.pos = -1  # presentation index of the last frame decoded
         self.last = None  # (index, av frame) of that frame, the stand-in when a later frame fails
         self.decoded = 0
+        self.packets = 0
         self.seeks = 0
-        self.error: str | None = None  # the decode error that stopped decoding, if any
+        self.bad_packets = 0  # packets the decoder rejected
+        self.error: str | None = None  # the first decode or demux error
         self.ended_at: int | None = None  # index of the last frame before the stream ended early
 
     def _generate(self):
+        import av
+
         counter = self.pos
-        for packet in self.container.demux(self.stream):
-            for frame in self.stream.decode(packet):  # the empty packet at EOF flushes the decoder
+        for packet in self.container.demux(self.stream):  # a demux error ends this run (see next())
+            self.packets += 1
+            self._check_bounds()
+            try:
+                frames = self.stream.decode(packet)  # the empty packet at EOF flushes the decoder
+            except av.error.FFmpegError as e:
+                self.bad_packets += 1
+                self.error = self.error or _one_line(e)
+                continue
+            for frame in frames:
                 counter = self.table.index_of(frame.pts) if frame.pts is not None else counter + 1
                 yield counter, frame
+
+    def _check_bounds(self) -> None:
+        if max(self.decoded, self.packets) >= self.budget:
+            raise DecodeBudgetExceeded(f"{self.path}: read {self.packets} packets and decoded {self.decoded} "
+                                       f"frames without finding the requested ones (budget {self.budget})")
+        if time.monotonic() > self.deadline:
+            raise DecodeBudgetExceeded(f"{self.path}: decoding took longer than {DECODE_TIMEOUT_S:.0f} s")
 
     def seek(self, k: int) -> None:
         self.container.seek(int(self.table.pts[k]), stream=self.stream, backward=True, any_frame=False)
@@ -276,14 +297,10 @@ class _Decoder:
         self.frames, self.pos, self.last = self._generate(), self.table.keyframe_before(k) - 1, None
 
     def next(self):
-        """The next decoded (index, frame), or None at the end or after a decode error."""
+        """The next decoded (index, frame), or None at the end of the stream or after a demux error."""
         import av
 
-        if self.decoded >= self.budget:
-            raise DecodeBudgetExceeded(f"{self.path}: decoded {self.decoded} frames without finding the "
-                                       f"requested ones (budget {self.budget})")
-        if time.monotonic() > self.deadline:
-            raise DecodeBudgetExceeded(f"{self.path}: decoding took longer than {DECODE_TIMEOUT_S:.0f} s")
+        self._check_bounds()
         try:
             item = next(self.frames)
         except StopIteration:
@@ -291,7 +308,7 @@ class _Decoder:
             self.ended_at = self.pos
             return None
         except av.error.FFmpegError as e:
-            self.error = _one_line(e)
+            self.error = self.error or _one_line(e)
             self.frames = None
             return None
         self.decoded += 1
@@ -341,23 +358,30 @@ def _read_frames(container, stream, table: _FrameTable, wanted: list[int], path:
             continue
         rotation = item[1].rotation or 0
         got[k] = (item[0], _rgb(item[1]))
+        if item[1].is_corrupt:
+            notes.append(f"frame {item[0]} decoded with errors (damaged data)")
     if not got:
         why = dec.error or "no frame decoded"
         raise UndecodableVideo(f"{path}: no frame of the video stream decodes ({why})")
-    if dec.error:
-        notes.append(f"decode error after frame {dec.pos} of {table.n}: {dec.error}")
+    if dec.bad_packets:
+        notes.append(f"{dec.bad_packets} packets failed to decode and were skipped ({dec.error})")
+    elif dec.error:
+        notes.append(f"reading stopped after frame {dec.pos} of {table.n}: {dec.error}")
     if dec.ended_at is not None and dec.ended_at < max(wanted):
         notes.append(f"the stream ended after frame {dec.ended_at} of {table.n} (frames 0-{dec.ended_at} decodable)")
     done = np.array(sorted(got))
-    frames, indices = [], []
+    frames, indices, swaps = [], [], {}
     for k in wanted:
         near = int(done[np.abs(done - k).argmin()])  # a frame that failed takes the nearest good one
         idx, rgb = got[near]
         if idx != k:
-            notes.append(f"frame {k} could not be decoded; used frame {idx}")
+            swaps[k] = idx
         frames.append(rgb)
         indices.append(idx)
-    info.update(rotation=int(rotation), frames_decoded=dec.decoded, seeks=dec.seeks)
+    if swaps:
+        shown = ", ".join(f"{k}->{i}" for k, i in list(swaps.items())[:6]) + (", ..." if len(swaps) > 6 else "")
+        notes.append(f"{len(swaps)} sampled frames could not be decoded; used the nearest decodable ones ({shown})")
+    info.update(rotation=int(rotation), frames_decoded=dec.decoded, packets_read=dec.packets, seeks=dec.seeks)
     return frames, indices
 
 
@@ -402,7 +426,7 @@ def read_video(path, *, num_frames: int = 8, mode: str = "fixed", fps: float = 0
             frame = _read_image(path)
             frames, indices = [frame] * len(wanted), [0] * len(wanted)
             notes.append("still image: one frame")
-            info.update(rotation=0, frames_decoded=1, seeks=0)
+            info.update(rotation=0, frames_decoded=1, packets_read=1, seeks=0)
         else:
             if cc is None:
                 raise UndecodableVideo(f"{path}: no decoder for the video stream's codec")
