@@ -1,10 +1,17 @@
 """Synthetic video-instruction data: a tiny procedurally rendered world, really encoded as mp4.
 
-Each clip is a few seconds of coloured shapes (square / circle / triangle) inside a walled arena on a
-plain background. Objects move in straight lines, bounce off the wall or off each other, appear,
-disappear or change colour, and some clips cut to a second scene. Every clip yields several instruction records in
-Valley's format (one QA pair each), one per task family of the paper: multi-shot captions, long
-descriptions, action recognition, causal inference, counting and order of events.
+Each clip (default 32 frames, 128x96, 10 fps, libx264 yuv420p) shows coloured shapes (square / circle /
+triangle) inside a walled arena on a plain background. Objects move in straight lines, bounce off the
+wall or off each other, appear, disappear or change colour, and some clips cut to a second scene.
+Every clip yields several records in Valley's instruction format, one QA pair and one task family each:
+
+    {"id", "video": "<file in OUT/videos>", "task": family, "short": bool, "choices": [...] (short only),
+     "conversations": [{"from": "human", "value": "<video>\n<question>"}, {"from": "gpt", "value": answer}]}
+
+Families: multi-shot captions and long descriptions (free text, "short": false); action recognition
+(direction), causal inference (why did X turn back), counting and order of events (short answers from a
+closed vocabulary, exact-matched after `normalize_answer`). TEMPORAL_FAMILIES (direction, cause, order)
+need several frames, as no single frame can tell them; direction and order also need the frames' order.
 
 The trade-off: the world is *planned*, not simulated. The answer of each short-answer family is drawn
 first (balanced, so chance is known), then the geometry is drawn until the clip shows exactly that
@@ -13,7 +20,6 @@ answer, with no accidental contact, every event visible in the frames a model sa
 clip depends only on `(seed, index)`, so generation is deterministic and parallel, and two seeds give
 disjoint splits.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -238,7 +244,8 @@ def _check(arena: Arena, scene: Scene, sampled: np.ndarray) -> None:
     """Reject a draw with objects outside the arena, accidental contact, or events the samples miss."""
     lo, hi = arena.lo, arena.hi
     for tr in scene.tracks:
-        if min(tr.xs) < lo[0] - 1e-6 or max(tr.xs) > hi[0] + 1e-6 or min(tr.ys) < lo[1] - 1e-6 or max(tr.ys) > hi[1] + 1e-6:
+        eps = 1e-6
+        if min(tr.xs) < lo[0] - eps or max(tr.xs) > hi[0] + eps or min(tr.ys) < lo[1] - eps or max(tr.ys) > hi[1] + eps:
             raise _Retry
         seen = [t for t in sampled if tr.start <= t < tr.end]
         if len(seen) < 2:
@@ -292,8 +299,8 @@ def plan_clip(seed: int, index: int, *, arena: Arena, num_frames: int = 32, fram
                 scenes, targets = _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction,
                                               spare)
             else:
-                scenes, targets = _one_scene(rng, arena, T, sampled, colors, shapes, backgrounds[0], direction, cause,
-                                            spare)
+                scenes, targets = _one_scene(rng, arena, T, sampled, colors, shapes, backgrounds[0], direction,
+                                             cause, spare)
         except _Retry:
             continue
         targets["count"] = count
@@ -313,10 +320,10 @@ def _one_scene(rng, arena, T, sampled, colors, shapes, background, direction, ca
     order = rng.permutation(k)
     tracks = []
     for i in range(k):
-        start = 0 if order[i] == 0 else int(rng.choice([0, rng.integers(5, 11)]))
+        start = 0 if order[i] == 0 else int(rng.choice([0, rng.integers(T // 6, T // 3 + 1)]))  # appears later
         end = T
         if roles[i] in ("mover", "still") and rng.random() < 0.3:
-            end = int(rng.integers(T - 10, T - 5))  # disappears
+            end = int(rng.integers(T - T // 3, T - T // 6 + 1))  # disappears
         tracks.append(Track(colors[i], shapes[i], roles[i], start, end))
     tb = int(rng.integers(T // 2 - 3, T // 2 + 4))
     partner = next((t for t in tracks if t.role == "partner"), None)
@@ -335,7 +342,8 @@ def _one_scene(rng, arena, T, sampled, colors, shapes, background, direction, ca
         targets["direction"] = (mover.name, direction)
     bouncer = next((t for t in tracks if t.role == "bouncer"), None)
     if bouncer is not None:
-        targets["cause"] = (bouncer.name, "it hit the wall" if bouncer.cause == "wall" else f"it hit the {bouncer.cause}")
+        hit = "it hit the wall" if bouncer.cause == "wall" else f"it hit the {bouncer.cause}"
+        targets["cause"] = (bouncer.name, hit)
     targets["order"] = _order_pair(rng, tracks, sampled)
     return [scene], targets
 
