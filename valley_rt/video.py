@@ -92,6 +92,7 @@ class _FrameTable:
     time_base: Fraction
     cfr: bool  # constant frame rate (within timestamp rounding)
     source: str  # "index" (container sample table) or "demux" (packets counted)
+    timed: bool = True  # False for raw streams without timestamps: pts are just 0..n-1, frames are counted
 
     @property
     def n(self) -> int:
@@ -176,18 +177,22 @@ def _table_from_demux(container, stream, notes: list[str], path: Path) -> _Frame
     """Read every packet of the video stream (no decoding) for the real count, times and keyframes."""
     import av
 
-    pts, key = [], []
+    pts, key, timed = [], [], True
     try:
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue  # the flush packet at end of file
             t = packet.pts if packet.pts is not None else packet.dts
+            timed &= t is not None
             pts.append(t if t is not None else len(pts))  # raw streams without times: count them
             key.append(packet.is_keyframe)
     except av.error.FFmpegError as e:
         notes.append(f"demuxing stopped after {len(pts)} packets: {_one_line(e)}")
     if not pts:
         raise UndecodableVideo(f"{path}: the video stream holds no packets")
+    if not timed:
+        pts = list(range(len(pts)))
+        notes.append("the stream has no timestamps: frames counted, decoded sequentially")
     pts_a, key_a = np.asarray(pts, dtype=np.int64), np.asarray(key, dtype=bool)
     order = np.argsort(pts_a, kind="stable")
     pts_a, key_a = pts_a[order], key_a[order]
@@ -197,7 +202,7 @@ def _table_from_demux(container, stream, notes: list[str], path: Path) -> _Frame
         pts_a, key_a = pts_a[keep], key_a[keep]
     key_a[0] = True
     tb = stream.time_base if stream.time_base is not None else Fraction(1, 25)
-    return _FrameTable(pts_a, key_a, tb, _is_cfr(pts_a), "demux")
+    return _FrameTable(pts_a, key_a, tb, _is_cfr(pts_a), "demux", timed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,22 +255,52 @@ def _rgb(frame) -> np.ndarray:
 
 
 class _Decoder:
-    """Decodes a video stream forward from wherever it was last positioned. A packet that fails to
-    decode is skipped (the decoder resynchronises at the next one), so damage costs only the frames it
-    touches. Work is bounded: at most `budget` packets read and frames decoded, and a deadline."""
+    """Decodes a video stream forward, jumping ahead by seeking to keyframes.
 
-    def __init__(self, container, stream, table: _FrameTable, path: Path, budget: int, deadline: float):
-        self.container, self.stream, self.table, self.path = container, stream, table, path
+    A packet that fails to decode is skipped (the decoder resynchronises at the next one), so damage
+    costs only the frames it touches. Containers whose seeks are inexact or impossible (MPEG-TS, raw
+    H.264) are caught when a seek lands after the wanted frame or on nothing: the file is then reopened
+    and decoded sequentially from the start. Work is bounded: `budget` packets read and frames decoded,
+    and a deadline."""
+
+    def __init__(self, path: Path, stream_index: int, table: _FrameTable, budget: int, deadline: float):
+        self.path, self.stream_index, self.table = path, stream_index, table
         self.budget, self.deadline = budget, deadline
-        self.frames = None  # generator of (index, av frame) since the last seek; None = must seek
+        self.container = self.stream = self.frames = None  # frames: generator of (index, av frame)
         self.pos = -1  # presentation index of the last frame decoded
-        self.last = None  # (index, av frame) of that frame, the stand-in when a later frame fails
-        self.decoded = 0
-        self.packets = 0
-        self.seeks = 0
+        self.last = None  # (index, av frame) of that frame: the stand-in when a later frame is missing
+        self.can_seek = table.timed
+        self.decoded = self.packets = self.seeks = self.restarts = 0
         self.bad_packets = 0  # packets the decoder rejected
         self.error: str | None = None  # the first decode or demux error
-        self.ended_at: int | None = None  # index of the last frame before the stream ended early
+        self.ended_at: int | None = None  # last frame decoded when the stream ended before a wanted frame
+        self.rotation = 0  # display-matrix rotation of the frames returned (degrees counterclockwise)
+        self.restart()
+
+    def restart(self) -> None:
+        """(Re)open the file and decode from its first frame."""
+        import av
+
+        if self.container is not None:
+            self.container.close()
+            self.restarts += 1
+        self.container = av.open(str(self.path))
+        self.stream = self.container.streams.video[self.stream_index]
+        self.stream.codec_context.thread_type = "AUTO"
+        self.frames, self.pos, self.last = self._generate(), -1, None
+
+    def seek(self, kf: int) -> bool:
+        import av
+
+        try:
+            self.container.seek(int(self.table.pts[kf]), stream=self.stream, backward=True, any_frame=False)
+        except (av.error.FFmpegError, OSError):  # the demuxer cannot seek (and may have moved): start over
+            self.can_seek = False
+            self.restart()
+            return False
+        self.seeks += 1
+        self.frames, self.pos, self.last = self._generate(), kf - 1, None
+        return True
 
     def _generate(self):
         import av
@@ -281,7 +316,8 @@ class _Decoder:
                 self.error = self.error or _one_line(e)
                 continue
             for frame in frames:
-                counter = self.table.index_of(frame.pts) if frame.pts is not None else counter + 1
+                timed = self.table.timed and frame.pts is not None
+                counter = self.table.index_of(frame.pts) if timed else counter + 1
                 yield counter, frame
 
     def _check_bounds(self) -> None:
@@ -291,21 +327,17 @@ class _Decoder:
         if time.monotonic() > self.deadline:
             raise DecodeBudgetExceeded(f"{self.path}: decoding took longer than {DECODE_TIMEOUT_S:.0f} s")
 
-    def seek(self, k: int) -> None:
-        self.container.seek(int(self.table.pts[k]), stream=self.stream, backward=True, any_frame=False)
-        self.seeks += 1
-        self.frames, self.pos, self.last = self._generate(), self.table.keyframe_before(k) - 1, None
-
     def next(self):
         """The next decoded (index, frame), or None at the end of the stream or after a demux error."""
         import av
 
+        if self.frames is None:
+            return None
         self._check_bounds()
         try:
             item = next(self.frames)
         except StopIteration:
             self.frames = None
-            self.ended_at = self.pos
             return None
         except av.error.FFmpegError as e:
             self.error = self.error or _one_line(e)
@@ -316,7 +348,7 @@ class _Decoder:
         return item
 
     def _forward(self, k: int):
-        """Decode forward until a frame at or after k: (that item, frames decoded before it), or (None, 0)."""
+        """Decode forward to the first frame at or after k: (that item or None at the end, frames before it)."""
         before = 0
         while (item := self.next()) is not None:
             if item[0] >= k:
@@ -327,48 +359,42 @@ class _Decoder:
     def fetch(self, k: int):
         """Frame k as (index actually returned, av frame), or None when nothing near it decodes."""
         kf = self.table.keyframe_before(k)
-        if self.frames is None or k <= self.pos or kf - self.pos > SEEK_GAP:
-            self.seek(kf)
-        for attempt in range(3):
-            last = self.last
+        seeked = False
+        if k <= self.pos or (self.can_seek and kf - self.pos > SEEK_GAP) or self.frames is None:
+            seeked = kf > 0 and self.can_seek and self.seek(kf)
+            if not seeked and (k <= self.pos or self.frames is None):
+                self.restart()  # back to the start: decode sequentially
+        item, before = self._forward(k)
+        if seeked and before == 0 and (item is None or item[0] > k):
+            # The seek landed after k or on nothing: this container's seeks cannot be trusted.
+            self.can_seek = False
+            self.restart()
             item, before = self._forward(k)
-            if item is None:  # end of stream or a decode error before k: the frame decoded last stands in
-                stand_in = self.last if self.last is not None else last
-                return stand_in if stand_in is not None and stand_in[0] < k else None
-            if item[0] == k or before or kf == 0:
-                return item  # k itself, or k has no frame of its own (the next one stands in)
-            # The seek landed after k (open GOP, an index that disagrees): go one keyframe further back.
-            kf = self.table.keyframe_before(kf - 1)
-            self.seek(kf)
-        return item
+        if item is None:  # the stream ended (or broke) before k: the frame decoded last stands in
+            self.ended_at = self.pos if self.last is not None else self.ended_at
+            return self.last
+        return item  # k itself, or the frame after it when k has no frame of its own
 
 
-def _read_frames(container, stream, table: _FrameTable, wanted: list[int], path: Path,
-                 notes: list[str], info: dict) -> tuple[list[np.ndarray], list[int]]:
+def _read_frames(path: Path, stream_index: int, table: _FrameTable, wanted: list[int], notes: list[str],
+                 info: dict) -> tuple[list[np.ndarray], list[int]]:
     """The wanted frames as upright RGB (a frame that fails is replaced by the nearest good one) and
     their source indices; records the rotation applied and the decode work done in `info`."""
-    stream.codec_context.thread_type = "AUTO"
-    dec = _Decoder(container, stream, table, path, budget=2 * table.n + 64,
-                   deadline=time.monotonic() + DECODE_TIMEOUT_S)
-    got: dict[int, tuple[int, np.ndarray]] = {}
-    rotation = 0
-    for k in sorted(set(wanted)):
-        item = dec.fetch(k)
-        if item is None:
-            continue
-        rotation = item[1].rotation or 0
-        got[k] = (item[0], _rgb(item[1]))
-        if item[1].is_corrupt:
-            notes.append(f"frame {item[0]} decoded with errors (damaged data)")
+    dec = _Decoder(path, stream_index, table, budget=3 * table.n + 64, deadline=time.monotonic() + DECODE_TIMEOUT_S)
+    try:
+        got = _fetch_all(dec, wanted, notes)
+    finally:
+        dec.container.close()
     if not got:
-        why = dec.error or "no frame decoded"
-        raise UndecodableVideo(f"{path}: no frame of the video stream decodes ({why})")
+        raise UndecodableVideo(f"{path}: no frame of the video stream decodes ({dec.error or 'no frame decoded'})")
     if dec.bad_packets:
         notes.append(f"{dec.bad_packets} packets failed to decode and were skipped ({dec.error})")
     elif dec.error:
         notes.append(f"reading stopped after frame {dec.pos} of {table.n}: {dec.error}")
-    if dec.ended_at is not None and dec.ended_at < max(wanted):
-        notes.append(f"the stream ended after frame {dec.ended_at} of {table.n} (frames 0-{dec.ended_at} decodable)")
+    if dec.ended_at is not None:
+        notes.append(f"the stream ended after frame {dec.ended_at} of {table.n}")
+    if not dec.can_seek and table.timed:
+        notes.append("seeking is unreliable in this file: decoded sequentially")
     done = np.array(sorted(got))
     frames, indices, swaps = [], [], {}
     for k in wanted:
@@ -381,8 +407,23 @@ def _read_frames(container, stream, table: _FrameTable, wanted: list[int], path:
     if swaps:
         shown = ", ".join(f"{k}->{i}" for k, i in list(swaps.items())[:6]) + (", ..." if len(swaps) > 6 else "")
         notes.append(f"{len(swaps)} sampled frames could not be decoded; used the nearest decodable ones ({shown})")
-    info.update(rotation=int(rotation), frames_decoded=dec.decoded, packets_read=dec.packets, seeks=dec.seeks)
+    info.update(rotation=int(dec.rotation), frames_decoded=dec.decoded, packets_read=dec.packets, seeks=dec.seeks,
+                restarts=dec.restarts)
     return frames, indices
+
+
+def _fetch_all(dec: _Decoder, wanted: list[int], notes: list[str]) -> dict[int, tuple[int, np.ndarray]]:
+    """Each distinct wanted index -> (index returned, upright RGB), converting only the frames returned."""
+    got: dict[int, tuple[int, np.ndarray]] = {}
+    for k in sorted(set(wanted)):
+        item = dec.fetch(k)
+        if item is None:
+            continue
+        dec.rotation = item[1].rotation or 0
+        got[k] = (item[0], _rgb(item[1]))
+        if item[1].is_corrupt:
+            notes.append(f"frame {item[0]} decoded with errors (damaged data)")
+    return got
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -432,7 +473,7 @@ def read_video(path, *, num_frames: int = 8, mode: str = "fixed", fps: float = 0
                 raise UndecodableVideo(f"{path}: no decoder for the video stream's codec")
             table = _table_from_index(path, stream, notes) or _table_from_demux(container, stream, notes, path)
             wanted = _sample(table, mode, num_frames, fps, max_frames, notes)
-            frames, indices = _read_frames(container, stream, table, wanted, path, notes, info)
+            frames, indices = _read_frames(path, stream.index, table, wanted, notes, info)
             if info["rotation"]:
                 notes.append(f"display matrix rotates {info['rotation']} degrees: frames turned upright")
     finally:
