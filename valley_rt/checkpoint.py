@@ -39,6 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # -- save / load ----------------------------------------------------------------------------------
 def save_checkpoint(model: ValleyModel, path: str | Path, *, tokenizer=None) -> Path:
     """Write `model` (and its tokenizer) as a valley-rt checkpoint folder."""
+    _quiet_transformers()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION,
@@ -82,13 +83,19 @@ def _weights_file(folder: Path) -> Path:
     return f
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """A 64-byte aligned tensor. safetensors' buffers can sit at any offset, and CPU GEMM kernels pick
+    their summation order by alignment: without this a loaded model's logits could differ in the last
+    bit from the model that was saved."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def _read_tensors(file: Path, prefix: str, expected: dict[str, torch.Tensor], optional: set[str] = frozenset()) -> dict:
     """Load `file`'s tensors under `prefix`, checking names and shapes against the model built from config."""
     try:
-        tensors = load_file(str(file))
+        tensors = {prefix + k: _aligned(v) for k, v in load_file(str(file)).items()}
     except Exception as e:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    tensors = {prefix + k: v for k, v in tensors.items()}
     wanted = {k for k in expected if k.startswith(prefix)}
     missing = sorted(wanted - set(tensors) - optional)
     extra = sorted(set(tensors) - wanted)
@@ -133,6 +140,7 @@ def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer (a standard HF tokenizer in llm/), checked against the token layout."""
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     path = Path(path)
     cfg = read_config(path)
     try:
@@ -181,7 +189,7 @@ def _read_original_weights(folder: Path) -> dict[str, torch.Tensor]:
     .bin files are pickles: they are read with torch.load(weights_only=True), whose unpickler only
     rebuilds tensors and plain containers and refuses anything that would run code.
     """
-    st = sorted(folder.glob("*.safetensors"))
+    st = sorted(folder.glob("model*.safetensors"))
     bins = sorted(folder.glob("pytorch_model*.bin"))
     out: dict[str, torch.Tensor] = {}
     if st:
@@ -200,7 +208,7 @@ def _read_original_weights(folder: Path) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"{f}: expected a dict of tensors, found {type(part).__name__}")
             out.update(part)
     else:
-        raise CheckpointError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+        raise CheckpointError(f"{folder}: no model*.safetensors or pytorch_model*.bin weights")
     return out
 
 
@@ -292,6 +300,14 @@ def original_config(original_dir: Path, weights: dict, tokenizer, vision_tower_d
                         projector_bias="model.mm_projector.bias" in weights)
 
 
+def _quiet_transformers() -> None:
+    """No progress bars or "model of type valley" warnings from transformers' own loaders/savers."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None,
                      vision_tower_dir: str | Path | None = None) -> Path:
     """Convert an original Valley checkpoint folder into a valley-rt checkpoint.
@@ -301,6 +317,7 @@ def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir:
     """
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     original_dir, out_dir = Path(original_dir), Path(out_dir)
     if not original_dir.is_dir():
         raise CheckpointError(f"{original_dir}: not a folder")
