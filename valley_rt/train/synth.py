@@ -178,6 +178,9 @@ class ClipPlan:
         return [t for s in self.scenes for t in s.tracks]
 
 
+_MAX_DRAWS = 5000  # geometry draws per clip; a typical clip needs a few, the worst of thousands ~100
+
+
 class _Retry(Exception):
     """Internal: this draw of the geometry does not show the planned answers; draw again."""
 
@@ -214,23 +217,35 @@ def _place_still(rng, arena, tr: Track, spare: Optional[str] = None) -> None:
 
 
 def _place_bounce(rng, arena, b: Track, p: Optional[Track], tb: int) -> None:
-    """`b` moves, touches the wall (p is None) or `p` at clip frame `tb`, and goes back."""
+    """`b` moves, touches the wall (p is None) or `p` at clip frame `tb`, and goes back.
+
+    Speeds come from the room left in the lane, so a draw rarely leaves the arena: the bouncer's largest
+    excursion from the contact point (plus, for a moving partner, the partner's) fits between the walls."""
     axis = int(rng.integers(2))
-    sign = int(rng.choice([-1, 1]))
+    sign = int(rng.choice([-1, 1]))  # the bouncer's direction before the contact
     lo, hi = arena.lo[axis], arena.hi[axis]
-    s = float(rng.uniform(1.4, 2.4))
     cross = float(rng.uniform(arena.lo[1 - axis], arena.hi[1 - axis]))
+    span_b = max(tb - b.start, b.end - 1 - tb)  # frames of the bouncer's longer leg
     if p is None:
+        reach_b = float(rng.uniform(0.45, 0.95)) * (hi - lo)
         contact = hi if sign > 0 else lo
     else:
-        s2 = float(rng.uniform(1.0, 2.0)) if rng.random() < 0.5 else 0.0  # the partner moves or stands still
-        q = float(rng.uniform(lo, hi))
-        contact = q - sign * arena.size  # bouncer's centre when the two touch
-        along_p = [q + sign * s2 * abs(tb - t) for t in range(p.start, p.end)]
+        room = hi - lo - arena.size
+        moving = rng.random() < 0.5  # the partner moves towards the bouncer, or stands still
+        reach_b = float(rng.uniform(0.4, 0.6) if moving else rng.uniform(0.45, 0.95)) * room
+        reach_p = float(rng.uniform(0.25, 0.95 - reach_b / room)) * room if moving else 0.0
+        # sign > 0: bouncer on the low side of the partner; contact = the bouncer's centre when they touch
+        if sign > 0:
+            contact = float(rng.uniform(lo + reach_b, hi - arena.size - reach_p))
+        else:
+            contact = float(rng.uniform(lo + arena.size + reach_p, hi - reach_b))
+        q = contact + sign * arena.size
+        span_p = max(tb - p.start, p.end - 1 - tb)
+        along_p = [q + sign * reach_p / span_p * abs(tb - t) for t in range(p.start, p.end)]
         p.xs, p.ys = (along_p, [cross] * len(along_p)) if axis == 0 else ([cross] * len(along_p), along_p)
-        p.direction = _dir_name(axis, -sign) if s2 > 0 else None
-        p.bounce_at = tb if s2 > 0 else None
-    along = [contact - sign * s * abs(tb - t) for t in range(b.start, b.end)]
+        p.direction = _dir_name(axis, -sign) if moving else None
+        p.bounce_at = tb if moving else None
+    along = [contact - sign * reach_b / span_b * abs(tb - t) for t in range(b.start, b.end)]
     b.xs, b.ys = (along, [cross] * len(along)) if axis == 0 else ([cross] * len(along), along)
     b.direction, b.bounce_at = _dir_name(axis, sign), tb
     b.cause = "wall" if p is None else p.name
@@ -293,7 +308,7 @@ def plan_clip(seed: int, index: int, *, arena: Arena, num_frames: int = 32, fram
     spare = str(rng.permutation([c for c in COLORS if c not in colors])[0])  # what a still object may turn
     backgrounds = [str(b) for b in rng.permutation(list(BACKGROUNDS))[:2]]
     order_swap = bool(rng.random() < 0.5)  # which of the pair the question names first
-    for _ in range(500):
+    for _ in range(_MAX_DRAWS):
         try:
             if two_scenes:
                 scenes, targets = _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction,
@@ -306,7 +321,8 @@ def plan_clip(seed: int, index: int, *, arena: Arena, num_frames: int = 32, fram
         targets["count"] = count
         targets["order_swap"] = order_swap
         return ClipPlan(index=index, seed=seed, num_frames=T, scenes=scenes, targets=targets)
-    raise RuntimeError(f"synth: no geometry found for clip {index} of seed {seed} after 500 draws")
+    raise RuntimeError(f"synth: no geometry shows the planned answers of clip {index} of seed {seed} after "
+                       f"{_MAX_DRAWS} draws (num_frames={num_frames}, frames_hint={frames_hint})")
 
 
 def _one_scene(rng, arena, T, sampled, colors, shapes, background, direction, cause, spare):
