@@ -139,6 +139,12 @@ def _open(path: Path):
     return container
 
 
+def _video_stream(container):
+    """FFmpeg's pick of the main video stream (skips cover art), whatever the stream order."""
+    best = container.streams.best("video")
+    return best if best is not None else container.streams.video[0]
+
+
 def _one_line(e: BaseException) -> str:
     """FFmpeg's reason without the path and errno it repeats ("Invalid data found when processing input")."""
     text = getattr(e, "strerror", None) or str(e)
@@ -190,8 +196,9 @@ def _table_from_demux(container, stream, notes: list[str], path: Path) -> _Frame
         notes.append(f"demuxing stopped after {len(pts)} packets: {_one_line(e)}")
     if not pts:
         raise UndecodableVideo(f"{path}: the video stream holds no packets")
-    if not timed:
-        pts = list(range(len(pts)))
+    tb = stream.time_base if stream.time_base is not None else Fraction(1, 25)
+    if not timed:  # frame k is at k / (the stream's nominal rate)
+        pts, tb = list(range(len(pts))), 1 / Fraction(stream.guessed_rate or stream.average_rate or 25)
         notes.append("the stream has no timestamps: frames counted, decoded sequentially")
     pts_a, key_a = np.asarray(pts, dtype=np.int64), np.asarray(key, dtype=bool)
     order = np.argsort(pts_a, kind="stable")
@@ -201,7 +208,6 @@ def _table_from_demux(container, stream, notes: list[str], path: Path) -> _Frame
         notes.append(f"dropped {int((~keep).sum())} packets with duplicate timestamps")
         pts_a, key_a = pts_a[keep], key_a[keep]
     key_a[0] = True
-    tb = stream.time_base if stream.time_base is not None else Fraction(1, 25)
     return _FrameTable(pts_a, key_a, tb, _is_cfr(pts_a), "demux", timed)
 
 
@@ -456,7 +462,7 @@ def read_video(path, *, num_frames: int = 8, mode: str = "fixed", fps: float = 0
     t0 = time.perf_counter()
     container = _open(path)
     try:
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         cc = stream.codec_context
         info = {"container": container.format.name, "codec": cc.name if cc else None,
                 "pix_fmt": cc.pix_fmt if cc else None, "stream_index": stream.index,
@@ -501,7 +507,7 @@ def read_video_naive(path, *, num_frames: int = 8) -> Clip:
     t0 = time.perf_counter()
     container = _open(path)
     try:
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         fps = float(stream.average_rate or 0)
     finally:
