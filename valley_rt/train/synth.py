@@ -500,22 +500,21 @@ def describe(plan: ClipPlan) -> str:
     for si, scene in enumerate(plan.scenes):
         out.append(("The video shows" if si == 0 else "Then the scene cuts to")
                    + f" a walled {scene.background} arena.")
+        present = [f"a {tr.name}" for tr in scene.tracks if tr.start == scene.start]
+        out.append(f"At the start there {'is' if len(present) == 1 else 'are'} {_join(present)}.")
         events: list[tuple[int, int, str]] = []  # (frame, tie-break, sentence)
         for k, tr in enumerate(scene.tracks):
-            there = f"At the start there is a {tr.name}." if tr.start == scene.start else f"Then a {tr.name} appears."
-            events.append((tr.start, k, there))
-            if tr.role == "mover":
+            if tr.start > scene.start:
+                events.append((tr.start, k, f"Then a {tr.name} appears."))
+            if tr.direction is not None:
                 events.append((tr.start, 10 + k, f"The {tr.name} moves {tr.direction}."))
-            elif tr.role == "still" or (tr.role == "partner" and tr.direction is None):
+            else:
                 events.append((tr.start, 10 + k, f"The {tr.name} stays still."))
-                if tr.new_color:
-                    events.append((tr.change_at, 20 + k, f"The {tr.name} turns {tr.new_color}."))
-            if tr.direction is not None and tr.bounce_at is not None:
-                events.append((tr.start, 10 + k, f"The {tr.name} moves {tr.direction}."))
-                what = "the wall" if tr.cause in (None, "wall") and tr.role == "bouncer" else None
-                if what is None:
-                    other = tr.cause if tr.cause else next(o.name for o in scene.tracks if o.cause == tr.name)
-                    what = f"the {other}"
+            if tr.new_color:
+                events.append((tr.change_at, 20 + k, f"The {tr.name} turns {tr.new_color}."))
+            if tr.bounce_at is not None:
+                hit = tr.cause or next(o.name for o in scene.tracks if o.cause == tr.name)  # a moving partner
+                what = "the wall" if hit == "wall" else f"the {hit}"
                 events.append((tr.bounce_at, 20 + k,
                                f"The {tr.name} hits {what} and goes back {_OPPOSITE[tr.direction]}."))
             if tr.end < scene.end:
