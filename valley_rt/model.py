@@ -23,6 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from valley_rt.config import LLMConfig, TemporalConfig, ValleyConfig, VisionConfig
+from valley_rt.prompt import splice
 
 
 def clip_config(cfg: VisionConfig) -> CLIPVisionConfig:
@@ -133,30 +134,6 @@ class ValleyModel(nn.Module):
                 visual: tuple[torch.Tensor, torch.Tensor] | None = None) -> CausalLMOutputWithPast:
         embeds = self.embed_inputs(input_ids, pixel_values, visual)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-
-
-def splice(embeds: torch.Tensor, input_ids: torch.Tensor,
-           visual: tuple[torch.Tensor, torch.Tensor] | None, cfg: ValleyConfig) -> torch.Tensor:
-    """Write pooled tokens over the <im_patch> rows and frame tokens over the <vi_frame> rows.
-
-    embeds [B, L, D], input_ids [B, L], visual = (pooled [B, N, D], frames [B, T, D]).
-    Raises ValueError naming both counts when a sample's placeholders and visual tokens disagree.
-    """
-    patch_mask = input_ids == cfg.tokens.im_patch
-    frame_mask = input_ids == cfg.tokens.vi_frame
-    if visual is None:
-        if patch_mask.any() or frame_mask.any():
-            raise ValueError("the prompt has video placeholders but no video was given")
-        return embeds
-    pooled, frames = visual
-    for b in range(input_ids.shape[0]):
-        n_patch, n_frame = int(patch_mask[b].sum()), int(frame_mask[b].sum())
-        if n_patch != pooled.shape[1]:
-            raise ValueError(f"sample {b}: {n_patch} <im_patch> placeholders but {pooled.shape[1]} pooled patch tokens")
-        if n_frame != frames.shape[1]:
-            raise ValueError(f"sample {b}: {n_frame} <vi_frame> placeholders but {frames.shape[1]} frame tokens")
-    embeds = embeds.masked_scatter(patch_mask[..., None], pooled.to(embeds.dtype))
-    return embeds.masked_scatter(frame_mask[..., None], frames.to(embeds.dtype))
 
 
 # -- construction ---------------------------------------------------------------------------------
