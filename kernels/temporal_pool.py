@@ -11,9 +11,11 @@ Design, and the trade-off it takes:
 * The patch tokens of one frame, x[b, t, 1:], are N*C contiguous elements, and so are the pooled rows
   of one batch element in the output. The pooling kernel therefore works on a flat index over N*C: one
   program per (block of BLOCK flattened patch-row x channel elements, batch element), looping over T
-  with an fp32 accumulator, then one store. Every input byte is read once and every output byte
-  written once: for mean / max / transformer this is the minimum traffic. A few extra programs per
-  batch element copy the CLS rows (a strided gather of T rows of C) into the frame-token rows.
+  with an fp32 accumulator (4 frames per iteration, so 4 independent 16-byte loads per thread are in
+  flight: at B=1 there are too few warps to hide DRAM latency otherwise), then one store. Every input
+  byte is read once and every output byte written once: for mean / max / transformer this is the
+  minimum traffic. A few extra programs per batch element copy the CLS rows (a strided gather of T
+  rows of C) into the frame-token rows, so one launch does everything.
 * Importance pooling needs, before the weighted sum over frames, a reduction over ALL N*C elements of
   every frame (score_t = <w, x[b, t, 1:]>), which no tile of the pooling grid sees on its own. We take
   two launches rather than one launch with a grid-wide barrier (spinning on atomics deadlocks when not
@@ -31,9 +33,10 @@ Design, and the trade-off it takes:
   and takes 2 launches; for B*T*N*C*s up to about the L2 size the second read mostly hits L2. The
   scalar bias of the score is accepted but not used by the kernel: softmax over t is shift-invariant,
   so it cancels exactly (adding a big bias in fp32 would only lose precision). The reference keeps it.
-* Triton is imported lazily and is optional: without it this module still imports and only the
-  reference runs. On CPU tensors the Triton path runs under the Triton interpreter (TRITON_INTERPRET=1
-  set before triton is first imported), which is how CI tests the kernel without a GPU.
+* Triton is optional (imported in a try block, kernels defined only when it is there): without it
+  this module still imports and only the reference runs. On CPU tensors the Triton path runs under
+  the Triton interpreter (TRITON_INTERPRET=1 set before triton is first imported), which is how CI
+  tests the kernel without a GPU.
 
 Math (VALLEY_SPEC.md, "Temporal modules"); the original computes importance on projected tokens P with
 `pooling_layer = nn.Linear(D*N, 1)`: score = pooling_layer(P.flatten(1)), which is this kernel's score
@@ -65,6 +68,22 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 
 if triton is not None:
+
+    @triton.jit
+    def _load_frame(patches, t, T, frame_stride, mask, other):
+        """Frame t's [BLOCK] patch elements as fp32; `other` past the last frame and outside `mask`."""
+        in_range = tl.full(mask.shape, t, tl.int32) < T  # (a tensor: the interpreter rejects a bool mask)
+        v = tl.load(patches + t * frame_stride, mask=mask & in_range, other=other, eviction_policy="evict_first")
+        return v.to(tl.float32)
+
+    @triton.jit
+    def _frame_score(part_b, t, T, offs_s, SPLIT: tl.constexpr):
+        """Importance score of frame t: the sum of its SPLIT fp32 partials; -inf past the last frame."""
+        return tl.sum(tl.load(part_b + t * SPLIT + offs_s, mask=(offs_s * 0 + t) < T, other=float("-inf")), axis=0)
+
+    @triton.jit
+    def _nan_max(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)  # like torch.amax: NaN wins
 
     @triton.jit
     def _importance_scores_kernel(
@@ -114,31 +133,51 @@ if triton is not None:
             idx = pid * BLOCK + tl.arange(0, BLOCK)  # flat (patch row, channel) index
             mask = idx < NC
             patches = x_b + C + idx  # frame 0; frame t is t * frame_stride further
+            # Frames are read 4 per iteration (loads past the last frame are masked off) so that each
+            # thread has 4 independent 16-byte loads in flight: at small B there are too few warps
+            # per SM to hide DRAM latency with one load at a time.
             if MODE == 1:
                 acc = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-                for t in range(0, T):
-                    v = tl.load(patches + t * frame_stride, mask=mask, other=0.0, eviction_policy="evict_first")
-                    acc = tl.maximum(acc, v.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)
+                for t in range(0, T, 4):
+                    v0 = _load_frame(patches, t, T, frame_stride, mask, float("-inf"))
+                    v1 = _load_frame(patches, t + 1, T, frame_stride, mask, float("-inf"))
+                    v2 = _load_frame(patches, t + 2, T, frame_stride, mask, float("-inf"))
+                    v3 = _load_frame(patches, t + 3, T, frame_stride, mask, float("-inf"))
+                    acc = _nan_max(acc, _nan_max(_nan_max(v0, v1), _nan_max(v2, v3)))
             elif MODE == 2:
-                # softmax over frames of s_t = sum of the frame's SPLIT partials (the bias cancels)
+                # softmax over frames of s_t = sum of the frame's SPLIT partials (the bias cancels);
+                # s_t = -inf past the last frame, so those frames get weight 0
                 offs_s = tl.arange(0, SPLIT)
                 part_b = partial_ptr + b * T * SPLIT
-                s_max = tl.sum(tl.load(part_b + offs_s), axis=0)
-                for t in range(1, T):
-                    s_max = tl.maximum(s_max, tl.sum(tl.load(part_b + t * SPLIT + offs_s), axis=0))
+                s_max = _frame_score(part_b, 0, T, offs_s, SPLIT)
+                for t in range(0, T, 4):
+                    s0 = _frame_score(part_b, t, T, offs_s, SPLIT)
+                    s1 = _frame_score(part_b, t + 1, T, offs_s, SPLIT)
+                    s2 = _frame_score(part_b, t + 2, T, offs_s, SPLIT)
+                    s3 = _frame_score(part_b, t + 3, T, offs_s, SPLIT)
+                    s_max = tl.maximum(s_max, tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)))
                 acc = tl.full([BLOCK], 0.0, dtype=tl.float32)
                 denom = s_max * 0.0
-                for t in range(0, T):
-                    p = tl.exp(tl.sum(tl.load(part_b + t * SPLIT + offs_s), axis=0) - s_max)  # in (0, 1]
-                    v = tl.load(patches + t * frame_stride, mask=mask, other=0.0, eviction_policy="evict_first")
-                    acc += p * v.to(tl.float32)
-                    denom += p
+                for t in range(0, T, 4):
+                    p0 = tl.exp(_frame_score(part_b, t, T, offs_s, SPLIT) - s_max)  # in [0, 1]
+                    p1 = tl.exp(_frame_score(part_b, t + 1, T, offs_s, SPLIT) - s_max)
+                    p2 = tl.exp(_frame_score(part_b, t + 2, T, offs_s, SPLIT) - s_max)
+                    p3 = tl.exp(_frame_score(part_b, t + 3, T, offs_s, SPLIT) - s_max)
+                    v0 = _load_frame(patches, t, T, frame_stride, mask, 0.0)
+                    v1 = _load_frame(patches, t + 1, T, frame_stride, mask, 0.0)
+                    v2 = _load_frame(patches, t + 2, T, frame_stride, mask, 0.0)
+                    v3 = _load_frame(patches, t + 3, T, frame_stride, mask, 0.0)
+                    acc += (p0 * v0 + p1 * v1) + (p2 * v2 + p3 * v3)
+                    denom += (p0 + p1) + (p2 + p3)
                 acc = acc / denom  # denom >= 1: the max frame contributes exp(0)
             else:
                 acc = tl.full([BLOCK], 0.0, dtype=tl.float32)
-                for t in range(0, T):
-                    v = tl.load(patches + t * frame_stride, mask=mask, other=0.0, eviction_policy="evict_first")
-                    acc += v.to(tl.float32)
+                for t in range(0, T, 4):
+                    v0 = _load_frame(patches, t, T, frame_stride, mask, 0.0)
+                    v1 = _load_frame(patches, t + 1, T, frame_stride, mask, 0.0)
+                    v2 = _load_frame(patches, t + 2, T, frame_stride, mask, 0.0)
+                    v3 = _load_frame(patches, t + 3, T, frame_stride, mask, 0.0)
+                    acc += (v0 + v1) + (v2 + v3)
                 acc = acc / T
                 if MODE == 3:
                     acc += tl.load(delta_ptr + b * NC + idx, mask=mask, other=0.0).to(tl.float32)
@@ -341,7 +380,9 @@ def _temporal_pool_triton(
     for name, t in (("score_weight", score_weight if mode == "importance" else None),
                     ("delta", delta if mode == "transformer" else None)):
         if t is not None and (not t.is_contiguous() or t.device != x.device):
-            raise ValueError(f"temporal_pool: {name} must be contiguous on {x.device}, got {t.device}, strides {t.stride()}")
+            raise ValueError(
+                f"temporal_pool: {name} must be contiguous on {x.device}, got {t.device}, strides {t.stride()}"
+            )
 
     auto_block, auto_score_block, auto_split = _pick_blocks(B, T, NC, x.device)
     block, score_block, split = block or auto_block, score_block or auto_score_block, split or auto_split
@@ -373,7 +414,9 @@ def pick_backend(x: Tensor, backend: str | None = None) -> str:
     if choice is None:
         return "triton" if x.is_cuda and triton_available() else "reference"
     if choice not in BACKENDS:
-        raise ValueError(f"temporal_pool: backend must be one of {BACKENDS} (argument or ${BACKEND_ENV}), got {choice!r}")
+        raise ValueError(
+            f"temporal_pool: backend must be one of {BACKENDS} (argument or ${BACKEND_ENV}), got {choice!r}"
+        )
     return choice
 
 
