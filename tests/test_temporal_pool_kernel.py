@@ -139,6 +139,18 @@ def test_no_overflow_on_large_fp16_magnitudes(mode):
     _close(pooled, ref_pooled, torch.float16)
 
 
+@needs_triton
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_nan_propagates_like_torch(mode):
+    """A NaN in one frame gives NaN in that pooled element only (torch.amax propagates NaN too)."""
+    x, w, delta = _inputs(1, 5, 49, 100, torch.float16)
+    x[0, 2, 1 + 7, 30] = float("nan")
+    x[0, 4, 1 + 9, 31] = float("nan")  # in the last loop iteration's first slot (T=5: 4 + 1)
+    (pooled, _), (ref, _) = _run_both(x, mode, w, delta)
+    assert torch.equal(torch.isnan(pooled), torch.isnan(ref)) and torch.isnan(ref).sum() == 2
+    _close(pooled.nan_to_num(), ref.nan_to_num(), torch.float16)
+
+
 def test_reference_matches_original_formulation():
     """Importance pooling as the original writes it, on projected tokens; and folded on raw features."""
     torch.manual_seed(0)
