@@ -105,3 +105,144 @@ def probe(video: Path = typer.Argument(..., help="Video file (or a still image).
 
     emit_json(probe_video(video, num_frames=frames, mode="fixed" if fps is None else "fps",
                           fps=fps if fps is not None else 0.5, max_frames=max_frames))
+
+
+@app.command()
+@user_errors
+def train(data: Optional[Path] = typer.Argument(None, help="Valley instruction JSON (not needed with --recipe)."),
+          out: Path = typer.Option(..., "--out", help="Run folder: state.pt, metrics.jsonl, model/ (the checkpoint)."),
+          recipe: Optional[str] = typer.Option(None, "--recipe", help="demo | smoke: synthesize data, train from scratch."),
+          init: Optional[Path] = typer.Option(None, "--init", help="valley-rt checkpoint to start from."),
+          val_data: Optional[Path] = typer.Option(None, "--val-data", help="JSON whose short answers are scored."),
+          resume: bool = typer.Option(False, "--resume", help="Continue from OUT/state.pt exactly."),
+          stage: int = typer.Option(2, "--stage", help="1: projector + temporal; 2: + LLM."),
+          train_vision: bool = typer.Option(False, "--train-vision", help="Also train the CLIP tower."),
+          epochs: Optional[float] = typer.Option(None, "--epochs"),
+          max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+          batch_size: int = typer.Option(8, "--batch-size"),
+          grad_accum: int = typer.Option(1, "--grad-accum"),
+          lr: float = typer.Option(2e-5, "--lr"),
+          seed: int = typer.Option(0, "--seed"),
+          save_every: int = typer.Option(0, "--save-every", help="Optimizer steps between state.pt writes."),
+          eval_every: int = typer.Option(0, "--eval-every", help="Optimizer steps between validations."),
+          precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (autocast)."),
+          device: str = typer.Option("cpu", "--device"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (1 is best on a busy box)."),
+          no_progress: bool = typer.Option(False, "--no-progress")) -> None:
+    """Train Valley (stage 1 or 2) or a named recipe; writes OUT/model, a valley-rt checkpoint."""
+    from valley_rt.train.trainer import train_main
+
+    emit_json(train_main(out=str(out), recipe=recipe, data=str(data) if data else None,
+                         val_data=str(val_data) if val_data else None, init=str(init) if init else None,
+                         resume=resume, stage=stage, train_vision=train_vision, epochs=epochs, max_steps=max_steps,
+                         batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, save_every=save_every,
+                         eval_every=eval_every, precision=precision, device=device, threads=threads,
+                         progress=not no_progress))
+
+
+@app.command(name="eval")
+@user_errors
+def eval_(model: Path = typer.Argument(..., help="valley-rt checkpoint folder."),
+          data: Path = typer.Argument(..., help="Valley JSON with short-answer records (e.g. from synth)."),
+          blind: bool = typer.Option(False, "--blind", help="Only the blind control (every video blank)."),
+          both: bool = typer.Option(False, "--both", help="Real videos and the blind control."),
+          limit: Optional[int] = typer.Option(None, "--limit", help="Score the first N short-answer records."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON here."),
+          threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+    """Exact-match accuracy on short answers per task family (and a blind control); JSON output."""
+    from valley_rt.train.evaluate import evaluate
+
+    emit_json(evaluate(model=model, data=data, blind=blind, both=both, limit=limit, out=out, threads=threads))
+
+
+@app.command()
+@user_errors
+def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a still image)."),
+        question: Optional[str] = typer.Argument(None, help="The question."),
+        q: list[str] = typer.Option([], "-q", "--question", help="More questions about the same video (repeatable)."),
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Engine or checkpoint folder (default: the bundled demo)."),
+        reference: bool = typer.Option(False, help="Run the PyTorch reference path (needs a checkpoint)."),
+        frames: Optional[int] = typer.Option(None, help="Frames to sample (fixed mode; default from the model)."),
+        fps: Optional[float] = typer.Option(None, help="Sample this many frames per second instead."),
+        max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
+        temperature: float = typer.Option(0.0, help="0 = greedy."),
+        top_p: float = typer.Option(1.0),
+        top_k: int = typer.Option(0),
+        seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+        system: Optional[str] = typer.Option(None, help="System prompt (default: the model's)."),
+        stream: bool = typer.Option(True, "--stream/--no-stream", help="Print the answer as it is generated."),
+        as_json: bool = typer.Option(False, "--json", help="Print answers, token counts, stage timings and backends as JSON."),
+        batch: Optional[Path] = typer.Option(None, help="JSONL of {id, video, question}: answer them all."),
+        out: Optional[Path] = typer.Option(None, help="With --batch: the JSONL answers file (reruns skip answered ids).")) -> None:
+    """Answer questions about a video."""
+    import time as _time
+
+    t_start = _time.perf_counter()
+    from valley_rt.errors import ValleyError as _VE
+    from valley_rt.generate import SamplingParams
+    from valley_rt.runtime import ask_batch, load
+
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed)
+    except ValueError as e:
+        raise _VE(str(e)) from None
+    if batch is not None:
+        if out is None:
+            raise _VE("--batch needs --out FILE for the answers")
+        valley = load(model, reference=reference)
+        stats = ask_batch(valley, batch, out, params=params, system=system, frames=frames, fps=fps,
+                          progress=sys.stderr.isatty())
+        typer.echo(json.dumps(stats))
+        if stats["failed"]:
+            raise typer.Exit(1)
+        return
+    if video is None or (question is None and not q):
+        raise _VE("give a VIDEO and a QUESTION (or --batch FILE --out FILE)")
+    questions = ([question] if question else []) + list(q)
+    valley = load(model, reference=reference)
+    ctx = valley.encode_video(video, frames=frames, fps=fps)
+    answers = []
+    for i, text in enumerate(questions):
+        live = stream and not as_json
+        if live and len(questions) > 1:
+            typer.echo(f"Q: {text}")
+        on_text = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if live else None
+        ans = valley.ask(ctx, text, params=params, system=system, on_text=on_text)
+        ans.timings["load_ms"] = valley.load_ms
+        ans.timings["total_ms"] = (_time.perf_counter() - t_start) * 1e3  # process-level: imports included
+        answers.append(ans)
+        if live:
+            typer.echo("")  # the streamed text was the raw answer; end its line
+        elif not as_json:
+            typer.echo(ans.answer)
+    if as_json:
+        emit_json({"video": str(video), "frames": ctx.indices, "notes": ctx.notes,
+                   "answers": [a.to_dict() for a in answers]})
+
+
+@app.command()
+@user_errors
+def chat(video: Path = typer.Argument(..., help="Video file."),
+         model: Optional[Path] = typer.Option(None, "--model", "-m", help="Engine or checkpoint folder (default: the bundled demo)."),
+         reference: bool = typer.Option(False, help="Run the PyTorch reference path."),
+         frames: Optional[int] = typer.Option(None), fps: Optional[float] = typer.Option(None),
+         max_new_tokens: int = typer.Option(256), system: Optional[str] = typer.Option(None)) -> None:
+    """Talk about one video over several turns (the video's KV cache is reused; empty line or Ctrl-D ends)."""
+    from valley_rt.generate import SamplingParams
+    from valley_rt.runtime import load
+
+    valley = load(model, reference=reference)
+    conv = valley.chat(video, system=system, frames=frames, fps=fps)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        sys.stdout.write("valley> ")
+        ans = conv.send(line, params=params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        sys.stdout.write(f"\n  [{ans.tokens_prefilled} new tokens prefilled of {ans.tokens_in}; "
+                         f"first token {ans.timings['first_token_ms']:.0f} ms]\n")

@@ -1,0 +1,445 @@
+"""The serving path: video -> frames -> vision engine -> visual tokens -> LLM -> streamed answer.
+
+`load(path)` returns a `Valley` for an engine folder (the fast path: ONNX Runtime vision graph + int4
+ONNX LLM), a checkpoint folder (exported once into the user cache, or run on the PyTorch reference with
+`reference=True`), or, with no path, the bundled demo model. A video is decoded, preprocessed and encoded
+once (`encode_video`); every question about it reuses those visual tokens, and the KV cache of the prompt
+prefix they share (system prompt + video) is reused too: a second question or chat turn only prefills
+its own text. Nothing here imports transformers on the fast path (the tokenizer is the `tokenizers`
+library reading tokenizer.json), which keeps a cold `valley-rt ask` near the cost of importing torch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from valley_rt.config import ValleyConfig
+from valley_rt.errors import CheckpointError, EngineError, ValleyError
+from valley_rt.generate import SamplingParams, generate
+from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, format_conversation, splice
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_CHECKPOINT = ASSETS / "demo"
+DEMO_ENGINE = ASSETS / "demo_engine"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VALLEY_RT_CACHE", Path.home() / ".cache" / "valley-rt"))
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+class FastTokenizer:
+    """The few tokenizer calls the runtime makes, on the `tokenizers` library alone (no transformers
+    import: ~1 s less per CLI call). Reads the same tokenizer.json a transformers tokenizer saves, so
+    it tokenizes identically (tests/test_runtime.py checks against AutoTokenizer)."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg_file = folder / "tokenizer_config.json"
+        conf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+
+        def token(name):
+            v = conf.get(name)
+            return v.get("content") if isinstance(v, dict) else v
+
+        self.eos_token_id = self._tok.token_to_id(token("eos_token") or "</s>")
+        self._cleanup = bool(conf.get("clean_up_tokenization_spaces", False))
+
+    def __call__(self, text: str, add_special_tokens: bool = True, return_offsets_mapping: bool = False):
+        enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        out = {"input_ids": enc.ids}
+        if return_offsets_mapping:
+            out["offset_mapping"] = enc.offsets
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self._cleanup:  # transformers' clean_up_tokenization, for tokenizers saved with it on
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+    def convert_tokens_to_ids(self, token: str):
+        return self._tok.token_to_id(token)
+
+
+def open_tokenizer(folder: Path):
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return FastTokenizer(folder)
+    from transformers import AutoTokenizer  # sentencepiece-only tokenizers (tokenizer.model)
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+# -- vision backends -------------------------------------------------------------------------------
+class ReferenceVision:
+    """The PyTorch reference's vision stage on frames preprocessed exactly as the original (PIL)."""
+
+    name = "torch-reference"
+
+    def __init__(self, model):
+        self.model = model
+        self.cfg = model.cfg
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        from valley_rt.video import preprocess
+
+        pooled, frame_tokens = self.model.encode_video(preprocess(frames, self.cfg.preprocess)[None])
+        return pooled[0], frame_tokens[0]
+
+
+# -- results ---------------------------------------------------------------------------------------
+@dataclass
+class VideoContext:
+    """A video decoded and encoded once; every question about it reuses the visual tokens."""
+
+    path: str
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    indices: list[int]
+    timestamps: list[float]
+    visual: tuple[torch.Tensor, torch.Tensor]  # pooled [N, D], frame tokens [T, D]
+    timings: dict[str, float]  # video_decode_ms, preprocess_ms, vision_ms (pooling included)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    tokens_in: int  # prompt tokens (the whole conversation so far)
+    tokens_prefilled: int  # of which prefilled now (the rest came from the reused KV cache)
+    tokens_out: int
+    stop_reason: str
+    timings: dict[str, float]  # ms per stage + decode tokens/s
+    backends: dict[str, str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- the runtime -----------------------------------------------------------------------------------
+class Valley:
+    """A loaded model: vision backend + LLM backend + tokenizer + config. Not thread-safe (one KV cache)."""
+
+    def __init__(self, *, cfg: ValleyConfig, tokenizer, vision, llm, source: str, kind: str, read_video=None):
+        from valley_rt import video
+
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.llm = llm
+        self.source = source
+        self.kind = kind  # "engine" or "reference"
+        self._read = read_video or video.read_video
+        self._cached_ids: list[int] = []  # token ids whose keys/values are in the LLM's cache
+        self.load_ms = 0.0
+        self.max_frames = cfg.temporal.max_frames if cfg.temporal.mode == "transformer" else 64
+
+    @property
+    def backends(self) -> dict[str, str]:
+        return {"vision": getattr(self.vision, "name", type(self.vision).__name__),
+                "llm": getattr(self.llm, "name", type(self.llm).__name__), "kind": self.kind}
+
+    # -- video ------------------------------------------------------------------------------------
+    def encode_video(self, path, *, frames: int | None = None, fps: float | None = None) -> VideoContext:
+        """Decode, preprocess and encode a video once. frames: fixed-mode count; fps: fps mode."""
+        from valley_rt.video import resize_crop
+
+        s = self.cfg.sampling
+        n = frames if frames is not None else s.num_frames
+        if fps is None and not 1 <= n <= self.max_frames:
+            raise EngineError(f"--frames {n} is outside this model's range 1..{self.max_frames}")
+        if fps is not None and fps <= 0:
+            raise ValleyError(f"--fps must be > 0, got {fps}")
+        t0 = time.perf_counter()
+        if fps is not None:
+            clip = self._read(path, num_frames=n, mode="fps", fps=fps, max_frames=min(s.max_frames, self.max_frames))
+        else:
+            clip = self._read(path, num_frames=n)
+        t1 = time.perf_counter()
+        if isinstance(self.vision, ReferenceVision):
+            crops = clip.frames  # the reference preprocesses inside, exactly like the original
+        else:
+            crops = resize_crop(clip.frames, self.cfg.preprocess)
+        t2 = time.perf_counter()
+        pooled, frame_tokens = self.vision.encode(crops)
+        t3 = time.perf_counter()
+        return VideoContext(path=str(path), frames=clip.frames, indices=list(clip.indices),
+                            timestamps=list(clip.timestamps), visual=(pooled.float(), frame_tokens.float()),
+                            timings={"video_decode_ms": (t1 - t0) * 1e3, "preprocess_ms": (t2 - t1) * 1e3,
+                                     # pooling runs inside the vision engine's graph (or kernel)
+                                     "vision_ms": (t3 - t2) * 1e3},
+                            notes=list(getattr(clip, "notes", [])))
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def _embeds(self, ids: list[int], ctx: VideoContext) -> torch.Tensor:
+        """Token embeddings with the visual tokens spliced in: [S, H]."""
+        table = self.llm.embed(ids)  # [S, H]
+        pooled, frames = ctx.visual
+        return splice(table[None], torch.tensor([ids]), (pooled[None], frames[None]), self.cfg)[0]
+
+    def _answer(self, ctx: VideoContext, turns: list[Turn], question: str, *, params: SamplingParams,
+                system: str | None, on_text: Callable[[str], None] | None) -> tuple[Answer, list[int]]:
+        text, _ = format_conversation(turns, system=self.cfg.system_prompt if system is None else system)
+        t0 = time.perf_counter()
+        ids, _ = encode(self.tokenizer, text, cfg=self.cfg, num_frames=ctx.num_frames)
+        # Reuse the KV cache of the longest prefix shared with what the cache already holds.
+        common = 0
+        for a, b in zip(self._cached_ids, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1, self.llm.position)  # at least one token to prefill
+        if common < self.llm.position:
+            self.llm.truncate(common)
+        from valley_rt.prompt import check_context
+
+        check_context(len(ids), params.max_new_tokens, self.llm.max_context)
+        embeds = self._embeds(ids, ctx)[common:]
+        t1 = time.perf_counter()
+        result = generate(self.llm, self.tokenizer, embeds, params=params, on_text=on_text)
+        answer_ids = result.token_ids
+        self._cached_ids = ids + answer_ids[:-1]  # the last sampled token is never fed back
+        timings = dict(ctx.timings)
+        timings.update({"prompt_ms": (t1 - t0) * 1e3, "prefill_ms": result.prefill_ms,
+                        "first_token_ms": result.first_token_ms,
+                        "generate_ms": result.timings.get("total_ms", 0.0),
+                        "decode_tokens_per_s": result.decode_tokens_per_s})
+        ans = Answer(question=question, answer=clean_answer(result.text), tokens_in=len(ids),
+                     tokens_prefilled=len(ids) - common, tokens_out=len(answer_ids),
+                     stop_reason=result.stop_reason, timings=timings, backends=self.backends)
+        return ans, answer_ids
+
+    def ask(self, video, question: str, *, params: SamplingParams | None = None, system: str | None = None,
+            on_text: Callable[[str], None] | None = None, frames: int | None = None,
+            fps: float | None = None) -> Answer:
+        """Answer one question about `video` (a path, or a VideoContext from encode_video)."""
+        ctx = video if isinstance(video, VideoContext) else self.encode_video(video, frames=frames, fps=fps)
+        q = question if VIDEO in question else f"{VIDEO}\n{question}"
+        ans, _ = self._answer(ctx, [Turn("human", q)], question, params=params or SamplingParams(max_new_tokens=256),
+                              system=system, on_text=on_text)
+        return ans
+
+    def stream(self, video, question: str, **kwargs) -> Iterator[str]:
+        """Yield the answer's text as it is generated (a generator over `ask`'s streaming callback)."""
+        q: queue.Queue = queue.Queue()
+        done = object()
+        box: dict = {}
+
+        def run():
+            try:
+                box["answer"] = self.ask(video, question, on_text=q.put, **kwargs)
+            except BaseException as e:  # handed to the consumer's thread below
+                box["error"] = e
+            finally:
+                q.put(done)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        while (item := q.get()) is not done:
+            yield item
+        worker.join()
+        if "error" in box:
+            raise box["error"]
+
+    def chat(self, video, *, system: str | None = None, frames: int | None = None,
+             fps: float | None = None) -> "Chat":
+        ctx = video if isinstance(video, VideoContext) else self.encode_video(video, frames=frames, fps=fps)
+        return Chat(self, ctx, system)
+
+
+class Chat:
+    """A multi-turn conversation about one video. The KV cache of everything said so far is kept, so
+    each turn prefills only its new text (never the visual tokens again)."""
+
+    def __init__(self, valley: Valley, ctx: VideoContext, system: str | None):
+        self.valley, self.ctx, self.system = valley, ctx, system
+        self.turns: list[Turn] = []
+
+    def send(self, question: str, *, params: SamplingParams | None = None,
+             on_text: Callable[[str], None] | None = None) -> Answer:
+        q = question
+        if not self.turns and VIDEO not in q:
+            q = f"{VIDEO}\n{q}"
+        turns = self.turns + [Turn("human", q)]
+        ans, _ = self.valley._answer(self.ctx, turns, question, params=params or SamplingParams(max_new_tokens=256),
+                                     system=self.system, on_text=on_text)
+        self.turns = turns + [Turn("gpt", ans.answer)]
+        return ans
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load(path: str | Path | None = None, *, reference: bool = False, threads: int = 2) -> Valley:
+    """Load an engine folder, a checkpoint folder, or (path None) the bundled demo model."""
+    t0 = time.perf_counter()
+    if path is None:
+        path = DEMO_CHECKPOINT if reference else demo_engine()
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        if reference:
+            raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
+        valley = _load_engine(path, threads=threads)
+    elif (path / "valley.json").is_file():
+        valley = _load_reference(path) if reference else _load_engine(ensure_engine(path), threads=threads)
+    elif not path.exists():
+        raise EngineError(f"{path}: no such model folder")
+    else:
+        raise EngineError(f"{path}: neither an engine folder (manifest.json) nor a valley-rt checkpoint (valley.json)")
+    valley.load_ms = (time.perf_counter() - t0) * 1e3
+    return valley
+
+
+def _load_engine(path: Path, *, threads: int) -> Valley:
+    from valley_rt.backends.llm_onnx import OnnxLLM
+    from valley_rt.backends.vision import OnnxVision
+    from valley_rt.export.manifest import load_manifest
+
+    manifest = load_manifest(path, verify=True)
+    try:
+        cfg = ValleyConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EngineError(f"{path / 'manifest.json'}: bad config ({e})") from None
+    files = manifest.get("files", {})
+    vision = OnnxVision.from_engine(path, manifest=manifest, threads=threads)
+    vision.name = f"onnxruntime-{manifest.get('precision', {}).get('vision', '?')}"
+    llm = OnnxLLM(path / files.get("llm", "llm/").rstrip("/"), threads=threads)
+    llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
+    tok = open_tokenizer(path / files.get("tokenizer", "tokenizer/"))
+    return Valley(cfg=cfg, tokenizer=tok, vision=vision, llm=llm, source=str(path), kind="engine")
+
+
+def _load_reference(path: Path) -> Valley:
+    from valley_rt.backends.llm_torch import TorchLLM
+    from valley_rt.checkpoint import load_checkpoint, load_tokenizer
+    from valley_rt.video import read_video_naive
+
+    model = load_checkpoint(path)
+    llm = TorchLLM(model.llm)
+    llm.name = "transformers-fp32"
+    return Valley(cfg=model.cfg, tokenizer=load_tokenizer(path), vision=ReferenceVision(model), llm=llm,
+                  source=str(path), kind="reference", read_video=read_video_naive)
+
+
+def demo_engine() -> Path:
+    """The bundled demo engine; if it is missing or no longer loads (e.g. exported by another format
+    version), an engine exported from the bundled demo checkpoint into the user cache."""
+    from valley_rt.export.manifest import load_manifest
+
+    if (DEMO_ENGINE / "manifest.json").is_file():
+        try:
+            load_manifest(DEMO_ENGINE, verify=False)
+            return DEMO_ENGINE
+        except EngineError:
+            pass
+    if not (DEMO_CHECKPOINT / "valley.json").is_file():
+        raise EngineError(f"{DEMO_CHECKPOINT}: the bundled demo model is missing from this install")
+    return ensure_engine(DEMO_CHECKPOINT)
+
+
+def ensure_engine(ckpt: Path) -> Path:
+    """Export `ckpt` once into the user cache (int4 round-to-nearest LLM, default vision precision).
+
+    Two processes asking at once are serialized by a lock file; the second finds the first's engine.
+    The export itself is atomic (built aside, renamed into place), so a killed export leaves nothing.
+    """
+    from valley_rt.export.engine import export_engine
+    from valley_rt.export.manifest import hash_folder, load_manifest
+
+    key = hash_folder(ckpt)[:16]
+    root = cache_dir() / "engines"
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"{Path(ckpt).name}-{key}"
+    with open(root / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            load_manifest(out, verify=False)
+            return out
+        except EngineError:
+            pass
+        export_engine(ckpt, out, quant="rtn4", force=True)
+    return out
+
+
+# -- batch -----------------------------------------------------------------------------------------
+def ask_batch(valley: Valley, batch_file: str | Path, out_file: str | Path, *, params: SamplingParams,
+              system: str | None = None, frames: int | None = None, fps: float | None = None,
+              progress: bool = True) -> dict:
+    """Answer every record of a JSONL file ({"id", "video", "question"}) into `out_file` (JSONL).
+
+    Each answer (or the record's one-line error) is appended and flushed as soon as it exists, so an
+    interrupted run loses at most the record in flight; a rerun skips ids already answered and retries
+    the ones that failed. Videos are resolved relative to the batch file; consecutive records about
+    the same video share one decode + encode.
+    """
+    batch_file, out_file = Path(batch_file), Path(out_file)
+    if not batch_file.is_file():
+        raise ValleyError(f"{batch_file}: no such batch file")
+    records = []
+    for n, line in enumerate(batch_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            raise ValleyError(f"{batch_file}:{n}: not a JSON object ({e})") from None
+        rec.setdefault("id", f"line-{n}")
+        records.append(rec)
+    done = set()
+    if out_file.is_file():
+        for line in out_file.read_text().splitlines():
+            try:
+                prev = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interruption: that record is simply redone
+            if isinstance(prev, dict) and "answer" in prev:
+                done.add(str(prev.get("id")))
+    todo = [r for r in records if str(r["id"]) not in done]
+    stats = {"records": len(records), "skipped": len(records) - len(todo), "answered": 0, "failed": 0}
+    ctx = None
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=True) as bar, open(out_file, "a") as out:
+        task = bar.add_task("answering", total=len(todo))
+        for rec in todo:
+            result = {"id": rec["id"], "video": rec.get("video"), "question": rec.get("question")}
+            try:
+                if not isinstance(rec.get("video"), str) or not isinstance(rec.get("question"), str):
+                    raise ValleyError("record needs string fields 'video' and 'question'")
+                video = Path(rec["video"])
+                video = video if video.is_absolute() else batch_file.parent / video
+                if ctx is None or ctx.path != str(video):
+                    ctx = valley.encode_video(video, frames=frames, fps=fps)
+                ans = valley.ask(ctx, rec["question"], params=params, system=system)
+                result.update({"answer": ans.answer, "tokens_in": ans.tokens_in, "tokens_out": ans.tokens_out,
+                               "timings": ans.timings})
+                stats["answered"] += 1
+            except ValleyError as e:
+                result["error"] = str(e)
+                stats["failed"] += 1
+            out.write(json.dumps(result) + "\n")
+            out.flush()
+            bar.advance(task)
+    return stats
