@@ -235,7 +235,7 @@ def test_preprocess_matches_original_valley_fixture():
     assert err <= 1e-6, f"max abs error vs the original transform: {err}"  # measured: 0.0
 
 
-def test_probe_and_cli(capsys):
+def test_probe_and_cli():
     from typer.testing import CliRunner
 
     from valley_rt.cli import app

@@ -1,20 +1,24 @@
 """Video input: PyAV reading, frame sampling and Valley's preprocessing.
 
-Trade-off: Valley samples a handful of frames from videos that may be hours long, so the reader never
-decodes what it does not return. It first builds a *frame table* without decoding anything — from the
-container's sample index when that index is complete and constant-rate (MP4/MOV/AVI: free), otherwise
-by demuxing the video stream's packets (reads the file, decodes nothing) — which gives the exact frame
-count, every frame's presentation time and where the keyframes are. It then walks the wanted frames in
-order and, for each, either keeps decoding forward or seeks to the keyframe before it, whichever
-decodes fewer frames; dense sampling of short clips therefore becomes one sequential pass. Only the
-wanted frames are converted to RGB. Decoding is bounded (a frame budget and a deadline), so no input
-can hang a request.
+Trade-off: Valley samples a handful of frames from videos that may be hours long, so the reader decodes
+only what the wanted frames depend on. It first builds a *frame table* without decoding anything: from
+the container's sample index when that index is complete and constant-rate (MP4/MOV/AVI: free),
+otherwise by demuxing the video stream's packets (reads the file, decodes nothing). That gives the
+exact frame count, every frame's presentation time and the keyframes. It then walks the wanted frames
+in order and, for each, keeps decoding forward or seeks to the keyframe before it, whichever decodes
+fewer frames, so dense sampling of a short clip is one sequential pass and 8 frames of an hour are 8
+short GOP walks. Only returned frames are converted to RGB. Containers whose seeks are inexact or
+impossible (MPEG-TS, raw H.264) are detected and decoded sequentially instead; packets that fail to
+decode are skipped, and a wanted frame that cannot be decoded is replaced by the nearest one that can
+(said in `Clip.notes`). Decoding is bounded (packets/frames budget and a deadline): no input hangs.
 
-Sampling ("fixed" mode) follows the spec: indices `np.linspace(0, n - 1, T).astype(int)` over the real
-frame count n. Variable-frame-rate files are sampled by presentation time instead (evenly spaced times,
-each taking the frame on screen at that time). Short-clip policy: with n < T the same formula repeats
-frames, in order (each slot takes the frame at or before its evenly spaced position: 3 frames, T = 8 ->
-[0, 0, 0, 0, 1, 1, 1, 2]), so a clip always has exactly T frames. A still image is a one-frame video.
+Sampling. "fixed" (the spec): indices `np.linspace(0, n - 1, T).astype(int)` over the real frame count
+n; variable-frame-rate files are sampled by presentation time instead (T evenly spaced times, each
+taking the frame on screen at that time). "fps": every `int(round(avg_fps) / fps)`-th frame (the spec's
+one frame per 2 s at fps = 0.5), evenly spaced `max_frames` when that is more. Short-clip policy: with
+n < T the same formula repeats frames in order (each slot takes the frame at or before its evenly spaced
+position: 3 frames, T = 8 -> [0, 0, 0, 0, 1, 1, 1, 2]), so a clip always has exactly T frames. A still
+image (png/jpg, EXIF orientation applied) is a one-frame video.
 
 Preprocessing reproduces the original code bit for bit: PIL bilinear (which antialiases when
 downscaling) on uint8 frames, centre crop, then scale and CLIP mean/std as one vectorized tensor op.
@@ -38,7 +42,7 @@ from valley_rt.config import PreprocessConfig
 from valley_rt.errors import VideoError
 
 # Containers PyAV opens for single images; those are decoded with PIL (EXIF orientation, palettes).
-IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif_pipe")
+IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe")
 SEEK_GAP = 4  # seek only when it skips more than this many frames (a seek costs about a few decodes)
 DECODE_TIMEOUT_S = 120.0  # hard wall-clock bound for one read_video call
 MODES = ("fixed", "fps")
