@@ -1,31 +1,45 @@
 """Parity of the Triton temporal-pooling kernel with the plain-torch reference.
 
-On CPU the kernel runs under the Triton interpreter. TRITON_INTERPRET is read when triton is first
-imported, so it is set here before anything imports triton (a conftest.py setting it for CPU-only runs
-makes this independent of test-file order). A compile-only test builds the real CUDA kernels for sm_90
-and sm_80 without a GPU, and the @pytest.mark.gpu tests run the compiled kernel when CUDA is present.
+On CPU the kernel runs under the Triton interpreter. `@triton.jit` reads TRITON_INTERPRET when a kernel
+is defined (triton's own helpers too, when triton is first imported), so it is set here around the
+import and put back afterwards, so other test files do not inherit it; an autouse fixture sets it again
+while these tests run (the interpreter reads it at run time too). If something imported triton earlier
+in the same process without it, the kernel tests fail with a message saying so (a conftest.py setting
+it for CPU-only runs removes that order dependence). A compile-only test builds the real CUDA kernels
+for sm_90 and sm_80 without a GPU, and the @pytest.mark.gpu tests run the compiled kernel on CUDA.
 """
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-
-import pytest  # noqa: E402
-
+INTERPRET = not torch.cuda.is_available()
+_saved = os.environ.get("TRITON_INTERPRET")
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
 from valley_rt.kernels import temporal_pool as tp  # noqa: E402
+
+if _saved is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _saved
 
 MODES = tp.MODES
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # atol = rtol, outputs in dtype
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _interpret_on_cpu(monkeypatch):
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 needs_triton = pytest.mark.skipif(not tp.triton_available(), reason="triton is not installed")
 
