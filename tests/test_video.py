@@ -89,6 +89,22 @@ def test_still_image_is_a_one_frame_video(name):
         np.testing.assert_array_equal(frame, expected)
 
 
+def test_still_image_orientation_and_16_bit(tmp_path):
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:10, :20] = 255  # white top-left
+    im = Image.fromarray(img)
+    exif = im.getexif()
+    exif[0x0112] = 6  # EXIF orientation 6: turn 90 degrees clockwise to display
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    clip = read_video(tmp_path / "phone.jpg", num_frames=1)
+    assert clip.frames.shape == (1, 40, 20, 3)
+    assert clip.frames[0, :5, -5:].min() > 200 and clip.frames[0, :5, :5].max() < 50  # now white top-right
+    ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    clip = read_video(tmp_path / "deep.png", num_frames=1)
+    np.testing.assert_array_equal(clip.frames[0, ..., 1], np.round(ramp / 257).astype(np.uint8))
+
+
 def test_short_clip_repeats_frames_in_order():
     clip = read_video(VIDEOS / "three_frames.mp4", num_frames=8)
     assert clip.indices == [0, 0, 0, 0, 1, 1, 1, 2]

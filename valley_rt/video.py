@@ -183,7 +183,7 @@ def _table_from_index(path: Path, stream, notes: list[str]) -> _FrameTable | Non
     return _FrameTable(np.arange(n, dtype=np.int64) * step + start, keyframe, stream.time_base, True, "index")
 
 
-def _table_from_demux(container, stream, notes: list[str], path: Path) -> _FrameTable:
+def _table_from_demux(container, stream, notes: list[str], path: Path, deadline: float) -> _FrameTable:
     """Read every packet of the video stream (no decoding) for the real count, times and keyframes."""
     import av
 
@@ -192,6 +192,8 @@ def _table_from_demux(container, stream, notes: list[str], path: Path) -> _Frame
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue  # the flush packet at end of file
+            if len(pts) % 1024 == 0 and time.monotonic() > deadline:
+                raise DecodeBudgetExceeded(f"{path}: counting frames took longer than {DECODE_TIMEOUT_S:.0f} s")
             t = packet.pts if packet.pts is not None else packet.dts
             timed &= t is not None
             pts.append(t if t is not None else len(pts))  # raw streams without times: count them
@@ -387,10 +389,10 @@ class _Decoder:
 
 
 def _read_frames(path: Path, stream_index: int, table: _FrameTable, wanted: list[int], notes: list[str],
-                 info: dict) -> tuple[list[np.ndarray], list[int]]:
+                 info: dict, deadline: float) -> tuple[list[np.ndarray], list[int]]:
     """The wanted frames as upright RGB (a frame that fails is replaced by the nearest good one) and
     their source indices; records the rotation applied and the decode work done in `info`."""
-    dec = _Decoder(path, stream_index, table, budget=3 * table.n + 64, deadline=time.monotonic() + DECODE_TIMEOUT_S)
+    dec = _Decoder(path, stream_index, table, budget=3 * table.n + 64, deadline=deadline)
     try:
         got = _fetch_all(dec, wanted, notes)
     finally:
@@ -441,7 +443,11 @@ def _read_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):  # 16-bit grey: PIL's convert("RGB") would clip it, so scale to 8 bits
+                grey = np.clip(np.round(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UndecodableVideo(f"{path}: image does not decode ({_one_line(e)})") from None
 
@@ -481,9 +487,11 @@ def read_video(path, *, num_frames: int = 8, mode: str = "fixed", fps: float = 0
         else:
             if cc is None:
                 raise UndecodableVideo(f"{path}: no decoder for the video stream's codec")
-            table = _table_from_index(path, stream, notes) or _table_from_demux(container, stream, notes, path)
+            deadline = time.monotonic() + DECODE_TIMEOUT_S
+            table = _table_from_index(path, stream, notes) or _table_from_demux(container, stream, notes, path,
+                                                                                deadline)
             wanted = _sample(table, mode, num_frames, fps, max_frames, notes)
-            frames, indices = _read_frames(path, stream.index, table, wanted, notes, info)
+            frames, indices = _read_frames(path, stream.index, table, wanted, notes, info, deadline)
             if info["rotation"]:
                 notes.append(f"display matrix rotates {info['rotation']} degrees: frames turned upright")
     finally:
