@@ -337,7 +337,8 @@ def _check_runnable(x: Tensor) -> None:
         return
     from triton.runtime.interpreter import InterpretedFunction
 
-    if not isinstance(_temporal_pool_kernel, InterpretedFunction):
+    # tl.sum is itself a @triton.jit function, decorated when triton was first imported
+    if not (isinstance(_temporal_pool_kernel, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)):
         raise RuntimeError(
             f"temporal_pool: the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton "
             f"is first imported; got x on {x.device}"
