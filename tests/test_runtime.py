@@ -1,0 +1,180 @@
+"""The serving path against the PyTorch reference, KV-prefix reuse, chat, streaming, batch and errors.
+
+Runs on a tiny converted original-layout checkpoint (fixtures) exported to an fp32 engine, so the fast
+path and the reference must agree token for token.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from valley_rt.errors import ContextLengthError, EngineError, ValleyError, VideoError
+from valley_rt.generate import SamplingParams
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURES = SHARED / "fixtures" / "original_valley"
+CLIP = SHARED / "videos" / "snowmobile.mp4"
+GREEDY = SamplingParams(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    if not FIXTURES.is_dir():
+        pytest.skip("shared fixtures are not present")
+    from valley_rt.checkpoint import convert_original
+
+    return convert_original(original_dir=FIXTURES / "model_importance", out_dir=tmp_path_factory.mktemp("rt") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    from valley_rt.export.engine import export_engine
+
+    out = ckpt.parent / "engine"
+    export_engine(ckpt, out, precision="fp32", quant="none", gpu="no")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fast(engine):
+    from valley_rt.runtime import load
+
+    return load(engine)
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    from valley_rt.runtime import load
+
+    return load(ckpt, reference=True)
+
+
+def test_fast_path_answers_equal_reference(fast, ref):
+    a = fast.ask(CLIP, "what happens in the video ?", params=GREEDY)
+    b = ref.ask(CLIP, "what happens in the video ?", params=GREEDY)
+    assert a.tokens_out == b.tokens_out and a.stop_reason == b.stop_reason
+    assert a.answer == b.answer
+    assert a.backends["kind"] == "engine" and b.backends["kind"] == "reference"
+
+
+def test_visual_tokens_match_reference(fast, ref):
+    import torch
+
+    a, b = fast.encode_video(CLIP), ref.encode_video(CLIP)
+    assert a.indices == b.indices == [0, 72, 145, 217, 290, 362, 435, 508]
+    for x, y in zip(a.visual, b.visual):
+        scale = y.abs().max()
+        assert (x - y).abs().max() <= 1e-4 * scale
+    assert torch.isfinite(a.visual[0]).all()
+
+
+def test_questions_share_the_video_prefix(fast):
+    ctx = fast.encode_video(CLIP)
+    fast.llm.reset()
+    fast._cached_ids = []
+    first = fast.ask(ctx, "what happens ?", params=GREEDY)
+    second = fast.ask(ctx, "who is there ?", params=GREEDY)
+    assert first.tokens_prefilled == first.tokens_in
+    assert second.tokens_prefilled < 10  # only the new question's tokens
+    # same answer as without any cache reuse
+    fast.llm.reset()
+    fast._cached_ids = []
+    fresh = fast.ask(ctx, "who is there ?", params=GREEDY)
+    assert fresh.tokens_prefilled == fresh.tokens_in
+    assert fresh.answer == second.answer
+
+
+def test_chat_reuses_cache_and_matches_fresh_run(fast):
+    ctx = fast.encode_video(CLIP)
+    conv = fast.chat(ctx)
+    one = conv.send("what happens ?", params=GREEDY)
+    two = conv.send("and then ?", params=GREEDY)
+    assert two.tokens_in > one.tokens_in + one.tokens_out
+    assert two.tokens_prefilled < two.tokens_in - 256  # the visual tokens were not prefilled again
+    fast.llm.reset()
+    fast._cached_ids = []
+    again = fast.chat(ctx)
+    again.turns = list(conv.turns[:2])
+    assert again.send("and then ?", params=GREEDY).answer == two.answer
+
+
+def test_stream_yields_the_answer(fast):
+    pieces = list(fast.stream(CLIP, "what happens ?", params=GREEDY))
+    ans = fast.ask(CLIP, "what happens ?", params=GREEDY)
+    from valley_rt.prompt import clean_answer
+
+    assert clean_answer("".join(pieces)) == ans.answer
+
+
+def test_fast_tokenizer_equals_transformers(engine):
+    from transformers import AutoTokenizer
+
+    from valley_rt.runtime import FastTokenizer
+
+    hf = AutoTokenizer.from_pretrained(engine / "tokenizer")
+    fast = FastTokenizer(engine / "tokenizer")
+    text = "sys\n\n### Human: <im_start><im_patch><im_patch><im_end> what is 5 ? \n###"
+    assert fast(text)["input_ids"] == hf(text)["input_ids"]
+    ids = hf(text)["input_ids"]
+    assert fast.decode(ids) == hf.decode(ids)
+    assert fast.eos_token_id == hf.eos_token_id
+
+
+def test_batch_records_errors_and_resumes(fast, tmp_path):
+    from valley_rt.runtime import ask_batch
+
+    shutil.copy(CLIP, tmp_path / "clip.mp4")
+    records = [{"id": "a", "video": "clip.mp4", "question": "what happens ?"},
+               {"id": "b", "video": "missing.mp4", "question": "what happens ?"},
+               {"id": "c", "video": "clip.mp4", "question": "who ?"}]
+    batch = tmp_path / "q.jsonl"
+    batch.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "a.jsonl"
+    stats = ask_batch(fast, batch, out, params=GREEDY, progress=False)
+    assert stats == {"records": 3, "skipped": 0, "answered": 2, "failed": 1}
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert "missing.mp4" in rows[1]["error"] and "answer" not in rows[1]
+    # an interruption cut the last line in half: that record is redone, the answered ones are skipped
+    text = out.read_text().splitlines()
+    out.write_text("\n".join(text[:2]) + "\n" + text[2][:10])
+    stats = ask_batch(fast, batch, out, params=GREEDY, progress=False)
+    assert stats == {"records": 3, "skipped": 1, "answered": 1, "failed": 1}
+
+
+def test_errors_are_one_line(fast, engine, tmp_path):
+    from valley_rt.runtime import load
+
+    with pytest.raises(EngineError, match="no such model folder"):
+        load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EngineError, match="neither an engine folder"):
+        load(tmp_path / "empty")
+    with pytest.raises(EngineError, match="--reference needs a checkpoint"):
+        load(engine, reference=True)
+    with pytest.raises(EngineError, match="outside this model's range"):
+        fast.encode_video(CLIP, frames=0)
+    with pytest.raises(VideoError):
+        fast.encode_video(SHARED / "videos" / "garbage.mp4")
+    with pytest.raises(ContextLengthError, match="exceeds the context"):
+        fast.ask(CLIP, "word " * 2000, params=GREEDY)
+
+
+def test_tampered_engine_is_refused(engine, tmp_path):
+    from valley_rt.runtime import load
+
+    bad = tmp_path / "engine"
+    shutil.copytree(engine, bad)
+    f = bad / "vision.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="modified after export"):
+        load(bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["version"] = 999
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="version 999"):
+        load(bad)
