@@ -140,6 +140,21 @@ def test_file_damaged_in_the_middle_still_yields_frames(tmp_path):
     np.testing.assert_array_equal(clip.frames[intact], good.frames[intact])
 
 
+def test_file_zeroed_to_the_end_yields_frames_without_rereading(tmp_path):
+    """The sample table is intact but the last 40 % of the data is zeros: frames past the damage take the
+    last decodable frame, and the reader does not re-decode the file once per such frame."""
+    data = bytearray((VIDEOS / "snowmobile.mp4").read_bytes())
+    cut = int(len(data) * 0.6)
+    data[cut:] = bytes(len(data) - cut)
+    damaged = tmp_path / "zeroed.mp4"
+    damaged.write_bytes(bytes(data))
+    clip = read_video(damaged, num_frames=8)
+    assert clip.indices[:5] == spec_indices(509, 8)[:5]
+    assert len(set(clip.indices[5:])) == 1 and 290 < clip.indices[-1] < 362
+    assert any("decodable stream ends" in n for n in clip.notes)
+    assert clip.stream["packets_read"] < 2 * 509
+
+
 def test_vfr_is_sampled_by_presentation_time():
     with av.open(str(VIDEOS / "vfr.mp4")) as c:
         times = np.array([float(f.time) for f in c.decode(video=0)])

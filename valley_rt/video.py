@@ -285,7 +285,8 @@ class _Decoder:
         self.decoded = self.packets = self.seeks = self.restarts = 0
         self.bad_packets = 0  # packets the decoder rejected
         self.error: str | None = None  # the first decode or demux error
-        self.ended_at: int | None = None  # last frame decoded when the stream ended before a wanted frame
+        self.eof = False  # the current run reached the end of the file
+        self.tail = None  # (index, av frame) of the last frame before the end, once a wanted frame lay beyond it
         self.rotation = 0  # display-matrix rotation of the frames returned (degrees counterclockwise)
         self.restart()
 
@@ -299,7 +300,7 @@ class _Decoder:
         self.container = av.open(str(self.path))
         self.stream = self.container.streams.video[self.stream_index]
         self.stream.codec_context.thread_type = "AUTO"
-        self.frames, self.pos, self.last = self._generate(), -1, None
+        self.frames, self.pos, self.last, self.eof = self._generate(), -1, None, False
 
     def seek(self, kf: int) -> bool:
         import av
@@ -311,7 +312,7 @@ class _Decoder:
             self.restart()
             return False
         self.seeks += 1
-        self.frames, self.pos, self.last = self._generate(), kf - 1, None
+        self.frames, self.pos, self.last, self.eof = self._generate(), kf - 1, None, False
         return True
 
     def _generate(self):
@@ -349,7 +350,7 @@ class _Decoder:
         try:
             item = next(self.frames)
         except StopIteration:
-            self.frames = None
+            self.frames, self.eof = None, True
             return None
         except av.error.FFmpegError as e:
             self.error = self.error or _one_line(e)
@@ -370,6 +371,8 @@ class _Decoder:
 
     def fetch(self, k: int):
         """Frame k as (index actually returned, av frame), or None when nothing near it decodes."""
+        if self.tail is not None and k > self.tail[0]:
+            return self.tail  # the decodable stream ends before k (truncated or damaged to the end)
         kf = self.table.keyframe_before(k)
         seeked = False
         if k <= self.pos or (self.can_seek and kf - self.pos > SEEK_GAP) or self.frames is None:
@@ -383,7 +386,8 @@ class _Decoder:
             self.restart()
             item, before = self._forward(k)
         if item is None:  # the stream ended (or broke) before k: the frame decoded last stands in
-            self.ended_at = self.pos if self.last is not None else self.ended_at
+            if self.eof and self.last is not None:
+                self.tail = self.last
             return self.last
         return item  # k itself, or the frame after it when k has no frame of its own
 
@@ -403,8 +407,8 @@ def _read_frames(path: Path, stream_index: int, table: _FrameTable, wanted: list
         notes.append(f"{dec.bad_packets} packets failed to decode and were skipped ({dec.error})")
     elif dec.error:
         notes.append(f"reading stopped after frame {dec.pos} of {table.n}: {dec.error}")
-    if dec.ended_at is not None:
-        notes.append(f"the stream ended after frame {dec.ended_at} of {table.n}")
+    if dec.tail is not None:
+        notes.append(f"the decodable stream ends after frame {dec.tail[0]} of {table.n}")
     if not dec.can_seek and table.timed:
         notes.append("seeking is unreliable in this file: decoded sequentially")
     done = np.array(sorted(got))
