@@ -171,29 +171,33 @@ class GPTQLinear:
 def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int, sym: bool = False,
                  g_idx: torch.Tensor | None = None) -> GPTQLinear:
     """Round-to-nearest quantization of w [in, out] (float) into GPTQ form. `g_idx` (optional, a
-    permutation-grouping like act-order produces) says which group each input row belongs to."""
+    grouping like act-order produces: every group exactly `group_size` rows) says which group each
+    input row belongs to."""
     w = w.float()
-    in_features = w.shape[0]
+    k, n = w.shape
     if g_idx is None:
-        g_idx = torch.arange(in_features) // group_size
-    n_groups = int(g_idx.max()) + 1
+        g_idx = torch.arange(k) // group_size
+    g_idx = g_idx.to(torch.int64)
+    perm = torch.argsort(g_idx, stable=True)
+    if k % group_size or not torch.equal(g_idx[perm], torch.arange(k) // group_size):
+        raise ValueError(f"g_idx must split {k} rows into groups of {group_size}")
+    identity = bool(torch.equal(perm, torch.arange(k)))
+    wg = (w if identity else w[perm]).view(k // group_size, group_size, n)  # [G, gs, N], a group's rows together
     qmax = (1 << bits) - 1
-    scales = torch.empty(n_groups, w.shape[1])
-    zeros = torch.empty(n_groups, w.shape[1], dtype=torch.int64)
-    for g in range(n_groups):
-        rows = w[g_idx == g]  # [gs, out]
-        lo, hi = rows.min(0).values.clamp(max=0), rows.max(0).values.clamp(min=0)
-        if sym:
-            amax = torch.maximum(-lo, hi)
-            s = (2 * amax / qmax).clamp(min=1e-8)
-            z = torch.full_like(s, (qmax + 1) // 2, dtype=torch.int64)
-        else:
-            s = ((hi - lo) / qmax).clamp(min=1e-8)
-            z = torch.round(-lo / s).to(torch.int64).clamp(0, qmax)
-        scales[g], zeros[g] = s, z
-    q = torch.round(w / scales[g_idx]).to(torch.int64) + zeros[g_idx]
-    return GPTQLinear(q=q.clamp(0, qmax), zeros=zeros, scales=scales, g_idx=g_idx.to(torch.int64), bits=bits,
-                      group_size=group_size)
+    lo, hi = wg.amin(1).clamp(max=0), wg.amax(1).clamp(min=0)  # [G, N]; the range always holds 0
+    if sym:
+        scales = (2 * torch.maximum(-lo, hi) / qmax).clamp(min=1e-8)
+        zeros = torch.full_like(scales, (qmax + 1) // 2, dtype=torch.int64)
+    else:
+        scales = ((hi - lo) / qmax).clamp(min=1e-8)
+        zeros = torch.round(-lo / scales).to(torch.int64).clamp(0, qmax)
+    qg = wg.div(scales[:, None]).round_().add_(zeros[:, None]).clamp_(0, qmax).to(torch.int64)  # [G, gs, N]
+    if identity:
+        q = qg.view(k, n)
+    else:
+        q = torch.empty(k, n, dtype=torch.int64)
+        q[perm] = qg.view(k, n)
+    return GPTQLinear(q=q, zeros=zeros, scales=scales, g_idx=g_idx, bits=bits, group_size=group_size)
 
 
 def to_gptq_checkpoint(lin: GPTQLinear) -> dict[str, torch.Tensor]:
@@ -269,13 +273,13 @@ def to_matmul_nbits(lin: GPTQLinear) -> NBitsWeight:
                               f"group sizes {torch.bincount(g).tolist()[:8]}...")
     bs = _block_size_for(gs, k)
     blocks = k // bs
-    q = lin.q[perm].T.contiguous().numpy()  # [N, K], rows now grouped
+    identity = bool(torch.equal(perm, torch.arange(k)))
+    q = (lin.q if identity else lin.q[perm]).to(torch.uint8).T.contiguous().numpy()  # [N, K], rows grouped
     block_group = (torch.arange(blocks) * bs) // gs  # [blocks] group of each block
     scales = lin.scales[block_group].T.contiguous().numpy().astype(np.float32)  # [N, blocks]
-    zeros = lin.zeros[block_group].T.contiguous().numpy()  # [N, blocks]
+    zeros = lin.zeros[block_group].to(torch.uint8).T.contiguous().numpy()  # [N, blocks]
     b = _pack_fields(q.reshape(n, blocks, bs), lin.bits)  # [N, blocks, bs*bits/8]
     zp = _pack_fields(zeros, lin.bits)  # [N, ceil(blocks*bits/8)]
-    identity = bool(torch.equal(perm, torch.arange(k)))
     return NBitsWeight(b=b, scales=scales, zero_points=zp, perm=None if identity else perm.numpy(),
                        bits=lin.bits, block_size=bs, k=k, n=n)
 

@@ -1,0 +1,206 @@
+"""LLM generation speed: fp32 transformers `generate` (reference) vs the int4 ONNX Runtime path.
+
+A TinyLlama-1.1B-shaped LLaMA (hidden 2048, 22 layers, 32 heads / 4 KV heads, intermediate 5632,
+vocab 32000) with random weights, a 300-token prompt and a fixed 64-token answer (no stop). Batch-1
+decoding is memory bound, so the yardstick is the roofline: read bandwidth measured in this run ÷
+bytes each decoded token must stream (weights + the KV cache read so far). Prints a table and ends
+with one JSON line.
+
+    python benchmarks/bench_llm.py [--prompt 300] [--new 64] [--threads 2] [--cache /tmp/valley_bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5)
+
+
+def hardware() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime as ort
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "python": platform.python_version()}
+
+
+def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Best-of-n streaming read of a buffer far larger than the caches (torch sum, `threads` threads)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(x.sum())
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def build_random_llama(folder: Path) -> Path:
+    """Save a random 1.1B-shaped LLaMA once (built on the meta device, then materialized: one copy)."""
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPE, bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # RMSNorm weights
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)  # non-persistent buffers (rotary inv_freq) are rebuilt on load
+    return folder
+
+
+class _IdTokenizer:
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+def bench_reference(hf_dir: Path, prompt: torch.Tensor, n_new: int, threads: int) -> dict:
+    """fp32 transformers: TTFT = generate(max_new_tokens=1); decode rate from the n_new-token run."""
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = prompt[None]
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
+        total = time.perf_counter() - t0
+        logits = model(ids, logits_to_keep=1).logits[0, -1].float()
+    n_embed = model.config.vocab_size * model.config.hidden_size
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - n_embed * 4
+    del model
+    return {"ttft_s": ttft, "decode_tok_s": (n_new - 1) / max(total - ttft, 1e-9),
+            "prefill_tok_s": len(prompt) / ttft, "weight_bytes": weight_bytes,
+            "tokens": out[0, len(prompt):].tolist(), "logits": logits}
+
+
+def cold_start_s(model_path: Path, threads: int) -> dict:
+    """A fresh process: import + session ready to decode, and the first decode step."""
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "from valley_rt.backends.llm_onnx import OnnxLLM\n"
+        f"llm = OnnxLLM({str(model_path)!r}, threads={threads})\n"
+        "t1 = time.perf_counter(); llm.decode(1); t2 = time.perf_counter()\n"
+        "print(t1 - t0, llm.load_s, t2 - t1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    total, session, first = (float(v) for v in out.stdout.split()[-3:])
+    return {"import_and_load_s": total, "load_s": session, "first_decode_s": first}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt", type=int, default=300)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/valley_bench"))
+    ap.add_argument("--lm-head", default="int8", choices=["int8", "int4", "fp32"])
+    args = ap.parse_args()
+
+    from valley_rt.backends.llm_onnx import OnnxLLM
+    from valley_rt.export.llm_onnx import export_llm_onnx
+    from valley_rt.generate import SamplingParams, generate
+
+    hw = hardware()
+    hf_dir = build_random_llama(args.cache / "llama1b_random")
+    onnx_dir = args.cache / f"llama1b_rtn4_{args.lm_head}"
+    t0 = time.perf_counter()
+    if not (onnx_dir / "llm.onnx").is_file():
+        export_llm_onnx(hf_dir, onnx_dir, quant="rtn4", lm_head=args.lm_head)
+    export_s = time.perf_counter() - t0
+
+    bw = read_bandwidth_gbs(args.threads)
+    prompt = torch.randint(3, SHAPE["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(1))
+
+    ref = bench_reference(hf_dir, prompt, args.new, args.threads)
+
+    cold = cold_start_s(onnx_dir / "llm.onnx", args.threads)
+    llm = OnnxLLM(onnx_dir / "llm.onnx", threads=args.threads)
+    tok = _IdTokenizer()
+    warm = SamplingParams(max_new_tokens=4)
+    generate(llm, tok, input_ids=prompt[:16].tolist(), params=warm, stop=(), eos_token_id=-1)  # warm-up
+    llm.reset()
+    res = generate(llm, tok, input_ids=prompt.tolist(), params=SamplingParams(max_new_tokens=args.new),
+                   stop=(), eos_token_id=-1)
+    llm.reset()
+    fast_logits = llm.prefill(llm.embed(prompt.tolist()))
+    cos = float(torch.cosine_similarity(fast_logits, ref["logits"], dim=0))
+    agree = float(np.mean([a == b for a, b in zip(res.token_ids, ref["tokens"])]))
+
+    # bytes each decode step streams: weights + the K/V rows read so far (mean position of the answer)
+    mean_pos = args.prompt + args.new / 2
+    fast_bytes = llm.weight_bytes_per_token + llm.kv_bytes_per_token * mean_pos
+    cfg = SHAPE
+    kv_ref = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 4
+    ref_bytes = ref["weight_bytes"] + kv_ref * mean_pos
+    rows = []
+    for name, ttft, prefill_tps, tps, nbytes in (
+        ("fp32 transformers generate", ref["ttft_s"], ref["prefill_tok_s"], ref["decode_tok_s"], ref_bytes),
+        ("int4 onnxruntime (OnnxLLM)", res.first_token_ms / 1e3, args.prompt / (res.prefill_ms / 1e3),
+         res.decode_tokens_per_s, fast_bytes),
+    ):
+        gbs = tps * nbytes / 1e9
+        rows.append({"path": name, "ttft_s": ttft, "prefill_tok_s": prefill_tps, "decode_tok_s": tps,
+                     "mb_per_token": nbytes / 1e6, "gb_s": gbs, "roofline_pct": 100 * gbs / bw})
+
+    print(f"hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, onnxruntime {hw['onnxruntime']}; "
+          f"threads {args.threads}; measured read bandwidth {bw:.1f} GB/s")
+    print(f"model: LLaMA 1.1B shape (random weights), prompt {args.prompt} tokens, answer {args.new} tokens; "
+          f"int4 = RTN group 128 + {args.lm_head} lm_head (export {export_s:.1f} s, cached if ~0)")
+    head = f"{'path':<28} {'TTFT s':>7} {'prefill tok/s':>13} {'decode tok/s':>12} {'MB/token':>9} {'GB/s':>6} {'roofline':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['path']:<28} {r['ttft_s']:>7.2f} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.2f} "
+              f"{r['mb_per_token']:>9.0f} {r['gb_s']:>6.1f} {r['roofline_pct']:>7.0f}%")
+    speedup = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]
+    print(f"decode speedup int4/fp32: {speedup:.2f}x; TTFT speedup {rows[0]['ttft_s'] / rows[1]['ttft_s']:.2f}x; "
+          f"cold start (fresh process, import + load) {cold['import_and_load_s']:.2f} s "
+          f"(session {cold['load_s']:.2f} s, first decode {cold['first_decode_s'] * 1e3:.0f} ms); "
+          f"prefill-logit cosine int4 vs fp32 {cos:.4f}, greedy token agreement {agree:.2f}")
+    result = {
+        "bench": "llm_decode_1b", "hardware": hw, "threads": args.threads, "read_bw_gb_s": round(bw, 2),
+        "prompt_tokens": args.prompt, "new_tokens": args.new, "lm_head": args.lm_head,
+        "ref_fp32": {k: round(v, 4) for k, v in rows[0].items() if k != "path"},
+        "int4_onnx": {k: round(v, 4) for k, v in rows[1].items() if k != "path"},
+        "decode_speedup": round(speedup, 3), "cold_start_s": round(cold["import_and_load_s"], 3),
+        "session_load_s": round(cold["load_s"], 3), "logit_cosine": round(cos, 5), "token_agreement": round(agree, 3),
+        "goals": {"roofline_ge_60pct": rows[1]["roofline_pct"] >= 60, "speedup_ge_3x": speedup >= 3},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
