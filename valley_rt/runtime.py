@@ -200,7 +200,8 @@ class Valley:
         return splice(table[None], torch.tensor([ids]), (pooled[None], frames[None]), self.cfg)[0]
 
     def _answer(self, ctx: VideoContext, turns: list[Turn], question: str, *, params: SamplingParams,
-                system: str | None, on_text: Callable[[str], None] | None) -> tuple[Answer, list[int]]:
+                system: str | None, on_text: Callable[[str], None] | None,
+                stop: tuple[str, ...] = ("###",), ignore_eos: bool = False) -> tuple[Answer, list[int]]:
         text, _ = format_conversation(turns, system=self.cfg.system_prompt if system is None else system)
         t0 = time.perf_counter()
         ids, _ = encode(self.tokenizer, text, cfg=self.cfg, num_frames=ctx.num_frames)
@@ -218,7 +219,8 @@ class Valley:
         check_context(len(ids), params.max_new_tokens, self.llm.max_context)
         embeds = self._embeds(ids, ctx)[common:]
         t1 = time.perf_counter()
-        result = generate(self.llm, self.tokenizer, embeds, params=params, on_text=on_text)
+        result = generate(self.llm, self.tokenizer, embeds, params=params, on_text=on_text, stop=stop,
+                          eos_token_id=-1 if ignore_eos else None)
         answer_ids = result.token_ids
         self._cached_ids = ids + answer_ids[:-1]  # the last sampled token is never fed back
         timings = dict(ctx.timings)
@@ -233,12 +235,15 @@ class Valley:
 
     def ask(self, video, question: str, *, params: SamplingParams | None = None, system: str | None = None,
             on_text: Callable[[str], None] | None = None, frames: int | None = None,
-            fps: float | None = None) -> Answer:
-        """Answer one question about `video` (a path, or a VideoContext from encode_video)."""
+            fps: float | None = None, stop: tuple[str, ...] = ("###",), ignore_eos: bool = False) -> Answer:
+        """Answer one question about `video` (a path, or a VideoContext from encode_video).
+
+        stop / ignore_eos: benchmarks generate a fixed number of tokens with stop=() and ignore_eos=True.
+        """
         ctx = video if isinstance(video, VideoContext) else self.encode_video(video, frames=frames, fps=fps)
         q = question if VIDEO in question else f"{VIDEO}\n{question}"
         ans, _ = self._answer(ctx, [Turn("human", q)], question, params=params or SamplingParams(max_new_tokens=256),
-                              system=system, on_text=on_text)
+                              system=system, on_text=on_text, stop=stop, ignore_eos=ignore_eos)
         return ans
 
     def stream(self, video, question: str, **kwargs) -> Iterator[str]:
