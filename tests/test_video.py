@@ -54,7 +54,8 @@ def test_constant_rate_files_yield_spec_indices(name):
         assert clip.fps == pytest.approx(25.0) and clip.duration == pytest.approx(n / 25)
 
 
-@pytest.mark.parametrize("name", ["odd_98x62.mp4", "three_frames.mp4", "mjpeg.mov", "hi10.mp4", "mpeg4.avi"])
+@pytest.mark.parametrize("name", ["odd_98x62.mp4", "three_frames.mp4", "mjpeg.mov", "hi10.mp4", "mpeg4.avi",
+                                  "hevc.mkv"])
 def test_frames_equal_decoding_everything(name):
     """Seeking + partial decoding returns the very pixels that decoding every frame gives."""
     clip, ref = read_video(VIDEOS / name), read_video_naive(VIDEOS / name)
