@@ -40,7 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from valley_rt.model import ValleyModel
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the runtime loads this module without transformers
+    from valley_rt.model import ValleyModel
 
 OPSET = 17
 INPUT = "crops"  # uint8 [T, H, W, 3]
