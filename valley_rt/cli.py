@@ -246,3 +246,24 @@ def chat(video: Path = typer.Argument(..., help="Video file."),
         ans = conv.send(line, params=params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         sys.stdout.write(f"\n  [{ans.tokens_prefilled} new tokens prefilled of {ans.tokens_in}; "
                          f"first token {ans.timings['first_token_ms']:.0f} ms]\n")
+
+
+@app.command()
+@user_errors
+def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder."),
+           out: Path = typer.Option(..., "--out", "-o", help="Engine folder to write (atomically)."),
+           precision: str = typer.Option("auto", help="Vision engine on CPU: auto (int8 if faster and cosine >= 0.999 per token), fp32 or int8."),
+           quant: str = typer.Option("gptq", help="LLM weights: gptq (needs --calib), rtn4 or none (fp32)."),
+           bits: int = typer.Option(4, help="GPTQ bits."),
+           group_size: int = typer.Option(128, help="GPTQ / int4 group size."),
+           desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ act-order."),
+           calib: Optional[Path] = typer.Option(None, help="Valley instruction JSON for GPTQ calibration + held-out gate."),
+           gpu: str = typer.Option("auto", help="Also build fp16 CUDA/TensorRT vision graphs: auto, yes or no."),
+           force: bool = typer.Option(False, "--force", help="Replace OUT; keep an LLM that fails the accuracy gate.")) -> None:
+    """Export a checkpoint into an engine folder: ONNX vision graph, LLM, tokenizer, manifest.json."""
+    from valley_rt.export.engine import export_engine
+
+    m = export_engine(ckpt, out, precision=precision, quant=quant, bits=bits, group_size=group_size,
+                      desc_act=desc_act, calib=calib, force=force, gpu=gpu)
+    emit_json({"engine": str(out), "precision": m["precision"], "export_s": m["export_s"],
+               "vision_parity": m["parity"]["vision"].get("parity"), "llm": m["parity"]["llm"]})

@@ -1,0 +1,151 @@
+"""`valley-rt export`: a checkpoint folder -> an engine folder (vision half + LLM half + tokenizer + manifest).
+
+    ENGINE/vision.onnx      crops uint8 [T, H, W, 3] -> pooled [N, D], frames [T, D]   (export/onnx_vision.py)
+    ENGINE/llm/             llm.onnx (+ .data, embed_tokens.npy, llm_onnx.json)          (export/llm_onnx.py)
+    ENGINE/tokenizer/       the checkpoint's tokenizer files, verbatim
+    ENGINE/manifest.json    hashes, config, precision, parity figures                     (export/manifest.py)
+
+The folder is built in a hidden sibling and renamed into place at the end (manifest.atomic_folder):
+Ctrl-C, a failed accuracy gate or a crash leave nothing at ENGINE. Every stage measures itself against
+the PyTorch reference at export time and the figures go into the manifest; a stage that misses its
+accuracy bar fails the export (EngineError, exit code 2) unless --force.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from valley_rt.errors import EngineError
+
+VISION_FILE = "vision.onnx"
+LLM_DIR = "llm"
+TOKENIZER_DIR = "tokenizer"
+QUANTS = ("gptq", "rtn4", "none")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bits: int = 4,
+                  group_size: int = 128, desc_act: bool = False, calib=None, calib_samples: int = 32,
+                  force: bool = False, gpu: str = "auto") -> dict:
+    """Export checkpoint folder `ckpt` into engine folder `out`; returns the manifest written.
+
+    precision: the vision engine on CPU — "auto" (int8 if faster and cosine >= 0.999 per token, else
+    fp32), "fp32" or "int8". quant: the LLM — "gptq" (needs `calib`, a Valley instruction JSON; the
+    accuracy gate must pass unless force), "rtn4" (int4 round-to-nearest) or "none" (fp32).
+    force: replace an existing `out`, and keep an LLM that fails the accuracy gate (figures still recorded).
+    gpu: "auto" (also build the fp16 CUDA/TensorRT vision graphs when onnxruntime-gpu and a GPU are
+    present), "yes" (fail without them) or "no".
+    """
+    from valley_rt.checkpoint import load_checkpoint, read_config
+    from valley_rt.export.manifest import atomic_folder, hash_folder, write_manifest
+    from valley_rt.export.onnx_vision import export_vision
+
+    ckpt, out = Path(ckpt), Path(out)
+    if quant not in QUANTS:
+        raise EngineError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if quant == "gptq" and calib is None:
+        raise EngineError("--quant gptq needs --calib DATA (a Valley instruction JSON whose videos are calibration "
+                          "and held-out inputs); or pass --quant rtn4 / none")
+    from valley_rt.export import tensorrt
+
+    if gpu not in ("auto", "yes", "no"):
+        raise EngineError(f"--gpu must be auto, yes or no, got {gpu!r}")
+    no_gpu = tensorrt.why_no_gpu() if gpu != "no" else "disabled"
+    if gpu == "yes" and no_gpu:
+        raise EngineError(f"--gpu yes: {no_gpu}")
+    cfg = read_config(ckpt)  # CheckpointError on a bad folder, before anything is written
+    t_start = time.perf_counter()
+    source = {"path": str(ckpt.resolve()), "sha256": hash_folder(ckpt)}
+    with atomic_folder(out, overwrite=force) as work:
+        model = load_checkpoint(ckpt)
+        try:
+            vision = export_vision(model, work, precision=precision, name=VISION_FILE, gpu=not no_gpu)
+        except ValueError as e:  # the accuracy bar of the requested precision
+            raise EngineError(f"{ckpt}: vision export: {e}") from None
+        llm = _export_llm(ckpt, work / LLM_DIR, model=model, quant=quant, bits=bits, group_size=group_size,
+                          desc_act=desc_act, calib=calib, calib_samples=calib_samples, force=force)
+        del model
+        _copy_tokenizer(ckpt / "llm", work / TOKENIZER_DIR)
+        manifest = write_manifest(
+            work, config=cfg.to_dict(), source=source,
+            precision={"vision": vision.precision, "llm": llm["quant"]},
+            parity={"vision": vision.figures, "llm": llm.get("figures", {})},
+            extra={"gpu": vision.gpu, "export_s": round(time.perf_counter() - t_start, 2),
+                   "files": {"vision": VISION_FILE, "llm": f"{LLM_DIR}/", "tokenizer": f"{TOKENIZER_DIR}/"}})
+    return manifest
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    found = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not found:
+        raise EngineError(f"{src}: no tokenizer files (expected tokenizer.json or tokenizer.model)")
+    for name in found:
+        shutil.copy2(src / name, dst / name)
+
+
+# -- the LLM half ---------------------------------------------------------------------------------
+def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_size: int, desc_act: bool,
+                calib, calib_samples: int, force: bool) -> dict:
+    """ckpt/llm -> out/ (llm_onnx format). gptq: GPTQModel on multimodal calibration, gated, then repacked.
+
+    Returns {"quant": str, "figures": dict} for the manifest.
+    """
+    from valley_rt.export.llm_onnx import export_llm_onnx
+
+    if quant != "gptq":
+        export_llm_onnx(ckpt / "llm", out, quant=quant, group_size=group_size)
+        label = "fp32" if quant == "none" else f"rtn{bits if bits == 4 else 4}-g{group_size}"
+        return {"quant": label, "figures": {"method": quant}}
+
+    from valley_rt.export import gptq
+
+    examples = calibration_examples(model, ckpt, calib, limit=calib_samples)
+    held_out = examples[::4]  # every 4th example scores the quantized LLM; the rest calibrate it
+    train = [ex for i, ex in enumerate(examples) if i % 4]
+    if not train or not held_out:
+        raise EngineError(f"{calib}: {len(examples)} usable examples; GPTQ needs at least 2 "
+                          f"(calibration + held out)")
+    settings = gptq.GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act)
+    with tempfile.TemporaryDirectory(prefix=".gptq-", dir=out.parent.parent) as tmp:
+        qdir = Path(tmp) / "gptq"
+        gptq.quantize_llm(ckpt / "llm", qdir, calibration=[{"inputs_embeds": e["inputs_embeds"]} for e in train],
+                          settings=settings)
+        figures = gptq.compare_quantized(model.llm, gptq.load_gptq_as_torch(qdir), held_out)
+        figures.update({"calibration": "multimodal", "calibration_examples": len(train),
+                        "held_out_examples": len(held_out)})
+        failed = gptq.gate(figures)
+        figures["gate"] = "passed" if not failed else ("forced: " + "; ".join(failed))
+        if failed and not force:
+            raise EngineError("GPTQ accuracy gate failed: " + "; ".join(failed) + " (--force keeps it)")
+        export_llm_onnx(qdir, out, quant="gptq", group_size=group_size)
+    return {"quant": f"gptq{bits}-g{group_size}{'-act' if desc_act else ''}", "figures": figures}
+
+
+@torch.no_grad()
+def calibration_examples(model, ckpt: Path, data, *, limit: int = 32, seed: int = 0) -> list[dict]:
+    """Valley instruction records -> [{"inputs_embeds" [S, H], "labels" [S]}]: what the LLM really sees,
+    text embeddings with the video's visual tokens spliced in (text-only calibration loses accuracy)."""
+    from valley_rt.checkpoint import load_tokenizer
+    from valley_rt.train.data import InstructionDataset, load_records
+
+    records, _ = load_records(data, skip_bad=True)
+    random.Random(seed).shuffle(records)
+    dataset = InstructionDataset(records[:limit], load_tokenizer(ckpt), model.cfg, shuffle_turns=False,
+                                 skip_bad=True)
+    examples = []
+    for i in range(len(dataset)):
+        sample = dataset.sample(i)
+        if sample is None:
+            continue
+        ids = torch.tensor(sample.input_ids)[None]
+        embeds = model.embed_inputs(ids, sample.pixel_values[None])[0]  # [S, H]
+        examples.append({"inputs_embeds": embeds, "labels": torch.tensor(sample.labels)})
+    return examples

@@ -1,0 +1,187 @@
+"""Engine folder + manifest: a full tiny export, verification, tampering, version, atomicity, interruption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from valley_rt.errors import EngineError
+from valley_rt.export import manifest as mf
+
+
+# -- the manifest on its own ------------------------------------------------------------------------
+@pytest.fixture()
+def engine(tmp_path):
+    d = tmp_path / "engine"
+    (d / "llm").mkdir(parents=True)
+    (d / "vision.onnx").write_bytes(os.urandom(5000))
+    (d / "llm" / "llm.onnx").write_bytes(b"graph" * 100)
+    mf.write_manifest(d, config={"name": "x"}, source={"sha256": "0" * 64}, precision={"vision": "fp32"},
+                      parity={"vision": {"min_cosine": 1.0}})
+    return d
+
+
+def test_roundtrip(engine):
+    m = mf.load_manifest(engine)
+    assert m["format"] == mf.FORMAT and m["version"] == mf.VERSION
+    assert set(m["artifacts"]) == {"vision.onnx", "llm/llm.onnx"}
+    assert m["artifacts"]["vision.onnx"]["bytes"] == 5000
+    assert m["artifacts"]["vision.onnx"]["sha256"] == mf.sha256_file(engine / "vision.onnx")
+    assert "onnxruntime" in m["packages"] and "torch" in m["packages"]
+
+
+def test_tampered_byte_is_refused(engine):
+    f = engine / "vision.onnx"
+    data = bytearray(f.read_bytes())
+    data[1234] ^= 0x01
+    f.write_bytes(bytes(data))
+    mf.load_manifest(engine, verify=False)  # same size: only the hash can tell
+    with pytest.raises(EngineError, match=r"vision\.onnx: sha256 .* \(modified after export\)") as e:
+        mf.load_manifest(engine)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m.update(version=mf.VERSION + 1), "engine format version 2, this valley-rt reads version 1"),
+    (lambda m: m.update(format="something-else"), "format 'something-else', expected 'valley-rt-engine'"),
+    (lambda m: m.update(artifacts={}), "no artifacts listed"),
+])
+def test_wrong_version_or_format(engine, change, match):
+    path = engine / mf.MANIFEST
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(m))
+    with pytest.raises(EngineError, match=match):
+        mf.load_manifest(engine)
+
+
+def test_missing_truncated_unlisted_and_garbage(engine):
+    (engine / "extra.bin").write_bytes(b"x")
+    with pytest.raises(EngineError, match="extra.bin: not listed"):
+        mf.load_manifest(engine)
+    (engine / "extra.bin").unlink()
+    (engine / "llm" / "llm.onnx").write_bytes(b"graph")
+    with pytest.raises(EngineError, match="5 bytes, manifest.json says 500"):
+        mf.load_manifest(engine, verify=False)
+    (engine / "llm" / "llm.onnx").unlink()
+    with pytest.raises(EngineError, match="listed in manifest.json but missing"):
+        mf.load_manifest(engine)
+    (engine / mf.MANIFEST).write_text("{not json")
+    with pytest.raises(EngineError, match="not valid JSON"):
+        mf.load_manifest(engine)
+    (engine / mf.MANIFEST).unlink()
+    with pytest.raises(EngineError, match="manifest.json: missing"):
+        mf.load_manifest(engine)
+    with pytest.raises(EngineError, match="no such engine folder"):
+        mf.load_manifest(engine / "nope")
+
+
+def test_atomic_folder(tmp_path):
+    target = tmp_path / "e"
+    with pytest.raises(RuntimeError):
+        with mf.atomic_folder(target) as work:
+            (work / "a").write_text("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []  # neither target nor a leftover partial folder
+    with mf.atomic_folder(target) as work:
+        (work / "a").write_text("v1")
+    assert (target / "a").read_text() == "v1"
+    with pytest.raises(EngineError, match="already exists"):
+        with mf.atomic_folder(target):
+            pass
+    with mf.atomic_folder(target, overwrite=True) as work:
+        (work / "a").write_text("v2")
+    assert (target / "a").read_text() == "v2" and [p.name for p in tmp_path.iterdir()] == ["e"]
+
+
+def test_hash_folder_sees_content_and_names(tmp_path):
+    (tmp_path / "a").write_text("1")
+    h1 = mf.hash_folder(tmp_path)
+    (tmp_path / "a").write_text("2")
+    h2 = mf.hash_folder(tmp_path)
+    (tmp_path / "a").rename(tmp_path / "b")
+    assert len({h1, h2, mf.hash_folder(tmp_path)}) == 3
+
+
+# -- a real export of a tiny checkpoint -------------------------------------------------------------
+def make_checkpoint(path, mode="mean"):
+    from valley_rt.checkpoint import save_checkpoint
+    from valley_rt.config import preset
+    from valley_rt.model import build_model
+    from valley_rt.train.tokenizer import token_layout, train_tokenizer
+
+    texts = ["A red square moves left and a blue circle stays still. ### Human: what moves? Assistant:"] * 4
+    tok = train_tokenizer(texts, vocab_size=300)
+    cfg = preset("tiny")
+    cfg.temporal.mode = mode
+    cfg.tokens = token_layout(tok)
+    cfg.llm.vocab_size = len(tok)
+    return save_checkpoint(build_model(cfg, seed=2), path, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt")
+
+
+def test_export_engine_end_to_end(checkpoint, tmp_path):
+    from valley_rt.backends.vision import OnnxVision, TorchVision
+    from valley_rt.checkpoint import load_checkpoint
+    from valley_rt.export.engine import export_engine
+    from valley_rt.export.onnx_vision import compare, sample_crops
+
+    out = tmp_path / "engine"
+    m = export_engine(checkpoint, out, precision="fp32", quant="none", gpu="no")
+    assert m == mf.load_manifest(out)
+    assert m["source"]["sha256"] == mf.hash_folder(checkpoint)
+    assert m["precision"] == {"vision": "fp32", "llm": "fp32"}
+    names = set(m["artifacts"])
+    assert {"vision.onnx", "llm/llm.onnx", "tokenizer/tokenizer.json"} <= names
+    assert m["parity"]["vision"]["parity"]["fp32"]["pooled"]["rel_err"] <= 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["engine"]  # no partial or temp folders left
+
+    model = load_checkpoint(checkpoint)
+    crops = sample_crops(model.cfg, 4, seed=9)
+    pooled, frames = OnnxVision.from_engine(out).encode(crops)
+    ref_pooled, ref_frames = TorchVision(model).encode(crops)
+    assert compare(ref_pooled, pooled)["rel_err"] <= 1e-4 and compare(ref_frames, frames)["rel_err"] <= 1e-4
+
+    with pytest.raises(EngineError, match="already exists"):
+        export_engine(checkpoint, out, precision="fp32", quant="none", gpu="no")
+
+
+def test_export_cli_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from valley_rt.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "error:" in res.output and not (tmp_path / "e").exists()
+
+
+def test_interrupted_export_leaves_no_loadable_folder(checkpoint, tmp_path):
+    """SIGKILL an export in the middle (after the vision graph exists): nothing at the target path."""
+    out = tmp_path / "engine"
+    code = (f"from valley_rt.export.engine import export_engine\n"
+            f"export_engine({str(checkpoint)!r}, {str(out)!r}, precision='fp32', quant='none', gpu='no')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if any(p.name.startswith(".engine.partial-") and (p / "vision.onnx").exists() for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the export finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    with pytest.raises(EngineError):
+        mf.load_manifest(out)
