@@ -187,8 +187,9 @@ def restore_buffers(model: ValleyModel) -> None:
     inv_freq, rotary.attention_scaling = rotary.compute_default_rope_parameters(rotary.config, device="cpu")
     rotary.inv_freq = inv_freq.to(model.llm.lm_head.weight.device)
     rotary.original_inv_freq = rotary.inv_freq.clone()
-    if model.temporal.mode == "transformer" and model.temporal.position_matrix.is_meta:
-        model.temporal.position_matrix = sinusoid_table(*model.temporal.position_matrix.shape)
+    if model.temporal.mode == "transformer":  # after to_empty() the buffer is uninitialised memory, not meta
+        pm = model.temporal.position_matrix
+        model.temporal.position_matrix = sinusoid_table(*pm.shape).to(pm.device if not pm.is_meta else "cpu")
 
 
 def parameter_counts(model: ValleyModel) -> dict[str, int]:
