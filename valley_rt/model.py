@@ -189,7 +189,7 @@ def restore_buffers(model: ValleyModel) -> None:
     rotary.original_inv_freq = rotary.inv_freq.clone()
     if model.temporal.mode == "transformer":  # after to_empty() the buffer is uninitialised memory, not meta
         pm = model.temporal.position_matrix
-        model.temporal.position_matrix = sinusoid_table(*pm.shape).to(pm.device if not pm.is_meta else "cpu")
+        model.temporal.position_matrix = sinusoid_table(*pm.shape).to(device="cpu" if pm.is_meta else pm.device, dtype=pm.dtype)
 
 
 def parameter_counts(model: ValleyModel) -> dict[str, int]:
