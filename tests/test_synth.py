@@ -222,7 +222,7 @@ def test_color_changes_match_pixels(gen, arena):
 
 
 def test_answers_are_balanced():
-    """Over many planned clips every short answer is about equally likely, so chance is known."""
+    """Every short answer is (about) equally frequent in a split, so chance is known."""
     arena = synth.make_arena(128, 96)
     answers: dict[str, list[str]] = {f: [] for f in synth.SHORT_FAMILIES}
     for i in range(400):
@@ -238,7 +238,8 @@ def test_answers_are_balanced():
         values = sorted(set(got))
         assert len(values) == {"action": 4, "causal": 2, "counting": 3, "order": 2}[fam], (fam, values)
         shares = [got.count(v) / len(got) for v in values]
-        assert max(shares) - min(shares) < 0.12, (fam, dict(zip(values, shares)))
+        tolerance = 0.12 if fam == "order" else 0.04  # order only in expectation; the rest by 48-clip blocks
+        assert max(shares) - min(shares) < tolerance, (fam, dict(zip(values, shares)))
     assert len(answers["causal"]) > 100 and len(answers["order"]) > 100
 
 

@@ -178,6 +178,19 @@ class ClipPlan:
         return [t for s in self.scenes for t in s.tracks]
 
 
+def _answer_block() -> list[tuple[int, bool, str, str]]:
+    """48 (count, two scenes, direction, cause) combinations in which every answer is equally frequent:
+    each block of 48 consecutive clips uses each once, so a split's short answers are balanced exactly
+    (up to a partial last block), not just in expectation. A third of the clips have a scene cut."""
+    out = []
+    for direction in DIRECTIONS:
+        for cause in ("wall", "object"):
+            out += [(1, False, direction, cause)] * 2
+            out += [(count, two, direction, cause) for count in (2, 3) for two in (False, True)]
+    return out
+
+
+_BLOCK = _answer_block()
 _MAX_DRAWS = 5000  # geometry draws per clip; a typical clip needs a few, the worst of thousands ~100
 
 
@@ -299,15 +312,14 @@ def plan_clip(seed: int, index: int, *, arena: Arena, num_frames: int = 32, fram
     rng = np.random.default_rng([seed, index])
     T = num_frames
     sampled = np.linspace(0, T - 1, frames_hint).astype(int)
-    count = int(rng.integers(1, 4))
-    two_scenes = count >= 2 and rng.random() < 0.45  # ~30 % of clips have a cut
-    direction = str(rng.choice(DIRECTIONS))
-    cause = str(rng.choice(["wall", "object"]))
+    block, slot = divmod(index, len(_BLOCK))
+    shuffle = np.random.default_rng([seed, block, 2])
+    count, two_scenes, direction, cause = _BLOCK[shuffle.permutation(len(_BLOCK))[slot]]
+    order_swap = bool(shuffle.permutation(len(_BLOCK))[slot] % 2)  # which of the pair the question names first
     colors = [str(c) for c in rng.permutation(list(COLORS))[:count]]
     shapes = [str(rng.choice(SHAPES)) for _ in range(count)]
     spare = str(rng.permutation([c for c in COLORS if c not in colors])[0])  # what a still object may turn
     backgrounds = [str(b) for b in rng.permutation(list(BACKGROUNDS))[:2]]
-    order_swap = bool(rng.random() < 0.5)  # which of the pair the question names first
     for _ in range(_MAX_DRAWS):
         try:
             if two_scenes:
