@@ -14,7 +14,7 @@ closed vocabulary, exact-matched after `normalize_answer`). TEMPORAL_FAMILIES (d
 need several frames, as no single frame can tell them; direction and order also need the frames' order.
 
 The trade-off: the world is *planned*, not simulated. The answer of each short-answer family is drawn
-first (balanced, so chance is known), then the geometry is drawn until the clip shows exactly that
+first (balanced exactly within every block of 48 clips, so chance is known), then the geometry is drawn until the clip shows exactly that
 answer, with no accidental contact, every event visible in the frames a model samples
 (`np.linspace(0, T - 1, frames_hint)`), and every object inside the centre crop the model sees. A
 clip depends only on `(seed, index)`, so generation is deterministic and parallel, and two seeds give
