@@ -1,0 +1,173 @@
+"""Vision stage at the real ViT-L/14 shape: PyTorch fp32 eager reference vs each ONNX engine variant.
+
+Model: preset "bench-1b"'s vision tower (CLIP ViT-L/14 @ 224, select_layer -2 -> 23 of 24 layers run),
+projector 1024 -> 2048, mean temporal pooling; random weights. Input: 8 frames (uint8 crops).
+Per variant, in its own fresh process (so peak RSS is that variant's): warm-up, then best-of-N wall ms,
+achieved GFLOP/s (FLOPs written out below, the variant's own FLOPs: the engine pools before the
+projector) and the fraction of this machine's fp32 GEMM peak (a 2048^3 torch matmul measured in
+the same run), peak RSS, parity vs the reference (max abs error / value range, worst per-token cosine).
+Export times are measured in the parent. Ends with one JSON line.
+
+    python benchmarks/bench_vision.py [--frames 8] [--repeats 2] [--mode mean]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+THREADS = 2
+
+
+def bench_config(mode: str, name: str = "bench-1b"):
+    from valley_rt.config import preset
+
+    cfg = preset(name)
+    cfg.temporal.mode = mode
+    cfg.llm.num_layers = 1  # the LLM is not part of this stage; keep the random model small in memory
+    return cfg
+
+
+def vision_flops(cfg, frames: int, pool_first: bool) -> float:
+    """Multiply-adds x 2 of the vision stage for `frames` frames."""
+    v = cfg.vision
+    L, C, I, D, N = v.num_patches + 1, v.hidden_size, v.intermediate_size, cfg.llm.hidden_size, v.num_patches
+    patch = 2 * N * (3 * v.patch_size**2) * C  # the patch-embedding convolution
+    per_layer = 2 * L * (4 * C * C + 2 * C * I) + 2 * 2 * L * L * C  # qkv+out, MLP; QK^T and AV
+    tower = frames * (patch + v.layers_run * per_layer)
+    projected_rows = (N + frames) if pool_first else frames * L  # pooled rows + CLS rows, or every token
+    return tower + 2 * projected_rows * C * D
+
+
+def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _child(kind: str, arg: str, mode: str, frames: int, repeats: int, preset_name: str, queue) -> None:
+    """One measurement in a fresh process: reports ms, outputs (for parity) and its own peak RSS."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from valley_rt.export.onnx_vision import INPUT, OUTPUTS, reference_outputs, sample_crops, session
+
+    cfg = bench_config(mode, preset_name)
+    crops = sample_crops(cfg, frames, seed=7)
+    if kind == "torch":
+        from valley_rt.model import build_model
+
+        model = build_model(cfg, seed=0)
+        run = lambda: reference_outputs(model, crops)  # noqa: E731
+    else:
+        sess = session(arg, threads=THREADS)
+        run = lambda: sess.run(list(OUTPUTS), {INPUT: crops})  # noqa: E731
+    out = run()  # warm-up
+    best = min(_timed(run) for _ in range(repeats))
+    pooled, frame_tokens = (np.asarray(t, dtype=np.float32) for t in out[:2])
+    queue.put({"ms": best * 1e3, "pooled": pooled, "frames": frame_tokens,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def measure(kind: str, arg: str, mode: str, frames: int, repeats: int, preset_name: str) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(kind, arg, mode, frames, repeats, preset_name, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--mode", default="mean")
+    ap.add_argument("--preset", default="bench-1b", help="bench-1b = the real ViT-L/14 shape; tiny for a smoke run")
+    args = ap.parse_args()
+
+    import torch
+
+    from valley_rt.export import onnx_vision as ov
+    from valley_rt.model import build_model
+
+    torch.set_num_threads(THREADS)
+    cfg = bench_config(args.mode, args.preset)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    flags = open("/proc/cpuinfo").read()
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f" {f}" in flags]
+    print(f"# {cpu}, {os.cpu_count()} cores visible, {THREADS} threads; ISA: {', '.join(isa)}; load avg "
+          f"{os.getloadavg()[0]:.1f} (other jobs share this CPU: absolute times are noisy, ratios less so)")
+    peak = gemm_peak_gflops()
+    print(f"# fp32 GEMM peak (torch 2048^3 matmul, {THREADS} threads): {peak:.1f} GFLOP/s")
+
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="bench_vision-") as tmp:
+        tmp = Path(tmp)
+        model = build_model(cfg, seed=0)
+        t0 = time.perf_counter()
+        ov.export_raw(model, tmp / "raw.onnx")
+        t_trace = time.perf_counter() - t0
+        fusions = ov.optimize(tmp / "raw.onnx", tmp / "fp32.onnx", model)
+        t_fp32 = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ov.quantize_int8(tmp / "fp32.onnx", tmp / "int8.onnx")
+        t_int8 = t_fp32 + time.perf_counter() - t0
+        del model
+        print(f"# export: trace {t_trace:.1f} s, +fusions {t_fp32:.1f} s, +int8 {t_int8:.1f} s; fusions {fusions}")
+
+        variants = [("torch-fp32-eager", "torch", "", False, None),
+                    ("onnxruntime-fp32", "onnx", str(tmp / "fp32.onnx"), True, t_fp32),
+                    ("onnxruntime-int8", "onnx", str(tmp / "int8.onnx"), True, t_int8)]
+        ref = None
+        for name, kind, arg, pool_first, export_s in variants:
+            r = measure(kind, arg, args.mode, args.frames, args.repeats, args.preset)
+            flops = vision_flops(cfg, args.frames, pool_first)
+            row = {"ms": round(r["ms"], 1), "gflops": round(flops / r["ms"] / 1e6, 1),
+                   "peak_frac": round(flops / r["ms"] / 1e6 / peak, 3), "peak_rss_mb": round(r["peak_rss_mb"]),
+                   "export_s": None if export_s is None else round(export_s, 1)}
+            if ref is None:
+                ref = r
+            else:
+                p, f = ov.compare(ref["pooled"], r["pooled"]), ov.compare(ref["frames"], r["frames"])
+                row.update(speedup=round(ref["ms"] / r["ms"], 2), rel_err=max(p["rel_err"], f["rel_err"]),
+                           min_cosine=min(p["min_cosine"], f["min_cosine"]))
+            rows[name] = row
+            print(f"{name:18s} {row['ms']:9.1f} ms  {row['gflops']:7.1f} GFLOP/s ({100 * row['peak_frac']:5.1f}% of "
+                  f"fp32 peak)  RSS {row['peak_rss_mb']:6d} MB  x{row.get('speedup', 1.0):.2f}  "
+                  f"cos {row.get('min_cosine', 1.0):.5f}  rel err {row.get('rel_err', 0.0):.2e}", flush=True)
+
+    int8 = rows["onnxruntime-int8"]
+    default = "onnxruntime-int8" if int8["min_cosine"] >= ov.INT8_MIN_COSINE and int8["ms"] < rows["onnxruntime-fp32"]["ms"] else "onnxruntime-fp32"
+    v = cfg.vision
+    shape = f"ViT {v.hidden_size}w/{v.patch_size}px@{v.image_size} ({v.layers_run} layers run) + proj {v.hidden_size}->{cfg.llm.hidden_size}"
+    summary = {"bench": "vision", "preset": args.preset, "shape": shape, "mode": args.mode,
+               "frames": args.frames, "threads": THREADS, "cpu": cpu, "load_avg": round(os.getloadavg()[0], 1),
+               "gemm_peak_gflops": round(peak, 1), "gflop": round(vision_flops(cfg, args.frames, False) / 1e9, 1),
+               "variants": rows, "default_engine": default, "default_speedup": rows[default]["speedup"],
+               "goal_speedup": 2.5}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
