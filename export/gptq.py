@@ -40,6 +40,7 @@ from valley_rt.errors import CheckpointError, DataError
 # the exact tokenizer (GPTQModel's own save may rewrite pad-token settings).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
+EMBED_KEY = "model.embed_tokens.weight"
 
 
 @dataclass
@@ -123,6 +124,18 @@ def _install_embeds_capture(qmodel, embeds: list[torch.Tensor], vocab: int) -> N
     qmodel.run_input_capture = types.MethodType(run_input_capture, qmodel)
 
 
+def _embedding_table(llm_dir: Path) -> torch.Tensor:
+    """The LLM's token embedding table [V, H], read from the source safetensors (GPTQModel keeps the
+    model lazily on the meta device while it quantizes)."""
+    from safetensors import safe_open
+
+    for f in sorted(llm_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if EMBED_KEY in st.keys():
+                return st.get_tensor(EMBED_KEY).float()
+    raise CheckpointError(f"{llm_dir}: expected {EMBED_KEY} in a *.safetensors file, not found")
+
+
 def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSettings) -> Path:
     """Quantize the HF LLaMA folder `llm_dir` with GPTQ into a standard GPTQ folder `out_dir`.
 
@@ -144,14 +157,16 @@ def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSet
     qcfg = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act,
                           sym=settings.sym, damp_percent=settings.damp,
                           act_group_aware=settings.act_group_aware and not settings.desc_act,
-                          offload_to_disk=False)
+                          offload_to_disk=True)
     # float32 weights while calibrating: Hessians and error feedback in full precision on CPU.
+    # offload_to_disk (GPTQModel's default) keeps the model lazy on the meta device and materializes
+    # layers as it goes, so an LLM larger than RAM can be quantized.
     qmodel = GPTQModel.load(str(llm_dir), qcfg, dtype=torch.float32)
 
     if kind == "ids":
         rows = [{"input_ids": torch.as_tensor(ex["input_ids"]).long()} for ex in calibration]
     else:
-        table = qmodel.model.get_input_embeddings().weight.detach()  # [V, H]
+        table = _embedding_table(llm_dir) if any("input_ids" in ex for ex in calibration) else None  # [V, H]
         embeds = [ex["inputs_embeds"].detach().float() if "inputs_embeds" in ex
                   else table[torch.as_tensor(ex["input_ids"]).long()].float() for ex in calibration]
         rows = [{"input_ids": _placeholder_ids(i, x.shape[0], vocab)} for i, x in enumerate(embeds)]
