@@ -35,7 +35,7 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 # ---- steps: one line each; append new GPU tests and benchmarks below ---------------------------
-step "temporal_pool kernel tests" "$PY" -m pytest tests/test_temporal_pool_kernel.py -q -rs
+step "temporal_pool kernel tests" "$PY" -m pytest tests/test_temporal_pool_kernel.py -rs
 step "temporal_pool benchmark"    "$PY" benchmarks/bench_temporal_pool.py
 # -------------------------------------------------------------------------------------------------
 
