@@ -5,6 +5,18 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Triton reads TRITON_INTERPRET once, at its first import (which other modules trigger indirectly):
+# set it before anything imports triton, so the kernel tests run under the interpreter on CPU machines.
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures" / "original_valley"
 VIDEOS = SHARED / "videos"
