@@ -1,0 +1,192 @@
+"""The reference trainer: the loss falls, stages freeze the right parts, the schedule, kill -9 + resume
+continues exactly, evaluation, and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from valley_rt.errors import DataError
+from valley_rt.train.trainer import TrainOptions, cosine_with_warmup, train, trainable_parameters
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Six synthetic clips and a random smoke-sized checkpoint with a trained tokenizer (transformer
+    temporal mode, so dropout's RNG is part of what resume must restore)."""
+    from valley_rt.checkpoint import save_checkpoint
+    from valley_rt.model import build_model
+    from valley_rt.train.data import load_records
+    from valley_rt.train.recipes import smoke_config
+    from valley_rt.train.synth import generate
+    from valley_rt.train.tokenizer import corpus_texts, token_layout, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    generate(root / "data", n=6, seed=77)
+    records, _ = load_records(root / "data" / "data.json")
+    cfg = smoke_config()
+    cfg.temporal = dataclasses.replace(cfg.temporal, mode="transformer", num_heads=2, ff_size=64)
+    tok = train_tokenizer(corpus_texts(records, system=cfg.system_prompt), vocab_size=300)
+    cfg.tokens = token_layout(tok)
+    cfg.llm.vocab_size = len(tok)
+    save_checkpoint(build_model(cfg, seed=3), root / "init", tokenizer=tok)
+    return root
+
+
+def _opts(root: Path, out: Path, **kw) -> TrainOptions:
+    base = dict(data=str(root / "data" / "data.json"), out=str(out), init=str(root / "init"), train_vision=True,
+                batch_size=2, lr=3e-3, seed=1, threads=1, progress=False)
+    return TrainOptions(**{**base, **kw})
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(m["step"], m["loss"]) for m in lines if "loss" in m]
+
+
+def test_a_few_steps_make_the_loss_fall(tiny_run, tmp_path):
+    summary = train(_opts(tiny_run, tmp_path / "run", max_steps=16, lr=5e-3, warmup_ratio=0.0))
+    losses = [l for _, l in _losses(tmp_path / "run")]
+    assert summary["steps"] == 16 and len(losses) == 16
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # nats
+    # the result is a loadable valley-rt checkpoint with the run's tokenizer
+    from valley_rt.checkpoint import load_checkpoint, load_tokenizer
+
+    model = load_checkpoint(tmp_path / "run" / "model")
+    assert load_tokenizer(tmp_path / "run" / "model").convert_tokens_to_ids("<vi_end>") == model.cfg.tokens.vi_end
+
+
+def test_stages_freeze_the_right_parts(tiny_run):
+    from valley_rt.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tiny_run / "init")
+
+    def trained(stage, vision):
+        params = {id(p) for p in trainable_parameters(model, stage=stage, train_vision=vision)}
+        return {name for name, mod in [("vision", model.vision_tower), ("projector", model.mm_projector),
+                                       ("temporal", model.temporal), ("llm", model.llm)]
+                if any(id(p) in params for p in mod.parameters())}
+
+    assert trained(1, False) == {"projector", "temporal"}
+    assert trained(2, False) == {"projector", "temporal", "llm"}
+    assert trained(2, True) == {"vision", "projector", "temporal", "llm"}
+    with pytest.raises(DataError, match="stage must be 1 or 2"):
+        trainable_parameters(model, stage=3, train_vision=False)
+
+
+def test_stage1_leaves_the_llm_and_tower_untouched(tiny_run, tmp_path):
+    from valley_rt.checkpoint import load_checkpoint
+
+    train(_opts(tiny_run, tmp_path / "s1", stage=1, train_vision=False, max_steps=2))
+    before, after = load_checkpoint(tiny_run / "init"), load_checkpoint(tmp_path / "s1" / "model")
+    assert torch.equal(before.llm.lm_head.weight, after.llm.lm_head.weight)
+    assert torch.equal(before.vision_tower.embeddings.patch_embedding.weight,
+                       after.vision_tower.embeddings.patch_embedding.weight)
+    assert not torch.equal(before.mm_projector.weight, after.mm_projector.weight)
+
+
+def test_cosine_schedule_with_warmup():
+    f = cosine_with_warmup(100, 0.03)  # 3 warm-up steps
+    assert [round(f(s), 4) for s in range(4)] == [round(1 / 3, 4), round(2 / 3, 4), 1.0, 1.0]
+    assert f(51) == pytest.approx(0.5, abs=0.02)
+    assert f(99) < 0.01 and f(99) >= 0
+    assert all(f(s) >= f(s + 1) for s in range(3, 99))
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+from valley_rt.train.trainer import TrainOptions, train
+args = json.loads(sys.argv[1])
+def on_step(m):
+    if m["step"] == args["kill_at"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+train(TrainOptions(**args["opts"]), resume=args["resume"], on_step=on_step)
+"""
+
+
+@pytest.mark.slow  # one subprocess start (torch + transformers imports): ~10 s idle, much more on a busy box
+def test_kill_9_then_resume_continues_the_same_loss_curve(tiny_run, tmp_path):
+    from valley_rt.checkpoint import load_checkpoint
+
+    steps = 10
+    whole = _opts(tiny_run, tmp_path / "whole", max_steps=steps, save_every=2)
+    train(whole)
+    broken = _opts(tiny_run, tmp_path / "broken", max_steps=steps, save_every=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = {"opts": dataclasses.asdict(broken), "kill_at": 5, "resume": False}
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(args)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = torch.load(tmp_path / "broken" / "state.pt", weights_only=False)
+    assert state["step"] == 4  # the last state written before the kill
+    assert [s for s, _ in _losses(tmp_path / "broken")] == [1, 2, 3, 4, 5]  # step 5 logged, not saved
+    train(broken, resume=True)  # a fresh start of the same command with --resume
+    assert _losses(tmp_path / "broken") == _losses(tmp_path / "whole")
+    a, b = load_checkpoint(tmp_path / "whole" / "model"), load_checkpoint(tmp_path / "broken" / "model")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_same_seed_same_run(tiny_run, tmp_path):
+    train(_opts(tiny_run, tmp_path / "a", max_steps=3))
+    train(_opts(tiny_run, tmp_path / "b", max_steps=3))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_evaluate_scores_per_family_with_blind_control(tiny_run, tmp_path):
+    from valley_rt.train.evaluate import evaluate, score
+    from valley_rt.train.data import load_records
+
+    records, _ = load_records(tiny_run / "data" / "data.json")
+    short = [r for r in records if r.short]
+    perfect = score(short, [f"The {r.turns[1].text.upper()}!" for r in short])  # normalize_answer on both sides
+    assert perfect["overall"] == 1.0 and perfect["n"] == len(short)
+    assert score(short, ["" for _ in short])["overall"] == 0.0
+    out = tmp_path / "eval.json"
+    result = evaluate(model=tiny_run / "init", data=tiny_run / "data" / "data.json", both=True, limit=4, out=out)
+    assert json.loads(out.read_text()) == result
+    for part in ("video", "blind"):
+        assert result[part]["n"] == 4
+        assert set(result[part]["per_family"]) <= {"action", "causal", "counting", "order"}
+        assert 0.0 <= result[part]["overall"] <= 1.0
+    assert set(result["chance"]) <= {"action", "causal", "counting", "order"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from valley_rt.cli import app; app()", *args], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_reports_data_errors_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from valley_rt.cli import app
+
+    (tmp_path / "d.json").write_text("[]")
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(tmp_path / "d.json"), "--out", str(tmp_path / "o"), "--init",
+                              str(tmp_path / "nope")])
+    assert res.exit_code == 2 and res.output.strip().splitlines()[-1].startswith("error: ")
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "o"), "--recipe", "nope"])
+    assert res.exit_code == 2 and "unknown recipe 'nope'" in res.output
+    res = runner.invoke(app, ["eval", str(tmp_path / "nope"), str(tmp_path / "d.json")])
+    assert res.exit_code == 2 and "error: " in res.output
+
+
+@pytest.mark.slow
+def test_smoke_recipe_loss_falls_within_two_minutes(tmp_path):
+    t0 = time.perf_counter()
+    proc = _cli("train", "--recipe", "smoke", "--out", str(tmp_path / "smoke"), "--threads", "1", "--no-progress")
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    losses = [l for _, l in _losses(tmp_path / "smoke")]
+    assert seconds < 120 and summary["steps"] == len(losses)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses

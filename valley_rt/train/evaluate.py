@@ -1,0 +1,131 @@
+"""Exact-match evaluation on short answers, per task family, with a blind control.
+
+Each short-answer record's first question is asked alone (one turn, as a user would), the model
+answers greedily through `generate` with the reference `TorchLLM` backend, and the cleaned answer is
+compared with the reference after `synth.normalize_answer` (case, punctuation, articles, number
+words). The blind control replaces every video by a black video of the same size and frame count
+(`synth.render_blank_video`), so whatever accuracy remains comes from the question alone; it should
+sit near the question-only chance level that `synth.chance_accuracy` reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, format_conversation
+from valley_rt.train.data import FrameCache, Record, load_records
+
+
+def ask(model, tokenizer, question: str, visual: tuple[torch.Tensor, torch.Tensor], *, num_frames: int,
+        max_new_tokens: int = 32) -> str:
+    """One greedy answer to `question` about an already encoded video (pooled [1,N,D], frames [1,T,D])."""
+    from valley_rt.backends.llm_torch import TorchLLM
+    from valley_rt.generate import SamplingParams, generate
+
+    cfg = model.cfg
+    q = question if VIDEO in question else f"{VIDEO}\n{question}"
+    text, _ = format_conversation([Turn("human", q)], system=cfg.system_prompt)
+    ids, _ = encode(tokenizer, text, cfg=cfg, num_frames=num_frames)
+    with torch.inference_mode():
+        embeds = model.embed_inputs(torch.tensor([ids]), visual=visual)[0].float()  # [S, D]
+    backend = TorchLLM(model.llm)
+    out = generate(backend, tokenizer, embeds, params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+                   stop=("###",))
+    return clean_answer(out.text)
+
+
+def predict(model, tokenizer, records: list[Record], *, cache: FrameCache, blind: bool = False,
+            blank_dir: str | os.PathLike | None = None) -> list[str]:
+    """Greedy answers to each record's first question (videos encoded once per clip)."""
+    from valley_rt.train.synth import render_blank_video
+
+    was_training = model.training
+    model.eval()
+    by_video: dict[Path, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_video[r.video].append(i)
+    answers = [""] * len(records)
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory(dir=blank_dir) as tmp:
+        for k, (video, idx) in enumerate(by_video.items()):
+            source = video
+            if blind:
+                source = Path(tmp) / f"blank_{k}.mp4"
+                render_blank_video(source, like=video)
+            pixels = cache.pixels(source)  # [T, 3, H, W]
+            with torch.inference_mode():
+                visual = model.encode_video(pixels[None].to(device=device, dtype=dtype))
+            for i in idx:
+                answers[i] = ask(model, tokenizer, records[i].turns[0].text, visual, num_frames=pixels.shape[0])
+    model.train(was_training)
+    return answers
+
+
+def score(records: list[Record], answers: list[str], *, max_mistakes: int = 3) -> dict[str, Any]:
+    """Exact-match accuracy per task family and overall (normalize_answer on both sides), and a few
+    wrong answers per family."""
+    from valley_rt.train.synth import normalize_answer
+
+    hits: dict[str, list[int]] = defaultdict(list)
+    mistakes: dict[str, list[dict]] = defaultdict(list)
+    for r, a in zip(records, answers):
+        ok = int(normalize_answer(a) == normalize_answer(r.turns[1].text))
+        family = r.task or "unknown"
+        hits[family].append(ok)
+        if not ok and len(mistakes[family]) < max_mistakes:
+            mistakes[family].append({"id": r.id, "question": r.turns[0].text.replace(VIDEO, "").strip(),
+                                     "expected": r.turns[1].text, "got": a})
+    everything = [h for v in hits.values() for h in v]
+    return {"overall": round(sum(everything) / max(len(everything), 1), 4), "n": len(everything),
+            "per_family": {f: {"accuracy": round(sum(v) / len(v), 4), "n": len(v)} for f, v in sorted(hits.items())},
+            "mistakes": dict(mistakes)}
+
+
+def short_records(records: list[Record], limit: int | None = None) -> list[Record]:
+    out = [r for r in records if r.short]
+    return out[:limit] if limit else out
+
+
+def evaluate(*, model: str | os.PathLike, data: str | os.PathLike, blind: bool = False, both: bool = False,
+             limit: int | None = None, out: str | os.PathLike | None = None, threads: int | None = None) -> dict:
+    """Exact-match accuracy of checkpoint `model` on the short-answer records of `data`.
+
+    blind=True scores only the blind control; both=True scores the real videos and the blind control.
+    Writes the JSON to `out` when given and returns it.
+    """
+    from valley_rt.checkpoint import load_checkpoint, load_tokenizer
+    from valley_rt.errors import DataError
+    from valley_rt.train.synth import chance_accuracy
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    net = load_checkpoint(model)
+    tok = load_tokenizer(model)
+    records, _ = load_records(data)
+    short = short_records(records, limit)
+    if not short:
+        raise DataError(f"{data}: no short-answer records (\"short\": true) to score")
+    cache = FrameCache(net.cfg)
+    result: dict[str, Any] = {"model": str(model), "data": str(data), "records": len(short)}
+    if not blind or both:
+        result["video"] = score(short, predict(net, tok, short, cache=cache))
+    if blind or both:
+        result["blind"] = score(short, predict(net, tok, short, cache=cache, blind=True))
+    raw = json.loads(Path(data).read_text())
+    keep = {r.id for r in short}
+    result["chance"] = chance_accuracy([r for r in raw if str(r.get("id")) in keep])
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result

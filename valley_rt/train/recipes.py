@@ -1,0 +1,86 @@
+"""Named training recipes: the model config, the synthetic data and the optimisation settings.
+
+"demo": the bundled demo model (valley_rt/assets/demo), trained from scratch on a 2-core CPU.
+"smoke": a CI-sized run (tiny model, a few dozen clips) that shows the loss falling in seconds.
+
+No pretrained CLIP or LLaMA exists here, so both recipes train every part (vision tower included,
+i.e. `train_vision=True`) in a single instruction-tuning stage; the original's stage 1 (projector +
+temporal module only) needs a pretrained tower and LLM to align, and is available as `stage=1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from valley_rt.config import (LLMConfig, PreprocessConfig, SamplingConfig, TemporalConfig, TokenLayout,
+                              ValleyConfig, VisionConfig)
+
+DEMO_SYSTEM_PROMPT = "You are Valley, a video assistant."
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ValleyConfig  # tokens / vocab_size are filled in from the trained tokenizer
+    vocab_size: int  # base BPE vocabulary (the six Valley tokens come after it)
+    train_clips: int
+    val_clips: int
+    train_seed: int
+    val_seed: int
+    epochs: float
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    stage: int = 2
+    train_vision: bool = True
+    save_every: int = 200
+    eval_every: int = 0  # 0: only at the end
+    val_samples: int = 120
+    seed: int = 0
+    keep_long_descriptions: float = 1.0  # share of clips whose long description is trained on
+    synth: dict = field(default_factory=dict)  # extra keyword arguments of synth.generate
+
+
+def demo_config() -> ValleyConfig:
+    return ValleyConfig(
+        name="valley-rt-demo",
+        vision=VisionConfig(hidden_size=96, intermediate_size=384, num_layers=3, num_heads=4, image_size=64,
+                            patch_size=8, select_layer=-1, hidden_act="quick_gelu"),
+        temporal=TemporalConfig(mode="transformer", num_heads=4, ff_size=384, max_frames=64),
+        llm=LLMConfig(vocab_size=0, hidden_size=192, intermediate_size=384, num_layers=4, num_heads=4,
+                      num_kv_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5),
+        tokens=TokenLayout(),
+        preprocess=PreprocessConfig(resize_short=73, crop_size=64),
+        sampling=SamplingConfig(mode="fixed", num_frames=8),
+        system_prompt=DEMO_SYSTEM_PROMPT,
+    )
+
+
+def smoke_config() -> ValleyConfig:
+    cfg = demo_config()
+    return replace(cfg, name="valley-rt-smoke",
+                   vision=replace(cfg.vision, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                  patch_size=16),
+                   temporal=replace(cfg.temporal, mode="mean"),
+                   llm=replace(cfg.llm, hidden_size=48, intermediate_size=96, num_layers=1, num_heads=2,
+                               num_kv_heads=2))
+
+
+RECIPES = {
+    "demo": lambda: Recipe(name="demo", model=demo_config(), vocab_size=1024, train_clips=2400, val_clips=100,
+                           train_seed=1, val_seed=2, epochs=4, batch_size=8, lr=1e-3, save_every=50,
+                           eval_every=300, val_samples=120, keep_long_descriptions=0.25),
+    "smoke": lambda: Recipe(name="smoke", model=smoke_config(), vocab_size=300, train_clips=24, val_clips=6,
+                            train_seed=11, val_seed=12, epochs=6, batch_size=4, lr=3e-3, save_every=0,
+                            eval_every=0, val_samples=0),
+}
+
+
+def recipe(name: str) -> Recipe:
+    from valley_rt.errors import DataError
+
+    if name not in RECIPES:
+        raise DataError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    return RECIPES[name]()

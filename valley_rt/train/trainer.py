@@ -1,0 +1,418 @@
+"""The reference trainer: Valley's two stages on one CPU or GPU, resumable after a kill -9.
+
+Stage 1 (alignment) trains the projector and the temporal module with the vision tower and the LLM
+frozen; stage 2 (instruction tuning) also trains the LLM. `train_vision` adds the CLIP tower to
+either stage: the original starts from a pretrained CLIP and never trains it, but no pretrained
+tower exists here, so the demo recipe trains it from scratch (see recipes.py).
+
+Optimisation follows the original recipe: AdamW without weight decay, linear warm-up over
+`warmup_ratio` of the steps then cosine decay to zero, gradient clipping, gradient accumulation,
+bf16 autocast where it pays (CUDA with bf16; on CPU only when asked, since it is not faster on the
+small matrices of these models).
+
+Determinism and resume: the sample stream is the concatenation of per-epoch permutations that
+depend only on (seed, epoch), and optimizer step k consumes stream positions [k*B*A, (k+1)*B*A), so
+the data position is the step number. `OUT/state.pt` (written to a temp file, fsynced, then renamed
+over the old one) holds the model, optimizer, scheduler and RNG states and the step; `resume=True`
+loads it and continues exactly where the run stood, so a killed run's loss curve continues the
+uninterrupted one bit for bit (on the same machine and thread count).
+
+Layout of OUT: run.json (options + model config), tokenizer/ (the run's tokenizer), state.pt,
+metrics.jsonl (one JSON object per logged step, and per validation), model/ (the final valley-rt
+checkpoint, written by save_checkpoint with the tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from valley_rt.config import ValleyConfig
+from valley_rt.errors import DataError
+from valley_rt.train.data import (FrameCache, InstructionDataset, Record, collate, epoch_order, group_by_video,
+                                  load_records)
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainOptions:
+    data: str  # Valley instruction JSON
+    out: str  # run folder
+    val_data: str | None = None  # JSON with short-answer records for periodic validation accuracy
+    init: str | None = None  # valley-rt checkpoint to start from (else model_config + tokenizer_dir)
+    stage: int = 2  # 1: projector + temporal; 2: + LLM
+    train_vision: bool = False  # also train the CLIP tower (no pretrained one exists here)
+    epochs: float = 1.0
+    max_steps: int | None = None  # cap on optimizer steps (else from epochs)
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # optimizer steps between state.pt writes (0: only at the end)
+    eval_every: int = 0  # optimizer steps between validations (0: only at the end, if val_data)
+    val_samples: int = 100
+    log_every: int = 1
+    precision: str = "auto"  # "auto" | "fp32" | "bf16"
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads (CPU); 1 is fastest on a busy machine
+    group_by_video: bool = True  # one multi-turn sample per clip
+    skip_bad: bool = False
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------- pieces
+def trainable_parameters(model, *, stage: int, train_vision: bool) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the parts the stage trains; returns the trainable parameters."""
+    if stage not in (1, 2):
+        raise DataError(f"stage must be 1 or 2, got {stage}")
+    model.requires_grad_(False)
+    parts = [model.mm_projector, model.temporal]
+    if stage == 2:
+        parts.append(model.llm)
+    if train_vision:
+        parts.append(model.vision_tower)
+    for p in parts:
+        p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def resolve_precision(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise DataError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None  # CPU: measured no faster than fp32 for these sizes
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, rename over `path` (never a torn file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines of steps after `step` (written after the last saved state of a killed run)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ------------------------------------------------------------------------------------------- setup
+def _prepare_run(opts: TrainOptions, model_config: ValleyConfig | None, tokenizer, resume: bool):
+    """Model config + tokenizer of the run: from run.json/tokenizer on resume, else from init or arguments."""
+    from transformers import AutoTokenizer
+
+    out = Path(opts.out)
+    run_file, tok_dir = out / "run.json", out / "tokenizer"
+    if resume and run_file.is_file():
+        cfg = ValleyConfig.from_dict(json.loads(run_file.read_text())["model"])
+        return cfg, AutoTokenizer.from_pretrained(str(tok_dir)), None
+    init_model = None
+    if opts.init:
+        from valley_rt.checkpoint import load_checkpoint, load_tokenizer
+
+        init_model = load_checkpoint(opts.init)
+        cfg, tokenizer = init_model.cfg, load_tokenizer(opts.init)
+    elif model_config is None or tokenizer is None:
+        raise DataError("train: give an --init checkpoint, or a model config and tokenizer (a --recipe)")
+    else:
+        cfg = model_config
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(tok_dir))
+    run = {"options": dataclasses.asdict(opts), "model": cfg.to_dict()}
+    tmp = run_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(run, indent=2) + "\n")
+    os.replace(tmp, run_file)
+    return cfg, tokenizer, init_model
+
+
+def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, tokenizer=None, resume: bool = False,
+          on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train, checkpointing to opts.out; returns a summary (steps, final loss, seconds, validation).
+
+    resume=True continues from OUT/state.pt when it exists (else starts fresh in OUT).
+    """
+    from valley_rt.checkpoint import save_checkpoint
+    from valley_rt.model import build_model
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out = Path(opts.out)
+    state_file, metrics_file = out / STATE_FILE, out / METRICS_FILE
+    resuming = resume and state_file.is_file()
+    cfg, tok, init_model = _prepare_run(opts, model_config, tokenizer, resuming)
+    if tok.pad_token_id is None:
+        raise DataError("train: the tokenizer has no pad (or unk) token to pad batches with")
+
+    records, problems = load_records(opts.data, skip_bad=opts.skip_bad)
+    samples = group_by_video(records) if opts.group_by_video else records
+    cache = FrameCache(cfg)
+    dataset = InstructionDataset(samples, tok, cfg, cache=cache, shuffle_turns=opts.group_by_video, seed=opts.seed,
+                                 skip_bad=opts.skip_bad)
+    val = None
+    if opts.val_data:
+        from valley_rt.train.evaluate import short_records
+
+        val = short_records(load_records(opts.val_data)[0], opts.val_samples or None)
+
+    per_step = opts.batch_size * opts.grad_accum
+    total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * len(dataset) / per_step))
+
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    np.random.seed(opts.seed)
+    device = torch.device(opts.device)
+    model = init_model if init_model is not None else build_model(cfg, seed=opts.seed)
+    model.to(device).train()
+    params = trainable_parameters(model, stage=opts.stage, train_vision=opts.train_vision)
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, opts.warmup_ratio))
+    autocast = resolve_precision(opts.precision, opts.device)
+
+    step, elapsed = 0, 0.0
+    if resuming:
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, elapsed = state["step"], state["elapsed_s"]
+        _truncate_metrics(metrics_file, step)
+    elif metrics_file.exists():
+        metrics_file.unlink()
+
+    def save_state() -> None:
+        atomic_save({"step": step, "elapsed_s": elapsed, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": _rng_state(), "total_steps": total_steps}, state_file)
+
+    orders: dict[int, list[int]] = {}
+
+    def batch_at(position: int, size: int) -> list:
+        items = []
+        for pos in range(position, position + size):
+            epoch, k = divmod(pos, len(dataset))
+            if epoch not in orders:
+                orders.clear()
+                orders[epoch] = epoch_order(len(dataset), opts.seed, epoch)
+            items.append(dataset.sample(orders[epoch][k], epoch))
+        return items
+
+    def validate() -> dict | None:
+        if not val:
+            return None
+        from valley_rt.train.evaluate import predict, score
+
+        return score(val, predict(model, tok, val, cache=cache))
+
+    progress = _progress(opts.progress, total_steps, step)
+    last: dict[str, Any] = {}
+    t_start = time.perf_counter() - elapsed
+    with progress:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, tokens = 0.0, 0
+            for micro in range(opts.grad_accum):
+                batch = collate(batch_at(step * per_step + micro * opts.batch_size, opts.batch_size),
+                                tok.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    loss = model(**batch).loss
+                (loss / opts.grad_accum).backward()
+                loss_sum += float(loss.detach())
+                tokens += int((batch["labels"] != -100).sum())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            elapsed = time.perf_counter() - t_start
+            last = {"step": step, "epoch": round(step * per_step / len(dataset), 4),
+                    "loss": loss_sum / opts.grad_accum, "lr": lr, "grad_norm": grad_norm, "label_tokens": tokens,
+                    "step_s": round(time.perf_counter() - t0, 3), "elapsed_s": round(elapsed, 1)}
+            if step % opts.log_every == 0 or step == total_steps:
+                _append_jsonl(metrics_file, last)
+            if on_step:
+                on_step(last)
+            progress.advance(last)
+            if opts.eval_every and step % opts.eval_every == 0 and step < total_steps and val:
+                _append_jsonl(metrics_file, {"step": step, "val": validate()})
+            if opts.save_every and step % opts.save_every == 0:
+                save_state()
+    save_state()
+    summary: dict[str, Any] = {"steps": step, "final_loss": last.get("loss"), "seconds": round(elapsed, 1),
+                               "samples": len(dataset), "skipped": len(problems) + len(dataset.skipped),
+                               "decoded_clips": cache.decoded}
+    if val:
+        summary["val"] = validate()
+        _append_jsonl(metrics_file, {"step": step, "val": summary["val"]})
+    model.eval()
+    save_checkpoint(model, out / "model", tokenizer=tok)
+    summary["model"] = str(out / "model")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class _progress:
+    """A rich progress bar (loss, lr, s/step), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"))
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=self.total, completed=self.done, info="")
+        return self
+
+    def advance(self, m: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1,
+                            info=f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['step_s']:.2f}s/step")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+# ------------------------------------------------------------------------------------------- recipes
+def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None = None, progress: bool = True,
+               epochs: float | None = None, max_steps: int | None = None, train_clips: int | None = None,
+               workers: int = 1) -> dict[str, Any]:
+    """Synthesize the recipe's data (once), train its tokenizer, train the model, evaluate it.
+
+    Writes OUT/data/{train,val}/ (synthetic clips), OUT/ (the run) and returns the summary.
+    """
+    from valley_rt.train import synth
+    from valley_rt.train.recipes import recipe
+    from valley_rt.train.tokenizer import corpus_texts, token_layout, train_tokenizer
+
+    r = recipe(name)
+    out_p = Path(out)
+    n_train = train_clips or r.train_clips
+    t0 = time.perf_counter()
+    for split, n, seed in (("train", n_train, r.train_seed), ("val", r.val_clips, r.val_seed)):
+        folder = out_p / "data" / split
+        meta = folder / "meta.json"
+        if not (meta.is_file() and json.loads(meta.read_text()).get("n") == n):
+            synth.generate(folder, n=n, seed=seed, workers=workers, **r.synth)
+    synth_s = time.perf_counter() - t0
+    train_json = out_p / "data" / "train" / "data.json"
+    if r.keep_long_descriptions < 1.0:
+        train_json = _subsample_long(train_json, r.keep_long_descriptions, r.seed)
+    cfg = dataclasses.replace(r.model)
+    tok = None
+    if not (resume and (out_p / STATE_FILE).is_file()):
+        records, _ = load_records(train_json)
+        tok = train_tokenizer(corpus_texts(records, system=cfg.system_prompt), vocab_size=r.vocab_size)
+        cfg.tokens = token_layout(tok)
+        cfg.llm = dataclasses.replace(cfg.llm, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id)
+    opts = TrainOptions(data=str(train_json), out=out, val_data=str(out_p / "data" / "val" / "data.json"),
+                        stage=r.stage, train_vision=r.train_vision, epochs=epochs or r.epochs, max_steps=max_steps,
+                        batch_size=r.batch_size, grad_accum=r.grad_accum, lr=r.lr, warmup_ratio=r.warmup_ratio,
+                        max_grad_norm=r.max_grad_norm, seed=r.seed, save_every=r.save_every,
+                        eval_every=r.eval_every, val_samples=r.val_samples, threads=threads, progress=progress)
+    summary = train(opts, model_config=cfg, tokenizer=tok, resume=resume)
+    summary["synth_s"] = round(synth_s, 1)
+    summary["recipe"] = name
+    return summary
+
+
+def _subsample_long(data_json: Path, keep: float, seed: int) -> Path:
+    """A copy of the data without most long descriptions (a deterministic `keep` share of clips keeps
+    theirs): they are the longest answers and would dominate CPU time."""
+    records = json.loads(data_json.read_text())
+    rng = random.Random(seed)
+    kept = [r for r in records if r.get("task") != "long_description" or rng.random() < keep]
+    out = data_json.with_name("train_subset.json")
+    if not out.is_file() or json.loads(out.read_text()) != kept:
+        out.write_text(json.dumps(kept, indent=1) + "\n")
+    return out
+
+
+def train_main(*, out: str, recipe: str | None = None, data: str | None = None, val_data: str | None = None,
+               init: str | None = None, resume: bool = False, stage: int = 2, train_vision: bool = False,
+               epochs: float | None = None, max_steps: int | None = None, batch_size: int = 8, grad_accum: int = 1,
+               lr: float = 2e-5, seed: int = 0, save_every: int = 0, eval_every: int = 0, precision: str = "auto",
+               device: str = "cpu", threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """`valley-rt train`: a named recipe (synthesizes its data, trains from scratch), or DATA from an
+    --init checkpoint. On --resume the run's saved options (run.json) win over the command line."""
+    if recipe:
+        return run_recipe(name=recipe, out=out, resume=resume, threads=threads, progress=progress, epochs=epochs,
+                          max_steps=max_steps)
+    run_file = Path(out) / "run.json"
+    if resume and run_file.is_file():
+        saved = json.loads(run_file.read_text())["options"]
+        opts = TrainOptions(**{**saved, "threads": threads or saved.get("threads"), "progress": progress})
+        return train(opts, resume=True)
+    if not data:
+        raise DataError("train: give --recipe NAME, or DATA with --init CHECKPOINT")
+    opts = TrainOptions(data=data, out=out, val_data=val_data, init=init, stage=stage, train_vision=train_vision,
+                        epochs=epochs or 1.0, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                        lr=lr, seed=seed, save_every=save_every, eval_every=eval_every, precision=precision,
+                        device=device, threads=threads, progress=progress)
+    return train(opts, resume=resume)
