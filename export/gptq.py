@@ -150,6 +150,9 @@ def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSet
     src_config = json.loads((llm_dir / "config.json").read_text())
     vocab, hidden = int(src_config["vocab_size"]), int(src_config["hidden_size"])
     kind = _check_calibration(calibration, vocab, hidden, int(src_config.get("max_position_embeddings", 2048)))
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "valley_gptq.json").is_file():
+        raise CheckpointError(f"{out_dir}: expected a new folder or an earlier GPTQ output to replace, "
+                              f"found other files")
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(8, os.cpu_count() or 1))))
     from gptqmodel import GPTQModel, QuantizeConfig  # ~6 s import: only here
@@ -174,7 +177,7 @@ def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSet
 
     # batch 1 and no concatenation: each example keeps its own length (and its placeholder intact).
     qmodel.quantize(rows, batch_size=1, calibration_concat_size=None, calibration_data_min_length=1)
-    if out_dir.exists():
+    if out_dir.exists():  # replace only a folder this function wrote
         shutil.rmtree(out_dir)
     qmodel.save(str(out_dir))
 

@@ -234,6 +234,8 @@ def test_bad_inputs_raise_one_line_errors(llm_dir, tmp_path):
         quantize_llm(llm_dir, tmp_path / "x", calibration=[], settings=settings)
     with pytest.raises(CheckpointError, match="config.json"):
         quantize_llm(tmp_path, tmp_path / "x", calibration=_ids_calibration(), settings=settings)
+    with pytest.raises(CheckpointError, match="found other files"):
+        quantize_llm(llm_dir, llm_dir, calibration=_ids_calibration(), settings=settings)  # would wipe the source
     with pytest.raises(CheckpointError, match="quant_method 'gptq'"):
         load_gptq_as_torch(llm_dir)  # an unquantized folder
     with pytest.raises(ValueError, match="bits must be 2, 4 or 8"):
