@@ -145,7 +145,8 @@ def main() -> None:
             flops = vision_flops(cfg, args.frames, pool_first)
             row = {"ms": round(r["ms"], 1), "gflops": round(flops / r["ms"] / 1e6, 1),
                    "peak_frac": round(flops / r["ms"] / 1e6 / peak, 3), "peak_rss_mb": round(r["peak_rss_mb"]),
-                   "export_s": None if export_s is None else round(export_s, 1)}
+                   "export_s": None if export_s is None else round(export_s, 1),
+                   "load_avg": round(os.getloadavg()[0], 1)}  # other jobs on this CPU during the run
             if ref is None:
                 ref = r
             else:

@@ -22,8 +22,9 @@ Trade-offs taken here, each checked against `ValleyModel.encode_video` by tests/
   valley-rt does not depend on; the TorchScript exporter traces this fixed-signature wrapper cleanly.
 * CPU int8: ONNX Runtime dynamic quantization (int8 weights per channel, uint8 activations per tensor,
   computed at run time: MatMulInteger/DynamicQuantizeMatMul, QAttention; VNNI on this CPU).
-  bf16 is not offered: ONNX Runtime's CPU provider has no bf16 MatMul/Attention kernels on x86
-  (bf16 fast-math GEMM exists only on ARM64), so a bf16 graph would run slower through casts.
+  bf16 is not offered: ONNX Runtime 1.32's CPU provider has no bf16 MatMul kernel at all (a bf16
+  MatMul graph fails with NOT_IMPLEMENTED; its bf16 fast-math GEMM option is ARM64-only), so a bf16
+  engine could only be casts around fp32 kernels, slower than fp32.
 """
 
 from __future__ import annotations

@@ -185,3 +185,32 @@ def test_interrupted_export_leaves_no_loadable_folder(checkpoint, tmp_path):
     assert not out.exists()
     with pytest.raises(EngineError):
         mf.load_manifest(out)
+
+
+@pytest.mark.slow
+def test_export_engine_gptq_multimodal_calibration(checkpoint, tmp_path, shared_dir):
+    """--quant gptq: calibration on spliced video+text embeddings, held-out gate figures in the manifest."""
+    from valley_rt.export.engine import export_engine
+
+    videos = ["snowmobile.mp4", "gray.mp4", "vp9.webm", "yuv444.mp4", "mpeg4.avi", "hevc.mkv", "av1.mp4", "vfr.mp4"]
+    records = [{"id": f"r{i}", "video": str(shared_dir / "videos" / v), "conversations": [
+        {"from": "human", "value": "<video>\nWhat moves in the video?"},
+        {"from": "gpt", "value": f"A red square moves left {i}."}]} for i, v in enumerate(videos)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "engine"
+    m = export_engine(checkpoint, out, precision="fp32", quant="gptq", group_size=32, calib=data, force=True, gpu="no")
+    llm = m["parity"]["llm"]
+    assert m["precision"]["llm"] == "gptq4-g32" and llm["calibration"] == "multimodal"
+    assert llm["calibration_examples"] == 6 and llm["held_out_examples"] == 2
+    assert {"ppl_delta", "agreement", "sqnr_db", "gate"} <= set(llm)
+    assert "llm/llm.onnx" in m["artifacts"] and mf.load_manifest(out) == m
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json", "engine"]  # GPTQ scratch removed
+
+
+def test_export_gptq_needs_calibration(checkpoint, tmp_path):
+    from valley_rt.export.engine import export_engine
+
+    with pytest.raises(EngineError, match="--quant gptq needs --calib"):
+        export_engine(checkpoint, tmp_path / "e", quant="gptq")
+    assert not (tmp_path / "e").exists()
