@@ -164,6 +164,21 @@ def test_export_cli_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "error:" in res.output and not (tmp_path / "e").exists()
 
 
+def test_export_cli_writes_engine(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from valley_rt.cli import app
+
+    out = tmp_path / "e"
+    res = CliRunner().invoke(app, ["export", str(checkpoint), "--out", str(out), "--precision", "int8",
+                                   "--quant", "rtn4", "--group-size", "32", "--gpu", "no"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["precision"] == {"vision": "int8", "llm": "rtn4-g32"}
+    assert summary["vision_parity"]["int8"]["pooled"]["min_cosine"] >= 0.999
+    assert mf.load_manifest(out)["precision"] == summary["precision"]
+
+
 def test_interrupted_export_leaves_no_loadable_folder(checkpoint, tmp_path):
     """SIGKILL an export in the middle (after the vision graph exists): nothing at the target path."""
     out = tmp_path / "engine"
