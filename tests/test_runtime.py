@@ -178,3 +178,38 @@ def test_tampered_engine_is_refused(engine, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="version 999"):
         load(bad)
+
+
+def test_stream_cleaner_drops_role_marker_and_trailing_space():
+    from valley_rt.runtime import _StreamCleaner
+
+    out = []
+    clean = _StreamCleaner(out.append)
+    for piece in [" Ass", "istent", ":", " the", " red", " square", " moves", " left", " \n"]:
+        clean(piece)
+    clean.flush()
+    assert "".join(out) == "the red square moves left"
+    out.clear()
+    clean = _StreamCleaner(out.append)
+    clean(" Assistent: up \n")
+    clean.flush()
+    assert out == ["up"]
+
+
+def test_first_use_export_is_shared_by_concurrent_processes(ckpt, tmp_path):
+    """Two processes asking for the same checkpoint's engine at once: one exports, both get it."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VALLEY_RT_CACHE=str(tmp_path / "cache"))
+    code = ("import sys; from valley_rt.runtime import ensure_engine, load; "
+            "p = ensure_engine(__import__('pathlib').Path(sys.argv[1])); load(p); print(p)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ckpt)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    paths = {o[0].strip().splitlines()[-1] for o in outs}
+    assert len(paths) == 1
+    engines = [p for p in (tmp_path / "cache" / "engines").iterdir() if p.is_dir()]
+    assert [p.name for p in engines] == [Path(paths.pop()).name]  # no half-written sibling left behind

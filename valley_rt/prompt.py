@@ -98,10 +98,14 @@ def check_context(n_prompt: int, max_new_tokens: int, context: int) -> None:
 _LEADING = re.compile(r"^\s*(?:###|Assistant:|Assistent:|Response:|Valley:|\s)*", re.IGNORECASE)
 
 
+def strip_leading(text: str) -> str:
+    """Drop the leading separator / role markers ("###", "Assistant:", "Assistent:", ...)."""
+    return _LEADING.sub("", text)
+
+
 def clean_answer(text: str) -> str:
     """Strip the leading separator / role markers and cut at the first "###" (spec: prompt)."""
-    text = _LEADING.sub("", text)
-    return text.split(SEP, 1)[0].strip()
+    return strip_leading(text).split(SEP, 1)[0].strip()
 
 
 def splice(embeds: torch.Tensor, input_ids: torch.Tensor,

@@ -105,6 +105,43 @@ class ReferenceVision:
         return pooled[0], frame_tokens[0]
 
 
+class _StreamCleaner:
+    """Streams what `clean_answer` would keep: holds text back until the leading role marker the model
+    writes first (" Assistent:", "###", ...) is complete, drops it, then passes text straight through."""
+
+    HOLD = 16  # longer than any leading marker, e.g. "### Assistant: "
+
+    def __init__(self, sink: Callable[[str], None]):
+        self.sink, self.buf, self.started, self.space = sink, "", False, ""
+
+    def _emit(self, text: str) -> None:
+        """Pass text on, holding back trailing whitespace (the answer's " \n" before "###")."""
+        text = self.space + text
+        body = text.rstrip()
+        self.space = text[len(body):]
+        if body:
+            self.sink(body)
+
+    def __call__(self, text: str) -> None:
+        if self.started:
+            self._emit(text)
+            return
+        self.buf += text
+        if len(self.buf.lstrip()) >= self.HOLD:
+            self._start()
+
+    def _start(self) -> None:
+        from valley_rt.prompt import strip_leading
+
+        self.started = True
+        self._emit(strip_leading(self.buf))
+
+    def flush(self) -> None:
+        """End of the answer: release a short held-back answer; trailing whitespace is dropped."""
+        if not self.started:
+            self._start()
+
+
 # -- results ---------------------------------------------------------------------------------------
 @dataclass
 class VideoContext:
@@ -219,8 +256,11 @@ class Valley:
         check_context(len(ids), params.max_new_tokens, self.llm.max_context)
         embeds = self._embeds(ids, ctx)[common:]
         t1 = time.perf_counter()
-        result = generate(self.llm, self.tokenizer, embeds, params=params, on_text=on_text, stop=stop,
+        cleaner = _StreamCleaner(on_text) if on_text is not None else None
+        result = generate(self.llm, self.tokenizer, embeds, params=params, on_text=cleaner, stop=stop,
                           eos_token_id=-1 if ignore_eos else None)
+        if cleaner is not None:
+            cleaner.flush()
         answer_ids = result.token_ids
         self._cached_ids = ids + answer_ids[:-1]  # the last sampled token is never fed back
         timings = dict(ctx.timings)
@@ -368,6 +408,7 @@ def ensure_engine(ckpt: Path) -> Path:
     Two processes asking at once are serialized by a lock file; the second finds the first's engine.
     The export itself is atomic (built aside, renamed into place), so a killed export leaves nothing.
     """
+    from valley_rt.checkpoint import read_config
     from valley_rt.export.engine import export_engine
     from valley_rt.export.manifest import hash_folder, load_manifest
 
@@ -382,8 +423,16 @@ def ensure_engine(ckpt: Path) -> Path:
             return out
         except EngineError:
             pass
-        export_engine(ckpt, out, quant="rtn4", force=True)
+        export_engine(ckpt, out, quant="rtn4", group_size=_group_size(read_config(ckpt)), force=True)
     return out
+
+
+def _group_size(cfg: ValleyConfig, largest: int = 128) -> int:
+    """The largest power-of-two int4 group size (<= 128) that divides every linear's input width."""
+    size = largest
+    while size > 8 and (cfg.llm.hidden_size % size or cfg.llm.intermediate_size % size):
+        size //= 2
+    return size
 
 
 # -- batch -----------------------------------------------------------------------------------------
