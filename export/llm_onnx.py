@@ -15,7 +15,7 @@ Per layer (x: [1, S, H] residual stream):
     o      = MatMulNBits(a, W_o)
     n2     = SkipSimplifiedLN(o, residual)
     gu     = MatMulNBits(n2, W_gate_up)                  # [1, S, 2 I], gate/up fused
-    down   = MatMulNBits(silu(gate) * up, W_down)
+    down   = MatMulNBits(QuickGelu(gate, alpha=1) * up, W_down)   # QuickGelu with alpha 1 is SiLU
 
 Weights:
   * quant="gptq": a GPTQ v1/v2 folder (`quantization_config` in config.json; int32-packed qweight
@@ -49,7 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from valley_rt.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump on any change of the graph or files; OnnxLLM refuses other versions
 MODEL_FILE = "llm.onnx"
 DATA_FILE = "llm.onnx.data"
 EMBED_FILE = "embed_tokens.npy"
@@ -538,7 +538,8 @@ def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 
             gate, up = g.op("Split", [gu[0], sizes], n_out=2, axis=-1)
         else:
             gate, up = gu
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]  # silu(gate) * up
+        silu = g.op("QuickGelu", [gate], domain="com.microsoft", alpha=1.0)[0]  # x * sigmoid(1.0 * x) = silu
+        act = g.op("Mul", [silu, up])[0]
         x = g.linear(act, w["down"][0], f"{p}.mlp.down_proj")
 
     # Only the last position needs logits: slice before the final norm and the vocabulary GEMV.

@@ -277,3 +277,9 @@ def test_export_errors(hf_dirs, tmp_path):
         export_llm_onnx(tmp_path / "missing", tmp_path / "y", quant="none")
     with pytest.raises(EngineError, match="expected an exported LLM file"):
         OnnxLLM(tmp_path / "nothing_here")
+    path = export_llm_onnx(hf_dirs["hd8"], tmp_path / "old", quant="none")
+    meta = json.loads((path.parent / "llm_onnx.json").read_text())
+    meta["format_version"] = 1
+    (path.parent / "llm_onnx.json").write_text(json.dumps(meta))
+    with pytest.raises(EngineError, match="expected LLM format_version 2, got 1"):
+        OnnxLLM(path)

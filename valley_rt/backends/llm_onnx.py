@@ -42,7 +42,7 @@ class OnnxLLM:
     def __init__(self, path, *, threads: int = 2, spinning: bool = True, max_context: int | None = None):
         import onnxruntime as ort
 
-        from valley_rt.export.llm_onnx import EMBED_FILE, META_FILE, MODEL_FILE
+        from valley_rt.export.llm_onnx import EMBED_FILE, FORMAT_VERSION, META_FILE, MODEL_FILE
 
         t0 = time.perf_counter()
         path = Path(path)
@@ -53,6 +53,9 @@ class OnnxLLM:
             if not f.is_file():
                 raise EngineError(f"{f}: expected an exported LLM file (valley_rt.export.llm_onnx), not found")
         self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise EngineError(f"{meta_file}: expected LLM format_version {FORMAT_VERSION}, got "
+                              f"{self.meta.get('format_version')}; re-export the engine")
         shape = self.meta["shape"]
         self.hidden_size = int(shape["hidden_size"])
         self.vocab_size = int(shape["vocab_size"])
