@@ -192,12 +192,17 @@ def _fits_bytesize(model_proto) -> bool:
 
 def optimize(src: str | Path, dst: str | Path, model: ValleyModel) -> dict[str, int]:
     """ONNX Runtime's transformer fusions, offline ("clip" model type); returns the fused-op counts."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     v = model.cfg.vision
+    options = FusionOptions("clip")
+    # The fusions fire without ONNX shape inference (same counts at ViT-L/14), and skipping it halves the
+    # optimizer's peak memory (7.9 -> 3.8 GB at ViT-L/14) and time (30 -> 12 s).
+    options.enable_shape_inference = False
     with warnings_quiet():
         opt = optimize_model(str(src), model_type="clip", num_heads=v.num_heads, hidden_size=v.hidden_size,
-                             opt_level=0)  # 0: only the Python fusions; ORT's own passes run at load
+                             opt_level=0, optimization_options=options)  # 0: Python fusions only; ORT's run at load
     big = not _fits_bytesize(opt.model) or opt.model.ByteSize() > EXTERNAL_DATA_BYTES
     opt.save_model_to_file(str(dst), use_external_data_format=big)  # also declares the com.microsoft opset
     return {k: int(n) for k, n in opt.get_fused_operator_statistics().items() if n}
