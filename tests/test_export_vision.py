@@ -159,3 +159,15 @@ def test_gpu_fp16_and_tensorrt(tmp_path):
     for key in ("parity_cuda_fp16", "parity_trt_fp16"):
         if key in entry:
             assert min(v["min_cosine"] for v in entry[key].values()) >= INT8_COS, entry
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_external_data_path(tmp_path, monkeypatch, precision):
+    """Graphs over the 2 GB protobuf limit keep weights in <graph>.data beside them (threshold lowered here)."""
+    monkeypatch.setattr(ov, "EXTERNAL_DATA_BYTES", 10_000)
+    model = tiny_model("mean")
+    res = ov.export_vision(model, tmp_path, precision=precision, frames=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.onnx", "vision.onnx.data"]
+    assert (tmp_path / "vision.onnx").stat().st_size < 200_000 < (tmp_path / "vision.onnx.data").stat().st_size
+    figures = ov.parity(model, ov.session(res.path), ov.sample_crops(model.cfg, 3, seed=4))
+    assert min(v["min_cosine"] for v in figures.values()) >= INT8_COS
