@@ -102,7 +102,7 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
 
     if quant != "gptq":
         export_llm_onnx(ckpt / "llm", out, quant=quant, group_size=group_size)
-        label = "fp32" if quant == "none" else f"rtn{bits if bits == 4 else 4}-g{group_size}"
+        label = "fp32" if quant == "none" else f"rtn4-g{group_size}"  # rtn4 is always 4-bit
         return {"quant": label, "figures": {"method": quant}}
 
     from valley_rt.export import gptq
