@@ -155,7 +155,6 @@ def real_model() -> tuple[Path, Path, Path, str]:
     """bench-1b: ViT-L/14 at 224 + 1.1B LLaMA, random weights; checkpoint and engine built once."""
     from valley_rt.checkpoint import save_checkpoint
     from valley_rt.config import preset
-    from valley_rt.export.engine import export_engine
     from valley_rt.model import build_model
 
     ckpt, engine = WORK / "bench-1b", WORK / "bench-1b-engine"
@@ -164,7 +163,9 @@ def real_model() -> tuple[Path, Path, Path, str]:
         save_checkpoint(build_model(preset("bench-1b"), seed=0), ckpt, tokenizer=_byte_tokenizer(preset("bench-1b")))
     if not (engine / "manifest.json").is_file():
         print("exporting its engine (once) ...", file=sys.stderr)
-        export_engine(ckpt, engine, quant="rtn4", force=True, gpu="no")
+        # in its own process: the export's peak memory (fp32 model + traced graphs) is released after
+        subprocess.run([sys.executable, "-m", "valley_rt", "export", str(ckpt), "--out", str(engine),
+                        "--quant", "rtn4", "--force"], check=True)
     video = SHARED_CLIP if SHARED_CLIP.is_file() else sorted((REPO / "valley_rt/assets/clips").glob("*.mp4"))[0]
     return ckpt, engine, video, "What happens in this video? Describe it."
 
