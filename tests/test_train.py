@@ -190,3 +190,21 @@ def test_smoke_recipe_loss_falls_within_two_minutes(tmp_path):
     losses = [l for _, l in _losses(tmp_path / "smoke")]
     assert seconds < 120 and summary["steps"] == len(losses)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_param_groups_never_decay_the_llm_and_scale_the_tower(tiny_run):
+    from valley_rt.checkpoint import load_checkpoint
+    from valley_rt.train.trainer import param_groups
+
+    model = load_checkpoint(tiny_run / "init")
+    params = trainable_parameters(model, stage=2, train_vision=True)
+    groups = param_groups(model, params, 0.1, 1e-3, vision_lr_scale=0.1)
+    assert sum(len(g["params"]) for g in groups) == len(params)
+    llm = {id(p) for p in model.llm.parameters()}
+    tower = {id(p) for p in model.vision_tower.parameters()}
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        if ids & llm:
+            assert g["weight_decay"] == 0.0 and g["lr"] == 1e-3
+        if ids & tower:
+            assert g["lr"] == pytest.approx(1e-4) and not ids & llm
