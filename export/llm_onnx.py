@@ -24,12 +24,16 @@ Weights:
     [out, blocks], packed uint8 zero points. Act-order (desc_act) is handled by sorting the input rows
     by group (x @ W == x[perm] @ W[perm]): the activation gets one Gather (cheap, [S, in]) and, for
     down_proj, the permutation is folded into gate/up's output columns instead (free).
-  * quant="rtn4": round-to-nearest int4 of fp weights, group 128, asymmetric - the same GPTQ tensors
+  * quant="rtn4": round-to-nearest int4 of fp weights, group 128 (group_size), asymmetric - the same GPTQ tensors
     without error compensation, through the same repacker (for tests and benchmarks without GPTQ).
   * quant="none": fp32 MatMul.
   * lm_head (2048 x 32000 at 1.1B scale, ~11 % of the int4 bytes if int8): int8 RTN, block 32, via
     MatMulNBits bits=8 by default (near lossless, ~4x fewer bytes than fp32); "int4" halves it again
-    at some accuracy cost; "fp32" keeps it exact (and is the only choice with quant="none").
+    at some accuracy cost; "fp32" keeps it exact (the default with quant="none").
+  * heads narrower than 16 (GroupQueryAttention's CPU kernel needs head_size % 16 == 0; the tiny test
+    preset has 8) are zero-padded inside the graph: q/k/v get zero output columns laid out so that
+    rotary pairs stay pairs, the padded rotary angles are 0, the softmax scale stays 1/sqrt(head_dim)
+    and the padding is sliced off the attention output. Exact; costs only on tiny models.
 The embedding table is saved beside the graph as a .npy file the runtime memory-maps: the graph takes
 `inputs_embeds`, so text and visual tokens enter the same way.
 """
@@ -356,6 +360,8 @@ class _WeightSource:
         return w.numpy()
 
     def lm_head(self, shape: LlamaShape) -> np.ndarray | NBitsWeight:
+        if self.s.quant == "gptq" and "lm_head.qweight" in self.t:
+            return self.linear("lm_head")  # GPTQModel quantized the lm_head too (lm_head=True): keep it
         key = "lm_head.weight" if "lm_head.weight" in self.t else "model.embed_tokens.weight"
         if "lm_head.weight" not in self.t and not shape.tie_word_embeddings:
             raise CheckpointError(f"{self.t.folder}: expected 'lm_head.weight' (embeddings are not tied)")

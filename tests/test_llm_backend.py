@@ -283,3 +283,45 @@ def test_export_errors(hf_dirs, tmp_path):
     (path.parent / "llm_onnx.json").write_text(json.dumps(meta))
     with pytest.raises(EngineError, match="expected LLM format_version 2, got 1"):
         OnnxLLM(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_real_gptqmodel_folder_converts_exactly(tmp_path, desc_act):
+    """GPTQModel's own output (quantize -> save) -> export -> OnnxLLM equals the plain-torch
+    dequantized model (export.gptq.load_gptq_as_torch), then generates the same greedy answer."""
+    from valley_rt.export.gptq import GPTQSettings, load_gptq_as_torch, quantize_llm
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    src = tmp_path / "src"
+    tiny_llama("hd32").save_pretrained(src)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 1000)}}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(src)  # quantize_llm copies the tokenizer
+    gen = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(3, 1000, (48,), generator=gen)} for _ in range(6)]
+    qdir = quantize_llm(src, tmp_path / "gptq", calibration=calib,
+                        settings=GPTQSettings(group_size=32, desc_act=desc_act))
+    ref_model = load_gptq_as_torch(qdir)
+    ref = TorchLLM(ref_model[0] if isinstance(ref_model, tuple) else ref_model)
+    exact = OnnxLLM(export_llm_onnx(qdir, tmp_path / "exact", quant="gptq", lm_head="fp32", accuracy_level=0))
+    ids = list(range(3, 40))
+    want = ref.prefill(ref.embed(ids))
+    torch.testing.assert_close(exact.prefill(exact.embed(ids)), want, atol=1e-4, rtol=1e-4)
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(f" {i}" for i in ids)
+
+    fast = OnnxLLM(export_llm_onnx(qdir, tmp_path / "fast", quant="gptq"))  # int8 activations + lm_head
+    assert torch.cosine_similarity(fast.prefill(fast.embed(ids)), want, dim=0) > 0.999
+    exact.reset()
+    ref.reset()
+    params = SamplingParams(max_new_tokens=12)
+    a = generate(exact, Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    b = generate(ref, Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    assert a.token_ids == b.token_ids
