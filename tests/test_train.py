@@ -208,3 +208,13 @@ def test_param_groups_never_decay_the_llm_and_scale_the_tower(tiny_run):
             assert g["weight_decay"] == 0.0 and g["lr"] == 1e-3
         if ids & tower:
             assert g["lr"] == pytest.approx(1e-4) and not ids & llm
+
+
+def test_precision_choice():
+    from valley_rt.train.trainer import cpu_has_bf16, resolve_precision
+
+    assert resolve_precision("fp32", "cpu") is None
+    assert resolve_precision("bf16", "cpu") is torch.bfloat16
+    assert resolve_precision("auto", "cpu") is (torch.bfloat16 if cpu_has_bf16() else None)
+    with pytest.raises(DataError, match="precision must be"):
+        resolve_precision("fp8", "cpu")

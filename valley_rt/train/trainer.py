@@ -7,8 +7,7 @@ tower exists here, so the demo recipe trains it from scratch (see recipes.py).
 
 Optimisation follows the original recipe: AdamW without weight decay, linear warm-up over
 `warmup_ratio` of the steps then cosine decay to zero, gradient clipping, gradient accumulation,
-bf16 autocast where it pays (CUDA with bf16; on CPU only when asked, since it is not faster on the
-small matrices of these models).
+bf16 autocast where the hardware has native bf16 (see resolve_precision).
 
 Determinism and resume: the sample stream is the concatenation of per-epoch permutations that
 depend only on (seed, epoch), and optimizer step k consumes stream positions [k*B*A, (k+1)*B*A), so
@@ -124,17 +123,31 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int],
     return factor
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 dot products (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_precision(precision: str, device: str) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+    """The autocast dtype, or None for plain fp32.
+
+    "auto" = bf16 on a CUDA GPU that supports it, and on a CPU with native bf16 instructions: on
+    this project's 2-core AMD EPYC (Zen 4, AVX512-BF16) bf16 autocast cut the demo model's CPU time
+    per step by ~20 % (0.24 -> 0.19 s, batch 4, one thread); elsewhere fp32.
+    """
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if precision != "auto":
         raise DataError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None  # CPU: measured no faster than fp32 for these sizes
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_bf16() else None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -401,7 +414,8 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
                         batch_size=r.batch_size, grad_accum=r.grad_accum, lr=r.lr, warmup_ratio=r.warmup_ratio,
                         max_grad_norm=r.max_grad_norm, weight_decay=r.weight_decay,
                         vision_lr_scale=r.vision_lr_scale, seed=r.seed, save_every=r.save_every,
-                        eval_every=r.eval_every, val_samples=r.val_samples, threads=threads, progress=progress)
+                        eval_every=r.eval_every, val_samples=r.val_samples, precision=r.precision, threads=threads,
+                        progress=progress)
     summary = train(opts, model_config=cfg, tokenizer=tok, resume=resume)
     summary["synth_s"] = round(synth_s, 1)
     summary["recipe"] = name
