@@ -216,9 +216,10 @@ def test_export_engine_gptq_multimodal_calibration(checkpoint, tmp_path, shared_
     out = tmp_path / "engine"
     m = export_engine(checkpoint, out, precision="fp32", quant="gptq", group_size=32, calib=data, force=True, gpu="no")
     llm = m["parity"]["llm"]
-    assert m["precision"]["llm"] == "gptq4-g32" and llm["calibration"] == "multimodal"
+    assert m["precision"]["llm"] == "gptq4-g32" and llm["calibration"] in ("multimodal", "text")
+    assert set(llm["alternatives"]) == {"multimodal", "text"}  # both measured, the better kept
     assert llm["calibration_examples"] == 6 and llm["held_out_examples"] == 2
-    assert {"ppl_delta", "agreement", "sqnr_db", "gate"} <= set(llm)
+    assert {"ppl_delta", "agreement", "answer_agreement", "em_ref", "em_quant", "sqnr_db", "gate"} <= set(llm)
     assert "llm/llm.onnx" in m["artifacts"] and mf.load_manifest(out) == m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json", "engine"]  # GPTQ scratch removed
 
