@@ -204,8 +204,8 @@ def decode_one_token(backend: LLMBackend, token_id: int, params: SamplingParams,
 
 def decode_n_tokens(backend: LLMBackend, first_token: int, n: int, params: SamplingParams,
                     generator: torch.Generator | None,
-                    on_token: Callable[[int], bool]) -> tuple[list[int], str | None]:
-    """Sample up to n more tokens after `first_token`; `on_token` returns True to stop early.
+                    on_token: Callable[[int], str | None]) -> tuple[list[int], str | None]:
+    """Sample up to n more tokens after `first_token`; `on_token` returns a stop reason to stop early.
     Returns the new tokens and the reason for an early stop (None: ran out of n)."""
     tokens: list[int] = []
     cur = first_token
