@@ -30,7 +30,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
-    pass
+    import logging
+
+    # torchao (pulled in by gptqmodel) logs missing CUDA extensions and torch's pytree logs deprecations
+    # at import: noise for a CPU user, not errors.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def user_errors(fn):
