@@ -381,8 +381,10 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
     """Synthesize the recipe's data (once), train its tokenizer, train the model, then score it on a
     held-out split (fresh seed) with the blind control.
 
-    Writes OUT/data/{train,val,test}/ (synthetic clips), the run (OUT/model is the checkpoint),
-    OUT/eval.json and OUT/summary.json; returns the summary.
+    A recipe with a `finetune` phase trains phase 1 in OUT/phase1 and continues from its model in OUT
+    with the phase's overrides (e.g. unfreezing the tower). Writes OUT/data/{train,val,test}/
+    (synthetic clips), the runs (OUT/model is the final checkpoint), OUT/eval.json and
+    OUT/summary.json; returns the summary.
     """
     from valley_rt.train import synth
     from valley_rt.train.recipes import recipe
@@ -401,22 +403,34 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
     train_json = out_p / "data" / "train" / "data.json"
     if r.keep_long_descriptions < 1.0:
         train_json = _subsample_long(train_json, r.keep_long_descriptions, r.seed)
-    cfg = dataclasses.replace(r.model)
-    tok = None
-    if not (resume and (out_p / STATE_FILE).is_file()):
-        records, _ = load_records(train_json)
-        tok = train_tokenizer(corpus_texts(records, system=cfg.system_prompt), vocab_size=r.vocab_size)
-        cfg.tokens = token_layout(tok)
-        cfg.llm = dataclasses.replace(cfg.llm, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                      eos_token_id=tok.eos_token_id)
-    opts = TrainOptions(data=str(train_json), out=out, val_data=str(out_p / "data" / "val" / "data.json"),
-                        stage=r.stage, train_vision=r.train_vision, epochs=epochs or r.epochs, max_steps=max_steps,
-                        batch_size=r.batch_size, grad_accum=r.grad_accum, lr=r.lr, warmup_ratio=r.warmup_ratio,
-                        max_grad_norm=r.max_grad_norm, weight_decay=r.weight_decay,
-                        vision_lr_scale=r.vision_lr_scale, seed=r.seed, save_every=r.save_every,
-                        eval_every=r.eval_every, val_samples=r.val_samples, precision=r.precision, threads=threads,
-                        progress=progress)
-    summary = train(opts, model_config=cfg, tokenizer=tok, resume=resume)
+    val_json = str(out_p / "data" / "val" / "data.json")
+    base = dict(data=str(train_json), val_data=val_json, stage=r.stage, train_vision=r.train_vision,
+                epochs=epochs or r.epochs, max_steps=max_steps, batch_size=r.batch_size, grad_accum=r.grad_accum,
+                lr=r.lr, warmup_ratio=r.warmup_ratio, max_grad_norm=r.max_grad_norm, weight_decay=r.weight_decay,
+                vision_lr_scale=r.vision_lr_scale, seed=r.seed, save_every=r.save_every, eval_every=r.eval_every,
+                val_samples=r.val_samples, precision=r.precision, threads=threads, progress=progress)
+    # phase 1 trains from random weights; a recipe's `finetune` phase continues from its model
+    first_out = out_p / "phase1" if r.finetune else out_p
+    phases: list[dict[str, Any]] = []
+    if not (r.finetune and (first_out / "summary.json").is_file() and (first_out / "model").is_dir()):
+        cfg = dataclasses.replace(r.model)
+        tok = None
+        if not (resume and (first_out / STATE_FILE).is_file()):
+            records, _ = load_records(train_json)
+            tok = train_tokenizer(corpus_texts(records, system=cfg.system_prompt), vocab_size=r.vocab_size)
+            cfg.tokens = token_layout(tok)
+            cfg.llm = dataclasses.replace(cfg.llm, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id)
+        phases.append(train(TrainOptions(**base, out=str(first_out)), model_config=cfg, tokenizer=tok, resume=resume))
+    else:
+        phases.append(json.loads((first_out / "summary.json").read_text()))
+    if r.finetune:
+        opts = TrainOptions(**{**base, "epochs": 1.0, "max_steps": None, **r.finetune}, out=str(out_p),
+                            init=str(first_out / "model"))
+        phases.append(train(opts, resume=resume))
+    summary = dict(phases[-1])
+    summary["phases"] = [{k: p.get(k) for k in ("steps", "final_loss", "seconds", "val")} for p in phases]
+    summary["seconds"] = round(sum(p["seconds"] for p in phases), 1)
     summary["synth_s"] = round(synth_s, 1)
     summary["recipe"] = name
     if r.test_clips:
