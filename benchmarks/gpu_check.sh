@@ -37,6 +37,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 # ---- steps: one line each; append new GPU tests and benchmarks below ---------------------------
 step "temporal_pool kernel tests" "$PY" -m pytest tests/test_temporal_pool_kernel.py -rs
 step "temporal_pool benchmark"    "$PY" benchmarks/bench_temporal_pool.py
+step "runtime torch GPU path"      "$PY" -m pytest tests/test_runtime.py -q -rs -k torch_gpu
+step "vision engine GPU tests"     "$PY" -m pytest tests/test_export_vision.py -q -rs -m gpu
 # -------------------------------------------------------------------------------------------------
 
 echo

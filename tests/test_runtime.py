@@ -213,3 +213,32 @@ def test_first_use_export_is_shared_by_concurrent_processes(ckpt, tmp_path):
     assert len(paths) == 1
     engines = [p for p in (tmp_path / "cache" / "engines").iterdir() if p.is_dir()]
     assert [p.name for p in engines] == [Path(paths.pop()).name]  # no half-written sibling left behind
+
+
+def test_torch_path_matches_reference(ckpt, ref):
+    """The GPU path's composition (TorchVision with temporal_pool + TorchLLM), run here on CPU in fp32."""
+    import torch
+
+    from valley_rt.runtime import _load_torch
+
+    torch_path = _load_torch(ckpt, device="cpu", dtype=torch.float32)
+    a = torch_path.ask(CLIP, "what happens ?", params=GREEDY)
+    b = ref.ask(CLIP, "what happens ?", params=GREEDY)
+    assert a.answer == b.answer and a.backends["kind"] == "torch"
+
+
+@pytest.mark.gpu
+def test_torch_gpu_path_runs_the_triton_kernel(ckpt, ref):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the torch fp16 path with the Triton pooling kernel)")
+    from valley_rt.kernels.temporal_pool import pick_backend
+    from valley_rt.runtime import load
+
+    gpu = load(ckpt, device="cuda")
+    ctx, ctx_ref = gpu.encode_video(CLIP), ref.encode_video(CLIP)
+    assert pick_backend(torch.zeros(1, device="cuda")) == "triton"
+    for x, y in zip(ctx.visual, ctx_ref.visual):
+        cos = torch.nn.functional.cosine_similarity(x.float().cpu(), y, dim=-1)
+        assert cos.min() > 0.999

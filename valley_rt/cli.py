@@ -167,6 +167,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
         q: list[str] = typer.Option([], "-q", "--question", help="More questions about the same video (repeatable)."),
         model: Optional[Path] = typer.Option(None, "--model", "-m", help="Engine or checkpoint folder (default: the bundled demo)."),
         reference: bool = typer.Option(False, help="Run the PyTorch reference path (needs a checkpoint)."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda (a checkpoint on cuda runs the torch GPU path)."),
         frames: Optional[int] = typer.Option(None, help="Frames to sample (fixed mode; default from the model)."),
         fps: Optional[float] = typer.Option(None, help="Sample this many frames per second instead."),
         max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
@@ -195,7 +196,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
     if batch is not None:
         if out is None:
             raise _VE("--batch needs --out FILE for the answers")
-        valley = load(model, reference=reference)
+        valley = load(model, reference=reference, device=device)
         stats = ask_batch(valley, batch, out, params=params, system=system, frames=frames, fps=fps,
                           progress=sys.stderr.isatty())
         typer.echo(json.dumps(stats))
@@ -205,7 +206,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
     if video is None or (question is None and not q):
         raise _VE("give a VIDEO and a QUESTION (or --batch FILE --out FILE)")
     questions = ([question] if question else []) + list(q)
-    valley = load(model, reference=reference)
+    valley = load(model, reference=reference, device=device)
     ctx = valley.encode_video(video, frames=frames, fps=fps)
     answers = []
     for i, text in enumerate(questions):

@@ -187,7 +187,7 @@ class Valley:
         self.vision = vision
         self.llm = llm
         self.source = source
-        self.kind = kind  # "engine" or "reference"
+        self.kind = kind  # "engine", "torch" (GPU path) or "reference"
         self._read = read_video or video.read_video
         self._cached_ids: list[int] = []  # token ids whose keys/values are in the LLM's cache
         self.load_ms = 0.0
@@ -335,18 +335,32 @@ class Chat:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load(path: str | Path | None = None, *, reference: bool = False, threads: int = 2) -> Valley:
-    """Load an engine folder, a checkpoint folder, or (path None) the bundled demo model."""
+def load(path: str | Path | None = None, *, reference: bool = False, device: str = "auto", threads: int = 2) -> Valley:
+    """Load an engine folder, a checkpoint folder, or (path None) the bundled demo model.
+
+    device: "auto" / "cpu" / "cuda". A checkpoint on CUDA runs the torch GPU path (fp16 vision tower with
+    the fused Triton temporal-pooling kernel, fp16 LLM); on CPU it is exported once to an engine.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValleyError(f"--device must be auto, cpu or cuda, got {device!r}")
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise ValleyError("--device cuda: torch sees no CUDA GPU on this machine")
     t0 = time.perf_counter()
     if path is None:
-        path = DEMO_CHECKPOINT if reference else demo_engine()
+        path = DEMO_CHECKPOINT if reference or (cuda and device != "cpu") else demo_engine()
     path = Path(path)
     if (path / "manifest.json").is_file():
         if reference:
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
         valley = _load_engine(path, threads=threads)
     elif (path / "valley.json").is_file():
-        valley = _load_reference(path) if reference else _load_engine(ensure_engine(path), threads=threads)
+        if reference:
+            valley = _load_reference(path)
+        elif cuda and device != "cpu":
+            valley = _load_torch(path, device="cuda", dtype=torch.float16)
+        else:
+            valley = _load_engine(ensure_engine(path), threads=threads)
     elif not path.exists():
         raise EngineError(f"{path}: no such model folder")
     else:
@@ -384,6 +398,21 @@ def _load_reference(path: Path) -> Valley:
     llm.name = "transformers-fp32"
     return Valley(cfg=model.cfg, tokenizer=load_tokenizer(path), vision=ReferenceVision(model), llm=llm,
                   source=str(path), kind="reference", read_video=read_video_naive)
+
+
+def _load_torch(path: Path, *, device: str, dtype: torch.dtype) -> Valley:
+    """The torch path for GPUs: the reference modules in `dtype` on `device`, temporal pooling through
+    valley_rt.kernels.temporal_pool (the fused Triton kernel on CUDA, its torch reference elsewhere)."""
+    from valley_rt.backends.llm_torch import TorchLLM
+    from valley_rt.backends.vision import TorchVision
+    from valley_rt.checkpoint import load_checkpoint, load_tokenizer
+
+    model = load_checkpoint(path, dtype=dtype, device=device)
+    vision = TorchVision(model)
+    vision.name = f"torch-{device}-{str(dtype).replace('torch.', '')}+temporal_pool"
+    llm = TorchLLM(model.llm)
+    llm.name = f"transformers-{device}-{str(dtype).replace('torch.', '')}"
+    return Valley(cfg=model.cfg, tokenizer=load_tokenizer(path), vision=vision, llm=llm, source=str(path), kind="torch")
 
 
 def demo_engine() -> Path:
