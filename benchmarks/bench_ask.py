@@ -24,33 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import hardware  # benchmarks/common.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CLIP = REPO.parent / "shared" / "videos" / "snowmobile.mp4"
 WORK = Path(os.environ.get("VALLEY_RT_BENCH_DIR", "/tmp/valley-rt-bench"))
 STAGES = ("startup_ms", "video_decode_ms", "preprocess_ms", "vision_ms", "prefill_ms", "decode_ms")
-
-
-def hardware() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-    import torch
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(), "gpu": None}
 
 
 # -- the two sides, each run as `bench_ask.py --child SIDE ...` in a fresh process ----------------------

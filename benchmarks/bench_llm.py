@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,23 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import hardware  # benchmarks/common.py (this script's folder is on sys.path)
+
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
              num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5)
-
-
-def hardware() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime as ort
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "python": platform.python_version()}
 
 
 def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from valley_rt.errors import EngineError
 from valley_rt.export import manifest as mf

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from valley_rt.config import preset
-from valley_rt.model import build_model, sinusoid_table, splice
+from valley_rt.model import build_model, sinusoid_table
 
 
 def tiny(mode="mean", frames=4):

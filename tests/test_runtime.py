@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from valley_rt.errors import ContextLengthError, EngineError, ValleyError, VideoError
+from valley_rt.errors import ContextLengthError, EngineError, VideoError
 from valley_rt.generate import SamplingParams
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from valley_rt.config import (SPECIAL_TOKENS, LLMConfig, PreprocessConfig, TemporalConfig, TokenLayout,

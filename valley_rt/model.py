@@ -15,7 +15,6 @@ and are tested against this file). Module attribute names are the checkpoint key
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn

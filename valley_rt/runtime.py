@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from valley_rt.config import ValleyConfig
-from valley_rt.errors import CheckpointError, EngineError, ValleyError
+from valley_rt.errors import EngineError, ValleyError
 from valley_rt.generate import SamplingParams, generate
 from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, format_conversation, splice
 
