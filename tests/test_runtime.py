@@ -72,15 +72,13 @@ def test_visual_tokens_match_reference(fast, ref):
 
 def test_questions_share_the_video_prefix(fast):
     ctx = fast.encode_video(CLIP)
-    fast.llm.reset()
-    fast._cached_ids = []
+    fast.reset()
     first = fast.ask(ctx, "what happens ?", params=GREEDY)
     second = fast.ask(ctx, "who is there ?", params=GREEDY)
     assert first.tokens_prefilled == first.tokens_in
     assert second.tokens_prefilled < 10  # only the new question's tokens
     # same answer as without any cache reuse
-    fast.llm.reset()
-    fast._cached_ids = []
+    fast.reset()
     fresh = fast.ask(ctx, "who is there ?", params=GREEDY)
     assert fresh.tokens_prefilled == fresh.tokens_in
     assert fresh.answer == second.answer
@@ -93,8 +91,7 @@ def test_chat_reuses_cache_and_matches_fresh_run(fast):
     two = conv.send("and then ?", params=GREEDY)
     assert two.tokens_in > one.tokens_in + one.tokens_out
     assert two.tokens_prefilled < two.tokens_in - 256  # the visual tokens were not prefilled again
-    fast.llm.reset()
-    fast._cached_ids = []
+    fast.reset()
     again = fast.chat(ctx)
     again.turns = list(conv.turns[:2])
     assert again.send("and then ?", params=GREEDY).answer == two.answer

@@ -193,6 +193,11 @@ class Valley:
         self.load_ms = 0.0
         self.max_frames = cfg.temporal.max_frames if cfg.temporal.mode == "transformer" else 64
 
+    def reset(self) -> None:
+        """Forget the LLM's KV cache (the next prompt is prefilled from its first token)."""
+        self.llm.reset()
+        self._cached_ids = []
+
     @property
     def backends(self) -> dict[str, str]:
         return {"vision": getattr(self.vision, "name", type(self.vision).__name__),
