@@ -112,7 +112,6 @@ train(TrainOptions(**args["opts"]), resume=args["resume"], on_step=on_step)
 """
 
 
-@pytest.mark.slow  # one subprocess start (torch + transformers imports): ~10 s idle, much more on a busy box
 def test_kill_9_then_resume_continues_the_same_loss_curve(tiny_run, tmp_path):
     from valley_rt.checkpoint import load_checkpoint
 
@@ -180,7 +179,7 @@ def test_cli_reports_data_errors_in_one_line(tmp_path):
     assert res.exit_code == 2 and "error: " in res.output
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~9 s on an idle 2-core box, ~45 s while other jobs run
 def test_smoke_recipe_loss_falls_within_two_minutes(tmp_path):
     t0 = time.perf_counter()
     proc = _cli("train", "--recipe", "smoke", "--out", str(tmp_path / "smoke"), "--threads", "1", "--no-progress")
