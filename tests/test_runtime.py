@@ -239,3 +239,19 @@ def test_torch_gpu_path_runs_the_triton_kernel(ckpt, ref):
     for x, y in zip(ctx.visual, ctx_ref.visual):
         cos = torch.nn.functional.cosine_similarity(x.float().cpu(), y, dim=-1)
         assert cos.min() > 0.999
+
+
+def test_a_new_video_never_reuses_the_old_videos_cache(fast):
+    """Same question, another video: the placeholders' token ids are equal but their embeddings are not,
+    so only the text before the video may come from the cache, and the answer equals a fresh run's."""
+    other = SHARED / "videos" / "gray.mp4"
+    fast.reset()
+    fast.ask(CLIP, "what happens ?", params=GREEDY)
+    second = fast.ask(other, "what happens ?", params=GREEDY)
+    assert second.tokens_prefilled > 256  # the new video's visual tokens were prefilled
+    fast.reset()
+    fresh = fast.ask(other, "what happens ?", params=GREEDY)
+    assert second.answer == fresh.answer
+    ctx = fast.encode_video(other)
+    fast.ask(ctx, "what happens ?", params=GREEDY)
+    assert fast.ask(ctx, "what happens ?", params=GREEDY).tokens_prefilled == 1  # same video object: reused

@@ -190,6 +190,7 @@ class Valley:
         self.kind = kind  # "engine", "torch" (GPU path) or "reference"
         self._read = read_video or video.read_video
         self._cached_ids: list[int] = []  # token ids whose keys/values are in the LLM's cache
+        self._cached_video: VideoContext | None = None  # the video whose tokens those placeholders hold
         self.load_ms = 0.0
         self.max_frames = cfg.temporal.max_frames if cfg.temporal.mode == "transformer" else 64
 
@@ -197,6 +198,7 @@ class Valley:
         """Forget the LLM's KV cache (the next prompt is prefilled from its first token)."""
         self.llm.reset()
         self._cached_ids = []
+        self._cached_video = None
 
     @property
     def backends(self) -> dict[str, str]:
@@ -247,12 +249,16 @@ class Valley:
         text, _ = format_conversation(turns, system=self.cfg.system_prompt if system is None else system)
         t0 = time.perf_counter()
         ids, _ = encode(self.tokenizer, text, cfg=self.cfg, num_frames=ctx.num_frames)
-        # Reuse the KV cache of the longest prefix shared with what the cache already holds.
+        # Reuse the KV cache of the longest prefix shared with what the cache already holds. Token ids
+        # alone don't identify a prefix: the placeholders carry another video's tokens when the video
+        # changed, so then only the text before the first visual token is reused (the system prompt).
         common = 0
         for a, b in zip(self._cached_ids, ids):
             if a != b:
                 break
             common += 1
+        if self._cached_video is not ctx:
+            common = min(common, ids.index(self.cfg.tokens.im_start) if self.cfg.tokens.im_start in ids else len(ids))
         common = min(common, len(ids) - 1, self.llm.position)  # at least one token to prefill
         if common < self.llm.position:
             self.llm.truncate(common)
@@ -268,6 +274,7 @@ class Valley:
             cleaner.flush()
         answer_ids = result.token_ids
         self._cached_ids = ids + answer_ids[:-1]  # the last sampled token is never fed back
+        self._cached_video = ctx
         timings = dict(ctx.timings)
         timings.update({"prompt_ms": (t1 - t0) * 1e3, "prefill_ms": result.prefill_ms,
                         "first_token_ms": result.first_token_ms,
