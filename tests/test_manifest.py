@@ -181,8 +181,12 @@ def test_export_cli_writes_engine(checkpoint, tmp_path):
 def test_interrupted_export_leaves_no_loadable_folder(checkpoint, tmp_path):
     """SIGKILL an export in the middle (after the vision graph exists): nothing at the target path."""
     out = tmp_path / "engine"
-    code = (f"from valley_rt.export.engine import export_engine\n"
-            f"export_engine({str(checkpoint)!r}, {str(out)!r}, precision='fp32', quant='none', gpu='no')\n")
+    # The LLM half is made slow (as it is for a real model), so the kill lands mid-export every time.
+    code = (f"import time\n"
+            f"from valley_rt.export import engine\n"
+            f"slow, real = lambda *a, **k: (time.sleep(60), real(*a, **k))[1], engine._export_llm\n"
+            f"engine._export_llm = slow\n"
+            f"engine.export_engine({str(checkpoint)!r}, {str(out)!r}, precision='fp32', quant='none', gpu='no')\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
