@@ -255,3 +255,9 @@ def test_a_new_video_never_reuses_the_old_videos_cache(fast):
     ctx = fast.encode_video(other)
     fast.ask(ctx, "what happens ?", params=GREEDY)
     assert fast.ask(ctx, "what happens ?", params=GREEDY).tokens_prefilled == 1  # same video object: reused
+
+
+def test_package_level_load_is_the_runtime(engine):
+    import valley_rt
+
+    assert valley_rt.load(engine).backends["kind"] == "engine"
