@@ -386,14 +386,19 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
 def _warm_up(valley: Valley) -> None:
     """Pay one-time costs during load instead of in the first answer's latency: PyAV/FFmpeg's decoder
     and pixel-format converter set-up (~50 ms on the first frame a process decodes; one frame of a
-    bundled 7 KB clip) and ONNX Runtime's first-run allocations of the LLM session (a 16-token prefill).
+    bundled 7 KB clip), the tokenizer's and ONNX Runtime's first runs (one question about a blank video).
     The vision session is left cold: at real sizes one warm-up frame costs more than it saves."""
     from valley_rt.video import read_video
 
     clips = sorted((ASSETS / "clips").glob("*.mp4"))
     if clips:
         read_video(clips[0], num_frames=1)
-    valley.llm.prefill(valley.llm.embed([valley.cfg.llm.bos_token_id] * 16))
+    # One real question (tokenizer, splice, prefill at a real prompt length, one decode step) about a
+    # video whose visual tokens are all zero.
+    t, n, d = valley.cfg.sampling.num_frames, valley.cfg.num_patches, valley.llm.hidden_size
+    blank = VideoContext(path="<warm-up>", frames=np.zeros((t, 1, 1, 3), np.uint8), indices=list(range(t)),
+                         timestamps=[0.0] * t, visual=(torch.zeros(n, d), torch.zeros(t, d)), timings={})
+    valley.ask(blank, "What happens in the video?", params=SamplingParams(max_new_tokens=2))
     valley.reset()
 
 

@@ -30,6 +30,7 @@ this CPU it is also slower than PIL (52 ms vs 16 ms for 8 snowmobile frames).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -259,9 +260,20 @@ def _sample(table: _FrameTable, mode: str, num_frames: int, fps: float, max_fram
 # Decoding
 
 
+_local = threading.local()
+
+
 def _rgb(frame) -> np.ndarray:
-    """Upright RGB uint8 [H, W, 3] (the display matrix says how far to turn it counterclockwise)."""
-    rgb = frame.to_ndarray(format="rgb24")
+    """Upright RGB uint8 [H, W, 3] (the display matrix says how far to turn it counterclockwise).
+
+    One VideoReformatter per thread: `frame.to_ndarray(format=...)` builds a fresh swscale context for
+    every frame (~3 ms each on this CPU), a kept reformatter reuses its cached context (~0.03 ms)."""
+    reformatter = getattr(_local, "reformatter", None)
+    if reformatter is None:
+        from av.video.reformatter import VideoReformatter
+
+        reformatter = _local.reformatter = VideoReformatter()
+    rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
     quarter = int(round((frame.rotation or 0) / 90)) % 4
     return np.ascontiguousarray(np.rot90(rgb, k=quarter)) if quarter else rgb
 
