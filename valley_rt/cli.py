@@ -184,7 +184,6 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
     import time as _time
 
     t_start = _time.perf_counter()
-    from valley_rt.errors import ValleyError as _VE
     from valley_rt.generate import SamplingParams
     from valley_rt.runtime import ask_batch, load
 
@@ -192,10 +191,10 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed)
     except ValueError as e:
-        raise _VE(str(e)) from None
+        raise ValleyError(str(e)) from None
     if batch is not None:
         if out is None:
-            raise _VE("--batch needs --out FILE for the answers")
+            raise ValleyError("--batch needs --out FILE for the answers")
         valley = load(model, reference=reference, device=device)
         stats = ask_batch(valley, batch, out, params=params, system=system, frames=frames, fps=fps,
                           progress=sys.stderr.isatty())
@@ -204,7 +203,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
             raise typer.Exit(1)
         return
     if video is None or (question is None and not q):
-        raise _VE("give a VIDEO and a QUESTION (or --batch FILE --out FILE)")
+        raise ValleyError("give a VIDEO and a QUESTION (or --batch FILE --out FILE)")
     questions = ([question] if question else []) + list(q)
     valley = load(model, reference=reference, device=device)
     ctx = valley.encode_video(video, frames=frames, fps=fps)

@@ -17,7 +17,6 @@ import torch
 from dataclasses import dataclass
 
 from valley_rt.config import ValleyConfig
-from valley_rt.errors import ContextLengthError
 
 SEP = "###"
 HUMAN, ASSISTANT = "Human", "Assistent"  # sic
@@ -87,12 +86,6 @@ def encode(tokenizer, text: str, *, cfg: ValleyConfig, num_frames: int | None,
         if b > a and any(s <= a and b <= e for s, e in spans):
             labels[i] = ids[i]
     return ids, labels
-
-
-def check_context(n_prompt: int, max_new_tokens: int, context: int) -> None:
-    if n_prompt + max_new_tokens > context:
-        raise ContextLengthError(f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} exceeds the "
-                                 f"context of {context} tokens")
 
 
 _LEADING = re.compile(r"^\s*(?:###|Assistant:|Assistent:|Response:|Valley:|\s)*", re.IGNORECASE)

@@ -262,9 +262,6 @@ class Valley:
         common = min(common, len(ids) - 1, self.llm.position)  # at least one token to prefill
         if common < self.llm.position:
             self.llm.truncate(common)
-        from valley_rt.prompt import check_context
-
-        check_context(len(ids), params.max_new_tokens, self.llm.max_context)
         embeds = self._embeds(ids, ctx)[common:]
         t1 = time.perf_counter()
         cleaner = _StreamCleaner(on_text) if on_text is not None else None
