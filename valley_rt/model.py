@@ -175,20 +175,28 @@ def init_weights(model: ValleyModel, gen: torch.Generator) -> None:
             module.in_proj_bias.zero_()
     emb = model.vision_tower.embeddings
     normal_(emb.class_embedding, emb.embed_dim ** -0.5)
+    if model.temporal.mode == "transformer":  # after to_empty() the table is uninitialised memory
+        _fill_position_table(model)
     restore_buffers(model)
 
 
 def restore_buffers(model: ValleyModel) -> None:
-    """Recompute the buffers that checkpoints don't carry (position ids, rotary frequencies, position table)."""
+    """Recompute the buffers that checkpoints don't carry (position ids, rotary frequencies; the temporal
+    position table only when the weights lacked it)."""
     emb = model.vision_tower.embeddings
     emb.position_ids = torch.arange(emb.num_positions, device=emb.position_embedding.weight.device)[None]
     rotary = model.llm.model.rotary_emb
     inv_freq, rotary.attention_scaling = rotary.compute_default_rope_parameters(rotary.config, device="cpu")
     rotary.inv_freq = inv_freq.to(model.llm.lm_head.weight.device)
     rotary.original_inv_freq = rotary.inv_freq.clone()
-    if model.temporal.mode == "transformer":  # after to_empty() the buffer is uninitialised memory, not meta
-        pm = model.temporal.position_matrix
-        model.temporal.position_matrix = sinusoid_table(*pm.shape).to(device="cpu" if pm.is_meta else pm.device, dtype=pm.dtype)
+    if model.temporal.mode == "transformer" and model.temporal.position_matrix.is_meta:  # not in the weights
+        _fill_position_table(model)
+
+
+def _fill_position_table(model: ValleyModel) -> None:
+    pm = model.temporal.position_matrix
+    model.temporal.position_matrix = sinusoid_table(*pm.shape).to(device="cpu" if pm.is_meta else pm.device,
+                                                                    dtype=pm.dtype)
 
 
 def parameter_counts(model: ValleyModel) -> dict[str, int]:
