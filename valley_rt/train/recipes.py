@@ -59,9 +59,11 @@ class Recipe:
     weight_decay: float = 0.0  # visual side only (trainer.param_groups)
     vision_lr_scale: float = 1.0
     finetune: dict | None = None  # a second phase from phase 1's model: TrainOptions overrides
+    vision_pretrain: dict | None = None  # phase 0 (vision_pretrain.pretrain_tower keyword arguments) or None
     precision: str = "fp32"  # the demo was trained in fp32 (bf16 autocast: ~20 % less CPU time, measured later)
     stage: int = 2
     train_vision: bool = True
+    train_temporal: bool = True  # False: phase 0's pretrained temporal module stays frozen
     save_every: int = 200
     eval_every: int = 0  # 0: only at the end
     val_samples: int = 120
@@ -98,14 +100,14 @@ def smoke_config() -> ValleyConfig:
 
 
 RECIPES = {
-    "demo": lambda: Recipe(name="demo", model=demo_config(), vocab_size=1024, train_clips=3000, val_clips=100,
-                           train_seed=1, val_seed=2, test_clips=200, test_seed=3, epochs=6, batch_size=4, lr=1e-3,
-                           train_vision=False, save_every=250, eval_every=1000, val_samples=100,
-                           keep_long_descriptions=0.25,
-                           finetune={"train_vision": True, "vision_lr_scale": 0.3, "max_steps": 5000}),
+    "demo": lambda: Recipe(name="demo", model=demo_config(), vocab_size=1024, train_clips=10000, val_clips=100,
+                           train_seed=1, val_seed=2, test_clips=200, test_seed=3, epochs=3.4, batch_size=4, lr=1e-3,
+                           train_vision=False, train_temporal=False, save_every=250, eval_every=1000,
+                           val_samples=100, keep_long_descriptions=0.25,
+                           vision_pretrain={"tower_steps": 2000, "temporal_steps": 1500, "max_clips": 3000}),
     "smoke": lambda: Recipe(name="smoke", model=smoke_config(), vocab_size=300, train_clips=24, val_clips=6,
                             train_seed=11, val_seed=12, epochs=6, batch_size=4, lr=3e-3, save_every=0,
-                            eval_every=0, val_samples=0),
+                            eval_every=0, val_samples=0, vision_pretrain={"tower_steps": 30, "temporal_steps": 20}),
 }
 
 

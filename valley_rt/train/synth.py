@@ -426,9 +426,10 @@ def _masks(size: int) -> dict[str, np.ndarray]:
     }
 
 
-def render_frames(plan: ClipPlan, arena: Arena, width: int, height: int) -> np.ndarray:
-    """uint8 [T, H, W, 3] RGB frames of a plan."""
-    frames = np.empty((plan.num_frames, height, width, 3), np.uint8)
+def render_frames(plan: ClipPlan, arena: Arena, width: int, height: int, only=None) -> np.ndarray:
+    """uint8 [T, H, W, 3] RGB frames of a plan (with `only`, a set of frame indices: just those, the rest black)."""
+    frames = np.zeros((plan.num_frames, height, width, 3), np.uint8) if only is not None else \
+        np.empty((plan.num_frames, height, width, 3), np.uint8)
     masks = _masks(arena.size)
     x0, y0, s, w = arena.x0, arena.y0, arena.side, arena.wall
     for scene in plan.scenes:
@@ -437,6 +438,8 @@ def render_frames(plan: ClipPlan, arena: Arena, width: int, height: int) -> np.n
         base[y0:y0 + s, x0:x0 + s] = WALL_RGB
         base[y0 + w:y0 + s - w, x0 + w:x0 + s - w] = BACKGROUNDS[scene.background]
         for t in range(scene.start, scene.end):
+            if only is not None and t not in only:
+                continue
             f = frames[t]
             f[:] = base
             for tr in scene.tracks:

@@ -53,6 +53,7 @@ class TrainOptions:
     init: str | None = None  # valley-rt checkpoint to start from (else model_config + tokenizer_dir)
     stage: int = 2  # 1: projector + temporal; 2: + LLM
     train_vision: bool = False  # also train the CLIP tower (no pretrained one exists here)
+    train_temporal: bool = True  # False: keep a (pretrained) temporal module frozen
     epochs: float = 1.0
     max_steps: int | None = None  # cap on optimizer steps (else from epochs)
     batch_size: int = 8
@@ -76,12 +77,12 @@ class TrainOptions:
 
 
 # ------------------------------------------------------------------------------------------- pieces
-def trainable_parameters(model, *, stage: int, train_vision: bool) -> list[torch.nn.Parameter]:
+def trainable_parameters(model, *, stage: int, train_vision: bool, train_temporal: bool = True) -> list[torch.nn.Parameter]:
     """Freeze everything, then unfreeze the parts the stage trains; returns the trainable parameters."""
     if stage not in (1, 2):
         raise DataError(f"stage must be 1 or 2, got {stage}")
     model.requires_grad_(False)
-    parts = [model.mm_projector, model.temporal]
+    parts = [model.mm_projector] + ([model.temporal] if train_temporal else [])
     if stage == 2:
         parts.append(model.llm)
     if train_vision:
@@ -255,7 +256,8 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
     device = torch.device(opts.device)
     model = init_model if init_model is not None else build_model(cfg, seed=opts.seed)
     model.to(device).train()
-    params = trainable_parameters(model, stage=opts.stage, train_vision=opts.train_vision)
+    params = trainable_parameters(model, stage=opts.stage, train_vision=opts.train_vision,
+                                  train_temporal=opts.train_temporal)
     optimizer = torch.optim.AdamW(param_groups(model, params, opts.weight_decay, opts.lr, opts.vision_lr_scale),
                                   lr=opts.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, opts.warmup_ratio))
@@ -405,32 +407,46 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
         train_json = _subsample_long(train_json, r.keep_long_descriptions, r.seed)
     val_json = str(out_p / "data" / "val" / "data.json")
     base = dict(data=str(train_json), val_data=val_json, stage=r.stage, train_vision=r.train_vision,
+                train_temporal=r.train_temporal,
                 epochs=epochs or r.epochs, max_steps=max_steps, batch_size=r.batch_size, grad_accum=r.grad_accum,
                 lr=r.lr, warmup_ratio=r.warmup_ratio, max_grad_norm=r.max_grad_norm, weight_decay=r.weight_decay,
                 vision_lr_scale=r.vision_lr_scale, seed=r.seed, save_every=r.save_every, eval_every=r.eval_every,
                 val_samples=r.val_samples, precision=r.precision, threads=threads, progress=progress)
-    # phase 1 trains from random weights; a recipe's `finetune` phase continues from its model
+    # phase 1 trains from random weights (or from phase 0's pretrained tower); a recipe's `finetune` phase
+    # continues from its model
     first_out = out_p / "phase1" if r.finetune else out_p
     phases: list[dict[str, Any]] = []
     if not (r.finetune and (first_out / "summary.json").is_file() and (first_out / "model").is_dir()):
         cfg = dataclasses.replace(r.model)
-        tok = None
+        tok, init = None, None
         if not (resume and (first_out / STATE_FILE).is_file()):
             records, _ = load_records(train_json)
             tok = train_tokenizer(corpus_texts(records, system=cfg.system_prompt), vocab_size=r.vocab_size)
             cfg.tokens = token_layout(tok)
             cfg.llm = dataclasses.replace(cfg.llm, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                           eos_token_id=tok.eos_token_id)
-        phases.append(train(TrainOptions(**base, out=str(first_out)), model_config=cfg, tokenizer=tok, resume=resume))
+            if r.vision_pretrain:
+                phases.append(_vision_phase(r, cfg, tok, out_p, threads=threads))
+                init = str(out_p / "phase0" / "model")
+        elif r.vision_pretrain and (out_p / "phase0" / "summary.json").is_file():
+            phases.append(json.loads((out_p / "phase0" / "summary.json").read_text()))
+        if init:  # the config and tokenizer come with phase 0's checkpoint
+            phases.append(train(TrainOptions(**base, out=str(first_out), init=init), resume=resume))
+        else:
+            phases.append(train(TrainOptions(**base, out=str(first_out)), model_config=cfg, tokenizer=tok,
+                                resume=resume))
     else:
-        phases.append(json.loads((first_out / "summary.json").read_text()))
+        for phase in ("phase0", "phase1"):
+            if (out_p / phase / "summary.json").is_file():
+                phases.append(json.loads((out_p / phase / "summary.json").read_text()))
     if r.finetune:
         opts = TrainOptions(**{**base, "epochs": 1.0, "max_steps": None, **r.finetune}, out=str(out_p),
                             init=str(first_out / "model"))
         phases.append(train(opts, resume=resume))
     summary = dict(phases[-1])
-    summary["phases"] = [{k: p.get(k) for k in ("steps", "final_loss", "seconds", "val")} for p in phases]
-    summary["seconds"] = round(sum(p["seconds"] for p in phases), 1)
+    summary["phases"] = [{k: p[k] for k in ("phase", "steps", "final_loss", "seconds", "val", "held_out") if k in p}
+                         for p in phases]
+    summary["seconds"] = round(sum(p["seconds"] + p.get("prep_s", 0.0) for p in phases), 1)
     summary["synth_s"] = round(synth_s, 1)
     summary["recipe"] = name
     if r.test_clips:
@@ -443,6 +459,31 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
         summary["test"] = {part: result[part]["overall"] for part in ("video", "blind")}
         summary["eval_s"] = result["seconds"]
     (out_p / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None) -> dict[str, Any]:
+    """Phase 0: pretrain the visual side of a fresh model on the training clips (vision_pretrain: the tower,
+    then the projector + temporal module), save it as OUT/phase0/model. Short (minutes), so a crash reruns
+    it rather than resuming it."""
+    from valley_rt.checkpoint import save_checkpoint
+    from valley_rt.model import build_model
+    from valley_rt.train.vision_pretrain import pretrain_visual
+
+    folder = out_p / "phase0"
+    if (folder / "summary.json").is_file() and (folder / "model").is_dir():
+        return json.loads((folder / "summary.json").read_text())
+    if threads:
+        torch.set_num_threads(threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / METRICS_FILE
+    log.unlink(missing_ok=True)
+    model = build_model(cfg, seed=r.seed)
+    summary = pretrain_visual(model, out_p / "data" / "train", seed=r.seed, log=lambda m: _append_jsonl(log, m),
+                              **r.vision_pretrain)
+    save_checkpoint(model.eval(), folder / "model", tokenizer=tok)
+    summary["phase"] = "vision_pretrain"
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -1,0 +1,106 @@
+"""Phase 0 (vision pretraining on the synthetic world): the labels say what the clip shows, training
+lowers the loss and changes only the tower, and a recipe with it chains phase 0 into phase 1."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from valley_rt.errors import DataError
+from valley_rt.train import synth
+from valley_rt.train.recipes import demo_config, smoke_config
+from valley_rt.train.vision_pretrain import clip_labels, pretrain_tower
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vp") / "data"
+    synth.generate(root, n=12, seed=41)
+    return root
+
+
+def test_labels_follow_the_planned_motion(clips):
+    cfg = demo_config()
+    meta = json.loads((clips / "meta.json").read_text())
+    records = json.loads((clips / "data.json").read_text())
+    colors = list(synth.COLORS)
+    checked = 0
+    for rec in records:
+        if rec["task"] != "action":
+            continue
+        labels = clip_labels(rec["video"], cfg, meta)
+        assert labels.present.shape == (8, len(colors)) and labels.cover.shape == (8, cfg.num_patches, len(colors))
+        assert set(labels.background.tolist()) <= set(range(len(synth.BACKGROUNDS)))
+        name = rec["conversations"][0]["value"].split("the ", 1)[1].split(" move")[0].split(" travel")[0]
+        name = name.split(" go")[0]
+        k = colors.index(name.split()[0])
+        seen = np.flatnonzero(labels.present[:, k])
+        assert len(seen) >= 2, rec["id"]
+        dx, dy = labels.center[seen[-1], k] - labels.center[seen[0], k]
+        moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}[rec["conversations"][1]["value"]]
+        assert moved > 0.15, (rec["id"], dx, dy)  # the named object's centre moves the answered way
+        assert labels.shape[seen[0], k] == synth.SHAPES.index(name.split()[1])
+        # patch cover agrees with presence: a visible colour covers some patch, an absent one none
+        assert np.all((labels.cover[..., k].sum(-1) > 0) == (labels.present[:, k] > 0))
+        checked += 1
+    assert checked >= 6
+
+
+def test_non_synth_names_are_refused():
+    with pytest.raises(DataError, match="not a synth clip"):
+        clip_labels("holiday.mp4", demo_config(), {"width": 128, "height": 96, "num_frames": 32, "frames_hint": 8})
+
+
+def test_pretraining_lowers_the_loss_and_trains_only_the_tower(clips):
+    from valley_rt.model import build_model
+
+    cfg = smoke_config()
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=64)
+    model = build_model(cfg, seed=0)
+    model.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logs: list[dict] = []
+    torch.manual_seed(0)
+    summary = pretrain_tower(model, clips, steps=60, batch_frames=32, lr=3e-3, val_clips=2, log=logs.append)
+    assert summary["steps"] == 60 and summary["clips"] == 12
+    assert logs[-1]["loss"] < 0.6 * logs[0]["loss"], (logs[0], logs[-1])
+    assert 0.0 <= summary["held_out"]["present_acc"] <= 1.0
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("vision_tower.") for k in changed), sorted(changed)[:5]
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_missing_folder_is_one_line_error(tmp_path):
+    from valley_rt.model import build_model
+
+    cfg = smoke_config()
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=64)
+    with pytest.raises(DataError, match="not a synth folder"):
+        pretrain_tower(build_model(cfg, seed=0), tmp_path, steps=1)
+
+
+def test_temporal_pretraining_trains_only_projector_and_temporal(clips):
+    from valley_rt.model import build_model
+    from valley_rt.train.vision_pretrain import load_synth, motion_targets, pretrain_temporal
+
+    cfg = smoke_config()
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=64)
+    cfg.temporal = dataclasses.replace(cfg.temporal, mode="transformer", num_heads=2, ff_size=64)
+    model = build_model(cfg, seed=0)
+    model.requires_grad_(False)
+    loaded = load_synth(clips, cfg)
+    visited, motion = motion_targets(loaded[2][0])
+    assert visited.shape == (cfg.num_patches, len(synth.COLORS)) and motion.shape == (len(synth.COLORS), 2)
+    assert np.allclose(np.linalg.norm(motion, axis=-1)[np.abs(motion).sum(-1) > 0], 1.0)  # unit directions
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logs: list[dict] = []
+    summary = pretrain_temporal(model, loaded, steps=40, batch_clips=8, lr=3e-3, val_clips=2, log=logs.append)
+    assert logs[-1]["loss"] < logs[0]["loss"], (logs[0], logs[-1])
+    assert set(summary["held_out"]) == {"direction_acc", "movers", "bounce_acc"}
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"mm_projector", "temporal"}, changed
