@@ -51,8 +51,6 @@ class FrameLabels:
     cover: np.ndarray  # float32 [T, N, K]: share of each patch's pixels in colour k
     offset: np.ndarray  # float32 [T, N, K, 2]: where in the patch those pixels are: their centroid (x, y)
     #                     relative to the patch centre, in [-1, 1] of the patch (0 where none)
-    bounce: np.ndarray  # int64 [T, K]: the clip's event per colour (same in every frame): 0 none,
-    #                     1 it bounces off the wall, 2 it bounces off (or is hit by) another object
 
 
 def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> FrameLabels:
@@ -95,10 +93,6 @@ def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> F
         cy = (onehot * yy[None, :, :, None]).sum((1, 2)) / count
     center = np.where(present[..., None] > 0, np.stack([cx, cy], -1) / c * 2 - 1, 0.0).astype(np.float32)
     shape = np.full((t, K), -100, np.int64)
-    bounce = np.zeros((t, K), np.int64)
-    for tr in plan.tracks:
-        if tr.bounce_at is not None:
-            bounce[:, colors.index(tr.color)] = 1 if tr.cause == "wall" else 2  # movers and bouncers never change colour
     background = np.zeros(t, np.int64)
     for i, frame in enumerate(idx):
         scene = next(s for s in plan.scenes if s.start <= frame < s.end)
@@ -107,7 +101,7 @@ def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> F
             k = colors.index(tr.color_at(int(frame)))
             if tr.start <= frame < tr.end and present[i, k]:
                 shape[i, k] = synth.SHAPES.index(tr.shape)
-    return FrameLabels(present, center, shape, background, cover, offset, bounce)
+    return FrameLabels(present, center, shape, background, cover, offset)
 
 
 class PretrainHeads(nn.Module):
@@ -273,8 +267,9 @@ def motion_targets(labels: FrameLabels, min_shift: float = 0.2) -> tuple[np.ndar
 def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: float = 1e-3, seed: int = 0,
                       val_clips: int = 100, log: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train the projector + temporal module (tower frozen) so that every pooled patch token says which
-    colours passed through it, which way each of them moved over the clip and whether it bounced off the
-    wall or off another object (a linear read-out, discarded).
+    colours passed through it and which way each of them moved over the clip (a linear read-out, discarded).
+    (A third target, whether and off what each colour bounced, was tried and dropped: it halved the
+    held-out direction accuracy of this one-layer module, 0.83 -> 0.38.)
 
     It stands in for Valley's stage 1 (align the projector and temporal module to a pretrained LLM),
     which needs an LLM that already speaks: here the LLM is trained from scratch in the next phases."""
@@ -293,11 +288,10 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
     targets = [motion_targets(l) for l in labels]
     visited = torch.from_numpy(np.stack([t[0] for t in targets]))  # [V, N, K]
     motion = torch.from_numpy(np.stack([t[1] for t in targets]))  # [V, K, 2]
-    bounce = torch.from_numpy(np.stack([l.bounce[0] for l in labels]))  # [V, K]
     feat_s = time.perf_counter() - t0
 
     k = visited.shape[-1]
-    head = nn.Linear(cfg.llm.hidden_size, k * 6)  # per colour: visited logit, direction (x, y), bounce logits (3)
+    head = nn.Linear(cfg.llm.hidden_size, k * 3)  # per colour: visited logit, direction (x, y)
     parts_ = [model.mm_projector, model.temporal]
     params = [p for m in parts_ for p in m.parameters()]
     had_grad = [p.requires_grad for p in params]
@@ -308,15 +302,12 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
 
     def loss_of(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         projected = model.mm_projector(feats[idx])  # [B, T, 1+N, D]
-        out = head(model.temporal(projected[:, :, 1:])).view(len(idx), -1, k, 6)  # [B, N, K, 6]
+        out = head(model.temporal(projected[:, :, 1:])).view(len(idx), -1, k, 3)  # [B, N, K, 3]
         vis = visited[idx]
         move = motion[idx][:, None].expand(-1, out.shape[1], -1, -1)
-        err = ((out[..., 1:3] - move) ** 2).sum(-1)
-        event = bounce[idx][:, None].expand(-1, out.shape[1], -1)  # [B, N, K]
-        ce = nn.functional.cross_entropy(out[..., 3:].reshape(-1, 3), event.reshape(-1), reduction="none")
+        err = ((out[..., 1:] - move) ** 2).sum(-1)
         parts = {"visited": nn.functional.binary_cross_entropy_with_logits(out[..., 0], vis),
-                 "motion": (err * vis).sum() / vis.sum().clamp(min=1),
-                 "bounce": (ce * vis.reshape(-1)).sum() / vis.sum().clamp(min=1)}
+                 "motion": (err * vis).sum() / vis.sum().clamp(min=1)}
         return sum(parts.values()), {n: round(float(v.detach()), 4) for n, v in parts.items()}
 
     gen = torch.Generator().manual_seed(seed)
@@ -341,12 +332,9 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
         m.eval()
     with torch.no_grad():  # held out: is the direction of each mover's largest displacement right?
         idx = torch.arange(n_val)
-        out = head(model.temporal(model.mm_projector(feats[idx])[:, :, 1:])).view(n_val, -1, k, 6)
+        out = head(model.temporal(model.mm_projector(feats[idx])[:, :, 1:])).view(n_val, -1, k, 3)
         vis = visited[idx] > 0
-        mean = (out * vis[..., None]).sum(1) / vis.sum(1).clamp(min=1)[..., None]  # [B, K, 6] over visited patches
-        pred = mean[..., 1:3]
-        seen = vis.any(1)
-        bounce_acc = float((mean[..., 3:].argmax(-1) == bounce[idx])[seen].float().mean())
+        pred = (out[..., 1:] * vis[..., None]).sum(1) / vis.sum(1).clamp(min=1)[..., None]  # [B, K, 2] mean over visited patches
         true = motion[idx]
         moving = true.abs().amax(-1) > 0.5
         axis_ok = (pred.abs().argmax(-1) == true.abs().argmax(-1))
@@ -357,8 +345,7 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
         p.requires_grad_(flag)
     return {"steps": steps, "clips": len(videos), "features_s": round(feat_s, 1),
             "seconds": round(time.perf_counter() - t1, 1), "final": parts,
-            "held_out": {"direction_acc": round(direction_acc, 4), "movers": int(moving.sum()),
-                         "bounce_acc": round(bounce_acc, 4)}}
+            "held_out": {"direction_acc": round(direction_acc, 4), "movers": int(moving.sum())}}
 
 
 def pretrain_visual(model, data_dir: str | Path, *, tower_steps: int, temporal_steps: int = 0, lr: float = 1e-3,
