@@ -32,8 +32,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bits: int = 4,
-                  group_size: int = 128, desc_act: bool = False, calib=None, calib_samples: int = 64,
-                  force: bool = False, gpu: str = "auto") -> dict:
+                  group_size: int = 128, desc_act: bool = False, sym: bool = True, calib=None,
+                  calib_samples: int = 64, force: bool = False, gpu: str = "auto") -> dict:
     """Export checkpoint folder `ckpt` into engine folder `out`; returns the manifest written.
 
     precision: the vision engine on CPU — "auto" (int8 if faster and cosine >= 0.999 per token, else
@@ -70,7 +70,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
         except ValueError as e:  # the accuracy bar of the requested precision
             raise EngineError(f"{ckpt}: vision export: {e}") from None
         llm = _export_llm(ckpt, work / LLM_DIR, model=model, quant=quant, bits=bits, group_size=group_size,
-                          desc_act=desc_act, calib=calib, calib_samples=calib_samples, force=force)
+                          desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, force=force)
         del model
         _copy_tokenizer(ckpt / "llm", work / TOKENIZER_DIR)
         manifest = write_manifest(
@@ -93,7 +93,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 # -- the LLM half ---------------------------------------------------------------------------------
 def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_size: int, desc_act: bool,
-                calib, calib_samples: int, force: bool) -> dict:
+                calib, calib_samples: int, force: bool, sym: bool = True) -> dict:
     """ckpt/llm -> out/ (llm_onnx format). gptq: GPTQModel on multimodal calibration, gated, then repacked.
 
     Returns {"quant": str, "figures": dict} for the manifest.
@@ -113,7 +113,7 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
     if not train or not held_out:
         raise EngineError(f"{calib}: {len(examples)} usable examples; GPTQ needs at least 2 "
                           f"(calibration + held out)")
-    settings = gptq.GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act)
+    settings = gptq.GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym)
     calibrations = {
         # what the LLM really sees: text embeddings with the video's visual tokens spliced in
         "multimodal": [{"inputs_embeds": e["inputs_embeds"]} for e in train],

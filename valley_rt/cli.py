@@ -262,6 +262,7 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
            bits: int = typer.Option(4, help="GPTQ bits."),
            group_size: int = typer.Option(128, help="GPTQ / int4 group size."),
            desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ act-order."),
+           sym: bool = typer.Option(True, "--sym/--asym", help="GPTQ symmetric (zero point fixed) or asymmetric (a zero point per group)."),
            calib: Optional[Path] = typer.Option(None, help="Valley instruction JSON for GPTQ calibration + held-out gate."),
            calib_samples: int = typer.Option(64, help="Records drawn from --calib: 3/4 calibrate, 1/4 score the gate."),
            gpu: str = typer.Option("auto", help="Also build fp16 CUDA/TensorRT vision graphs: auto, yes or no."),
@@ -270,6 +271,6 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
     from valley_rt.export.engine import export_engine
 
     m = export_engine(ckpt, out, precision=precision, quant=quant, bits=bits, group_size=group_size,
-                      desc_act=desc_act, calib=calib, calib_samples=calib_samples, force=force, gpu=gpu)
+                      desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, force=force, gpu=gpu)
     emit_json({"engine": str(out), "precision": m["precision"], "export_s": m["export_s"],
                "vision_parity": m["parity"]["vision"].get("parity"), "llm": m["parity"]["llm"]})

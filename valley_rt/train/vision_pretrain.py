@@ -237,7 +237,7 @@ def pretrain_tower(model, data_dir: str | Path, *, steps: int, batch_frames: int
         opt.step()
         sched.step()
         if log and (step % 100 == 0 or step == steps - 1):
-            log({"phase": "vision_pretrain", "step": step + 1, "loss": round(float(loss), 4), **parts})
+            log({"phase": "vision_pretrain", "step": step + 1, "loss": round(float(loss.detach()), 4), **parts})
     model.eval()
     with torch.no_grad():
         held_out = probe_metrics(heads, features(val_x), val_y, crop=cfg.preprocess.crop_size,
