@@ -1,4 +1,4 @@
-"""Phase 0 of the demo recipe: pretrain the CLIP tower on the synthetic world (this project's stand-in for CLIP).
+"""Phase 0 of the demo recipe: pretrain the visual side on the synthetic world (this project's stand-in for CLIP).
 
 Valley starts from a pretrained CLIP ViT whose tokens already say what is where. None can be downloaded
 here, and a random tower trained only through the LLM's loss either collapses (trained jointly from the
@@ -12,7 +12,9 @@ from captions. At the tower's select layer (the features Valley uses):
 - every patch token predicts the share of its pixels each colour covers and where in the patch they are
   (so that a patch's tokens over the frames show which way an object moves through it, for the
   temporal module to read).
-The two linear heads are thrown away afterwards; only the tower's weights go on to the instruction phases.
+Then, with the tower frozen, the projector + temporal module learn to put into every pooled patch token
+which colours passed through that patch and which way each moved (`pretrain_temporal`).
+The linear read-out heads are thrown away; only Valley's own weights go on to instruction tuning.
 
 Labels are computed, not stored: a synthetic clip is a deterministic function of (seed, index) (synth), so
 its plan is drawn again and its frames re-rendered at exactly the indices the model samples, then resized
