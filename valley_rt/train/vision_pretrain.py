@@ -186,6 +186,26 @@ def _cosine(opt, steps: int):
         0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, steps - warmup)))))
 
 
+def _fit(loss_of: Callable, params: list, opt, sched, *, steps: int, n: int, batch: int, gen: torch.Generator,
+         name: str, log: Callable[[dict], None] | None, offset: int = 0) -> dict[str, float]:
+    """`steps` clipped optimizer steps on shuffled batches of the indices offset..offset+n-1 (reshuffled
+    after each pass); returns the last step's loss parts."""
+    order, pos, parts = torch.randperm(n, generator=gen) + offset, 0, {}
+    for step in range(steps):
+        if pos + batch > n:
+            order, pos = torch.randperm(n, generator=gen) + offset, 0
+        loss, parts = loss_of(order[pos:pos + batch])
+        pos += batch
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if log and (step % 100 == 0 or step == steps - 1):
+            log({"phase": name, "step": step + 1, "loss": round(float(loss.detach()), 4), **parts})
+    return parts
+
+
 def pretrain_tower(model, data_dir: str | Path, *, steps: int, batch_frames: int = 64, lr: float = 1e-3,
                    seed: int = 0, val_clips: int = 100, log: Callable[[dict], None] | None = None,
                    loaded=None) -> dict[str, Any]:
@@ -221,25 +241,13 @@ def pretrain_tower(model, data_dir: str | Path, *, steps: int, batch_frames: int
     def features(x: torch.Tensor) -> torch.Tensor:
         return model.vision_features(x[:, None])[:, 0]  # [F, 1+N, C]
 
-    parts: dict[str, float] = {}
-    order = torch.randperm(frames, generator=gen)
-    pos = 0
-    t1 = time.perf_counter()
-    for step in range(steps):
-        if pos + batch_frames > frames:
-            order, pos = torch.randperm(frames, generator=gen), 0
-        idx = order[pos:pos + batch_frames]
-        pos += batch_frames
+    def loss_of(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         x = normalize(train_crops[idx.numpy()], cfg.preprocess)
-        y = {f: v[idx] for f, v in train_y.items()}
-        loss, parts = heads.loss(features(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tower_params + list(heads.parameters()), 1.0)
-        opt.step()
-        sched.step()
-        if log and (step % 100 == 0 or step == steps - 1):
-            log({"phase": "vision_pretrain", "step": step + 1, "loss": round(float(loss.detach()), 4), **parts})
+        return heads.loss(features(x), {f: v[idx] for f, v in train_y.items()})
+
+    t1 = time.perf_counter()
+    parts = _fit(loss_of, tower_params + list(heads.parameters()), opt, sched, steps=steps, n=frames,
+                 batch=batch_frames, gen=gen, name="vision_pretrain", log=log)
     model.eval()
     with torch.no_grad():
         held_out = probe_metrics(heads, features(val_x), val_y, crop=cfg.preprocess.crop_size,
@@ -313,23 +321,11 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
         return sum(parts.values()), {n: round(float(v.detach()), 4) for n, v in parts.items()}
 
     gen = torch.Generator().manual_seed(seed)
-    n_train = len(videos) - n_val
-    order, pos, parts = torch.randperm(n_train, generator=gen) + n_val, 0, {}
     for m in parts_:
         m.train()
     t1 = time.perf_counter()
-    for step in range(steps):
-        if pos + batch_clips > n_train:
-            order, pos = torch.randperm(n_train, generator=gen) + n_val, 0
-        loss, parts = loss_of(order[pos:pos + batch_clips])
-        pos += batch_clips
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params + list(head.parameters()), 1.0)
-        opt.step()
-        sched.step()
-        if log and (step % 100 == 0 or step == steps - 1):
-            log({"phase": "temporal_pretrain", "step": step + 1, "loss": round(float(loss.detach()), 4), **parts})
+    parts = _fit(loss_of, params + list(head.parameters()), opt, sched, steps=steps, n=len(videos) - n_val,
+                 offset=n_val, batch=batch_clips, gen=gen, name="temporal_pretrain", log=log)
     for m in parts_:
         m.eval()
     with torch.no_grad():  # held out: is the direction of each mover's largest displacement right?
