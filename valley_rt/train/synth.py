@@ -426,7 +426,7 @@ def _masks(size: int) -> dict[str, np.ndarray]:
     }
 
 
-def render_frames(plan: ClipPlan, arena: Arena, width: int, height: int, only=None) -> np.ndarray:
+def render_frames(plan: ClipPlan, arena: Arena, width: int, height: int, only: set[int] | None = None) -> np.ndarray:
     """uint8 [T, H, W, 3] RGB frames of a plan (with `only`, a set of frame indices: just those, the rest black)."""
     frames = np.zeros((plan.num_frames, height, width, 3), np.uint8) if only is not None else \
         np.empty((plan.num_frames, height, width, 3), np.uint8)

@@ -219,10 +219,11 @@ def _prepare_run(opts: TrainOptions, model_config: ValleyConfig | None, tokenize
 
 
 def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, tokenizer=None, resume: bool = False,
-          on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[dict], None] | None = None, frame_cache: FrameCache | None = None) -> dict[str, Any]:
     """Train, checkpointing to opts.out; returns a summary (steps, final loss, seconds, validation).
 
-    resume=True continues from OUT/state.pt when it exists (else starts fresh in OUT).
+    resume=True continues from OUT/state.pt when it exists (else starts fresh in OUT). frame_cache: decoded
+    clips shared with an earlier phase of the same process (its keys include the preprocessing).
     """
     from valley_rt.checkpoint import save_checkpoint
     from valley_rt.model import build_model
@@ -238,7 +239,8 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
 
     records, problems = load_records(opts.data, skip_bad=opts.skip_bad)
     samples = group_by_video(records) if opts.group_by_video else records
-    cache = FrameCache(cfg)
+    cache = frame_cache or FrameCache(cfg)
+    decoded_before = cache.decoded
     dataset = InstructionDataset(samples, tok, cfg, cache=cache, shuffle_turns=opts.group_by_video, seed=opts.seed,
                                  skip_bad=opts.skip_bad)
     val = None
@@ -337,7 +339,7 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
     save_state()
     summary: dict[str, Any] = {"steps": step, "final_loss": last.get("loss"), "seconds": round(elapsed, 1),
                                "samples": len(dataset), "skipped": len(problems) + len(dataset.skipped),
-                               "decoded_clips": cache.decoded}
+                               "decoded_clips": cache.decoded - decoded_before}
     if val:
         summary["val"] = validate()
         _append_jsonl(metrics_file, {"step": step, "val": summary["val"]})
@@ -419,6 +421,7 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
     if not (r.finetune and (first_out / "summary.json").is_file() and (first_out / "model").is_dir()):
         cfg = dataclasses.replace(r.model)
         tok, init = None, None
+        frames = FrameCache(cfg)  # phase 0 decodes its clips through it, phase 1 reads them back
         if not (resume and (first_out / STATE_FILE).is_file()):
             records, _ = load_records(train_json)
             tok = train_tokenizer(corpus_texts(records, system=cfg.system_prompt), vocab_size=r.vocab_size)
@@ -426,15 +429,16 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
             cfg.llm = dataclasses.replace(cfg.llm, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                           eos_token_id=tok.eos_token_id)
             if r.vision_pretrain:
-                phases.append(_vision_phase(r, cfg, tok, out_p, threads=threads))
+                phases.append(_vision_phase(r, cfg, tok, out_p, threads=threads, cache=frames))
                 init = str(out_p / "phase0" / "model")
         elif r.vision_pretrain and (out_p / "phase0" / "summary.json").is_file():
             phases.append(json.loads((out_p / "phase0" / "summary.json").read_text()))
         if init:  # the config and tokenizer come with phase 0's checkpoint
-            phases.append(train(TrainOptions(**base, out=str(first_out), init=init), resume=resume))
+            phases.append(train(TrainOptions(**base, out=str(first_out), init=init), resume=resume,
+                                frame_cache=frames))
         else:
             phases.append(train(TrainOptions(**base, out=str(first_out)), model_config=cfg, tokenizer=tok,
-                                resume=resume))
+                                resume=resume, frame_cache=frames))
     else:
         for phase in ("phase0", "phase1"):
             if (out_p / phase / "summary.json").is_file():
@@ -462,7 +466,7 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
     return summary
 
 
-def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None) -> dict[str, Any]:
+def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None, cache: FrameCache) -> dict[str, Any]:
     """Phase 0: pretrain the visual side of a fresh model on the training clips (vision_pretrain: the tower,
     then the projector + temporal module), save it as OUT/phase0/model. Short (minutes), so a crash reruns
     it rather than resuming it."""
@@ -480,7 +484,7 @@ def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None
     log.unlink(missing_ok=True)
     model = build_model(cfg, seed=r.seed)
     summary = pretrain_visual(model, out_p / "data" / "train", seed=r.seed, log=lambda m: _append_jsonl(log, m),
-                              **r.vision_pretrain)
+                              cache=cache, **r.vision_pretrain)
     save_checkpoint(model.eval(), folder / "model", tokenizer=tok)
     summary["phase"] = "vision_pretrain"
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

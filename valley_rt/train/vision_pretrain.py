@@ -79,11 +79,11 @@ def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> F
     K, t, c, ps = len(colors), len(idx), p.crop_size, cfg.vision.patch_size
     g = c // ps
     onehot = (label[..., None] == np.arange(K)).astype(np.float32)  # [t, c, c, K]
-    cover = onehot.reshape(t, g, ps, g, ps, K).mean((2, 4)).reshape(t, g * g, K)
-    count = onehot.sum((1, 2))  # [t, K]
-    u = (np.arange(ps, dtype=np.float32) + 0.5) / ps * 2 - 1  # pixel centre within its patch, in [-1, 1]
     tiles = onehot.reshape(t, g, ps, g, ps, K)
-    n_px = tiles.sum((2, 4))  # [t, g, g, K]
+    n_px = tiles.sum((2, 4))  # [t, g, g, K] pixels of each colour per patch
+    cover = (n_px / (ps * ps)).reshape(t, g * g, K)
+    count = n_px.sum((1, 2))  # [t, K]
+    u = (np.arange(ps, dtype=np.float32) + 0.5) / ps * 2 - 1  # pixel centre within its patch, in [-1, 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         ox = (tiles * u[None, None, None, None, :, None]).sum((2, 4)) / n_px
         oy = (tiles * u[None, None, :, None, None, None]).sum((2, 4)) / n_px
@@ -111,7 +111,7 @@ class PretrainHeads(nn.Module):
 
     def __init__(self, hidden: int, num_colors: int, num_shapes: int, num_backgrounds: int):
         super().__init__()
-        self.k, self.s, self.b = num_colors, num_shapes, num_backgrounds
+        self.k, self.s = num_colors, num_shapes
         self.cls = nn.Linear(hidden, num_colors * (3 + num_shapes) + num_backgrounds)
         self.patch = nn.Linear(hidden, num_colors * 3)  # per colour: cover logit, offset (x, y)
 
@@ -160,10 +160,11 @@ def _stack(labels: list[FrameLabels]) -> dict[str, torch.Tensor]:
     return {f: torch.from_numpy(np.concatenate([getattr(l, f) for l in labels])) for f in FrameLabels.__dataclass_fields__}
 
 
-def load_synth(data_dir: str | Path, cfg: ValleyConfig,
-               max_clips: int | None = None) -> tuple[list[str], np.ndarray, list[FrameLabels], float]:
+def load_synth(data_dir: str | Path, cfg: ValleyConfig, max_clips: int | None = None,
+               cache=None) -> tuple[list[str], np.ndarray, list[FrameLabels], float]:
     """A synth folder's clips (the first `max_clips`): names, decoded model-input crops uint8 [V, T, c, c, 3],
-    labels, seconds taken."""
+    labels, seconds taken. `cache`: a train.data.FrameCache to decode through (and fill), e.g. the one
+    the instruction phase then reads from."""
     from valley_rt.train.data import FrameCache
 
     data_dir = Path(data_dir)
@@ -173,7 +174,7 @@ def load_synth(data_dir: str | Path, cfg: ValleyConfig,
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"vision pretraining: {data_dir} is not a synth folder ({e})") from None
     t0 = time.perf_counter()
-    cache = FrameCache(cfg)
+    cache = cache or FrameCache(cfg)
     crops = np.stack([cache.crops(data_dir / "videos" / v) for v in videos])
     labels = [clip_labels(v, cfg, meta) for v in videos]
     return videos, crops, labels, time.perf_counter() - t0
@@ -348,10 +349,10 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
 
 def pretrain_visual(model, data_dir: str | Path, *, tower_steps: int, temporal_steps: int = 0, lr: float = 1e-3,
                     temporal_lr: float = 3e-3, max_clips: int | None = None, seed: int = 0,
-                    log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+                    log: Callable[[dict], None] | None = None, cache=None) -> dict[str, Any]:
     """Phase 0 of a recipe: the tower (pretrain_tower), then the projector + temporal module
     (pretrain_temporal) on one decoding of the synth folder's first `max_clips` clips."""
-    loaded = load_synth(data_dir, model.cfg, max_clips)
+    loaded = load_synth(data_dir, model.cfg, max_clips, cache)
     out: dict[str, Any] = {"prep_s": round(loaded[3], 1), "clips": len(loaded[0])}
     tower = pretrain_tower(model, data_dir, steps=tower_steps, lr=lr, seed=seed, log=log, loaded=loaded)
     out["tower"] = {k: tower[k] for k in ("steps", "seconds", "final", "held_out")}
