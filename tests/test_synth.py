@@ -253,3 +253,29 @@ def test_arena_is_inside_the_model_crop():
         assert a.x0 * scale >= left and (a.x0 + a.side) * scale <= left + 64
         assert a.y0 * scale >= top and (a.y0 + a.side) * scale <= top + 64
         assert a.size * scale >= 10  # objects at least 10 model pixels wide
+
+
+def test_extra_questions_add_checkable_ones(tmp_path, arena):
+    """extra_questions (training data) keeps the drawn records and adds the direction of every other mover and
+    the order of every other pair; each added answer agrees with the decoded pixels."""
+    meta = synth.generate(tmp_path / "x", n=N_CLIPS, seed=SEED, extra_questions=True)
+    records = json.loads((tmp_path / "x" / "data.json").read_text())
+    plain = json.loads(json.dumps([r for i in range(N_CLIPS) for r in synth.clip_records(
+        synth.plan_clip(SEED, i, arena=arena), f"s{SEED}_{i:05d}.mp4")]))
+    drawn = {r["id"] for r in plain}
+    assert meta["extra_questions"] is True
+    assert [r for r in records if r["id"] in drawn] == plain
+    assert len({r["id"] for r in records}) == len(records)  # ids stay unique
+    added = [r for r in records if r["id"] not in drawn]
+    assert {r["task"] for r in added} == {"action", "order"}, [r["id"] for r in added]
+    for r in added:
+        assert answer(r) in r["choices"], r["id"]
+        frames = decode_cached(tmp_path / "x" / "videos" / r["video"])
+        if r["task"] == "action":
+            track = color_track(frames, object_of(r["conversations"][0]["value"]).split()[0], arena)
+            dx, dy = track[-1][1] - track[0][1], track[-1][2] - track[0][2]
+            assert {"left": -dx, "right": dx, "up": -dy, "down": dy}[answer(r)] > arena.size / 2, r["id"]
+        else:
+            first = {c: track[0][0] for c in synth.COLORS if (track := color_track(frames, c, arena))}
+            a, b = (object_of(c).split()[0] for c in r["choices"])
+            assert object_of(answer(r)).split()[0] == (a if first[a] < first[b] else b), r["id"]

@@ -217,3 +217,15 @@ def test_precision_choice():
     assert resolve_precision("auto", "cpu") is (torch.bfloat16 if cpu_has_bf16() else None)
     with pytest.raises(DataError, match="precision must be"):
         resolve_precision("fp8", "cpu")
+
+
+def test_recipe_reuses_synth_data_only_when_it_matches():
+    from valley_rt.train.trainer import _same_synth
+
+    meta = {"n": 10, "width": 128, "extra_questions": False}
+    assert _same_synth(meta, 10, {})
+    assert _same_synth(meta, 10, {"width": 128, "extra_questions": False})
+    assert not _same_synth(meta, 12, {})
+    assert not _same_synth(meta, 10, {"extra_questions": True})  # training data asked with extra questions
+    assert not _same_synth({"n": 10}, 10, {"extra_questions": True})  # written before the option existed
+    assert _same_synth({"n": 10}, 10, {"extra_questions": False})

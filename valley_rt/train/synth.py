@@ -403,13 +403,15 @@ def _two_scenes(rng, arena, T, sampled, colors, shapes, backgrounds, direction, 
     return scenes, targets
 
 
+def _order_pairs(tracks: list[Track], sampled) -> list[tuple[str, str]]:
+    """Every (first, second) pair whose appearances are told apart by a sampled frame."""
+    return [(a.name, b.name) for a in tracks for b in tracks
+            if a.start < b.start and any(a.start <= t < a.end and t < b.start for t in sampled)]
+
+
 def _order_pair(rng, tracks: list[Track], sampled) -> Optional[tuple[str, str]]:
-    """(first, second): a pair whose appearances are told apart by a sampled frame, or None."""
-    pairs = []
-    for a in tracks:
-        for b in tracks:
-            if a.start < b.start and any(a.start <= t < a.end and t < b.start for t in sampled):
-                pairs.append((a.name, b.name))
+    """(first, second): one such pair, drawn, or None."""
+    pairs = _order_pairs(tracks, sampled)
     if not pairs:
         return None
     return pairs[int(rng.integers(len(pairs)))]
@@ -538,8 +540,12 @@ def describe(plan: ClipPlan) -> str:
     return " ".join(out)
 
 
-def clip_records(plan: ClipPlan, video: str) -> list[dict[str, Any]]:
-    """The instruction records of one clip (one QA pair each), in TASK_FAMILIES order where applicable."""
+def clip_records(plan: ClipPlan, video: str, *, extra: bool = False, frames_hint: int = 8) -> list[dict[str, Any]]:
+    """The instruction records of one clip (one QA pair each), in TASK_FAMILIES order where applicable.
+
+    extra: also ask the direction of every other mover and the order of every other pair the sampled
+    frames (`frames_hint` of them) tell apart (for training data: more supervision per decoded clip).
+    The records of the drawn questions are the same either way."""
     rng = np.random.default_rng([plan.seed, plan.index, 1])  # question wording; separate from the geometry
     tg = plan.targets
     names = [t.name for t in plan.tracks]
@@ -559,11 +565,14 @@ def clip_records(plan: ClipPlan, video: str) -> list[dict[str, Any]]:
         first, second = tg["order"]
         a, b = (second, first) if tg["order_swap"] else (first, second)
         qa.append(("order", _pick(rng, "order", a=a, b=b), f"the {first}", [f"the {a}", f"the {b}"]))
+    if extra:
+        qa += _extra_questions(plan, rng, frames_hint)
     stem = Path(video).stem
-    records = []
+    records, seen = [], {}
     for family, q, ans, choices in qa:
+        seen[family] = seen.get(family, 0) + 1
         rec: dict[str, Any] = {
-            "id": f"{stem}-{family}",
+            "id": f"{stem}-{family}" + (f"{seen[family]}" if seen[family] > 1 else ""),
             "video": video,
             "task": family,
             "short": family in SHORT_FAMILIES,
@@ -573,6 +582,20 @@ def clip_records(plan: ClipPlan, video: str) -> list[dict[str, Any]]:
             rec["choices"] = choices
         records.append(rec)
     return records
+
+
+def _extra_questions(plan: ClipPlan, rng, frames_hint: int) -> list[tuple[str, str, str, Optional[list[str]]]]:
+    tg, qa = plan.targets, []
+    asked = tg.get("direction", (None,))[0]
+    for tr in plan.tracks:
+        if tr.role == "mover" and tr.name != asked:
+            qa.append(("action", _pick(rng, "action", obj=tr.name), tr.direction, list(DIRECTIONS)))
+    sampled = np.linspace(0, plan.num_frames - 1, frames_hint).astype(int)
+    for first, second in _order_pairs(plan.tracks, sampled):
+        if (first, second) != tuple(tg.get("order") or ()):
+            a, b = (second, first) if rng.random() < 0.5 else (first, second)
+            qa.append(("order", _pick(rng, "order", a=a, b=b), f"the {first}", [f"the {a}", f"the {b}"]))
+    return qa
 
 
 def _pick(rng, family: str, **names: str) -> str:
@@ -604,6 +627,7 @@ class _Job:
     frames_hint: int
     resize_short: int
     crop: int
+    extra_questions: bool = False
 
 
 def _make_clip(job: _Job, index: int) -> tuple[list[dict[str, Any]], str]:
@@ -611,7 +635,7 @@ def _make_clip(job: _Job, index: int) -> tuple[list[dict[str, Any]], str]:
     plan = plan_clip(job.seed, index, arena=arena, num_frames=job.num_frames, frames_hint=job.frames_hint)
     video = f"s{job.seed}_{index:05d}.mp4"
     write_mp4(Path(job.out_dir) / "videos" / video, render_frames(plan, arena, job.width, job.height), job.fps)
-    return clip_records(plan, video), plan.content_hash()
+    return clip_records(plan, video, extra=job.extra_questions, frames_hint=job.frames_hint), plan.content_hash()
 
 
 def _make_range(args: tuple[_Job, int, int]) -> list[tuple[list[dict[str, Any]], str]]:
@@ -647,9 +671,10 @@ def answer_counts(records: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128, height: int = 96, fps: int = 10,
              num_frames: int = 32, frames_hint: int = 8, resize_short: int = 73, crop: int = 64,
-             workers: int = 1) -> dict[str, Any]:
+             workers: int = 1, extra_questions: bool = False) -> dict[str, Any]:
     """Write `out_dir/videos/*.mp4`, `out_dir/data.json` (records) and `out_dir/meta.json`; return the meta
-    plus timing (`seconds`, `clips_per_s`). Output depends only on the arguments, not on `workers`."""
+    plus timing (`seconds`, `clips_per_s`). Output depends only on the arguments, not on `workers`.
+    extra_questions: see clip_records (training data; evaluation splits keep one question per family)."""
     if n < 1:
         raise DataError(f"synth: --n must be >= 1, got {n}")
     if width % 2 or height % 2:
@@ -661,7 +686,7 @@ def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128,
     make_arena(width, height, resize_short=resize_short, crop=crop)  # validate the size up front
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    job = _Job(str(out), seed, width, height, fps, num_frames, frames_hint, resize_short, crop)
+    job = _Job(str(out), seed, width, height, fps, num_frames, frames_hint, resize_short, crop, extra_questions)
     t0 = time.perf_counter()
     if workers <= 1 or n < 8:
         results = _make_range((job, 0, n))
@@ -677,7 +702,9 @@ def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128,
     families = {f: sum(r["task"] == f for r in records) for f in TASK_FAMILIES}
     meta = {
         "seed": seed, "n": n, "records": len(records), "width": width, "height": height, "fps": fps,
-        "num_frames": num_frames, "frames_hint": frames_hint, "families": families,
+        "num_frames": num_frames, "frames_hint": frames_hint, "resize_short": resize_short, "crop": crop,
+        "extra_questions": extra_questions,
+        "families": families,
         "short_families": list(SHORT_FAMILIES), "temporal_families": list(TEMPORAL_FAMILIES),
         "video_dir": "videos", "chance": chance_accuracy(records), "answers": answer_counts(records),
         "clip_hashes": [h for _, h in results],

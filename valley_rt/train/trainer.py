@@ -401,8 +401,9 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
     for split, n, seed in (("train", n_train, r.train_seed), ("val", r.val_clips, r.val_seed)):
         folder = out_p / "data" / split
         meta = folder / "meta.json"
-        if not (meta.is_file() and json.loads(meta.read_text()).get("n") == n):
-            synth.generate(folder, n=n, seed=seed, workers=workers, **r.synth)
+        kwargs = {**r.synth, **(r.train_synth if split == "train" else {})}
+        if not (meta.is_file() and _same_synth(json.loads(meta.read_text()), n, kwargs)):
+            synth.generate(folder, n=n, seed=seed, workers=workers, **kwargs)
     synth_s = time.perf_counter() - t0
     train_json = out_p / "data" / "train" / "data.json"
     if r.keep_long_descriptions < 1.0:
@@ -464,6 +465,12 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
         summary["eval_s"] = result["seconds"]
     (out_p / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _same_synth(meta: dict[str, Any], n: int, kwargs: dict[str, Any]) -> bool:
+    """Whether a synth folder's meta.json matches what the recipe asks (so it is reused, not regenerated)."""
+    return meta.get("n") == n and all(meta.get(k, False if k == "extra_questions" else None) == v
+                                      for k, v in kwargs.items())
 
 
 def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None, cache: FrameCache) -> dict[str, Any]:
