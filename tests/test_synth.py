@@ -203,6 +203,8 @@ def test_cli_synth(tmp_path):
     res = CliRunner().invoke(app, ["synth", str(tmp_path / "d"), "--n", "2", "--seed", "9"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "d" / "meta.json").read_text())["n"] == 2
+    res = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--n", "2", "--seed", "9", "--extra-questions"])
+    assert res.exit_code == 0 and json.loads((tmp_path / "x" / "meta.json").read_text())["extra_questions"] is True
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "e"), "--n", "0", "--seed", "9"])
     assert bad.exit_code == 2 and "error:" in bad.output
 

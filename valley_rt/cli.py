@@ -91,11 +91,15 @@ def synth(out_dir: Path = typer.Argument(..., help="Folder for videos/*.mp4, dat
           n: int = typer.Option(..., "--n", help="Number of clips (each gives several records)."),
           seed: int = typer.Option(..., "--seed", help="Split seed; different seeds never share a clip."),
           frames_hint: int = typer.Option(8, "--frames-hint", help="Frames the model samples; events stay visible in them."),
-          workers: int = typer.Option(1, "--workers", help="Processes; the output does not depend on it.")) -> None:
+          workers: int = typer.Option(1, "--workers", help="Processes; the output does not depend on it."),
+          extra_questions: bool = typer.Option(False, "--extra-questions",
+                                               help="Training data: also ask every other mover's direction and "
+                                                    "every other pair's order.")) -> None:
     """Generate the synthetic video-instruction dataset (rendered mp4 clips + Valley-format records)."""
     from valley_rt.train.synth import generate
 
-    meta = generate(out_dir, n=n, seed=seed, frames_hint=frames_hint, workers=workers)
+    meta = generate(out_dir, n=n, seed=seed, frames_hint=frames_hint, workers=workers,
+                    extra_questions=extra_questions)
     emit_json({k: v for k, v in meta.items() if k != "clip_hashes"})
 
 

@@ -30,6 +30,17 @@ CPU including synthesis and eval): 84.3 % exact match (counting 98.5, action 83.
 59.4) vs 21.4 % blind; the first demo model (no phase 0) had 59.8 % with action at chance. The issue's
 goals (90 % overall, 80 % per temporal family) are still missed on order and cause; validation was
 still rising when the schedule ended (0.78 at step 5000, 0.88 at 8500).
+
+Tried after it, not adopted (pilots: 3000 phase-1 steps, scored on 200 clips of synth seed 4):
+- more of the same: 14000 clips with extra_questions (every other mover's direction and pair's order:
+  +29 % action, +28 % order questions), 14000 steps, 2 threads (0.125 s/step vs 0.197), 40 min wall:
+  84.0 % held out (action 78.1, order 81.6, causal 59.4, counting 99.0), i.e. no better overall; order
+  rose and action fell. The extra questions alone (pilot): order 78.9 vs 74.0, overall 76.1 vs 75.4.
+- a CLS target for touching objects (per frame, which colour pairs are < 6 px apart, the gap a bounce
+  off an object leaves on the sampled frames): the tower found only 16 % of the contacts and causal
+  stayed at 47-52 % (pilot), as without it.
+- phase 1 at lr 2e-3: action at chance after 2000 steps (pilot).
+- the temporal module on 6000 clips for 3000 steps: held-out direction 0.83 vs 0.80, within noise.
 """
 
 from __future__ import annotations
