@@ -33,7 +33,7 @@ still rising when the schedule ended (0.78 at step 5000, 0.88 at 8500).
 
 Tried after it, not adopted (pilots: 3000 phase-1 steps, scored on 200 clips of synth seed 4):
 - more of the same: 14000 clips with extra_questions (every other mover's direction and pair's order:
-  +29 % action, +28 % order questions), 14000 steps, 2 threads (0.125 s/step vs 0.197), 40 min wall:
+  +33 % action, +57 % order questions), 14000 steps, 2 threads (0.125 s/step vs 0.197), 40 min wall:
   84.0 % held out (action 78.1, order 81.6, causal 59.4, counting 99.0), i.e. no better overall; order
   rose and action fell. The extra questions alone (pilot): order 78.9 vs 74.0, overall 76.1 vs 75.4.
 - a CLS target for touching objects (per frame, which colour pairs are < 6 px apart, the gap a bounce
