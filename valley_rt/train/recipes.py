@@ -41,6 +41,9 @@ Tried after it, not adopted (pilots: 3000 phase-1 steps, scored on 200 clips of 
   stayed at 47-52 % (pilot), as without it.
 - phase 1 at lr 2e-3: action at chance after 2000 steps (pilot).
 - the temporal module on 6000 clips for 3000 steps: held-out direction 0.83 vs 0.80, within noise.
+- a per-patch "this colour touched an object here" target on the temporal tokens (scratch pilot, 3000
+  clips): held-out direction fell from 0.78 to 0.25 and the wall/object read-out reached only 66 %
+  (32 bouncers); the one-layer module cannot hold both, as with the earlier bounce target.
 """
 
 from __future__ import annotations
