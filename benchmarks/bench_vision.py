@@ -40,12 +40,9 @@ def bench_config(mode: str, name: str = "bench-1b"):
 def vision_flops(cfg, frames: int, pool_first: bool) -> float:
     """Multiply-adds x 2 of the vision stage for `frames` frames."""
     v = cfg.vision
-    L, C, I, D, N = v.num_patches + 1, v.hidden_size, v.intermediate_size, cfg.llm.hidden_size, v.num_patches
-    patch = 2 * N * (3 * v.patch_size**2) * C  # the patch-embedding convolution
-    per_layer = 2 * L * (4 * C * C + 2 * C * I) + 2 * 2 * L * L * C  # qkv+out, MLP; QK^T and AV
-    tower = frames * (patch + v.layers_run * per_layer)
+    L, C, D, N = v.num_patches + 1, v.hidden_size, cfg.llm.hidden_size, v.num_patches
     projected_rows = (N + frames) if pool_first else frames * L  # pooled rows + CLS rows, or every token
-    return tower + 2 * projected_rows * C * D
+    return frames * v.frame_flops + 2 * projected_rows * C * D
 
 
 def gemm_peak_gflops(n: int = 2048, repeats: int = 10) -> float:

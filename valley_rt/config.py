@@ -50,6 +50,14 @@ class VisionConfig:
             raise ValueError(f"select_layer {self.select_layer} is outside a {self.num_layers}-layer tower")
         return n
 
+    @property
+    def frame_flops(self) -> float:
+        """Multiply-adds x 2 of the tower on one frame: the patch embedding and the layers run."""
+        L, C, I, N = self.num_patches + 1, self.hidden_size, self.intermediate_size, self.num_patches
+        patch = 2 * N * (3 * self.patch_size**2) * C  # the patch-embedding convolution
+        per_layer = 2 * L * (4 * C * C + 2 * C * I) + 2 * 2 * L * L * C  # qkv+out, MLP; QK^T and AV
+        return patch + self.layers_run * per_layer
+
 
 @dataclass
 class TemporalConfig:

@@ -393,9 +393,7 @@ def _warm_up(valley: Valley) -> None:
     from valley_rt.video import read_video
 
     clips = sorted((ASSETS / "clips").glob("*.mp4"))
-    v = valley.cfg.vision
-    frame_flops = 24 * v.num_layers * (v.num_patches + 1) * v.hidden_size ** 2
-    if clips and frame_flops < WARM_VISION_MAX_FLOPS:
+    if clips and valley.cfg.vision.frame_flops < WARM_VISION_MAX_FLOPS:
         valley.encode_video(clips[0])
     elif clips:
         read_video(clips[0], num_frames=1)

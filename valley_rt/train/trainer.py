@@ -24,6 +24,7 @@ checkpoint, written by save_checkpoint with the tokenizer).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -468,9 +469,12 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
 
 
 def _same_synth(meta: dict[str, Any], n: int, kwargs: dict[str, Any]) -> bool:
-    """Whether a synth folder's meta.json matches what the recipe asks (so it is reused, not regenerated)."""
-    return meta.get("n") == n and all(meta.get(k, False if k == "extra_questions" else None) == v
-                                      for k, v in kwargs.items())
+    """Whether a synth folder's meta.json matches what the recipe asks (so it is reused, not regenerated);
+    an option a meta.json does not record (written before it existed) had synth.generate's default."""
+    from valley_rt.train.synth import generate
+
+    defaults = inspect.signature(generate).parameters
+    return meta.get("n") == n and all(meta.get(k, defaults[k].default) == v for k, v in kwargs.items())
 
 
 def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None, cache: FrameCache) -> dict[str, Any]:
