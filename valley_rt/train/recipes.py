@@ -87,7 +87,6 @@ class Recipe:
     test_seed: int = 3
     keep_long_descriptions: float = 1.0  # share of clips whose long description is trained on
     synth: dict = field(default_factory=dict)  # extra keyword arguments of synth.generate
-    train_synth: dict = field(default_factory=dict)  # ... for the training split only (e.g. extra_questions)
 
 
 def demo_config() -> ValleyConfig:

@@ -402,9 +402,8 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
     for split, n, seed in (("train", n_train, r.train_seed), ("val", r.val_clips, r.val_seed)):
         folder = out_p / "data" / split
         meta = folder / "meta.json"
-        kwargs = {**r.synth, **(r.train_synth if split == "train" else {})}
-        if not (meta.is_file() and _same_synth(json.loads(meta.read_text()), n, kwargs)):
-            synth.generate(folder, n=n, seed=seed, workers=workers, **kwargs)
+        if not (meta.is_file() and _same_synth(json.loads(meta.read_text()), n, r.synth)):
+            synth.generate(folder, n=n, seed=seed, workers=workers, **r.synth)
     synth_s = time.perf_counter() - t0
     train_json = out_p / "data" / "train" / "data.json"
     if r.keep_long_descriptions < 1.0:
