@@ -281,3 +281,38 @@ def test_extra_questions_add_checkable_ones(tmp_path, arena):
             first = {c: track[0][0] for c in synth.COLORS if (track := color_track(frames, c, arena))}
             a, b = (object_of(c).split()[0] for c in r["choices"])
             assert object_of(answer(r)).split()[0] == (a if first[a] < first[b] else b), r["id"]
+
+
+def test_distractor_flag(gen, arena):
+    """`distractor` marks the questions another object would answer differently: for order, checked on
+    the pixels (an object outside the pair shows no later than the earlier of the pair); for action and
+    causal, on the clip's plan (another object moves another way / turns back too)."""
+    out, meta, records = gen
+    flags: dict[str, list[bool]] = {}
+    first_seen: dict[str, dict[str, int]] = {}
+    for r in records:
+        if not r["short"]:
+            assert "distractor" not in r
+            continue
+        flags.setdefault(r["task"], []).append(r["distractor"])
+        if r["task"] == "counting":
+            assert r["distractor"] is False
+        elif r["task"] == "order":
+            if r["video"] not in first_seen:
+                frames = decode_cached(out / "videos" / r["video"])
+                first_seen[r["video"]] = {c: t[0][0] for c in synth.COLORS if (t := color_track(frames, c, arena))}
+            seen = first_seen[r["video"]]
+            pair = [object_of(c).split()[0] for c in r["choices"]]
+            first = min(seen[c] for c in pair)
+            assert r["distractor"] == any(f <= first for c, f in seen.items() if c not in pair), r["id"]
+        else:
+            plan = synth.plan_clip(SEED, int(r["video"].split("_")[1].split(".")[0]), arena=arena)
+            name = object_of(r["conversations"][0]["value"])
+            others = [t for t in plan.tracks if t.name != name]
+            if r["task"] == "action":
+                want = any(t.direction not in (None, answer(r)) for t in others)
+            else:
+                want = any(t.bounce_at is not None for t in others)
+            assert r["distractor"] == want, r["id"]
+    assert True in flags["order"] and False in flags["order"]
+    assert True in flags["action"] and False in flags["action"]

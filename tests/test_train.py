@@ -148,6 +148,15 @@ def test_evaluate_scores_per_family_with_blind_control(tiny_run, tmp_path):
     perfect = score(short, [f"The {r.turns[1].text.upper()}!" for r in short])  # normalize_answer on both sides
     assert perfect["overall"] == 1.0 and perfect["n"] == len(short)
     assert score(short, ["" for _ in short])["overall"] == 0.0
+    # families with flagged questions also report accuracy with and without a distractor
+    hard = [r for r in short if r.extra.get("distractor")]
+    assert hard, "the tiny split has no question with a distractor"
+    half = score(short, [r.turns[1].text if not r.extra.get("distractor") else "" for r in short])
+    for family, acc in half["per_family"].items():
+        if "with_distractor" in acc:
+            assert acc["with_distractor"]["accuracy"] == 0.0 and acc["without_distractor"]["accuracy"] in (1.0, None)
+            assert acc["with_distractor"]["n"] + acc["without_distractor"]["n"] == acc["n"]
+    assert sum(a.get("with_distractor", {}).get("n", 0) for a in half["per_family"].values()) == len(hard)
     out = tmp_path / "eval.json"
     result = evaluate(model=tiny_run / "init", data=tiny_run / "data" / "data.json", both=True, limit=4, out=out)
     assert json.loads(out.read_text()) == result

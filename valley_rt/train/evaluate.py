@@ -6,6 +6,11 @@ compared with the reference after `synth.normalize_answer` (case, punctuation, a
 words). The blind control replaces every video by a black video of the same size and frame count
 (`synth.render_blank_video`), so whatever accuracy remains comes from the question alone; it should
 sit near the question-only chance level that `synth.chance_accuracy` reports.
+
+Synth records flag a question with `"distractor": true` when another object in the clip would answer
+it differently (another mover going elsewhere, another object already there first, another object
+turning back). Those questions need the object the question names picked out of the video, not just
+"the thing that moves"; each family with such questions also reports its accuracy with and without.
 """
 
 from __future__ import annotations
@@ -76,18 +81,26 @@ def score(records: list[Record], answers: list[str], *, max_mistakes: int = 3) -
     from valley_rt.train.synth import normalize_answer
 
     hits: dict[str, list[int]] = defaultdict(list)
+    split: dict[str, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
     mistakes: dict[str, list[dict]] = defaultdict(list)
     for r, a in zip(records, answers):
         ok = int(normalize_answer(a) == normalize_answer(r.turns[1].text))
         family = r.task or "unknown"
         hits[family].append(ok)
+        if isinstance(r.extra.get("distractor"), bool):
+            split[family][r.extra["distractor"]].append(ok)
         if not ok and len(mistakes[family]) < max_mistakes:
             mistakes[family].append({"id": r.id, "question": r.turns[0].text.replace(VIDEO, "").strip(),
                                      "expected": r.turns[1].text, "got": a})
     everything = [h for v in hits.values() for h in v]
+    per_family = {f: {"accuracy": round(sum(v) / len(v), 4), "n": len(v)} for f, v in sorted(hits.items())}
+    for f, parts in split.items():
+        if parts[True]:  # synth's "distractor" flag: does the answer need the named object picked out?
+            for flag, key in ((True, "with_distractor"), (False, "without_distractor")):
+                v = parts[flag]
+                per_family[f][key] = {"accuracy": round(sum(v) / len(v), 4) if v else None, "n": len(v)}
     return {"overall": round(sum(everything) / max(len(everything), 1), 4), "n": len(everything),
-            "per_family": {f: {"accuracy": round(sum(v) / len(v), 4), "n": len(v)} for f, v in sorted(hits.items())},
-            "mistakes": dict(mistakes)}
+            "per_family": per_family, "mistakes": dict(mistakes)}
 
 
 def short_records(records: list[Record], limit: int | None = None) -> list[Record]:

@@ -569,6 +569,7 @@ def clip_records(plan: ClipPlan, video: str, *, extra: bool = False, frames_hint
         qa += _extra_questions(plan, rng, frames_hint)
     stem = Path(video).stem
     records, seen = [], {}
+    tracks = {t.name: t for t in plan.tracks}
     for family, q, ans, choices in qa:
         seen[family] = seen.get(family, 0) + 1
         rec: dict[str, Any] = {
@@ -580,8 +581,32 @@ def clip_records(plan: ClipPlan, video: str, *, extra: bool = False, frames_hint
         }
         if choices is not None:
             rec["choices"] = choices
+        if family in SHORT_FAMILIES:
+            rec["distractor"] = _has_distractor(family, q, ans, tracks)
         records.append(rec)
     return records
+
+
+_NAME = re.compile(r"\b(?:%s) (?:%s)\b" % ("|".join(COLORS), "|".join(SHAPES)))
+
+
+def _has_distractor(family: str, question: str, answer: str, tracks: dict[str, Track]) -> bool:
+    """Whether another object would answer the same question differently, so the answer needs the
+    object(s) the question names picked out of the video (not just "the object that moves / came
+    first / turned back"):
+    action: another object moves the other way or across (a bouncer by its first leg);
+    order: an object outside the pair is already there when the earlier of the pair appears;
+    causal: another object turns back too; counting: never."""
+    names = set(_NAME.findall(question))
+    named = [t for n, t in tracks.items() if n in names]
+    others = [t for n, t in tracks.items() if n not in names]
+    if family == "action":
+        return any(t.direction is not None and t.direction != answer for t in others)
+    if family == "order":
+        return any(t.start <= min(n.start for n in named) for t in others) if named else False
+    if family == "causal":
+        return any(t.bounce_at is not None for t in others)
+    return False
 
 
 def _extra_questions(plan: ClipPlan, rng, frames_hint: int) -> list[tuple[str, str, str, Optional[list[str]]]]:
