@@ -44,6 +44,25 @@ Tried after it, not adopted (pilots: 3000 phase-1 steps, scored on 200 clips of 
 - a per-patch "this colour touched an object here" target on the temporal tokens (scratch pilot, 3000
   clips): held-out direction fell from 0.78 to 0.25 and the wall/object read-out reached only 66 %
   (32 bouncers); the one-layer module cannot hold both, as with the earlier bounce target.
+
+Where the errors are (the `distractor` flag of synth's short questions; `distractor_split` in
+demo_eval.json): on the test split the model answers 93.0 / 100 / 71.7 % of action / order / causal
+questions that no other object would answer differently, but 66.7 / 34.2 / 18.8 % of those that another
+object would; on the dev split 30 of 40 wrong directions are another object's, all 23 wrong order
+answers name an object outside the asked pair, 11 of 66 causal answers name the asked object. So the
+missing piece is binding the question's words to the objects in the video, not seeing them. A probe
+(2-layer transformer on the frozen visual tokens, given the bouncer's colour, 2500 training clips) reads
+the cause at 73-79 % on dev, so contact is partly there too.
+3000-step pilots on dev (baseline 76.9 %; with / without distractor: action 37/76 / 93/107, order
+15/40 / 61/64, causal 4/19 / 27/47) that did not move the distractor subsets:
+- an 8-layer LLM (1.7x the step time): 77.9 %; action+D 40/76, order+D 18/40.
+- short questions always before the clip's caption and description in the grouped sample (those state
+  every short answer, so in a random turn order the answer is often in context): 75.8 %, order+D 14/40.
+- the question before the video in the prompt (the visual tokens see the question): 77.0 %, order+D 16/40.
+- single-turn samples instead of one multi-turn sample per clip (6000 steps): direction at chance.
+- colour and shape word embeddings initialised to the visual tokens' directions for those colours and
+  shapes (mean with minus mean without): 78.8 %, action+D 35/76, order+D 18/40, causal+D 6/19.
+- extra_questions (every pair asked): order+D 19/40.
 """
 
 from __future__ import annotations
