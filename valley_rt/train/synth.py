@@ -6,6 +6,7 @@ wall or off each other, appear, disappear or change colour, and some clips cut t
 Every clip yields several records in Valley's instruction format, one QA pair and one task family each:
 
     {"id", "video": "<file in OUT/videos>", "task": family, "short": bool, "choices": [...] (short only),
+     "distractor": bool (short only: another object would answer the question differently),
      "conversations": [{"from": "human", "value": "<video>\n<question>"}, {"from": "gpt", "value": answer}]}
 
 Families: multi-shot captions and long descriptions (free text, "short": false); action recognition
