@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -238,3 +239,21 @@ def test_recipe_reuses_synth_data_only_when_it_matches():
     assert not _same_synth(meta, 10, {"extra_questions": True})  # training data asked with extra questions
     assert not _same_synth({"n": 10}, 10, {"extra_questions": True})  # written before the option existed
     assert _same_synth({"n": 10}, 10, {"extra_questions": False})
+
+
+def test_text_pretraining_lowers_the_lm_loss_and_touches_only_the_llm(tiny_run):
+    from valley_rt.checkpoint import load_checkpoint, load_tokenizer
+    from valley_rt.prompt import VIDEO
+    from valley_rt.train.text_pretrain import conversation_texts, pretrain_text
+
+    model, tok = load_checkpoint(tiny_run / "init"), load_tokenizer(tiny_run / "init")
+    sample = conversation_texts(tiny_run / "data" / "data.json", system=model.cfg.system_prompt, seed=0)
+    text = sample(random.Random(0))
+    assert VIDEO not in text and text.startswith(model.cfg.system_prompt) and "Assistent:" in text
+    visual = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    logged = []
+    out = pretrain_text(model, tok, tiny_run / "data" / "data.json", steps=60, batch_size=4, lr=3e-3, warmup=5,
+                        log=logged.append)
+    assert out["steps"] == 60 and out["final_loss"] < 0.7 * out["first_loss"]
+    assert logged and logged[-1]["step"] == 60
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in visual.items())

@@ -94,6 +94,7 @@ class Recipe:
     vision_lr_scale: float = 1.0
     finetune: dict | None = None  # a second phase from phase 1's model: TrainOptions overrides
     vision_pretrain: dict | None = None  # phase 0 (vision_pretrain.pretrain_tower keyword arguments) or None
+    text_pretrain: dict | None = None  # phase 0 also trains the LLM on the text (text_pretrain.pretrain_text kwargs)
     precision: str = "fp32"  # the demo was trained in fp32 (bf16 autocast: ~20 % less CPU time, measured later)
     stage: int = 2
     train_vision: bool = True
@@ -141,7 +142,8 @@ RECIPES = {
                            vision_pretrain={"tower_steps": 2000, "temporal_steps": 1500, "max_clips": 3000}),
     "smoke": lambda: Recipe(name="smoke", model=smoke_config(), vocab_size=300, train_clips=24, val_clips=6,
                             train_seed=11, val_seed=12, epochs=6, batch_size=4, lr=3e-3, save_every=0,
-                            eval_every=0, val_samples=0, vision_pretrain={"tower_steps": 30, "temporal_steps": 20}),
+                            eval_every=0, val_samples=0, vision_pretrain={"tower_steps": 30, "temporal_steps": 20},
+                            text_pretrain={"steps": 10, "batch_size": 4}),
 }
 
 

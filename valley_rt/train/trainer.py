@@ -430,7 +430,7 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
             cfg.llm = dataclasses.replace(cfg.llm, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                           eos_token_id=tok.eos_token_id)
             if r.vision_pretrain:
-                phases.append(_vision_phase(r, cfg, tok, out_p, threads=threads, cache=frames))
+                phases.append(_vision_phase(r, cfg, tok, out_p, threads=threads, cache=frames, text_json=train_json))
                 init = str(out_p / "phase0" / "model")
         elif r.vision_pretrain and (out_p / "phase0" / "summary.json").is_file():
             phases.append(json.loads((out_p / "phase0" / "summary.json").read_text()))
@@ -449,7 +449,7 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
                             init=str(first_out / "model"))
         phases.append(train(opts, resume=resume))
     summary = dict(phases[-1])
-    summary["phases"] = [{k: p[k] for k in ("phase", "steps", "final_loss", "seconds", "val", "held_out") if k in p}
+    summary["phases"] = [{k: p[k] for k in ("phase", "steps", "final_loss", "seconds", "val", "held_out", "text") if k in p}
                          for p in phases]
     summary["seconds"] = round(sum(p["seconds"] + p.get("prep_s", 0.0) for p in phases), 1)
     summary["synth_s"] = round(synth_s, 1)
@@ -476,10 +476,11 @@ def _same_synth(meta: dict[str, Any], n: int, kwargs: dict[str, Any]) -> bool:
     return meta.get("n") == n and all(meta.get(k, defaults[k].default) == v for k, v in kwargs.items())
 
 
-def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None, cache: FrameCache) -> dict[str, Any]:
+def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None, cache: FrameCache,
+                  text_json: Path) -> dict[str, Any]:
     """Phase 0: pretrain the visual side of a fresh model on the training clips (vision_pretrain: the tower,
-    then the projector + temporal module), save it as OUT/phase0/model. Short (minutes), so a crash reruns
-    it rather than resuming it."""
+    then the projector + temporal module) and, with `r.text_pretrain`, its LLM on the text of `text_json`;
+    save it as OUT/phase0/model. Short (minutes), so a crash reruns it rather than resuming it."""
     from valley_rt.checkpoint import save_checkpoint
     from valley_rt.model import build_model
     from valley_rt.train.vision_pretrain import pretrain_visual
@@ -495,6 +496,14 @@ def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None
     model = build_model(cfg, seed=r.seed)
     summary = pretrain_visual(model, out_p / "data" / "train", seed=r.seed, log=lambda m: _append_jsonl(log, m),
                               cache=cache, **r.vision_pretrain)
+    if r.text_pretrain:  # the LLM as a language model on the conversations' text (train/text_pretrain.py)
+        from valley_rt.train.text_pretrain import pretrain_text
+
+        text = pretrain_text(model, tok, text_json, seed=r.seed, log=lambda m: _append_jsonl(log, m),
+                             **r.text_pretrain)
+        summary["text"] = text
+        summary["seconds"] = round(summary["seconds"] + text["seconds"], 1)
+        summary["steps"] += text["steps"]
     save_checkpoint(model.eval(), folder / "model", tokenizer=tok)
     summary["phase"] = "vision_pretrain"
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
