@@ -34,7 +34,8 @@ temporal family) are still missed on cause and, by 1 point, overall. Before text
 recipe gave 84.3 % (counting 98.5, action 83.1, order 75.7, causal 59.4) vs 21.4 % blind; the first demo
 model (no phase 0) had 59.8 % with action at chance.
 
-Tried on the recipe without text pretraining, not adopted (pilots: 3000 phase-1 steps, scored on 200 clips of synth seed 4):
+Tried on the recipe without text pretraining, not adopted (pilots: 3000 phase-1 steps, scored on 200
+clips of synth seed 4):
 - more of the same: 14000 clips with extra_questions (every other mover's direction and pair's order:
   +33 % action, +57 % order questions), 14000 steps, 2 threads (0.125 s/step vs 0.197), 40 min wall:
   84.0 % held out (action 78.1, order 81.6, causal 59.4, counting 99.0), i.e. no better overall; order
@@ -49,13 +50,13 @@ Tried on the recipe without text pretraining, not adopted (pilots: 3000 phase-1 
   (32 bouncers); the one-layer module cannot hold both, as with the earlier bounce target.
 
 Where the errors were (the `distractor` flag of synth's short questions; `distractor_split` in
-demo_eval.json): on the test split the model without text pretraining answers 93.0 / 100 / 71.7 % of action / order / causal
-questions that no other object would answer differently, but 66.7 / 34.2 / 18.8 % of those that another
-object would; on the dev split 30 of 40 wrong directions are another object's, all 23 wrong order
-answers name an object outside the asked pair, 11 of 66 causal answers name the asked object. So the
-missing piece is binding the question's words to the objects in the video, not seeing them. A probe
-(2-layer transformer on the frozen visual tokens, given the bouncer's colour, 2500 training clips) reads
-the cause at 73-79 % on dev, so contact is partly there too.
+demo_eval.json): on the test split the model without text pretraining answers 93.0 / 100 / 71.7 % of
+action / order / causal questions that no other object would answer differently, but 66.7 / 34.2 /
+18.8 % of those that another object would; on the dev split 30 of 40 wrong directions are another
+object's, all 23 wrong order answers name an object outside the asked pair, 11 of 66 causal answers name
+the asked object. So the missing piece was binding the question's words to the objects in the video,
+not seeing them. A probe (2-layer transformer on the frozen visual tokens, given the bouncer's colour,
+2500 training clips) reads the cause at 73-79 % on dev, so contact is partly there too.
 3000-step pilots on dev (baseline 76.9 %; with / without distractor: action 37/76 / 93/107, order
 15/40 / 61/64, causal 4/19 / 27/47) that did not move the distractor subsets:
 - an 8-layer LLM (1.7x the step time): 77.9 %; action+D 40/76, order+D 18/40.

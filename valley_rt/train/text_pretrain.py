@@ -23,7 +23,7 @@ from valley_rt.prompt import VIDEO, Turn, format_conversation
 from valley_rt.train.data import group_by_video, load_records, shuffle_turns
 
 
-def conversation_texts(data_json: str | Path, *, system: str, seed: int) -> Callable[[random.Random], str]:
+def conversation_texts(data_json: str | Path, *, system: str) -> Callable[[random.Random], str]:
     """A sampler of training texts: one clip's turns, reshuffled, without the video placeholder."""
     records, _ = load_records(data_json, check_videos=False)
     groups = group_by_video(records)
@@ -41,7 +41,7 @@ def pretrain_text(model, tokenizer, data_json: str | Path, *, steps: int, batch_
                   log: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train `model.llm` in place as a causal LM for `steps` AdamW steps (cosine schedule after a linear
     warm-up, gradient clipping at 1); returns steps, seconds and the last 50 steps' mean loss."""
-    sample = conversation_texts(data_json, system=model.cfg.system_prompt, seed=seed)
+    sample = conversation_texts(data_json, system=model.cfg.system_prompt)
     rng = random.Random(f"text:{seed}")
     torch.manual_seed(seed)
     llm = model.llm
@@ -75,4 +75,5 @@ def pretrain_text(model, tokenizer, data_json: str | Path, *, steps: int, batch_
     llm.eval()
     tail = losses[-50:]
     return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
-            "final_loss": round(sum(tail) / max(len(tail), 1), 4), "first_loss": round(losses[0], 4) if losses else None}
+            "final_loss": round(sum(tail) / max(len(tail), 1), 4),
+            "first_loss": round(losses[0], 4) if losses else None}

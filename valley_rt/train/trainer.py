@@ -449,8 +449,8 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
                             init=str(first_out / "model"))
         phases.append(train(opts, resume=resume))
     summary = dict(phases[-1])
-    summary["phases"] = [{k: p[k] for k in ("phase", "steps", "final_loss", "seconds", "val", "held_out", "text") if k in p}
-                         for p in phases]
+    keys = ("phase", "steps", "final_loss", "seconds", "val", "held_out", "text")
+    summary["phases"] = [{k: p[k] for k in keys if k in p} for p in phases]
     summary["seconds"] = round(sum(p["seconds"] + p.get("prep_s", 0.0) for p in phases), 1)
     summary["synth_s"] = round(synth_s, 1)
     summary["recipe"] = name
