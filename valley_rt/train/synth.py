@@ -541,6 +541,10 @@ def describe(plan: ClipPlan) -> str:
     return " ".join(out)
 
 
+# family, question, answer, choices (short answers only), the objects the question names
+_QA = tuple[str, str, str, Optional[list[str]], tuple[str, ...]]
+
+
 def clip_records(plan: ClipPlan, video: str, *, extra: bool = False, frames_hint: int = 8) -> list[dict[str, Any]]:
     """The instruction records of one clip (one QA pair each), in TASK_FAMILIES order where applicable.
 
@@ -550,28 +554,28 @@ def clip_records(plan: ClipPlan, video: str, *, extra: bool = False, frames_hint
     rng = np.random.default_rng([plan.seed, plan.index, 1])  # question wording; separate from the geometry
     tg = plan.targets
     names = [t.name for t in plan.tracks]
-    qa: list[tuple[str, str, str, Optional[list[str]]]] = []  # family, question, answer, choices
+    qa: list[_QA] = []
     caption = " ".join(f"Scene {i + 1}: {scene_caption(s)}." for i, s in enumerate(plan.scenes))
-    qa.append(("multi_shot_caption", _pick(rng, "multi_shot_caption"), caption, None))
-    qa.append(("long_description", _pick(rng, "long_description"), describe(plan), None))
+    qa.append(("multi_shot_caption", _pick(rng, "multi_shot_caption"), caption, None, ()))
+    qa.append(("long_description", _pick(rng, "long_description"), describe(plan), None, ()))
     if "direction" in tg:
         obj, d = tg["direction"]
-        qa.append(("action", _pick(rng, "action", obj=obj), d, list(DIRECTIONS)))
+        qa.append(("action", _pick(rng, "action", obj=obj), d, list(DIRECTIONS), (obj,)))
     if "cause" in tg:
         obj, ans = tg["cause"]
         choices = ["it hit the wall"] + [f"it hit the {n}" for n in names if n != obj]
-        qa.append(("causal", _pick(rng, "causal", obj=obj), ans, choices))
-    qa.append(("counting", _pick(rng, "counting"), NUMBER_WORDS[tg["count"]], list(NUMBER_WORDS[1:4])))
+        qa.append(("causal", _pick(rng, "causal", obj=obj), ans, choices, (obj,)))
+    qa.append(("counting", _pick(rng, "counting"), NUMBER_WORDS[tg["count"]], list(NUMBER_WORDS[1:4]), ()))
     if tg.get("order"):
         first, second = tg["order"]
         a, b = (second, first) if tg["order_swap"] else (first, second)
-        qa.append(("order", _pick(rng, "order", a=a, b=b), f"the {first}", [f"the {a}", f"the {b}"]))
+        qa.append(("order", _pick(rng, "order", a=a, b=b), f"the {first}", [f"the {a}", f"the {b}"], (a, b)))
     if extra:
         qa += _extra_questions(plan, rng, frames_hint)
     stem = Path(video).stem
     records, seen = [], {}
     tracks = {t.name: t for t in plan.tracks}
-    for family, q, ans, choices in qa:
+    for family, q, ans, choices, asked in qa:
         seen[family] = seen.get(family, 0) + 1
         rec: dict[str, Any] = {
             "id": f"{stem}-{family}" + (f"{seen[family]}" if seen[family] > 1 else ""),
@@ -583,44 +587,40 @@ def clip_records(plan: ClipPlan, video: str, *, extra: bool = False, frames_hint
         if choices is not None:
             rec["choices"] = choices
         if family in SHORT_FAMILIES:
-            rec["distractor"] = _has_distractor(family, q, ans, tracks)
+            rec["distractor"] = _has_distractor(family, asked, ans, tracks)
         records.append(rec)
     return records
 
 
-_NAME = re.compile(r"\b(?:%s) (?:%s)\b" % ("|".join(COLORS), "|".join(SHAPES)))
-
-
-def _has_distractor(family: str, question: str, answer: str, tracks: dict[str, Track]) -> bool:
+def _has_distractor(family: str, asked: tuple[str, ...], answer: str, tracks: dict[str, Track]) -> bool:
     """Whether another object would answer the same question differently, so the answer needs the
     object(s) the question names picked out of the video (not just "the object that moves / came
     first / turned back"):
     action: another object moves the other way or across (a bouncer by its first leg);
     order: an object outside the pair is already there when the earlier of the pair appears;
     causal: another object turns back too; counting: never."""
-    names = set(_NAME.findall(question))
-    named = [t for n, t in tracks.items() if n in names]
-    others = [t for n, t in tracks.items() if n not in names]
+    named = [tracks[n] for n in asked]
+    others = [t for n, t in tracks.items() if n not in asked]
     if family == "action":
         return any(t.direction is not None and t.direction != answer for t in others)
     if family == "order":
-        return any(t.start <= min(n.start for n in named) for t in others) if named else False
+        return any(t.start <= min(n.start for n in named) for t in others)
     if family == "causal":
         return any(t.bounce_at is not None for t in others)
     return False
 
 
-def _extra_questions(plan: ClipPlan, rng, frames_hint: int) -> list[tuple[str, str, str, Optional[list[str]]]]:
+def _extra_questions(plan: ClipPlan, rng, frames_hint: int) -> list[_QA]:
     tg, qa = plan.targets, []
     asked = tg.get("direction", (None,))[0]
     for tr in plan.tracks:
         if tr.role == "mover" and tr.name != asked:
-            qa.append(("action", _pick(rng, "action", obj=tr.name), tr.direction, list(DIRECTIONS)))
+            qa.append(("action", _pick(rng, "action", obj=tr.name), tr.direction, list(DIRECTIONS), (tr.name,)))
     sampled = np.linspace(0, plan.num_frames - 1, frames_hint).astype(int)
     for first, second in _order_pairs(plan.tracks, sampled):
         if (first, second) != tuple(tg.get("order") or ()):
             a, b = (second, first) if rng.random() < 0.5 else (first, second)
-            qa.append(("order", _pick(rng, "order", a=a, b=b), f"the {first}", [f"the {a}", f"the {b}"]))
+            qa.append(("order", _pick(rng, "order", a=a, b=b), f"the {first}", [f"the {a}", f"the {b}"], (a, b)))
     return qa
 
 

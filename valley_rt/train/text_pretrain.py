@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from valley_rt.prompt import VIDEO, Turn, format_conversation
+from valley_rt.prompt import IGNORE_INDEX, VIDEO, Turn, format_conversation
 from valley_rt.train.data import group_by_video, load_records, shuffle_turns
 
 
@@ -29,8 +29,8 @@ def conversation_texts(data_json: str | Path, *, system: str) -> Callable[[rando
     groups = group_by_video(records)
 
     def sample(rng: random.Random) -> str:
-        turns = shuffle_turns(groups[rng.randrange(len(groups))], rng)
-        turns = [Turn(t.role, t.text.replace(VIDEO + "\n", "").replace(VIDEO, "")) for t in turns]
+        turns = shuffle_turns(groups[rng.randrange(len(groups))], rng)  # <video> only opens turn 0
+        turns[0] = Turn("human", turns[0].text.removeprefix(VIDEO + "\n"))
         return format_conversation(turns, system=system)[0]
 
     return sample
@@ -58,11 +58,11 @@ def pretrain_text(model, tokenizer, data_json: str | Path, *, steps: int, batch_
         seqs = [tokenizer.encode(sample(rng))[:max_tokens] for _ in range(batch_size)]
         width = max(map(len, seqs))
         ids = torch.full((batch_size, width), pad, dtype=torch.long)
-        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             labels[i, : len(s)] = torch.tensor(s)
-        mask = (labels != -100).long()
+        mask = (labels != IGNORE_INDEX).long()
         loss = llm(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
