@@ -97,7 +97,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits: [V] float32 -> one token id. Greedy when temperature == 0."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature  # [V]
+    logits = logits.float().cpu() / params.temperature  # [V], on the CPU: the seeded generator lives there
     if params.top_k > 0 and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -121,5 +121,5 @@ def splice(embeds: torch.Tensor, input_ids: torch.Tensor,
             raise ValueError(f"sample {b}: {n_patch} <im_patch> placeholders but {pooled.shape[1]} pooled patch tokens")
         if n_frame != frames.shape[1]:
             raise ValueError(f"sample {b}: {n_frame} <vi_frame> placeholders but {frames.shape[1]} frame tokens")
-    embeds = embeds.masked_scatter(patch_mask[..., None], pooled.to(embeds.dtype))
-    return embeds.masked_scatter(frame_mask[..., None], frames.to(embeds.dtype))
+    embeds = embeds.masked_scatter(patch_mask[..., None], pooled.to(embeds.device, embeds.dtype))
+    return embeds.masked_scatter(frame_mask[..., None], frames.to(embeds.device, embeds.dtype))

@@ -102,7 +102,9 @@ class ReferenceVision:
     def encode(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         from valley_rt.video import preprocess
 
-        pooled, frame_tokens = self.model.encode_video(preprocess(frames, self.cfg.preprocess)[None])
+        weight = self.model.mm_projector.weight
+        pixels = preprocess(frames, self.cfg.preprocess)[None].to(weight.device, weight.dtype)
+        pooled, frame_tokens = self.model.encode_video(pixels)
         return pooled[0], frame_tokens[0]
 
 
@@ -242,7 +244,7 @@ class Valley:
         """Token embeddings with the visual tokens spliced in: [S, H]."""
         table = self.llm.embed(ids)  # [S, H]
         pooled, frames = ctx.visual
-        return splice(table[None], torch.tensor([ids]), (pooled[None], frames[None]), self.cfg)[0]
+        return splice(table[None], torch.tensor([ids], device=table.device), (pooled[None], frames[None]), self.cfg)[0]
 
     def _answer(self, ctx: VideoContext, turns: list[Turn], question: str, *, params: SamplingParams,
                 system: str | None, on_text: Callable[[str], None] | None,

@@ -40,7 +40,7 @@ class TorchLLM:
 
     def embed(self, ids: Sequence[int]) -> torch.Tensor:
         table = self.model.get_input_embeddings().weight  # [V, H]
-        return table[torch.as_tensor(list(ids), dtype=torch.long)].detach().float()  # [S, H]
+        return table[torch.as_tensor(list(ids), dtype=torch.long, device=table.device)].detach().float()  # [S, H]
 
     @torch.inference_mode()
     def _forward(self, **inputs) -> torch.Tensor:
