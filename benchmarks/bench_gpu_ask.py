@@ -9,7 +9,8 @@
 Models: the bundled demo checkpoint (its held-out clips: answers compared, greedy), and bench-1b
 (ViT-L/14 at 224, 8 frames, 1.1B LLaMA; random weights built in memory, so only speed is compared).
 Per side: vision (decode + preprocess + encode, median of 3 after a warm-up), time to first token and
-decode tokens/s for a fixed 64-token answer (stop strings and eos off), peak GPU memory.
+decode tokens/s for a fixed 64-token answer (stop strings and eos off), and the process's peak GPU
+memory during each side's answers (both sides' weights are resident throughout, so it is not per side).
 
     python benchmarks/bench_gpu_ask.py     # CUDA only; without a GPU it prints a "skipped" JSON line
 

@@ -4,6 +4,8 @@
 # Each step is one `step "<name>" <command...>` line: append yours at the end of the list below.
 # It prints what it runs, keeps going after a failure, prints a summary, and exits non-zero if any
 # step failed (or if there is no CUDA GPU: nothing here may pass silently without one).
+# Needs valley_rt importable with its dependencies (PyAV included) and ../shared beside the repo (the
+# runtime test reads the original-layout fixtures and the snowmobile clip from there).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 unset TRITON_INTERPRET          # GPU tests run the compiled kernels, not the interpreter
