@@ -42,6 +42,7 @@ step "temporal_pool benchmark"    "$PY" benchmarks/bench_temporal_pool.py
 step "runtime torch GPU path"      "$PY" -m pytest tests/test_runtime.py -q -rs -k torch_gpu
 step "vision engine GPU tests"     "$PY" -m pytest tests/test_export_vision.py -q -rs -m gpu
 step "ask: GPU path vs reference"  "$PY" benchmarks/bench_gpu_ask.py
+step "trainer on CUDA"             "$PY" -m pytest tests/test_train.py -q -rs -m gpu
 # -------------------------------------------------------------------------------------------------
 
 echo

@@ -257,3 +257,33 @@ def test_text_pretraining_lowers_the_lm_loss_and_touches_only_the_llm(tiny_run):
     assert out["steps"] == 60 and out["final_loss"] < 0.7 * out["first_loss"]
     assert logged and logged[-1]["step"] == 60
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in visual.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the trainer's CUDA path)")
+def test_training_on_cuda_lowers_the_loss_resumes_and_runs_the_smoke_recipe(tiny_run, tmp_path):
+    """DATA training on CUDA (bf16 autocast where the GPU has it): the loss falls; kill -9 + --resume continues
+    the curve (to bf16 / atomic-add noise: CUDA kernels are not bit-deterministic); and the smoke recipe runs
+    every phase (tower, temporal and text pretraining, instruction tuning) on the GPU via --device cuda."""
+    from valley_rt.checkpoint import load_checkpoint
+
+    train(_opts(tiny_run, tmp_path / "run", max_steps=16, lr=5e-3, warmup_ratio=0.0, device="cuda"))
+    losses = [l for _, l in _losses(tmp_path / "run")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    assert load_checkpoint(tmp_path / "run" / "model").mm_projector.weight.device.type == "cpu"
+
+    whole = _opts(tiny_run, tmp_path / "whole", max_steps=8, save_every=2, device="cuda")
+    train(whole)
+    broken = _opts(tiny_run, tmp_path / "broken", max_steps=8, save_every=2, device="cuda")
+    args = {"opts": dataclasses.asdict(broken), "kill_at": 5, "resume": False}
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(args)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    train(broken, resume=True)
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "broken")
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert all(abs(x - y) <= 0.02 * max(1.0, abs(x)) for (_, x), (_, y) in zip(a, b)), (a, b)
+
+    proc = _cli("train", "--recipe", "smoke", "--out", str(tmp_path / "smoke"), "--device", "cuda", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [l for _, l in _losses(tmp_path / "smoke")]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses

@@ -382,7 +382,7 @@ class _progress:
 # ------------------------------------------------------------------------------------------- recipes
 def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None = None, progress: bool = True,
                epochs: float | None = None, max_steps: int | None = None, train_clips: int | None = None,
-               workers: int = 2) -> dict[str, Any]:
+               workers: int = 2, device: str = "cpu") -> dict[str, Any]:
     """Synthesize the recipe's data (once), train its tokenizer, train the model, then score it on a
     held-out split (fresh seed) with the blind control.
 
@@ -414,7 +414,8 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
                 epochs=epochs or r.epochs, max_steps=max_steps, batch_size=r.batch_size, grad_accum=r.grad_accum,
                 lr=r.lr, warmup_ratio=r.warmup_ratio, max_grad_norm=r.max_grad_norm, weight_decay=r.weight_decay,
                 vision_lr_scale=r.vision_lr_scale, seed=r.seed, save_every=r.save_every, eval_every=r.eval_every,
-                val_samples=r.val_samples, precision=r.precision, threads=threads, progress=progress)
+                val_samples=r.val_samples, precision=r.precision, device=device, threads=threads,
+                progress=progress)
     # phase 1 trains from random weights (or from phase 0's pretrained tower); a recipe's `finetune` phase
     # continues from its model
     first_out = out_p / "phase1" if r.finetune else out_p
@@ -430,7 +431,8 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
             cfg.llm = dataclasses.replace(cfg.llm, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                           eos_token_id=tok.eos_token_id)
             if r.vision_pretrain:
-                phases.append(_vision_phase(r, cfg, tok, out_p, threads=threads, cache=frames, text_json=train_json))
+                phases.append(_vision_phase(r, cfg, tok, out_p, threads=threads, cache=frames, text_json=train_json,
+                                            device=device))
                 init = str(out_p / "phase0" / "model")
         elif r.vision_pretrain and (out_p / "phase0" / "summary.json").is_file():
             phases.append(json.loads((out_p / "phase0" / "summary.json").read_text()))
@@ -477,7 +479,7 @@ def _same_synth(meta: dict[str, Any], n: int, kwargs: dict[str, Any]) -> bool:
 
 
 def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None, cache: FrameCache,
-                  text_json: Path) -> dict[str, Any]:
+                  text_json: Path, device: str = "cpu") -> dict[str, Any]:
     """Phase 0: pretrain the visual side of a fresh model on the training clips (vision_pretrain: the tower,
     then the projector + temporal module) and, with `r.text_pretrain`, its LLM on the text of `text_json`;
     save it as OUT/phase0/model. Short (minutes), so a crash reruns it rather than resuming it."""
@@ -493,7 +495,7 @@ def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / METRICS_FILE
     log.unlink(missing_ok=True)
-    model = build_model(cfg, seed=r.seed)
+    model = build_model(cfg, seed=r.seed).to(device)  # initialised on the CPU: the same weights on any device
     summary = pretrain_visual(model, out_p / "data" / "train", seed=r.seed, log=lambda m: _append_jsonl(log, m),
                               cache=cache, **r.vision_pretrain)
     if r.text_pretrain:  # the LLM as a language model on the conversations' text (train/text_pretrain.py)
@@ -504,7 +506,7 @@ def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None
         summary["text"] = text
         summary["seconds"] = round(summary["seconds"] + text["seconds"], 1)
         summary["steps"] += text["steps"]
-    save_checkpoint(model.eval(), folder / "model", tokenizer=tok)
+    save_checkpoint(model.eval().cpu(), folder / "model", tokenizer=tok)
     summary["phase"] = "vision_pretrain"
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -531,7 +533,7 @@ def train_main(*, out: str, recipe: str | None = None, data: str | None = None, 
     --init checkpoint. On --resume the run's saved options (run.json) win over the command line."""
     if recipe:
         return run_recipe(name=recipe, out=out, resume=resume, threads=threads, progress=progress, epochs=epochs,
-                          max_steps=max_steps)
+                          max_steps=max_steps, device=device)
     run_file = Path(out) / "run.json"
     if resume and run_file.is_file():
         saved = json.loads(run_file.read_text())["options"]

@@ -156,8 +156,9 @@ def probe_metrics(heads: PretrainHeads, feats: torch.Tensor, y: dict[str, torch.
     }
 
 
-def _stack(labels: list[FrameLabels]) -> dict[str, torch.Tensor]:
-    return {f: torch.from_numpy(np.concatenate([getattr(l, f) for l in labels])) for f in FrameLabels.__dataclass_fields__}
+def _stack(labels: list[FrameLabels], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return {f: torch.from_numpy(np.concatenate([getattr(l, f) for l in labels])).to(device)
+            for f in FrameLabels.__dataclass_fields__}
 
 
 def load_synth(data_dir: str | Path, cfg: ValleyConfig, max_clips: int | None = None,
@@ -218,18 +219,20 @@ def pretrain_tower(model, data_dir: str | Path, *, steps: int, batch_frames: int
     from valley_rt.video import normalize
 
     cfg: ValleyConfig = model.cfg
+    device = model.mm_projector.weight.device  # batches go where the model is (CPU or CUDA)
     videos, crops, labels, prep_s = loaded or load_synth(data_dir, cfg)
     n_val = min(val_clips, len(videos) // 5)
-    val_x = normalize(crops[:n_val].reshape(-1, *crops.shape[2:]), cfg.preprocess)
-    val_y = _stack(labels[:n_val])
+    val_x = normalize(crops[:n_val].reshape(-1, *crops.shape[2:]), cfg.preprocess).to(device)
+    val_y = _stack(labels[:n_val], device)
     train_crops = crops[n_val:].reshape(-1, *crops.shape[2:])  # [F, c, c, 3]
-    train_y = _stack(labels[n_val:])
+    train_y = _stack(labels[n_val:], device)
     frames = len(train_crops)
     if frames == 0:
         raise DataError(f"vision pretraining: {data_dir} has too few clips ({len(videos)})")
 
     gen = torch.Generator().manual_seed(seed)
-    heads = PretrainHeads(cfg.vision.hidden_size, len(synth.COLORS), len(synth.SHAPES), len(synth.BACKGROUNDS))
+    heads = PretrainHeads(cfg.vision.hidden_size, len(synth.COLORS), len(synth.SHAPES),
+                          len(synth.BACKGROUNDS)).to(device)
     tower_params = list(model.vision_tower.parameters())
     was_training, had_grad = model.training, [p.requires_grad for p in tower_params]
     model.train()
@@ -243,8 +246,8 @@ def pretrain_tower(model, data_dir: str | Path, *, steps: int, batch_frames: int
         return model.vision_features(x[:, None])[:, 0]  # [F, 1+N, C]
 
     def loss_of(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        x = normalize(train_crops[idx.numpy()], cfg.preprocess)
-        return heads.loss(features(x), {f: v[idx] for f, v in train_y.items()})
+        x = normalize(train_crops[idx.numpy()], cfg.preprocess).to(device)
+        return heads.loss(features(x), {f: v[idx.to(device)] for f, v in train_y.items()})
 
     t1 = time.perf_counter()
     parts = _fit(loss_of, tower_params + list(heads.parameters()), opt, sched, steps=steps, n=frames,
@@ -287,22 +290,23 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
     from valley_rt.video import normalize
 
     cfg: ValleyConfig = model.cfg
+    device = model.mm_projector.weight.device
     videos, crops, labels, _ = loaded
     n_val = min(val_clips, len(videos) // 5)
     t0 = time.perf_counter()
     model.eval()
     with torch.no_grad():  # the tower is frozen: its features once, [V, T, 1+N, C]
         feats = torch.cat([model.vision_features(normalize(crops[i:i + 64].reshape(-1, *crops.shape[2:]),
-                                                           cfg.preprocess).view(-1, *crops.shape[1:2], 3,
-                                                                                *crops.shape[2:4]))
+                                                           cfg.preprocess).to(device)
+                                                 .view(-1, *crops.shape[1:2], 3, *crops.shape[2:4]))
                            for i in range(0, len(crops), 64)])
     targets = [motion_targets(l) for l in labels]
-    visited = torch.from_numpy(np.stack([t[0] for t in targets]))  # [V, N, K]
-    motion = torch.from_numpy(np.stack([t[1] for t in targets]))  # [V, K, 2]
+    visited = torch.from_numpy(np.stack([t[0] for t in targets])).to(device)  # [V, N, K]
+    motion = torch.from_numpy(np.stack([t[1] for t in targets])).to(device)  # [V, K, 2]
     feat_s = time.perf_counter() - t0
 
     k = visited.shape[-1]
-    head = nn.Linear(cfg.llm.hidden_size, k * 3)  # per colour: visited logit, direction (x, y)
+    head = nn.Linear(cfg.llm.hidden_size, k * 3).to(device)  # per colour: visited logit, direction (x, y)
     parts_ = [model.mm_projector, model.temporal]
     params = [p for m in parts_ for p in m.parameters()]
     had_grad = [p.requires_grad for p in params]
@@ -312,6 +316,7 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
     sched = _cosine(opt, steps)
 
     def loss_of(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = idx.to(device)
         projected = model.mm_projector(feats[idx])  # [B, T, 1+N, D]
         out = head(model.temporal(projected[:, :, 1:])).view(len(idx), -1, k, 3)  # [B, N, K, 3]
         vis = visited[idx]
@@ -330,7 +335,7 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
     for m in parts_:
         m.eval()
     with torch.no_grad():  # held out: is the direction of each mover's largest displacement right?
-        idx = torch.arange(n_val)
+        idx = torch.arange(n_val, device=device)
         out = head(model.temporal(model.mm_projector(feats[idx])[:, :, 1:])).view(n_val, -1, k, 3)
         vis = visited[idx] > 0
         pred = (out[..., 1:] * vis[..., None]).sum(1) / vis.sum(1).clamp(min=1)[..., None]  # [B, K, 2] mean over visited patches
