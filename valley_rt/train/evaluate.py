@@ -40,7 +40,8 @@ def ask(model, tokenizer, question: str, visual: tuple[torch.Tensor, torch.Tenso
     text, _ = format_conversation([Turn("human", q)], system=cfg.system_prompt)
     ids, _ = encode(tokenizer, text, cfg=cfg, num_frames=num_frames)
     with torch.inference_mode():
-        embeds = model.embed_inputs(torch.tensor([ids]), visual=visual)[0].float()  # [S, D]
+        ids_t = torch.tensor([ids], device=model.mm_projector.weight.device)
+        embeds = model.embed_inputs(ids_t, visual=visual)[0].float()  # [S, D]
     backend = TorchLLM(model.llm)
     out = generate(backend, tokenizer, embeds, params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
                    stop=("###",))

@@ -268,7 +268,9 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
 
     step, elapsed = 0, 0.0
     if resuming:
-        state = torch.load(state_file, map_location=device, weights_only=False)
+        # onto the CPU: the RNG states must stay CPU byte tensors; load_state_dict moves the weights and the
+        # optimizer's moments to the parameters' device
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
