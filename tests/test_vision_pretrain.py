@@ -104,3 +104,22 @@ def test_temporal_pretraining_trains_only_projector_and_temporal(clips):
     assert set(summary["held_out"]) == {"direction_acc", "movers"}
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"mm_projector", "temporal"}, changed
+
+
+def test_phase0_is_the_same_run_whatever_ran_before_it(clips):
+    """The read-out heads and the temporal module's dropout draw from torch's global RNG: phase 0 seeds it,
+    so two runs with one seed give the same weights even when other work consumed random numbers between."""
+    from valley_rt.model import build_model
+    from valley_rt.train.vision_pretrain import pretrain_visual
+
+    cfg = smoke_config()
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=64)
+    cfg.temporal = dataclasses.replace(cfg.temporal, mode="transformer", num_heads=2, ff_size=64)
+    runs = []
+    for _ in range(2):
+        torch.rand(17)  # something else used the global RNG first
+        model = build_model(cfg, seed=0)
+        pretrain_visual(model, clips, tower_steps=6, temporal_steps=6, seed=5)
+        runs.append(model.state_dict())
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[1][name]), name

@@ -231,6 +231,7 @@ def pretrain_tower(model, data_dir: str | Path, *, steps: int, batch_frames: int
         raise DataError(f"vision pretraining: {data_dir} has too few clips ({len(videos)})")
 
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the heads' initialisation: the same run whatever ran before in this process
     heads = PretrainHeads(cfg.vision.hidden_size, len(synth.COLORS), len(synth.SHAPES),
                           len(synth.BACKGROUNDS)).to(device)
     tower_params = list(model.vision_tower.parameters())
@@ -306,6 +307,7 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
     feat_s = time.perf_counter() - t0
 
     k = visited.shape[-1]
+    torch.manual_seed(seed)  # the head's initialisation and the temporal module's dropout
     head = nn.Linear(cfg.llm.hidden_size, k * 3).to(device)  # per colour: visited logit, direction (x, y)
     parts_ = [model.mm_projector, model.temporal]
     params = [p for m in parts_ for p in m.parameters()]
