@@ -239,7 +239,7 @@ def test_torch_gpu_path_runs_the_triton_kernel(ckpt, ref):
     for x, y in zip(ctx.visual, ctx_ref.visual):
         cos = torch.nn.functional.cosine_similarity(x.float().cpu(), y, dim=-1)
         assert cos.min() > 0.999
-    # the whole ask on the GPU: greedy, then seeded sampling (reproducible), then a follow-up on the cache
+    # the whole ask on the GPU: greedy, then seeded sampling (the same answer twice)
     assert gpu.ask(ctx, "what happens ?", params=GREEDY).tokens_out > 0
     sampled = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=3)
     gpu.reset()
