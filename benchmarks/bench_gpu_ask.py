@@ -32,8 +32,6 @@ from common import hardware  # benchmarks/common.py
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CLIP = REPO.parent / "shared" / "videos" / "snowmobile.mp4"
 TOKENS = 64
-
-
 DEVICE = "cuda"  # --device cpu: a dry run of this script's code paths on a machine without a GPU
 
 
@@ -42,7 +40,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _peak_mb() -> float:
+def _peak_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None
 
 
