@@ -186,7 +186,7 @@ def restore_buffers(model: ValleyModel) -> None:
     emb = model.vision_tower.embeddings
     emb.position_ids = torch.arange(emb.num_positions, device=emb.position_embedding.weight.device)[None]
     rotary = model.llm.model.rotary_emb
-    inv_freq, rotary.attention_scaling = rotary.compute_default_rope_parameters(rotary.config, device="cpu")
+    inv_freq, rotary.attention_scaling = rotary.compute_default_rope_parameters(rotary.config)  # on the CPU
     rotary.inv_freq = inv_freq.to(model.llm.lm_head.weight.device)
     rotary.original_inv_freq = rotary.inv_freq.clone()
     if model.temporal.mode == "transformer" and model.temporal.position_matrix.is_meta:  # not in the weights
