@@ -30,7 +30,8 @@ a 4-layer 192-wide LLaMA, a 1k byte-level BPE and a one-sentence system prompt; 
 Result (valley_rt/assets/demo_eval.json; 200 held-out clips, 555 questions; 35 min wall on this 2-core
 CPU with 2 threads, including synthesis and eval): 88.1 % exact match (counting 98.0, action 83.1, order
 93.2, causal 65.2) vs 29.0 % blind (each family at or below chance). The goals (90 % overall, 80 % per
-temporal family) are still missed on cause and, by 1.9 points, overall. Other runs of this recipe: 89.0 %
+temporal family) are still missed on cause and, by 1.9 points, overall. A second run of the command wrote
+byte-identical weights (34.4 min). Other runs of this recipe: 89.0 %
 (action 80.9, order 98.1, causal 71.0) before phase 0 seeded its read-out heads, whose initialisation then
 depended on what the process had drawn before (held-out direction read-out 69 % vs 81 % for one seed);
 87.9 % with 4.2 epochs of phase 1 instead of 3.4 (38.7 min; action 80.3, order 93.2, causal 68.1). The
