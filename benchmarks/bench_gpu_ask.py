@@ -65,7 +65,7 @@ def measure(valley, video: Path, question: str) -> dict:
         ans = valley.ask(ctx, question, params=params, stop=(), ignore_eos=True)
         t = ans.timings
         ttft.append(t["prompt_ms"] + t["first_token_ms"])
-        tps.append((ans.tokens_out - 1) / max(t["generate_ms"] - t["first_token_ms"], 1e-6) * 1e3)
+        tps.append(t["decode_tokens_per_s"])
     return {"vision_ms": statistics.median(vis), "ttft_ms": statistics.median(ttft),
             "decode_tok_s": statistics.median(tps), "peak_gpu_mb": _peak_mb(),
             "backends": valley.backends}
@@ -73,19 +73,9 @@ def measure(valley, video: Path, question: str) -> dict:
 
 def _sides(model, half, tokenizer, source: str):
     """The fast side on the fp16 copy, the reference side on the fp32 model, both on DEVICE."""
-    from valley_rt.backends.llm_torch import TorchLLM
-    from valley_rt.backends.vision import TorchVision
-    from valley_rt.runtime import ReferenceVision, Valley
-    from valley_rt.video import read_video_naive
+    from valley_rt.runtime import torch_valley
 
-    fast_llm, ref_llm = TorchLLM(half.llm), TorchLLM(model.llm)
-    fast_llm.name, ref_llm.name = f"transformers-{DEVICE}-fp16", f"transformers-{DEVICE}-fp32"
-    vision = TorchVision(half)
-    vision.name = f"torch-{DEVICE}-fp16+temporal_pool"
-    fast = Valley(cfg=half.cfg, tokenizer=tokenizer, vision=vision, llm=fast_llm, source=source, kind="torch")
-    ref = Valley(cfg=model.cfg, tokenizer=tokenizer, vision=ReferenceVision(model), llm=ref_llm, source=source,
-                 kind="reference", read_video=read_video_naive)
-    return fast, ref
+    return torch_valley(half, tokenizer, source=source), torch_valley(model, tokenizer, source=source, reference=True)
 
 
 def demo_sides():
@@ -104,9 +94,9 @@ def bench1b_sides():
     from valley_rt.model import build_model
 
     cfg = preset("bench-1b")
-    model = build_model(cfg, device=DEVICE, dtype=torch.float32, seed=0).eval()
-    half = build_model(cfg, device=DEVICE, dtype=torch.float16, seed=None).eval()
-    half.load_state_dict(model.state_dict())
+    # one seed, two dtypes: init_weights draws in fp32 and rounds into the fp16 tensors (= model.half())
+    model = build_model(cfg, device=DEVICE, dtype=torch.float32, seed=0)
+    half = build_model(cfg, device=DEVICE, dtype=torch.float16, seed=0)
     return _sides(model, half, _byte_tokenizer(cfg), "bench-1b (random weights)")
 
 

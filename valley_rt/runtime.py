@@ -428,30 +428,39 @@ def _load_engine(path: Path, *, threads: int) -> Valley:
 
 
 def _load_reference(path: Path) -> Valley:
-    from valley_rt.backends.llm_torch import TorchLLM
     from valley_rt.checkpoint import load_checkpoint, load_tokenizer
-    from valley_rt.video import read_video_naive
 
-    model = load_checkpoint(path)
-    llm = TorchLLM(model.llm)
-    llm.name = "transformers-fp32"
-    return Valley(cfg=model.cfg, tokenizer=load_tokenizer(path), vision=ReferenceVision(model), llm=llm,
-                  source=str(path), kind="reference", read_video=read_video_naive)
+    return torch_valley(load_checkpoint(path), load_tokenizer(path), source=str(path), reference=True)
 
 
 def _load_torch(path: Path, *, device: str, dtype: torch.dtype) -> Valley:
-    """The torch path for GPUs: the reference modules in `dtype` on `device`, temporal pooling through
-    valley_rt.kernels.temporal_pool (the fused Triton kernel on CUDA, its torch reference elsewhere)."""
-    from valley_rt.backends.llm_torch import TorchLLM
-    from valley_rt.backends.vision import TorchVision
     from valley_rt.checkpoint import load_checkpoint, load_tokenizer
 
-    model = load_checkpoint(path, dtype=dtype, device=device)
-    vision = TorchVision(model)
-    vision.name = f"torch-{device}-{str(dtype).replace('torch.', '')}+temporal_pool"
+    return torch_valley(load_checkpoint(path, dtype=dtype, device=device), load_tokenizer(path), source=str(path))
+
+
+def torch_valley(model, tokenizer, *, source: str, reference: bool = False) -> Valley:
+    """A Valley over an in-memory ValleyModel, on the model's device and in its dtype.
+
+    reference=False: the torch path for GPUs, temporal pooling through valley_rt.kernels.temporal_pool
+    (the fused Triton kernel on CUDA, its torch reference elsewhere). reference=True: what the original
+    does (every frame decoded, PIL preprocessing, the reference pooling)."""
+    from valley_rt.backends.llm_torch import TorchLLM
+    from valley_rt.backends.vision import TorchVision
+    from valley_rt.video import read_video_naive
+
+    weight = model.mm_projector.weight
+    dtype = str(weight.dtype).replace("torch.", "")
     llm = TorchLLM(model.llm)
-    llm.name = f"transformers-{device}-{str(dtype).replace('torch.', '')}"
-    return Valley(cfg=model.cfg, tokenizer=load_tokenizer(path), vision=vision, llm=llm, source=str(path), kind="torch")
+    if reference:
+        on = "" if weight.device.type == "cpu" else f"{weight.device.type}-"
+        llm.name = f"transformers-{on}{dtype.replace('float', 'fp')}"
+        return Valley(cfg=model.cfg, tokenizer=tokenizer, vision=ReferenceVision(model), llm=llm, source=source,
+                      kind="reference", read_video=read_video_naive)
+    vision = TorchVision(model)
+    vision.name = f"torch-{weight.device.type}-{dtype}+temporal_pool"
+    llm.name = f"transformers-{weight.device.type}-{dtype}"
+    return Valley(cfg=model.cfg, tokenizer=tokenizer, vision=vision, llm=llm, source=source, kind="torch")
 
 
 def demo_engine() -> Path:

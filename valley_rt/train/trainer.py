@@ -508,7 +508,7 @@ def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None
         summary["text"] = text
         summary["seconds"] = round(summary["seconds"] + text["seconds"], 1)
         summary["steps"] += text["steps"]
-    save_checkpoint(model.eval().cpu(), folder / "model", tokenizer=tok)
+    save_checkpoint(model.eval(), folder / "model", tokenizer=tok)
     summary["phase"] = "vision_pretrain"
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
