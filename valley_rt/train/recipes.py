@@ -151,7 +151,7 @@ RECIPES = {
                            train_seed=1, val_seed=2, test_clips=200, test_seed=3, epochs=3.4, batch_size=4, lr=1e-3,
                            train_vision=False, train_temporal=False, save_every=250, eval_every=1000,
                            val_samples=100, keep_long_descriptions=0.25,
-                           vision_pretrain={"tower_steps": 6000, "temporal_steps": 1500, "max_clips": 6000},
+                           vision_pretrain={"tower_steps": 2000, "temporal_steps": 1500, "max_clips": 3000},
                            text_pretrain={"steps": 1500, "batch_size": 16, "lr": 1e-3, "max_tokens": 384}),
     "smoke": lambda: Recipe(name="smoke", model=smoke_config(), vocab_size=300, train_clips=24, val_clips=6,
                             train_seed=11, val_seed=12, epochs=6, batch_size=4, lr=3e-3, save_every=0,
