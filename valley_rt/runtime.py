@@ -450,16 +450,16 @@ def torch_valley(model, tokenizer, *, source: str, reference: bool = False) -> V
     from valley_rt.video import read_video_naive
 
     weight = model.mm_projector.weight
-    dtype = str(weight.dtype).replace("torch.", "")
+    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weight.dtype, str(weight.dtype))
+    device = weight.device.type
     llm = TorchLLM(model.llm)
     if reference:
-        on = "" if weight.device.type == "cpu" else f"{weight.device.type}-"
-        llm.name = f"transformers-{on}{dtype.replace('float', 'fp')}"
+        llm.name = f"transformers-{dtype}" if device == "cpu" else f"transformers-{device}-{dtype}"
         return Valley(cfg=model.cfg, tokenizer=tokenizer, vision=ReferenceVision(model), llm=llm, source=source,
                       kind="reference", read_video=read_video_naive)
     vision = TorchVision(model)
-    vision.name = f"torch-{weight.device.type}-{dtype}+temporal_pool"
-    llm.name = f"transformers-{weight.device.type}-{dtype}"
+    vision.name = f"torch-{device}-{dtype}+temporal_pool"
+    llm.name = f"transformers-{device}-{dtype}"
     return Valley(cfg=model.cfg, tokenizer=tokenizer, vision=vision, llm=llm, source=source, kind="torch")
 
 
