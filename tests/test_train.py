@@ -70,8 +70,8 @@ def test_stages_freeze_the_right_parts(tiny_run):
 
     model = load_checkpoint(tiny_run / "init")
 
-    def trained(stage, vision):
-        params = {id(p) for p in trainable_parameters(model, stage=stage, train_vision=vision)}
+    def trained(stage, vision, **frozen):
+        params = {id(p) for p in trainable_parameters(model, stage=stage, train_vision=vision, **frozen)}
         return {name for name, mod in [("vision", model.vision_tower), ("projector", model.mm_projector),
                                        ("temporal", model.temporal), ("llm", model.llm)]
                 if any(id(p) in params for p in mod.parameters())}
@@ -79,8 +79,25 @@ def test_stages_freeze_the_right_parts(tiny_run):
     assert trained(1, False) == {"projector", "temporal"}
     assert trained(2, False) == {"projector", "temporal", "llm"}
     assert trained(2, True) == {"vision", "projector", "temporal", "llm"}
+    assert trained(2, False, train_temporal=False) == {"projector", "llm"}
+    assert trained(2, False, train_temporal=False, train_projector=False) == {"llm"}
+    assert trained(1, False, train_projector=False) == {"temporal"}
     with pytest.raises(DataError, match="stage must be 1 or 2"):
         trainable_parameters(model, stage=3, train_vision=False)
+    with pytest.raises(DataError, match="trains nothing"):
+        trainable_parameters(model, stage=1, train_vision=False, train_temporal=False, train_projector=False)
+
+
+def test_a_frozen_projector_stays_bit_identical(tiny_run, tmp_path):
+    from valley_rt.checkpoint import load_checkpoint
+
+    train(_opts(tiny_run, tmp_path / "llm_only", train_vision=False, train_temporal=False, train_projector=False,
+                max_steps=2))
+    before, after = load_checkpoint(tiny_run / "init"), load_checkpoint(tmp_path / "llm_only" / "model")
+    assert torch.equal(before.mm_projector.weight, after.mm_projector.weight)
+    for a, b in zip(before.temporal.parameters(), after.temporal.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(before.llm.lm_head.weight, after.llm.lm_head.weight)
 
 
 def test_stage1_leaves_the_llm_and_tower_untouched(tiny_run, tmp_path):

@@ -126,6 +126,8 @@ def train(data: Optional[Path] = typer.Argument(None, help="Valley instruction J
           resume: bool = typer.Option(False, "--resume", help="Continue from OUT/state.pt exactly."),
           stage: int = typer.Option(2, "--stage", help="1: projector + temporal; 2: + LLM."),
           train_vision: bool = typer.Option(False, "--train-vision", help="Also train the CLIP tower."),
+          freeze_temporal: bool = typer.Option(False, "--freeze-temporal", help="Keep the temporal module as --init has it."),
+          freeze_projector: bool = typer.Option(False, "--freeze-projector", help="Keep the projector as --init has it."),
           epochs: Optional[float] = typer.Option(None, "--epochs"),
           max_steps: Optional[int] = typer.Option(None, "--max-steps"),
           batch_size: int = typer.Option(8, "--batch-size"),
@@ -143,7 +145,8 @@ def train(data: Optional[Path] = typer.Argument(None, help="Valley instruction J
 
     emit_json(train_main(out=str(out), recipe=recipe, data=str(data) if data else None,
                          val_data=str(val_data) if val_data else None, init=str(init) if init else None,
-                         resume=resume, stage=stage, train_vision=train_vision, epochs=epochs, max_steps=max_steps,
+                         resume=resume, stage=stage, train_vision=train_vision, freeze_temporal=freeze_temporal,
+                         freeze_projector=freeze_projector, epochs=epochs, max_steps=max_steps,
                          batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, save_every=save_every,
                          eval_every=eval_every, precision=precision, device=device, threads=threads,
                          progress=not no_progress))

@@ -120,6 +120,7 @@ class Recipe:
     stage: int = 2
     train_vision: bool = True
     train_temporal: bool = True  # False: phase 0's pretrained temporal module stays frozen
+    train_projector: bool = True  # False: phase 0's projector stays frozen too (phase 1 trains the LLM alone)
     save_every: int = 200
     eval_every: int = 0  # 0: only at the end
     val_samples: int = 120

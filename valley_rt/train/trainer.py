@@ -55,6 +55,7 @@ class TrainOptions:
     stage: int = 2  # 1: projector + temporal; 2: + LLM
     train_vision: bool = False  # also train the CLIP tower (no pretrained one exists here)
     train_temporal: bool = True  # False: keep a (pretrained) temporal module frozen
+    train_projector: bool = True  # False: keep a (pretrained) projector frozen too (stage 2: the LLM alone)
     epochs: float = 1.0
     max_steps: int | None = None  # cap on optimizer steps (else from epochs)
     batch_size: int = 8
@@ -78,12 +79,15 @@ class TrainOptions:
 
 
 # ------------------------------------------------------------------------------------------- pieces
-def trainable_parameters(model, *, stage: int, train_vision: bool, train_temporal: bool = True) -> list[torch.nn.Parameter]:
+def trainable_parameters(model, *, stage: int, train_vision: bool, train_temporal: bool = True,
+                         train_projector: bool = True) -> list[torch.nn.Parameter]:
     """Freeze everything, then unfreeze the parts the stage trains; returns the trainable parameters."""
     if stage not in (1, 2):
         raise DataError(f"stage must be 1 or 2, got {stage}")
+    if stage == 1 and not (train_projector or train_temporal or train_vision):
+        raise DataError("stage 1 with the projector and the temporal module frozen trains nothing")
     model.requires_grad_(False)
-    parts = [model.mm_projector] + ([model.temporal] if train_temporal else [])
+    parts = ([model.mm_projector] if train_projector else []) + ([model.temporal] if train_temporal else [])
     if stage == 2:
         parts.append(model.llm)
     if train_vision:
@@ -260,7 +264,7 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
     model = init_model if init_model is not None else build_model(cfg, seed=opts.seed)
     model.to(device).train()
     params = trainable_parameters(model, stage=opts.stage, train_vision=opts.train_vision,
-                                  train_temporal=opts.train_temporal)
+                                  train_temporal=opts.train_temporal, train_projector=opts.train_projector)
     optimizer = torch.optim.AdamW(param_groups(model, params, opts.weight_decay, opts.lr, opts.vision_lr_scale),
                                   lr=opts.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, opts.warmup_ratio))
@@ -412,7 +416,7 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
         train_json = _subsample_long(train_json, r.keep_long_descriptions, r.seed)
     val_json = str(out_p / "data" / "val" / "data.json")
     base = dict(data=str(train_json), val_data=val_json, stage=r.stage, train_vision=r.train_vision,
-                train_temporal=r.train_temporal,
+                train_temporal=r.train_temporal, train_projector=r.train_projector,
                 epochs=epochs or r.epochs, max_steps=max_steps, batch_size=r.batch_size, grad_accum=r.grad_accum,
                 lr=r.lr, warmup_ratio=r.warmup_ratio, max_grad_norm=r.max_grad_norm, weight_decay=r.weight_decay,
                 vision_lr_scale=r.vision_lr_scale, seed=r.seed, save_every=r.save_every, eval_every=r.eval_every,
@@ -528,6 +532,7 @@ def _subsample_long(data_json: Path, keep: float, seed: int) -> Path:
 
 def train_main(*, out: str, recipe: str | None = None, data: str | None = None, val_data: str | None = None,
                init: str | None = None, resume: bool = False, stage: int = 2, train_vision: bool = False,
+               freeze_temporal: bool = False, freeze_projector: bool = False,
                epochs: float | None = None, max_steps: int | None = None, batch_size: int = 8, grad_accum: int = 1,
                lr: float = 2e-5, seed: int = 0, save_every: int = 0, eval_every: int = 0, precision: str = "auto",
                device: str = "cpu", threads: int | None = None, progress: bool = True) -> dict[str, Any]:
@@ -544,6 +549,7 @@ def train_main(*, out: str, recipe: str | None = None, data: str | None = None, 
     if not data:
         raise DataError("train: give --recipe NAME, or DATA with --init CHECKPOINT")
     opts = TrainOptions(data=data, out=out, val_data=val_data, init=init, stage=stage, train_vision=train_vision,
+                        train_temporal=not freeze_temporal, train_projector=not freeze_projector,
                         epochs=epochs or 1.0, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                         lr=lr, seed=seed, save_every=save_every, eval_every=eval_every, precision=precision,
                         device=device, threads=threads, progress=progress)
