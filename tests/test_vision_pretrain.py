@@ -50,6 +50,37 @@ def test_labels_follow_the_planned_motion(clips):
     assert checked >= 6
 
 
+def test_rays_see_what_a_bouncer_will_hit():
+    """Before its bounce, a bouncer's ray in its direction of travel meets the wall for a wall bounce and its
+    partner (once visible) for an object bounce; every ray of a visible object is labelled, none of an
+    absent one; gaps are in [0, 1]."""
+    from valley_rt.train.vision_pretrain import RAY_DIRECTIONS
+
+    cfg = demo_config()
+    meta = {"width": 128, "height": 96, "num_frames": 32, "frames_hint": 8}
+    arena = synth.make_arena(128, 96, resize_short=73, crop=64)
+    colors = list(synth.COLORS)
+    idx = np.linspace(0, 31, 8).astype(int)
+    seen = {"wall": 0, "object": 0}
+    for i in range(48):
+        plan = synth.plan_clip(41, i, arena=arena)
+        labels = clip_labels(f"s41_{i:05d}.mp4", cfg, meta)
+        assert labels.ray.shape == (8, len(colors), 4) and labels.gap.shape == (8, len(colors), 4)
+        assert np.all((labels.ray >= 0).all(-1) == (labels.present > 0))
+        assert labels.gap.min() >= 0 and labels.gap.max() <= 1
+        for tr in plan.tracks:
+            if tr.role != "bouncer":
+                continue
+            k, d = colors.index(tr.color), RAY_DIRECTIONS.index(tr.direction)
+            hit = next((o for o in plan.tracks if o.name == tr.cause), None)
+            for f, frame in enumerate(idx):
+                if tr.start <= frame < tr.bounce_at - 1 and (hit is None or hit.start <= frame):
+                    want = 0 if hit is None else 1 + colors.index(hit.color)
+                    assert labels.ray[f, k, d] == want, (i, tr.name, frame)
+                    seen["wall" if hit is None else "object"] += 1
+    assert min(seen.values()) >= 20, seen
+
+
 def test_non_synth_names_are_refused():
     with pytest.raises(DataError, match="not a synth clip"):
         clip_labels("holiday.mp4", demo_config(), {"width": 128, "height": 96, "num_frames": 32, "frames_hint": 8})

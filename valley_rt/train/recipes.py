@@ -1,52 +1,55 @@
 """Named training recipes: the model config, the synthetic data and the optimisation settings.
 
 "demo": the bundled demo model (valley_rt/assets/demo), trained from scratch on a 2-core CPU:
-    valley-rt train --recipe demo --out runs/demo --threads 2
+    valley-rt train --recipe demo --out runs/demo --threads 1
 "smoke": a CI-sized run (tiny model, a few dozen clips) that shows the loss falling in seconds.
 
 No pretrained CLIP or LLaMA exists here. The demo trains in two phases:
 
-Phase 0 (`vision_pretrain`, ~5 min): the visual side learns from the renderer's ground truth what a
-pretrained CLIP would bring (valley_rt.train.vision_pretrain): the tower (per-frame colours, positions
-and shapes on the CLS token; per-patch colour cover and in-patch offsets on the patch tokens), then the
-projector + temporal module (each pooled patch token: which colours passed through it, which way they
+Phase 0 (`vision_pretrain`, ~11 min): the visual side learns from the renderer's ground truth what a
+pretrained CLIP would bring (valley_rt.train.vision_pretrain): the tower (per-frame colours, positions,
+shapes and ray casts, i.e. what each object meets first along its lane in each direction, on the CLS
+token; per-patch colour cover and in-patch offsets on the patch tokens), 6000 steps on 6000 clips, then
+the projector + temporal module (each pooled patch token: which colours passed through it, which way they
 moved). The read-out heads are discarded. Then the LLM alone is trained as a language model on the text
-of the training conversations (valley_rt.train.text_pretrain, 1500 steps, ~9 min): the stand-in for a
-pretrained LLaMA, which arrives able to copy names from its context (see "Where the errors are" below).
+of the training conversations (valley_rt.train.text_pretrain, 1500 steps, ~15 min): the stand-in for a
+pretrained LLaMA, which arrives able to copy names from its context (see "Where the errors were" below).
 
-Phase 1 (instruction tuning, stage 2 with the tower and the temporal module frozen): projector + LLM.
-Why frozen, measured on 1000-step pilots (val action accuracy): the temporal module trained along with
-the random LLM loses what phase 0 taught it (action 0.42) while frozen it keeps it (0.67); and the
-first demo model, with a frozen *random* tower then a jointly trained one, stayed at chance on
-direction even on its own training clips (24.8 %), so it was not overfitting but blind to motion.
-A tower trained jointly from scratch collapses (the visual tokens enter through RMSNorm; their variation
-across clips fell from 0.15 to 0.002 of their norm in 500 steps).
+Phase 1 (instruction tuning, stage 2): the LLM alone; the tower, the temporal module and the projector
+stay as phase 0 left them. Why the projector too: the temporal module sits after it, so a projector
+retrained in phase 1 changes the module's input. A linear probe of the pooled tokens (per colour, which
+way it moved; 400 held-out clips) read 90.5 % after phase 0 and 80.8 % after a phase 1 that trained the
+projector (clips with several movers: 87.1 -> 73.5 %). Why the temporal module, measured on 1000-step
+pilots (val action accuracy): trained along with the random LLM it loses what phase 0 taught it (action
+0.42) while frozen it keeps it (0.67); and the first demo model, with a frozen *random* tower then a
+jointly trained one, stayed at chance on direction even on its own training clips (24.8 %), so it was
+not overfitting but blind to motion. A tower trained jointly from scratch collapses (the visual tokens
+enter through RMSNorm; their variation across clips fell from 0.15 to 0.002 of their norm in 500 steps).
 
-Demo sizes (fit a 2-core CPU in under 45 minutes): 64 px frames with 16 px patches (16 pooled patch
+Demo sizes (fit a 2-core CPU in under an hour): 64 px frames with 16 px patches (16 pooled patch
 tokens + 8 frame tokens, the real token layout), a 3-layer 96-wide tower, the "transformer" temporal
 module (per-patch frame sequences with positions, so motion direction and order survive pooling),
 a 4-layer 192-wide LLaMA, a 1k byte-level BPE and a one-sentence system prompt; 10000 training clips.
 
-Result (valley_rt/assets/demo_eval.json; 200 held-out clips, 555 questions; 35 min wall on this 2-core
-CPU with 2 threads, including synthesis and eval): 88.1 % exact match (counting 98.0, action 83.1, order
-93.2, causal 65.2) vs 29.0 % blind (each family at or below chance). The goals (90 % overall, 80 % per
-temporal family) are still missed on cause and, by 1.9 points, overall. A second run of the command wrote
-byte-identical weights (34.4 min). On 800 more fresh clips (seed 5, 2208 questions; measured afterwards)
-it scores 88.1 % again (counting 97.4, action 79.3, order 95.1, causal 73.6). Other runs of this recipe: 89.0 %
-(action 80.9, order 98.1, causal 71.0) before phase 0 seeded its read-out heads, whose initialisation then
-depended on what the process had drawn before (held-out direction read-out 69 % vs 81 % for one seed);
-87.9 % with 4.2 epochs of phase 1 instead of 3.4 (38.7 min; action 80.3, order 93.2, causal 68.1). The
-spread is that of the test split itself (standard error ~1.3 points overall). Before text pretraining
-the recipe gave 84.3 % (counting 98.5, action 83.1, order 75.7, causal 59.4) vs 21.4 % blind; the first
-demo model (no phase 0) had 59.8 % with action at chance.
+Result (valley_rt/assets/demo_eval.json; `valley-rt train --recipe demo --out runs/demo --threads 1`,
+52.7 min wall on this 2-core CPU while a second run shared it, including synthesis and eval; the thread
+count changes float summation order, so it is part of what reproduces the weights): on the test split
+(200 held-out clips, 555 questions) 89.2 % exact match (counting 98.0, action 84.2, order 92.2, causal
+72.5) vs 31.2 % blind (each family at or below chance); on 800 more fresh clips (seed 5, 2208 questions)
+90.4 % (counting 98.6, action 84.1, order 94.4, causal 77.4); on 200 clips of seed 9001 (bench_agreement)
+90.5 % (action 83.2, order 92.5, causal 86.2). Over all three (3318 questions): 90.2 %, action 83.9,
+order 93.7, causal 77.9: the goals hold except cause.
 
-Tried on this recipe, not adopted: ray-cast CLS targets in phase 0 (per frame, for each colour and each of
-left/right/up/down, the wall or the object it meets first along its lane and the gap, from the plan's
-geometry; object rays weighted 3x) with tower_steps 6000 on max_clips 6000 (commit 0150c45, reverted).
-Phase 0 held out: shape 98.8 % (was 92.6), centre error 1.55 px (3.18), object rays 78.5 %, temporal
-direction 92.5 % (81.3). The full run (37.3 min): 86.3 % on the test split (action 78.7, order 91.3,
-causal 60.9) and 87.7 % vs the bundled model's 88.1 % on 800 clips of seed 5 (2208 questions; causal
-70.2 vs 73.6, action with a distractor 51.9 vs 56.5). Better visual tokens, no better answers.
+How it got there. The previous recipe (the old phase 0 without ray casts, tower 2000 steps on 3000
+clips, and phase 1 training the projector) gave 88.1 % on the test split and 88.1 % on seed 5 (action
+79.3, order 95.1, causal 73.6); other runs of it 87.9-89.0 % on the test split. Each half of the change
+alone did not help: ray casts with a trained projector 86.3 % / 87.7 % (test split / seed 5; phase 0
+held out: shape 92.6 -> 98.8 %, centre error 3.18 -> 1.55 px, temporal direction 81.3 -> 92.5 %, but
+the phase 1 projector undid the direction gain); a frozen projector on the old phase 0 (phase 1 pilot,
+one thread) 88.8 % / 88.6 %. Both together: 89.5 % / 90.4 % in the pilot, 89.2 % / 90.4 % for the
+bundled run. Not adopted on top: 3000 text-pretraining steps instead of 1500: 88.8 % / 89.4 %. Before
+text pretraining the recipe gave 84.3 % (counting 98.5, action 83.1, order 75.7, causal 59.4) vs 21.4 %
+blind; the first demo model (no phase 0) had 59.8 % with action at chance.
 
 Tried on the recipe without text pretraining, not adopted (pilots: 3000 phase-1 steps, scored on 200
 clips of synth seed 4):
@@ -159,9 +162,9 @@ def smoke_config() -> ValleyConfig:
 RECIPES = {
     "demo": lambda: Recipe(name="demo", model=demo_config(), vocab_size=1024, train_clips=10000, val_clips=100,
                            train_seed=1, val_seed=2, test_clips=200, test_seed=3, epochs=3.4, batch_size=4, lr=1e-3,
-                           train_vision=False, train_temporal=False, save_every=250, eval_every=1000,
-                           val_samples=100, keep_long_descriptions=0.25,
-                           vision_pretrain={"tower_steps": 2000, "temporal_steps": 1500, "max_clips": 3000},
+                           train_vision=False, train_temporal=False, train_projector=False, save_every=250,
+                           eval_every=1000, val_samples=100, keep_long_descriptions=0.25,
+                           vision_pretrain={"tower_steps": 6000, "temporal_steps": 1500, "max_clips": 6000},
                            text_pretrain={"steps": 1500, "batch_size": 16, "lr": 1e-3, "max_tokens": 384}),
     "smoke": lambda: Recipe(name="smoke", model=smoke_config(), vocab_size=300, train_clips=24, val_clips=6,
                             train_seed=11, val_seed=12, epochs=6, batch_size=4, lr=3e-3, save_every=0,

@@ -8,7 +8,10 @@ object is, and the first demo model stayed at chance on direction, order and cau
 This phase gives the tower that knowledge from the renderer's ground truth, as CLIP's pretraining gives it
 from captions. At the tower's select layer (the features Valley uses):
 - the CLS token (Valley's per-frame token) predicts, for every colour, whether an object of that colour is
-  visible, where its centre is and its shape, plus the background;
+  visible, where its centre is and its shape, plus the background, and what the object meets first
+  looking left, right, up and down along its lane (the wall or which other object) and how far away
+  (ray casts: what a bounce's cause is told by, since the object a bouncer will hit is ahead of it in its
+  lane while it approaches, and a wall bounce has only the wall ahead);
 - every patch token predicts the share of its pixels each colour covers and where in the patch they are
   (so that a patch's tokens over the frames show which way an object moves through it, for the
   temporal module to read).
@@ -53,6 +56,44 @@ class FrameLabels:
     cover: np.ndarray  # float32 [T, N, K]: share of each patch's pixels in colour k
     offset: np.ndarray  # float32 [T, N, K, 2]: where in the patch those pixels are: their centroid (x, y)
     #                     relative to the patch centre, in [-1, 1] of the patch (0 where none)
+    ray: np.ndarray  # int64 [T, K, 4]: what colour k's object meets first looking left/right/up/down along
+    #                  its own rows or columns: 0 the wall, 1 + j an object of colour j (-100 where absent)
+    gap: np.ndarray  # float32 [T, K, 4]: how far that is, in crop pixels / RAY_FAR, at most 1
+
+
+RAY_DIRECTIONS = ("left", "right", "up", "down")
+RAY_FAR = 16.0  # gaps beyond this many crop pixels all read "far" (1.0)
+RAY_OBJECT_WEIGHT = 3.0  # cross-entropy weight of a ray that meets an object (1 for the wall)
+
+
+def _rays(arena, tracks: list, frame: int, colors: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Ray casts in one frame of the plan, per visible object (by its colour at `frame`): for each direction
+    of RAY_DIRECTIONS, the nearest wall or other object in its lane (the rows it covers for left/right,
+    its columns for up/down), as (class: 0 wall / 1 + colour index, gap in frame pixels). The geometry is
+    the plan's, not the pixels': resizing blends edges into colours of their own. This is what a bounce's
+    cause is told by: the object a bouncer will hit is ahead of it in its lane from the moment it is
+    there, while a wall bounce has only the wall ahead."""
+    size = arena.size
+    inner = (arena.x0 + arena.wall, arena.y0 + arena.wall, arena.x0 + arena.side - arena.wall,
+             arena.y0 + arena.side - arena.wall)  # the arena's inside: left, top, right, bottom
+    seen = [(tr.color_at(frame), tr.xs[frame - tr.start], tr.ys[frame - tr.start]) for tr in tracks
+            if tr.start <= frame < tr.end]
+    out = {}
+    for color, x, y in seen:
+        cls, gap = np.zeros(4, np.int64), np.zeros(4, np.float32)
+        walls = (x - size / 2 - inner[0], inner[2] - x - size / 2, y - size / 2 - inner[1], inner[3] - y - size / 2)
+        for d in range(4):
+            axis, sign = (0, -1) if d == 0 else (0, 1) if d == 1 else (1, -1) if d == 2 else (1, 1)
+            best, what = walls[d], 0
+            for other, ox, oy in seen:
+                if other == color:
+                    continue
+                along, across = (ox - x, oy - y) if axis == 0 else (oy - y, ox - x)
+                if abs(across) < size and sign * along > 0 and sign * along - size < best:
+                    best, what = sign * along - size, 1 + colors.index(other)
+            cls[d], gap[d] = what, max(best, 0.0)
+        out[color] = (cls, gap)
+    return out
 
 
 def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> FrameLabels:
@@ -95,6 +136,8 @@ def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> F
         cy = (onehot * yy[None, :, :, None]).sum((1, 2)) / count
     center = np.where(present[..., None] > 0, np.stack([cx, cy], -1) / c * 2 - 1, 0.0).astype(np.float32)
     shape = np.full((t, K), -100, np.int64)
+    ray = np.full((t, K, 4), -100, np.int64)
+    gap = np.zeros((t, K, 4), np.float32)
     background = np.zeros(t, np.int64)
     for i, frame in enumerate(idx):
         scene = next(s for s in plan.scenes if s.start <= frame < s.end)
@@ -103,7 +146,13 @@ def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> F
             k = colors.index(tr.color_at(int(frame)))
             if tr.start <= frame < tr.end and present[i, k]:
                 shape[i, k] = synth.SHAPES.index(tr.shape)
-    return FrameLabels(present, center, shape, background, cover, offset)
+        for color, (cls, g) in _rays(arena, scene.tracks, int(frame), colors).items():
+            k = colors.index(color)
+            if present[i, k]:
+                ray[i, k], gap[i, k] = cls, g
+    scale = p.resize_short / min(W, H)  # frame pixels -> crop pixels
+    gap = np.minimum(gap * scale / RAY_FAR, 1.0).astype(np.float32)
+    return FrameLabels(present, center, shape, background, cover, offset, ray, gap)
 
 
 class PretrainHeads(nn.Module):
@@ -114,6 +163,8 @@ class PretrainHeads(nn.Module):
         self.k, self.s = num_colors, num_shapes
         self.cls = nn.Linear(hidden, num_colors * (3 + num_shapes) + num_backgrounds)
         self.patch = nn.Linear(hidden, num_colors * 3)  # per colour: cover logit, offset (x, y)
+        # per colour and ray direction: what it meets first (wall or a colour) and how far
+        self.ray = nn.Linear(hidden, num_colors * len(RAY_DIRECTIONS) * (2 + num_colors))
 
     def loss(self, feats: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """feats [F, 1+N, C] (F frames); y: the stacked FrameLabels fields, one row per frame."""
@@ -130,6 +181,13 @@ class PretrainHeads(nn.Module):
                                                  ignore_index=-100),
             "background": nn.functional.cross_entropy(bg_logit, y["background"]),
         }
+        ray = self.ray(feats[:, 0]).view(-1, k, len(RAY_DIRECTIONS), 2 + k)
+        weight = torch.full((1 + k,), RAY_OBJECT_WEIGHT, device=feats.device)
+        weight[0] = 1.0  # most rays meet the wall; the rarer objects in a lane are what a cause needs
+        parts["ray"] = nn.functional.cross_entropy(ray[..., 1:].reshape(-1, 1 + k), y["ray"].reshape(-1),
+                                                   weight=weight, ignore_index=-100)
+        seen = (y["ray"] >= 0).float()
+        parts["gap"] = (((ray[..., 0] - y["gap"]) ** 2) * seen).sum() / seen.sum().clamp(min=1) * 10
         patch = self.patch(feats[:, 1:]).view(*y["cover"].shape, 3)  # [F, N, K, 3]
         covered = (y["cover"] > 0).float()
         parts["cover"] = nn.functional.binary_cross_entropy_with_logits(patch[..., 0], y["cover"])
@@ -148,7 +206,12 @@ def probe_metrics(heads: PretrainHeads, feats: torch.Tensor, y: dict[str, torch.
     mask = y["present"] > 0
     pred = heads.patch(feats[:, 1:]).view(*y["cover"].shape, 3)
     covered = y["cover"] > 0.1  # at least a tenth of the patch
+    ray = heads.ray(feats[:, 0]).view(-1, k, len(RAY_DIRECTIONS), 2 + k)
+    seen = y["ray"] >= 0
     return {
+        "ray_acc": round(float((ray[..., 1:].argmax(-1) == y["ray"])[seen].float().mean()), 4),
+        "ray_object_acc": round(float((ray[..., 1:].argmax(-1) == y["ray"])[y["ray"] > 0].float().mean()), 4),
+        "gap_err_px": round(float((ray[..., 0] - y["gap"]).abs()[seen].mean() * RAY_FAR), 2),
         "present_acc": round(float(((per[..., 0] > 0) == mask).float().mean()), 4),
         "center_err_px": round(float((per[..., 1:3] - y["center"]).norm(dim=-1)[mask].mean() * crop / 2), 2),
         "shape_acc": round(float((per[..., 3:].argmax(-1) == y["shape"])[mask].float().mean()), 4),
