@@ -207,12 +207,13 @@ def _line(rng, arena: Arena, axis: int, sign: int, frames: int) -> tuple[float, 
     return p0, sign * span / max(frames, 1)
 
 
-def _axis_sign(direction: str) -> tuple[int, int]:
+def axis_sign(direction: str) -> tuple[int, int]:
+    """(axis, sign) of a direction name: axis 0 is x, 1 is y (down the frame); sign -1 towards 0."""
     return {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}[direction]
 
 
 def _place_mover(rng, arena, tr: Track, direction: str) -> None:
-    axis, sign = _axis_sign(direction)
+    axis, sign = axis_sign(direction)
     n = tr.end - tr.start
     p0, v = _line(rng, arena, axis, sign, n - 1)
     cross = float(rng.uniform(arena.lo[1 - axis], arena.hi[1 - axis]))

@@ -73,6 +73,8 @@ def _rays(arena, tracks: list, frame: int, colors: list[str]) -> dict[str, tuple
     the plan's, not the pixels': resizing blends edges into colours of their own. This is what a bounce's
     cause is told by: the object a bouncer will hit is ahead of it in its lane from the moment it is
     there, while a wall bounce has only the wall ahead."""
+    from valley_rt.train.synth import axis_sign
+
     size = arena.size
     inner = (arena.x0 + arena.wall, arena.y0 + arena.wall, arena.x0 + arena.side - arena.wall,
              arena.y0 + arena.side - arena.wall)  # the arena's inside: left, top, right, bottom
@@ -80,10 +82,10 @@ def _rays(arena, tracks: list, frame: int, colors: list[str]) -> dict[str, tuple
             if tr.start <= frame < tr.end]
     out = {}
     for color, x, y in seen:
-        cls, gap = np.zeros(4, np.int64), np.zeros(4, np.float32)
+        cls, gap = np.zeros(len(RAY_DIRECTIONS), np.int64), np.zeros(len(RAY_DIRECTIONS), np.float32)
         walls = (x - size / 2 - inner[0], inner[2] - x - size / 2, y - size / 2 - inner[1], inner[3] - y - size / 2)
-        for d in range(4):
-            axis, sign = (0, -1) if d == 0 else (0, 1) if d == 1 else (1, -1) if d == 2 else (1, 1)
+        for d, direction in enumerate(RAY_DIRECTIONS):
+            axis, sign = axis_sign(direction)
             best, what = walls[d], 0
             for other, ox, oy in seen:
                 if other == color:
@@ -136,8 +138,8 @@ def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> F
         cy = (onehot * yy[None, :, :, None]).sum((1, 2)) / count
     center = np.where(present[..., None] > 0, np.stack([cx, cy], -1) / c * 2 - 1, 0.0).astype(np.float32)
     shape = np.full((t, K), -100, np.int64)
-    ray = np.full((t, K, 4), -100, np.int64)
-    gap = np.zeros((t, K, 4), np.float32)
+    ray = np.full((t, K, len(RAY_DIRECTIONS)), -100, np.int64)
+    gap = np.zeros((t, K, len(RAY_DIRECTIONS)), np.float32)
     background = np.zeros(t, np.int64)
     for i, frame in enumerate(idx):
         scene = next(s for s in plan.scenes if s.start <= frame < s.end)
@@ -146,10 +148,10 @@ def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> F
             k = colors.index(tr.color_at(int(frame)))
             if tr.start <= frame < tr.end and present[i, k]:
                 shape[i, k] = synth.SHAPES.index(tr.shape)
-        for color, (cls, g) in _rays(arena, scene.tracks, int(frame), colors).items():
+        for color, (cls, dist_px) in _rays(arena, scene.tracks, int(frame), colors).items():
             k = colors.index(color)
             if present[i, k]:
-                ray[i, k], gap[i, k] = cls, g
+                ray[i, k], gap[i, k] = cls, dist_px
     scale = p.resize_short / min(W, H)  # frame pixels -> crop pixels
     gap = np.minimum(gap * scale / RAY_FAR, 1.0).astype(np.float32)
     return FrameLabels(present, center, shape, background, cover, offset, ray, gap)
