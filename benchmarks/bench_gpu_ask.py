@@ -101,11 +101,15 @@ def bench1b_sides():
 
 
 def demo_agreement(fast, ref) -> dict:
-    """Greedy answers of both sides to the bundled held-out clips' questions (short and long)."""
+    """Greedy answers of both sides to the bundled held-out clips' questions (short and long), and how many
+    of each side's equal `demo_answer`, the CPU fp32 reference's answer recorded in questions.json (the two
+    sides agreeing proves nothing if both are wrong the same way, as when a transformers version dropped
+    the KV cache argument)."""
     from valley_rt.generate import SamplingParams
 
     clips = REPO / "valley_rt" / "assets" / "clips"
     same = total = 0
+    as_cpu = [0, 0]
     for clip in json.loads((clips / "questions.json").read_text())["clips"]:
         for q in clip["questions"]:
             a = [v.ask(clips / clip["video"], q["question"], params=SamplingParams(max_new_tokens=96)).answer
@@ -113,8 +117,11 @@ def demo_agreement(fast, ref) -> dict:
             for v in (fast, ref):
                 v.reset()
             same += a[0] == a[1]
+            for i in (0, 1):
+                as_cpu[i] += a[i] == q["demo_answer"]
             total += 1
-    return {"identical_answers": same, "questions": total}
+    return {"identical_answers": same, "questions": total, "fast_as_cpu_record": as_cpu[0],
+            "reference_as_cpu_record": as_cpu[1]}
 
 
 def main() -> None:
@@ -152,7 +159,9 @@ def main() -> None:
         if DEVICE == "cuda":
             line += f" | peak GPU {f['peak_gpu_mb']:.0f} vs {b['peak_gpu_mb']:.0f} MB"
         if "agreement" in r:
-            line += f" | identical answers {r['agreement']['identical_answers']}/{r['agreement']['questions']}"
+            g = r["agreement"]
+            line += (f" | identical answers {g['identical_answers']}/{g['questions']}, as the CPU record: fast "
+                     f"{g['fast_as_cpu_record']}, reference {g['reference_as_cpu_record']}")
         print(line, file=sys.stderr)
         del fast, ref
         if DEVICE == "cuda":

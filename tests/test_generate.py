@@ -216,3 +216,40 @@ def test_context_error_before_running():
         generate(backend, PieceTokenizer(), input_ids=list(range(20)), params=SamplingParams(max_new_tokens=16))
     assert backend.calls == []
     generate(backend, PieceTokenizer(), input_ids=list(range(20)), params=SamplingParams(max_new_tokens=12))
+
+
+class _OlderForward(torch.nn.Module):
+    """A LLaMA whose forward takes its KV cache as `past_key_values`, as transformers 5.17 (on the lent GPU
+    machines) does; the installed one (5.24) calls it `cache`. Unknown keywords are swallowed as there."""
+
+    def __init__(self, model: LlamaForCausalLM, honour_cache: bool = True):
+        super().__init__()
+        self.inner, self.config, self.honour = model, model.config, honour_cache
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids=None, inputs_embeds=None, past_key_values=None, use_cache=None, logits_to_keep=0,
+                **kwargs):
+        cache = past_key_values if self.honour else None
+        return self.inner(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
+                          logits_to_keep=logits_to_keep)
+
+
+def test_torch_backend_passes_the_cache_under_the_installed_transformers_name():
+    model = tiny_llama()
+    ids = list(range(10, 30))
+    want = generate(TorchLLM(model), PieceTokenizer(), input_ids=ids, params=SamplingParams(max_new_tokens=12),
+                    stop=()).token_ids
+    older = TorchLLM(_OlderForward(model))
+    assert older._cache_kw == "past_key_values"
+    assert generate(older, PieceTokenizer(), input_ids=ids, params=SamplingParams(max_new_tokens=12),
+                    stop=()).token_ids == want
+    assert older.position == len(ids) + 11
+
+
+def test_torch_backend_refuses_a_forward_that_ignores_its_cache():
+    """A forward that drops the cache would answer every decode step from one token: garbage, silently."""
+    backend = TorchLLM(_OlderForward(tiny_llama(), honour_cache=False))
+    with pytest.raises(RuntimeError, match="ignored the 'past_key_values' argument"):
+        generate(backend, PieceTokenizer(), input_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=4), stop=())

@@ -6,10 +6,19 @@ model's own dtype; embeddings in and logits out are float32 like every backend.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
 from transformers import DynamicCache
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name under which `model.forward` takes its KV cache: `cache` (transformers >= 5.2x) or
+    `past_key_values` (earlier 5.x; e.g. 5.17 on the lent GPU machines). The wrong name is swallowed by
+    forward's **kwargs, so the cache would silently stay empty and every decode step would see one token."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class TorchLLM:
@@ -25,6 +34,7 @@ class TorchLLM:
         self.vocab_size = int(cfg.vocab_size)
         self.max_context = int(max_context or cfg.max_position_embeddings)
         self._param = next(model.parameters())
+        self._cache_kw = cache_keyword(model)
         self.cache = DynamicCache(config=cfg)
 
     @classmethod
@@ -44,7 +54,12 @@ class TorchLLM:
 
     @torch.inference_mode()
     def _forward(self, **inputs) -> torch.Tensor:
-        out = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1)
+        before = self.position
+        new = next(v for v in inputs.values()).shape[1]
+        out = self.model(**inputs, **{self._cache_kw: self.cache}, use_cache=True, logits_to_keep=1)
+        if self.position != before + new:
+            raise RuntimeError(f"the KV cache holds {self.position} tokens after a forward of {new} from {before}: "
+                               f"this transformers version ignored the {self._cache_kw!r} argument")
         return out.logits[0, -1].float()  # [V]
 
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
