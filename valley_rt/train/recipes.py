@@ -1,18 +1,18 @@
 """Named training recipes: the model config, the synthetic data and the optimisation settings.
 
 "demo": the bundled demo model (valley_rt/assets/demo), trained from scratch on a 2-core CPU:
-    valley-rt train --recipe demo --out runs/demo --threads 1
+    valley-rt train --recipe demo --out runs/demo --threads 2
 "smoke": a CI-sized run (tiny model, a few dozen clips) that shows the loss falling in seconds.
 
 No pretrained CLIP or LLaMA exists here. The demo trains in two phases:
 
-Phase 0 (`vision_pretrain`, ~11 min): the visual side learns from the renderer's ground truth what a
+Phase 0 (`vision_pretrain`, ~8 min on two threads): the visual side learns from the renderer's ground truth what a
 pretrained CLIP would bring (valley_rt.train.vision_pretrain): the tower (per-frame colours, positions,
 shapes and ray casts, i.e. what each object meets first along its lane in each direction, on the CLS
 token; per-patch colour cover and in-patch offsets on the patch tokens), 6000 steps on 6000 clips, then
 the projector + temporal module (each pooled patch token: which colours passed through it, which way they
 moved). The read-out heads are discarded. Then the LLM alone is trained as a language model on the text
-of the training conversations (valley_rt.train.text_pretrain, 1500 steps, ~15 min): the stand-in for a
+of the training conversations (valley_rt.train.text_pretrain, 1500 steps, ~9 min): the stand-in for a
 pretrained LLaMA, which arrives able to copy names from its context (see "Where the errors were" below).
 
 Phase 1 (instruction tuning, stage 2): the LLM alone; the tower, the temporal module and the projector
@@ -31,14 +31,15 @@ tokens + 8 frame tokens, the real token layout), a 3-layer 96-wide tower, the "t
 module (per-patch frame sequences with positions, so motion direction and order survive pooling),
 a 4-layer 192-wide LLaMA, a 1k byte-level BPE and a one-sentence system prompt; 10000 training clips.
 
-Result (valley_rt/assets/demo_eval.json; `valley-rt train --recipe demo --out runs/demo --threads 1`,
-52.7 min wall on this 2-core CPU while a second run shared it, including synthesis and eval; the thread
-count changes float summation order, so it is part of what reproduces the weights): on the test split
-(200 held-out clips, 555 questions) 89.2 % exact match (counting 98.0, action 84.2, order 92.2, causal
-72.5) vs 31.2 % blind (each family at or below chance); on 800 more fresh clips (seed 5, 2208 questions)
-90.4 % (counting 98.6, action 84.1, order 94.4, causal 77.4); on 200 clips of seed 9001 (bench_agreement)
-90.5 % (action 83.2, order 92.5, causal 86.2). Over all three (3318 questions): 90.2 %, action 83.9,
-order 93.7, causal 77.9: the goals hold except cause.
+Result (valley_rt/assets/demo_eval.json; `valley-rt train --recipe demo --out runs/demo --threads 2`,
+37.4 min wall on this 2-core CPU, including synthesis and eval; the thread count changes float summation
+order, so it is part of what reproduces the weights; one thread takes ~50 min): on the test split (200
+held-out clips, 555 questions) 89.6 % exact match (counting 96.5, action 83.1, order 95.1, causal 78.3) vs
+26.9 % blind (each family at or below chance); on 800 more fresh clips (seed 5, 2208 questions) 90.4 %
+(counting 98.9, action 82.3, order 95.1, causal 79.6); on 200 clips of seed 9001 (bench_agreement) 89.5 %
+(action 82.1, order 94.3, causal 73.8). Over all three (3318 questions): 90.1 %, action 82.4, order 95.0,
+causal 78.4: the goals hold except cause. The same recipe on one thread (the previous bundled model): 90.2 %,
+action 83.9, order 93.7, causal 77.9 over the same three splits.
 
 How it got there. The previous recipe (the old phase 0 without ray casts, tower 2000 steps on 3000
 clips, and phase 1 training the projector) gave 88.1 % on the test split and 88.1 % on seed 5 (action
