@@ -6,8 +6,8 @@
 
 No pretrained CLIP or LLaMA exists here. The demo trains in two phases:
 
-Phase 0 (`vision_pretrain`, ~8 min on two threads): the visual side learns from the renderer's ground truth what a
-pretrained CLIP would bring (valley_rt.train.vision_pretrain): the tower (per-frame colours, positions,
+Phase 0 (`vision_pretrain`, ~8 min on two threads): the visual side learns from the renderer's ground
+truth what a pretrained CLIP would bring (valley_rt.train.vision_pretrain): the tower (per-frame colours, positions,
 shapes and ray casts, i.e. what each object meets first along its lane in each direction, on the CLS
 token; per-patch colour cover and in-patch offsets on the patch tokens), 6000 steps on 6000 clips, then
 the projector + temporal module (each pooled patch token: which colours passed through it, which way they
