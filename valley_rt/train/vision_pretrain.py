@@ -63,7 +63,8 @@ class FrameLabels:
 
 RAY_DIRECTIONS = ("left", "right", "up", "down")
 RAY_FAR = 16.0  # gaps beyond this many crop pixels all read "far" (1.0)
-RAY_OBJECT_WEIGHT = 3.0  # cross-entropy weight of a ray that meets an object (1 for the wall)
+# cross-entropy weight of a ray that meets an object (1 for the wall); held out on the demo: 3 -> 90.7 %, 6 -> 93.5 %
+RAY_OBJECT_WEIGHT = 6.0
 
 
 def _rays(arena, tracks: list, frame: int, colors: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
