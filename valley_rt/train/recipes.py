@@ -6,12 +6,12 @@
 
 No pretrained CLIP or LLaMA exists here. The demo trains in two phases:
 
-Phase 0 (`vision_pretrain`, ~8 min on two threads): the visual side learns from the renderer's ground
-truth what a pretrained CLIP would bring (valley_rt.train.vision_pretrain): the tower (per-frame colours, positions,
-shapes and ray casts, i.e. what each object meets first along its lane in each direction, on the CLS
-token; per-patch colour cover and in-patch offsets on the patch tokens), 12000 steps on all 10000 clips, then
-the projector + temporal module (each pooled patch token: which colours passed through it, which way they
-moved). The read-out heads are discarded. Then the LLM alone is trained as a language model on the text
+Phase 0 (`vision_pretrain`, ~14 min on two threads, 3.6 of them decoding): the visual side learns from
+the renderer's ground truth what a pretrained CLIP would bring (valley_rt.train.vision_pretrain): the
+tower (per-frame colours, positions, shapes and ray casts, i.e. what each object meets first along its
+lane in each direction, on the CLS token; per-patch colour cover and in-patch offsets on the patch
+tokens), 12000 steps on all 10000 clips, then the projector + temporal module (each pooled patch token:
+which colours passed through it, which way they moved). The read-out heads are discarded. Then the LLM alone is trained as a language model on the text
 of the training conversations (valley_rt.train.text_pretrain, 1500 steps, ~9 min): the stand-in for a
 pretrained LLaMA, which arrives able to copy names from its context (see "Where the errors were" below).
 
