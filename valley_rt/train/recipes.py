@@ -11,9 +11,10 @@ the renderer's ground truth what a pretrained CLIP would bring (valley_rt.train.
 tower (per-frame colours, positions, shapes and ray casts, i.e. what each object meets first along its
 lane in each direction, on the CLS token; per-patch colour cover and in-patch offsets on the patch
 tokens), 12000 steps on all 10000 clips, then the projector + temporal module (each pooled patch token:
-which colours passed through it, which way they moved). The read-out heads are discarded. Then the LLM alone is trained as a language model on the text
-of the training conversations (valley_rt.train.text_pretrain, 1500 steps, ~9 min): the stand-in for a
-pretrained LLaMA, which arrives able to copy names from its context (see "Where the errors were" below).
+which colours passed through it, which way they moved). The read-out heads are discarded. Then the LLM
+alone is trained as a language model on the text of the training conversations
+(valley_rt.train.text_pretrain, 1500 steps, ~9 min): the stand-in for a pretrained LLaMA, which arrives
+able to copy names from its context (see "Where the errors were" below).
 
 Phase 1 (instruction tuning, stage 2): the LLM alone; the tower, the temporal module and the projector
 stay as phase 0 left them. Why the projector too: the temporal module sits after it, so a projector
@@ -26,7 +27,7 @@ jointly trained one, stayed at chance on direction even on its own training clip
 not overfitting but blind to motion. A tower trained jointly from scratch collapses (the visual tokens
 enter through RMSNorm; their variation across clips fell from 0.15 to 0.002 of their norm in 500 steps).
 
-Demo sizes (fit a 2-core CPU in under an hour): 64 px frames with 16 px patches (16 pooled patch
+Demo sizes (fit a 2-core CPU in under 45 minutes): 64 px frames with 16 px patches (16 pooled patch
 tokens + 8 frame tokens, the real token layout), a 3-layer 96-wide tower, the "transformer" temporal
 module (per-patch frame sequences with positions, so motion direction and order survive pooling),
 a 4-layer 192-wide LLaMA, a 1k byte-level BPE and a one-sentence system prompt; 10000 training clips.
