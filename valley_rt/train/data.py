@@ -155,28 +155,33 @@ class FrameCache:
         return hashlib.sha1(ident.encode()).hexdigest()[:20]
 
     def crops(self, path: str | os.PathLike) -> np.ndarray:
-        from valley_rt.video import read_video, resize_crop
-
         path = Path(path)
+        hit = self.lookup(path)
+        if hit is not None:
+            return hit
+        return self.store(path, decode_crops(path, self.cfg, self.num_frames))
+
+    def lookup(self, path: Path) -> np.ndarray | None:
+        """The clip's crops if they are in memory or on disk (then kept in memory), else None."""
         try:
             key = self.key(path)
         except FileNotFoundError:
             raise DataError(f"video {path} does not exist") from None
         hit = self.mem.get(key)
-        if hit is not None:
-            return hit
-        file = self.disk_dir / f"{key}.npy" if self.disk_dir else None
-        if file is not None and file.is_file():
-            arr = np.load(file)
-        else:
-            clip = read_video(path, num_frames=self.num_frames)
-            arr = resize_crop(clip.frames, self.cfg.preprocess)
-            self.decoded += 1
-            if file is not None:
-                file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
-                np.save(tmp, arr)
-                os.replace(tmp, file)
+        if hit is None and self.disk_dir is not None and (self.disk_dir / f"{key}.npy").is_file():
+            hit = self.mem[key] = np.load(self.disk_dir / f"{key}.npy")
+        return hit
+
+    def store(self, path: Path, arr: np.ndarray) -> np.ndarray:
+        """Keep crops decoded (by decode_crops, maybe in another process) for `path`; counts a decode."""
+        key = self.key(path)
+        self.decoded += 1
+        if self.disk_dir is not None:
+            file = self.disk_dir / f"{key}.npy"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, arr)
+            os.replace(tmp, file)
         self.mem[key] = arr
         return arr
 
@@ -185,6 +190,13 @@ class FrameCache:
         from valley_rt.video import normalize
 
         return normalize(self.crops(path), self.cfg.preprocess)
+
+
+def decode_crops(path: Path, cfg: ValleyConfig, num_frames: int) -> np.ndarray:
+    """Decode `num_frames` frames of a clip (read_video's sampling), resized and cropped: uint8 [T, c, c, 3]."""
+    from valley_rt.video import read_video, resize_crop
+
+    return resize_crop(read_video(path, num_frames=num_frames).frames, cfg.preprocess)
 
 
 # ------------------------------------------------------------------------------------------- samples

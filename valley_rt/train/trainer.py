@@ -438,7 +438,7 @@ def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None
                                           eos_token_id=tok.eos_token_id)
             if r.vision_pretrain:
                 phases.append(_vision_phase(r, cfg, tok, out_p, threads=threads, cache=frames, text_json=train_json,
-                                            device=device))
+                                            device=device, workers=workers))
                 init = str(out_p / "phase0" / "model")
         elif r.vision_pretrain and (out_p / "phase0" / "summary.json").is_file():
             phases.append(json.loads((out_p / "phase0" / "summary.json").read_text()))
@@ -485,7 +485,7 @@ def _same_synth(meta: dict[str, Any], n: int, kwargs: dict[str, Any]) -> bool:
 
 
 def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None, cache: FrameCache,
-                  text_json: Path, device: str = "cpu") -> dict[str, Any]:
+                  text_json: Path, device: str = "cpu", workers: int = 1) -> dict[str, Any]:
     """Phase 0: pretrain the visual side of a fresh model on the training clips (vision_pretrain: the tower,
     then the projector + temporal module) and, with `r.text_pretrain`, its LLM on the text of `text_json`;
     save it as OUT/phase0/model. Short (minutes), so a crash reruns it rather than resuming it."""
@@ -503,7 +503,7 @@ def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None
     log.unlink(missing_ok=True)
     model = build_model(cfg, seed=r.seed).to(device)  # initialised on the CPU: the same weights on any device
     summary = pretrain_visual(model, out_p / "data" / "train", seed=r.seed, log=lambda m: _append_jsonl(log, m),
-                              cache=cache, **r.vision_pretrain)
+                              cache=cache, workers=workers, **r.vision_pretrain)
     if r.text_pretrain:  # the LLM as a language model on the conversations' text (train/text_pretrain.py)
         from valley_rt.train.text_pretrain import pretrain_text
 

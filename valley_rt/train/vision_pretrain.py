@@ -227,11 +227,12 @@ def _stack(labels: list[FrameLabels], device: torch.device | str = "cpu") -> dic
             for f in FrameLabels.__dataclass_fields__}
 
 
-def load_synth(data_dir: str | Path, cfg: ValleyConfig, max_clips: int | None = None,
-               cache=None) -> tuple[list[str], np.ndarray, list[FrameLabels], float]:
+def load_synth(data_dir: str | Path, cfg: ValleyConfig, max_clips: int | None = None, cache=None,
+               workers: int = 1) -> tuple[list[str], np.ndarray, list[FrameLabels], float]:
     """A synth folder's clips (the first `max_clips`): names, decoded model-input crops uint8 [V, T, c, c, 3],
     labels, seconds taken. `cache`: a train.data.FrameCache to decode through (and fill), e.g. the one
-    the instruction phase then reads from."""
+    the instruction phase then reads from. `workers` > 1 decodes and labels the clips in that many
+    processes (the result does not depend on it)."""
     from valley_rt.train.data import FrameCache
 
     data_dir = Path(data_dir)
@@ -242,9 +243,33 @@ def load_synth(data_dir: str | Path, cfg: ValleyConfig, max_clips: int | None = 
         raise DataError(f"vision pretraining: {data_dir} is not a synth folder ({e})") from None
     t0 = time.perf_counter()
     cache = cache or FrameCache(cfg)
-    crops = np.stack([cache.crops(data_dir / "videos" / v) for v in videos])
-    labels = [clip_labels(v, cfg, meta) for v in videos]
-    return videos, crops, labels, time.perf_counter() - t0
+    paths = [data_dir / "videos" / v for v in videos]
+    crops: list[np.ndarray | None] = [cache.lookup(p) for p in paths]
+    todo = [i for i, c in enumerate(crops) if c is None]
+    job = (cfg, meta, cache.num_frames)
+    if workers <= 1 or len(videos) < 8:
+        done = _load_range((job, [paths[i] for i in todo], videos))
+    else:
+        import multiprocessing as mp
+
+        bounds = np.linspace(0, len(videos), workers * 4 + 1).astype(int)
+        chunks = [(job, [paths[i] for i in todo if a <= i < b], videos[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        # spawn, not fork: this process has run torch already, and forked workers hang (e.g. on a lock a torch
+        # thread held at the fork)
+        with mp.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_load_range, chunks)
+        done = ([c for part in parts for c in part[0]], [l for part in parts for l in part[1]])
+    for i, arr in zip(todo, done[0]):
+        crops[i] = cache.store(paths[i], arr)
+    return videos, np.stack(crops), done[1], time.perf_counter() - t0
+
+
+def _load_range(args) -> tuple[list[np.ndarray], list[FrameLabels]]:
+    """Decode the clips in `to_decode` and label the clips in `to_label` (a load_synth worker's share)."""
+    from valley_rt.train.data import decode_crops
+
+    (cfg, meta, num_frames), to_decode, to_label = args
+    return ([decode_crops(p, cfg, num_frames) for p in to_decode], [clip_labels(v, cfg, meta) for v in to_label])
 
 
 def _cosine(opt, steps: int):
@@ -422,10 +447,10 @@ def pretrain_temporal(model, loaded, *, steps: int, batch_clips: int = 32, lr: f
 
 def pretrain_visual(model, data_dir: str | Path, *, tower_steps: int, temporal_steps: int = 0, lr: float = 1e-3,
                     temporal_lr: float = 3e-3, max_clips: int | None = None, seed: int = 0,
-                    log: Callable[[dict], None] | None = None, cache=None) -> dict[str, Any]:
+                    log: Callable[[dict], None] | None = None, cache=None, workers: int = 1) -> dict[str, Any]:
     """Phase 0 of a recipe: the tower (pretrain_tower), then the projector + temporal module
-    (pretrain_temporal) on one decoding of the synth folder's first `max_clips` clips."""
-    loaded = load_synth(data_dir, model.cfg, max_clips, cache)
+    (pretrain_temporal) on one decoding of the synth folder's first `max_clips` clips (in `workers` processes)."""
+    loaded = load_synth(data_dir, model.cfg, max_clips, cache, workers)
     out: dict[str, Any] = {"prep_s": round(loaded[3], 1), "clips": len(loaded[0])}
     tower = pretrain_tower(model, data_dir, steps=tower_steps, lr=lr, seed=seed, log=log, loaded=loaded)
     out["tower"] = {k: tower[k] for k in ("steps", "seconds", "final", "held_out")}
