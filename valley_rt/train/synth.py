@@ -722,7 +722,9 @@ def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128,
 
         bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
         chunks = [(job, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        with mp.get_context("fork").Pool(workers) as pool:
+        # spawn, not fork: a recipe writes its test split after training, and a process forked after torch ran
+        # can hang (vision_pretrain.load_synth's workers did)
+        with mp.get_context("spawn").Pool(workers) as pool:
             results = [r for part in pool.map(_make_range, chunks) for r in part]
     records = [r for recs, _ in results for r in recs]
     seconds = time.perf_counter() - t0
