@@ -23,10 +23,12 @@ reference every int4 runtime is checked against.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import tempfile
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,6 +138,24 @@ def _embedding_table(llm_dir: Path) -> torch.Tensor:
     raise CheckpointError(f"{llm_dir}: expected {EMBED_KEY} in a *.safetensors file, not found")
 
 
+@contextlib.contextmanager
+def _gptqmodel_logs_in(folder: Path):
+    """GPTQModel writes a log file per quantized module under `./logs`, relative to the working directory
+    (gptqmodel.looper.loop_processor._PROJECT_LOG_DIR): send them to `folder` for the duration, so an export
+    leaves nothing behind where it was run. Without that attribute (another GPTQModel), nothing changes."""
+    from gptqmodel.looper import loop_processor
+
+    before = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    if not isinstance(before, Path):
+        yield
+        return
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        loop_processor._PROJECT_LOG_DIR = before
+
+
 def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSettings) -> Path:
     """Quantize the HF LLaMA folder `llm_dir` with GPTQ into a standard GPTQ folder `out_dir`.
 
@@ -176,7 +196,8 @@ def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSet
         _install_embeds_capture(qmodel, embeds, vocab)
 
     # batch 1 and no concatenation: each example keeps its own length (and its placeholder intact).
-    qmodel.quantize(rows, batch_size=1, calibration_concat_size=None, calibration_data_min_length=1)
+    with tempfile.TemporaryDirectory(prefix="valley-gptq-logs-") as logs, _gptqmodel_logs_in(Path(logs)):
+        qmodel.quantize(rows, batch_size=1, calibration_concat_size=None, calibration_data_min_length=1)
     if out_dir.exists():  # replace only a folder this function wrote
         shutil.rmtree(out_dir)
     qmodel.save(str(out_dir))

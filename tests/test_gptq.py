@@ -131,9 +131,11 @@ def test_dequantized_logits_close_to_fp(llm_dir, ref, gptq_dirs, desc_act):
         assert torch.equal(torch.bincount(g), torch.full((INTER // GROUP,), GROUP))
 
 
-def test_eight_bits_is_much_closer(ref, llm_dir, gptq_dirs, tmp_path):
+def test_eight_bits_is_much_closer(ref, llm_dir, gptq_dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = quantize_llm(llm_dir, tmp_path / "q8", calibration=_ids_calibration(n=4),
                        settings=GPTQSettings(bits=8, group_size=GROUP))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q8"]  # GPTQModel's log files went to a temp folder
     ids = torch.randint(3, VOCAB, (1, 60), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a = ref(ids).logits
