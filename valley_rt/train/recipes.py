@@ -6,15 +6,15 @@
 
 No pretrained CLIP or LLaMA exists here. The demo trains in two phases:
 
-Phase 0 (`vision_pretrain`, ~14 min on two threads, 3.6 of them decoding): the visual side learns from
-the renderer's ground truth what a pretrained CLIP would bring (valley_rt.train.vision_pretrain): the
-tower (per-frame colours, positions, shapes and ray casts, i.e. what each object meets first along its
-lane in each direction, on the CLS token; per-patch colour cover and in-patch offsets on the patch
-tokens), 12000 steps on all 10000 clips, then the projector + temporal module (each pooled patch token:
-which colours passed through it, which way they moved). The read-out heads are discarded. Then the LLM
-alone is trained as a language model on the text of the training conversations
-(valley_rt.train.text_pretrain, 1500 steps, ~9 min): the stand-in for a pretrained LLaMA, which arrives
-able to copy names from its context (see "Where the errors were" below).
+Phase 0 (`vision_pretrain`, ~14 min on two threads, 1.9 of them decoding in two processes): the visual side
+learns from the renderer's ground truth what a pretrained CLIP would bring
+(valley_rt.train.vision_pretrain): the tower (per-frame colours, positions, shapes and ray casts, i.e. what
+each object meets first along its lane in each direction, on the CLS token; per-patch colour cover and
+in-patch offsets on the patch tokens), 12000 steps on all 10000 clips, then the projector + temporal module
+(each pooled patch token: which colours passed through it, which way they moved). The read-out heads are
+discarded. Then the LLM alone is trained as a language model on the text of the training conversations
+(valley_rt.train.text_pretrain, 1500 steps, ~9 min): the stand-in for a pretrained LLaMA, which arrives able
+to copy names from its context (see "Where the errors were" below).
 
 Phase 1 (instruction tuning, stage 2): the LLM alone; the tower, the temporal module and the projector
 stay as phase 0 left them. Why the projector too: the temporal module sits after it, so a projector
@@ -32,15 +32,15 @@ tokens + 8 frame tokens, the real token layout), a 3-layer 96-wide tower, the "t
 module (per-patch frame sequences with positions, so motion direction and order survive pooling),
 a 4-layer 192-wide LLaMA, a 1k byte-level BPE and a one-sentence system prompt; 10000 training clips.
 
-Result (valley_rt/assets/demo_eval.json; `valley-rt train --recipe demo --out runs/demo --threads 2`,
-43.7 min wall on this 2-core CPU, including synthesis and eval; the thread count changes float summation
-order, so it is part of what reproduces the weights; one thread takes over 50 min): on the test split (200
-held-out clips, 555 questions) 89.9 % exact match (counting 97.5, action 84.7, order 92.2, causal 78.3) vs
-28.5 % blind (each family at or below chance); on 800 more fresh clips (seed 5, 2208 questions) 90.9 %
-(counting 97.9, action 84.7, order 95.1, causal 80.8); on 200 clips of seed 9001 (bench_agreement) 90.8 %
-(action 85.3, order 91.5, causal 84.6). Over all three (3318 questions): 90.7 %, action 84.8, order 94.0,
-causal 81.0: the goals hold on the pooled splits (the test split alone: overall 89.9, cause 78.3 on 69
-questions).
+Result (valley_rt/assets/demo_eval.json; `valley-rt train --recipe demo --out runs/demo --threads 2`, 43.7
+min wall on this 2-core CPU, including synthesis and eval; rerun with phase 0's decoding in two processes,
+44.1 min and byte-identical weights; the thread count changes float summation order, so it is part of what
+reproduces the weights; one thread takes over 50 min): on the test split (200 held-out clips, 555 questions)
+89.9 % exact match (counting 97.5, action 84.7, order 92.2, causal 78.3) vs 28.5 % blind (each family at or
+below chance); on 800 more fresh clips (seed 5, 2208 questions) 90.9 % (counting 97.9, action 84.7, order
+95.1, causal 80.8); on 200 clips of seed 9001 (bench_agreement) 90.8 % (action 85.3, order 91.5, causal
+84.6). Over all three (3318 questions): 90.7 %, action 84.8, order 94.0, causal 81.0: the goals hold on the
+pooled splits (the test split alone: overall 89.9, cause 78.3 on 69 questions).
 
 The last change: the tower 12000 steps on all 10000 clips (was 6000 on 6000) and RAY_OBJECT_WEIGHT 6 (was
 3). Phase 0 held out, rays that meet an object: 78.5 % -> 90.7 % (longer training alone, pilot) -> 93.5 %
