@@ -157,7 +157,7 @@ def test_phase0_is_the_same_run_whatever_ran_before_it(clips):
 
 
 def test_load_synth_in_worker_processes_gives_the_same_clips_and_labels(clips):
-    """Phase 0 decodes and labels its clips in `workers` processes (a third of its prep time on the demo):
+    """Phase 0 decodes and labels its clips in `workers` processes (two halve its prep time on the demo):
     the crops, the labels and what lands in the frame cache are those of a one-process load."""
     from valley_rt.train.data import FrameCache
     from valley_rt.train.vision_pretrain import FrameLabels, load_synth
