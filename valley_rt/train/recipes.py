@@ -49,6 +49,11 @@ overall 90.1 -> 90.7 % (the recipe before it, on two threads, 37.4 min; on one t
 before: 90.2 %, cause 77.9 %). Cause tracked the rays: the ray cast on the CLS token is where a frame says
 what is ahead of a bouncer, and cause sat at about the rays' object accuracy.
 
+Not adopted on top (phase-1 pilots from the bundled phase 0; seed 5 / test split): 11000 steps instead of
+8500: 91.7 / 89.6 % (about 5 min over the budget); a direction question about every mover of every clip with
+a scene cut, where the wrong directions concentrate (59.0 % right when the other scene has a mover, README):
+90.4 / 89.9 %, with that group unchanged (58.4 %).
+
 How it got there. The previous recipe (the old phase 0 without ray casts, tower 2000 steps on 3000
 clips, and phase 1 training the projector) gave 88.1 % on the test split and 88.1 % on seed 5 (action
 79.3, order 95.1, causal 73.6); other runs of it 87.9-89.0 % on the test split. Each half of the change
