@@ -52,7 +52,8 @@ what is ahead of a bouncer, and cause sat at about the rays' object accuracy.
 Not adopted on top (phase-1 pilots from the bundled phase 0; seed 5 / test split): 11000 steps instead of
 8500: 91.7 / 89.6 % (about 5 min over the budget); a direction question about every mover of every clip with
 a scene cut, where the wrong directions concentrate (59.0 % right when the other scene has a mover, README):
-90.4 / 89.9 %, with that group unchanged (58.4 %).
+90.4 / 89.9 %, with that group unchanged (58.4 %). Phase 1 training the temporal module too (full rate):
+89.2 / 87.6 % (action 81.7 / 78.1 %).
 
 How it got there. The previous recipe (the old phase 0 without ray casts, tower 2000 steps on 3000
 clips, and phase 1 training the projector) gave 88.1 % on the test split and 88.1 % on seed 5 (action
