@@ -316,3 +316,16 @@ def test_distractor_flag(gen, arena):
             assert r["distractor"] == want, r["id"]
     assert True in flags["order"] and False in flags["order"]
     assert True in flags["action"] and False in flags["action"]
+
+
+def test_workers_from_a_script_read_on_stdin(tmp_path):
+    """Spawned workers re-import the main script; one read from stdin has no file, so generate runs in its own
+    process there instead of hanging on workers that cannot start."""
+    import subprocess
+    import sys
+
+    code = (f"from valley_rt.train import synth\n"
+            f"print(synth.generate({str(tmp_path)!r}, n=8, seed={SEED}, workers=2)['records'])\n")
+    done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == len(json.loads((tmp_path / "data.json").read_text())) > 0

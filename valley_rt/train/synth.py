@@ -28,10 +28,11 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -696,6 +697,27 @@ def answer_counts(records: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return {f: dict(sorted(c.items())) for f, c in sorted(out.items())}
 
 
+def map_ranges(fn: Callable[[tuple[Any, int, int]], list], job: Any, n: int, workers: int) -> list:
+    """fn((job, a, b)) -> one result per index in [a, b), over 0..n-1 in `workers` processes; the results in
+    index order, the same for any `workers`.
+
+    The workers are spawned, not forked: a recipe runs this after torch has run in the process (its test
+    split, phase 0's clips), and forked workers can hang there (on a lock a torch thread held at the fork;
+    phase 0's did, in the test suite). A spawned worker re-imports the main script, so a main read from
+    stdin (no file) runs in this process instead; a worker that dies raises (BrokenProcessPool), never hangs.
+    """
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if workers <= 1 or n < 8 or (main is not None and not os.path.isfile(main)):
+        return fn((job, 0, n))
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
+    chunks = [(job, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        return [r for part in pool.map(fn, chunks) for r in part]
+
+
 def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128, height: int = 96, fps: int = 10,
              num_frames: int = 32, frames_hint: int = 8, resize_short: int = 73, crop: int = 64,
              workers: int = 1, extra_questions: bool = False) -> dict[str, Any]:
@@ -715,17 +737,7 @@ def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128,
     (out / "videos").mkdir(parents=True, exist_ok=True)
     job = _Job(str(out), seed, width, height, fps, num_frames, frames_hint, resize_short, crop, extra_questions)
     t0 = time.perf_counter()
-    if workers <= 1 or n < 8:
-        results = _make_range((job, 0, n))
-    else:
-        import multiprocessing as mp
-
-        bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
-        chunks = [(job, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        # spawn, not fork: a recipe writes its test split after training, and a process forked after torch ran
-        # can hang (vision_pretrain.load_synth's workers did)
-        with mp.get_context("spawn").Pool(workers) as pool:
-            results = [r for part in pool.map(_make_range, chunks) for r in part]
+    results = map_ranges(_make_range, job, n, workers)
     records = [r for recs, _ in results for r in recs]
     seconds = time.perf_counter() - t0
     families = {f: sum(r["task"] == f for r in records) for f in TASK_FAMILIES}

@@ -233,6 +233,7 @@ def load_synth(data_dir: str | Path, cfg: ValleyConfig, max_clips: int | None = 
     labels, seconds taken. `cache`: a train.data.FrameCache to decode through (and fill), e.g. the one
     the instruction phase then reads from. `workers` > 1 decodes and labels the clips in that many
     processes (the result does not depend on it)."""
+    from valley_rt.train import synth
     from valley_rt.train.data import FrameCache
 
     data_dir = Path(data_dir)
@@ -244,32 +245,20 @@ def load_synth(data_dir: str | Path, cfg: ValleyConfig, max_clips: int | None = 
     t0 = time.perf_counter()
     cache = cache or FrameCache(cfg)
     paths = [data_dir / "videos" / v for v in videos]
-    crops: list[np.ndarray | None] = [cache.lookup(p) for p in paths]
-    todo = [i for i, c in enumerate(crops) if c is None]
-    job = (cfg, meta, cache.num_frames)
-    if workers <= 1 or len(videos) < 8:
-        done = _load_range((job, [paths[i] for i in todo], videos))
-    else:
-        import multiprocessing as mp
-
-        bounds = np.linspace(0, len(videos), workers * 4 + 1).astype(int)
-        chunks = [(job, [paths[i] for i in todo if a <= i < b], videos[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-        # spawn, not fork: this process has run torch already, and forked workers hang (e.g. on a lock a torch
-        # thread held at the fork)
-        with mp.get_context("spawn").Pool(workers) as pool:
-            parts = pool.map(_load_range, chunks)
-        done = ([c for part in parts for c in part[0]], [l for part in parts for l in part[1]])
-    for i, arr in zip(todo, done[0]):
-        crops[i] = cache.store(paths[i], arr)
-    return videos, np.stack(crops), done[1], time.perf_counter() - t0
+    cached = [cache.lookup(p) for p in paths]
+    job = (cfg, meta, cache.num_frames, str(data_dir / "videos"), videos, [c is None for c in cached])
+    done = synth.map_ranges(_load_range, job, len(videos), workers)
+    crops = [c if c is not None else cache.store(p, arr) for c, p, (arr, _) in zip(cached, paths, done)]
+    return videos, np.stack(crops), [labels for _, labels in done], time.perf_counter() - t0
 
 
-def _load_range(args) -> tuple[list[np.ndarray], list[FrameLabels]]:
-    """Decode the clips in `to_decode` and label the clips in `to_label` (a load_synth worker's share)."""
+def _load_range(args) -> list[tuple[np.ndarray | None, FrameLabels]]:
+    """(crops, labels) of clips a..b-1: crops decoded only where the cache had none (a load_synth worker's share)."""
     from valley_rt.train.data import decode_crops
 
-    (cfg, meta, num_frames), to_decode, to_label = args
-    return ([decode_crops(p, cfg, num_frames) for p in to_decode], [clip_labels(v, cfg, meta) for v in to_label])
+    (cfg, meta, num_frames, video_dir, videos, decode), a, b = args
+    return [(decode_crops(Path(video_dir) / videos[i], cfg, num_frames) if decode[i] else None,
+             clip_labels(videos[i], cfg, meta)) for i in range(a, b)]
 
 
 def _cosine(opt, steps: int):
