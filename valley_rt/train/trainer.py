@@ -157,7 +157,11 @@ def resolve_precision(precision: str, device: str) -> torch.dtype | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors, ints and tuples only, so state.pt loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -166,9 +170,33 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(npy)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read state.pt without running code: torch's weights-only unpickler rebuilds tensors and plain
+    containers only. numpy's array rebuilders are allowed too, for state files that stored numpy's RNG
+    state as an array. Anything else (a pickle that would call a function) is a DataError."""
+    import pickle
+
+    core = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed numpy.core
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        # torch's message opens with advice to load with weights_only=False; the reason is further down
+        why = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0] if lines else type(e).__name__)
+        raise DataError(f"{path}: refused or unreadable as a weights-only training state ({why})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "step"} <= set(state):
+        raise DataError(f"{path}: not a valley-rt training state")
+    return state
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -274,7 +302,7 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
     if resuming:
         # onto the CPU: the RNG states must stay CPU byte tensors; load_state_dict moves the weights and the
         # optimizer's moments to the parameters' device
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = load_state(state_file)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
