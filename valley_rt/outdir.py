@@ -177,3 +177,63 @@ def _swap_in(work: Path, target: Path, kind: str) -> None:
         os.rmdir(old)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# -- folders written in place -----------------------------------------------------------------------
+MARKER = ".valley-rt.json"
+
+
+def claim_folder(folder: str | Path, *, kind: str, legacy: Callable[[Path], bool] = lambda p: False) -> Path:
+    """For commands that fill OUT in place and may resume into it (synth, train): OUT must be absent, an
+    empty folder, or a folder an earlier run of the same kind made (its OUT/.valley-rt.json marker names
+    the kind; `legacy` recognises folders made before the marker existed). The marker is written here,
+    before anything else, so a run killed at any point can be rerun into the same folder.
+    """
+    raw = Path(folder)
+    folder = Path(os.path.abspath(raw))
+    cwd = Path.cwd().resolve()
+    real = folder.parent.resolve() / folder.name
+    if real in cwd.parents:
+        raise OutputError(f"{raw}: holds the current folder; give a new folder's name")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{raw}: exists and is not a folder; give a new folder's name")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{raw}: {parent} is not a folder")
+            break
+    marker = folder / MARKER
+    if folder.is_dir() and any(folder.iterdir()):
+        meta = _json(marker)
+        ours = meta.get("kind") == kind if isinstance(meta, dict) else legacy(folder)
+        if not ours:
+            what = f"a valley-rt {meta.get('kind')} folder" if isinstance(meta, dict) else "not empty"
+            raise OutputError(f"{raw}: {what}, and not a valley-rt {kind} folder (valley-rt never overwrites "
+                              f"files it did not write); give a new or empty folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():
+            marker.write_text(json.dumps({"kind": kind}) + "\n")
+    except OSError as e:
+        raise OutputError(f"{raw}: cannot create the output folder ({e.strerror})") from None
+    return folder
+
+
+def check_output_file(path: str | Path, *, what: str, ours: Callable[[Path], bool],
+                      inputs: Iterable[str | Path | None] = ()) -> Path:
+    """An output file that may be replaced only if `ours` recognises it as one valley-rt wrote; never one
+    of the command's input files, a folder, or a file in a missing folder."""
+    raw = Path(path)
+    path = Path(os.path.abspath(raw))
+    if path.is_dir():
+        raise OutputError(f"{raw}: is a folder; give the {what}'s file name")
+    if not path.parent.is_dir():
+        raise OutputError(f"{raw}: folder {path.parent} does not exist")
+    if path.exists():
+        for src in inputs:
+            if src is not None and Path(src).exists() and os.path.samefile(src, path):
+                raise OutputError(f"{raw}: is the input {src}; give another {what} file")
+        if not ours(path):
+            raise OutputError(f"{raw}: exists and is not a valley-rt {what} (valley-rt never overwrites files "
+                              f"it did not write); give a new file name")
+    return path

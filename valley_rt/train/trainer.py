@@ -261,9 +261,11 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
     from valley_rt.checkpoint import save_checkpoint
     from valley_rt.model import build_model
 
+    from valley_rt.outdir import claim_folder
+
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    out = Path(opts.out)
+    out = claim_folder(opts.out, kind="train-run", legacy=_is_run_folder)
     state_file, metrics_file = out / STATE_FILE, out / METRICS_FILE
     resuming = resume and state_file.is_file()
     cfg, tok, init_model = _prepare_run(opts, model_config, tokenizer, resuming)
@@ -558,6 +560,16 @@ def _subsample_long(data_json: Path, keep: float, seed: int) -> Path:
     return out
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A run folder written before run folders carried valley-rt's marker file: its run.json, or a
+    recipe's synthesized data."""
+    try:
+        run = json.loads((folder / "run.json").read_text())
+        return isinstance(run, dict) and {"options", "model"} <= set(run)
+    except (OSError, ValueError):
+        return (folder / "data" / "train" / "meta.json").is_file()
+
+
 def train_main(*, out: str, recipe: str | None = None, data: str | None = None, val_data: str | None = None,
                init: str | None = None, resume: bool = False, stage: int = 2, train_vision: bool = False,
                freeze_temporal: bool = False, freeze_projector: bool = False,
@@ -565,7 +577,12 @@ def train_main(*, out: str, recipe: str | None = None, data: str | None = None, 
                lr: float = 2e-5, seed: int = 0, save_every: int = 0, eval_every: int = 0, precision: str = "auto",
                device: str = "cpu", threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     """`valley-rt train`: a named recipe (synthesizes its data, trains from scratch), or DATA from an
-    --init checkpoint. On --resume the run's saved options (run.json) win over the command line."""
+    --init checkpoint. On --resume the run's saved options (run.json) win over the command line.
+    OUT must be new, empty or an earlier run's folder (valley_rt.outdir.claim_folder): a folder of other
+    files is refused, never written into."""
+    from valley_rt.outdir import claim_folder
+
+    claim_folder(out, kind="train-run", legacy=_is_run_folder)
     if recipe:
         return run_recipe(name=recipe, out=out, resume=resume, threads=threads, progress=progress, epochs=epochs,
                           max_steps=max_steps, device=device)
