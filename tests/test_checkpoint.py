@@ -226,9 +226,9 @@ def test_convert_never_deletes_what_it_did_not_write(tmp_path, shared_dir, monke
     user.mkdir()
     (user / "a.jpg").write_bytes(b"\xff\xd8 a photo")
     with pytest.raises(OutputError, match="is not a valley-rt checkpoint"):
-        convert_original(original_dir=src, out_dir=user, overwrite=True)
+        convert_original(original_dir=src, out_dir=user)
     with pytest.raises(OutputError, match="the output is the input"):
-        convert_original(original_dir=src, out_dir=src, overwrite=True)
+        convert_original(original_dir=src, out_dir=src)
     with pytest.raises(OutputError, match="the output is inside the input"):
         convert_original(original_dir=src, out_dir=src / "llm")
     assert (user / "a.jpg").read_bytes() == b"\xff\xd8 a photo" and hash_folder(src) == src_hash
@@ -239,6 +239,8 @@ def test_convert_never_deletes_what_it_did_not_write(tmp_path, shared_dir, monke
     convert_original(original_dir=src, out_dir=out)
     with pytest.raises(OutputError, match="already exists there"):
         convert_original(original_dir=src, out_dir=out)
+    with pytest.raises(OutputError, match="is not a valley-rt checkpoint"):  # --overwrite is no licence
+        convert_original(original_dir=src, out_dir=user, overwrite=True)
     real_save = checkpoint.save_checkpoint
 
     def save_then_fail(model, path, **kw):
