@@ -140,6 +140,11 @@ def test_no_command_deletes_or_overwrites_user_files(home, monkeypatch):
     assert snapshot(home, skip=("eng",)) == made
     assert oct((home / "eng").stat().st_mode & 0o777) == oct(0o777 & ~_umask())
     assert oct((home / "eng" / "manifest.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    export = ["export", ckpt, "--out", home / "eng", "--quant", "none", "--precision", "fp32", "--gpu", "no"]
+    refused(export, match="already exists there (pass --overwrite")
+    res = CliRunner().invoke(app, [str(a) for a in export + ["--overwrite"]])
+    assert res.exit_code == 0, res.output
+    assert snapshot(home, skip=("eng",)) == made
     assert not [p.name for p in home.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 

@@ -387,6 +387,8 @@ def test_a_damaged_cached_engine_is_rebuilt_and_locks_do_not_pile_up(ckpt, tmp_p
     valley = load(ckpt)  # used to be refused forever: sha256 mismatch, no hint
     assert valley.source == str(engine) and valley.ask(CLIP, "what ?", params=GREEDY).tokens_out > 0
     assert sorted(p.name for p in root.iterdir()) == sorted([".lock", engine.name])
+    (engine / "tokenizer" / "tokenizer.json").write_text("{}")  # loading the entry itself: rebuilt too
+    assert load(engine).source == str(engine)
     (engine / "notes.txt").write_text("not valley-rt's")
     vision.write_bytes(b"broken")
     with pytest.raises(EngineError, match="remove that folder and run again"):

@@ -369,10 +369,14 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
         try:
             valley = _load_engine(path, threads=threads)
         except EngineError as e:
-            if cache_dir().resolve() in path.resolve().parents:
+            if cache_dir().resolve() not in path.resolve().parents:
+                raise
+            ckpt = _cached_engine_source(path)
+            if ckpt is None:
                 raise EngineError(f"{e} ({path} is an engine valley-rt cached: remove that folder and run again "
                                   f"to rebuild it)") from None
-            raise
+            print(f"valley-rt: rebuilding the cached engine of {ckpt} ({e})", file=sys.stderr)
+            valley = _load_engine(ensure_engine(ckpt, rebuild=True), threads=threads)
     elif (path / "valley.json").is_file():
         if reference:
             valley = _load_reference(path)
@@ -528,6 +532,20 @@ def ensure_engine(ckpt: Path, *, rebuild: bool = False) -> Path:
                               f"list; remove that folder and run again to rebuild it")
         export_engine(ckpt, out, quant="rtn4", group_size=_group_size(read_config(ckpt)), overwrite=True)
     return out
+
+
+def _cached_engine_source(engine: Path) -> Path | None:
+    """The checkpoint a cache entry was exported from, when its manifest still names it and the
+    checkpoint's content hash is the one in the entry's name (so rebuilding gives the same engine)."""
+    from valley_rt.export.manifest import hash_folder
+
+    try:
+        src = Path(json.loads((engine / "manifest.json").read_text())["source"]["path"])
+        if (src / "valley.json").is_file() and engine.name == f"{src.name}-{hash_folder(src)[:16]}":
+            return src
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def _remove_old_lock_files(root: Path) -> None:
