@@ -65,6 +65,9 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     if gpu == "yes" and no_gpu:
         raise EngineError(f"--gpu yes: {no_gpu}")
     cfg = read_config(ckpt)  # CheckpointError on a bad folder, before anything is written
+    from valley_rt.outdir import check_target
+
+    check_target(out, kind="engine", sources=(ckpt, calib), overwrite=overwrite)  # before hashing the source
     t_start = time.perf_counter()
     source = {"path": str(ckpt.resolve()), "sha256": hash_folder(ckpt)}
     with atomic_folder(out, overwrite=overwrite, sources=(ckpt, calib)) as work:
