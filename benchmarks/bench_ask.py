@@ -150,7 +150,7 @@ def real_model() -> tuple[Path, Path, Path, str]:
         print("exporting its engine (once) ...", file=sys.stderr)
         # in its own process: the export's peak memory (fp32 model + traced graphs) is released after
         subprocess.run([sys.executable, "-m", "valley_rt", "export", str(ckpt), "--out", str(engine),
-                        "--quant", "rtn4", "--force"], check=True)
+                        "--quant", "rtn4", "--overwrite"], check=True)
     video = SHARED_CLIP if SHARED_CLIP.is_file() else sorted((REPO / "valley_rt/assets/clips").glob("*.mp4"))[0]
     return ckpt, engine, video, "What happens in this video? Describe it."
 

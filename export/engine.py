@@ -6,9 +6,11 @@
     ENGINE/manifest.json    hashes, config, precision, parity figures                     (export/manifest.py)
 
 The folder is built in a hidden sibling and renamed into place at the end (manifest.atomic_folder):
-Ctrl-C, a failed accuracy gate or a crash leave nothing at ENGINE. Every stage measures itself against
-the PyTorch reference at export time and the figures go into the manifest; a stage that misses its
-accuracy bar fails the export (EngineError, exit code 2) unless --force.
+Ctrl-C, a failed accuracy gate or a crash leave nothing at ENGINE. An existing ENGINE is replaced only
+when it is an engine folder and --overwrite is given; any other existing folder, and an ENGINE equal
+to, inside or containing the checkpoint, is refused (valley_rt.outdir). Every stage measures itself
+against the PyTorch reference at export time and the figures go into the manifest; a GPTQ LLM that
+misses its accuracy bar fails the export (EngineError, exit code 2) unless --keep-failed-gate.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bits: int = 4,
                   group_size: int = 128, desc_act: bool = False, sym: bool = True, calib=None,
-                  calib_samples: int = 64, force: bool = False, gpu: str = "auto") -> dict:
+                  calib_samples: int = 64, overwrite: bool = False, keep_failed_gate: bool = False,
+                  gpu: str = "auto") -> dict:
     """Export checkpoint folder `ckpt` into engine folder `out`; returns the manifest written.
 
     precision: the vision engine on CPU — "auto" (int8 if faster and cosine >= 0.999 per token, else
     fp32), "fp32" or "int8". quant: the LLM — "gptq" (needs `calib`, a Valley instruction JSON; the
-    accuracy gate must pass unless force), "rtn4" (int4 round-to-nearest) or "none" (fp32).
-    force: replace an existing `out`, and keep an LLM that fails the accuracy gate (figures still recorded).
+    accuracy gate must pass unless keep_failed_gate), "rtn4" (int4 round-to-nearest) or "none" (fp32).
+    overwrite: replace an engine folder already at `out` (nothing else is ever replaced).
+    keep_failed_gate: keep a GPTQ LLM that fails the accuracy gate (its figures are still recorded).
     gpu: "auto" (also build the fp16 CUDA/TensorRT vision graphs when onnxruntime-gpu and a GPU are
     present), "yes" (fail without them) or "no".
     """
@@ -61,16 +65,20 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     if gpu == "yes" and no_gpu:
         raise EngineError(f"--gpu yes: {no_gpu}")
     cfg = read_config(ckpt)  # CheckpointError on a bad folder, before anything is written
+    from valley_rt.outdir import check_target
+
+    check_target(out, kind="engine", sources=(ckpt, calib), overwrite=overwrite)  # before hashing the source
     t_start = time.perf_counter()
     source = {"path": str(ckpt.resolve()), "sha256": hash_folder(ckpt)}
-    with atomic_folder(out, overwrite=force) as work:
+    with atomic_folder(out, overwrite=overwrite, sources=(ckpt, calib)) as work:
         model = load_checkpoint(ckpt)
         try:
             vision = export_vision(model, work, precision=precision, name=VISION_FILE, gpu=not no_gpu)
         except ValueError as e:  # the accuracy bar of the requested precision
             raise EngineError(f"{ckpt}: vision export: {e}") from None
         llm = _export_llm(ckpt, work / LLM_DIR, model=model, quant=quant, bits=bits, group_size=group_size,
-                          desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, force=force)
+                          desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples,
+                          keep_failed_gate=keep_failed_gate)
         del model
         _copy_tokenizer(ckpt / "llm", work / TOKENIZER_DIR)
         manifest = write_manifest(
@@ -93,7 +101,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 # -- the LLM half ---------------------------------------------------------------------------------
 def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_size: int, desc_act: bool,
-                calib, calib_samples: int, force: bool, sym: bool = True) -> dict:
+                calib, calib_samples: int, keep_failed_gate: bool, sym: bool = True) -> dict:
     """ckpt/llm -> out/ (llm_onnx format). gptq: GPTQModel on multimodal calibration, gated, then repacked.
 
     Returns {"quant": str, "figures": dict} for the manifest.
@@ -137,9 +145,9 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
                        alternatives={k: {m: f[m] for m in ("ppl_delta", "agreement", "answer_agreement", "em_quant")}
                                      for k, (_, f) in tried.items()})
         failed = gptq.gate(figures)
-        figures["gate"] = "passed" if not failed else ("forced: " + "; ".join(failed))
-        if failed and not force:
-            raise EngineError("GPTQ accuracy gate failed: " + "; ".join(failed) + " (--force keeps it)")
+        figures["gate"] = "passed" if not failed else ("kept despite: " + "; ".join(failed))
+        if failed and not keep_failed_gate:
+            raise EngineError("GPTQ accuracy gate failed: " + "; ".join(failed) + " (--keep-failed-gate keeps it)")
         export_llm_onnx(qdir, out, quant="gptq", group_size=group_size)
     return {"quant": f"gptq{bits}-g{group_size}{'-act' if desc_act else ''}", "figures": figures}
 

@@ -15,6 +15,11 @@ only, for callers that verified once and want a fast cold start.
 Atomicity: an export is built in a hidden sibling folder (same parent, hence same filesystem) and
 renamed onto the target only after the manifest is written, so an export that is interrupted at any
 point leaves no folder at the target path, and a folder at the target path always has its manifest.
+What may be replaced or refused is valley_rt.outdir's business (never a folder valley-rt did not write).
+
+Containment: every path the manifest names (artifacts, files.*) must stay inside the engine folder
+after resolving symlinks; `../x`, an absolute path or a link out of the folder is refused, so a
+manifest cannot make valley-rt load (or hash) a file from elsewhere.
 """
 
 from __future__ import annotations
@@ -24,11 +29,9 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from valley_rt.errors import EngineError
 
@@ -86,6 +89,24 @@ def write_manifest(engine_dir: str | Path, *, config: dict, source: dict, precis
     return json.loads(text)  # exactly what load_manifest will return (tuples become lists)
 
 
+def artifact_path(engine_dir: str | Path, rel, *, where: str = "artifacts") -> Path:
+    """engine_dir / rel, refused (EngineError) unless it is a relative path that stays inside engine_dir
+    once symlinks are resolved."""
+    engine_dir = Path(engine_dir)
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise EngineError(f"{engine_dir / MANIFEST}: {where} entry {rel!r} is not a relative path")
+    pure = Path(rel)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise EngineError(f"{engine_dir / MANIFEST}: {where} entry {rel!r} points outside the engine folder")
+    path = engine_dir / pure
+    root = engine_dir.resolve()
+    real = path.resolve()
+    if real != root and root not in real.parents:
+        raise EngineError(f"{engine_dir / MANIFEST}: {where} entry {rel!r} resolves to {real}, outside the "
+                          f"engine folder")
+    return path
+
+
 def load_manifest(engine_dir: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """Read and check an engine folder's manifest; EngineError (one line) on anything wrong.
 
@@ -112,8 +133,19 @@ def load_manifest(engine_dir: str | Path, *, verify: bool = True) -> dict[str, A
     artifacts = manifest.get("artifacts")
     if not isinstance(artifacts, dict) or not artifacts:
         raise EngineError(f"{path}: no artifacts listed")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise EngineError(f"{path}: 'files' is not an object")
+    for name, rel in files.items():
+        artifact_path(engine_dir, rel, where=f"files.{name}")
+    for name in ("vision", "trt", "trt_cache"):
+        gpu = manifest.get("gpu")
+        if isinstance(gpu, dict) and gpu.get(name):
+            artifact_path(engine_dir, gpu[name], where=f"gpu.{name}")
     for rel, entry in artifacts.items():
-        f = engine_dir / rel
+        f = artifact_path(engine_dir, rel)
+        if not isinstance(entry, dict):
+            raise EngineError(f"{path}: artifacts entry {rel!r} is not an object")
         if not f.is_file():
             raise EngineError(f"{f}: listed in {MANIFEST} but missing")
         size = f.stat().st_size
@@ -131,27 +163,9 @@ def load_manifest(engine_dir: str | Path, *, verify: bool = True) -> dict[str, A
     return manifest
 
 
-@contextlib.contextmanager
-def atomic_folder(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty hidden sibling of target to fill; on success it replaces target, on error it is removed.
+def atomic_folder(target: str | Path, *, overwrite: bool = False, sources=()):
+    """An engine folder written atomically: valley_rt.outdir.atomic_folder with kind "engine" (an existing
+    target is replaced only when it is an engine folder and overwrite=True; inputs are never touched)."""
+    from valley_rt.outdir import atomic_folder as _atomic_folder
 
-    overwrite=False refuses an existing target up front (EngineError). With overwrite=True the old folder
-    is moved aside, the new one renamed in, then the old one deleted: the target path never holds a mix.
-    """
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise EngineError(f"{target}: already exists (pass --force to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield work
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "engine")
-        os.rename(work, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    return _atomic_folder(target, kind="engine", sources=sources, overwrite=overwrite)

@@ -210,3 +210,48 @@ def test_load_corrupt_weights_and_version(saved):
     (saved / "valley.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(saved)
+
+
+def test_convert_never_deletes_what_it_did_not_write(tmp_path, shared_dir, monkeypatch):
+    """convert used to rmtree OUT and OUT.tmp unasked: a folder of user files, the source itself."""
+    from valley_rt import checkpoint
+    from valley_rt.errors import OutputError
+    from valley_rt.export.manifest import hash_folder
+
+    src = tmp_path / "orig"
+    shutil.copytree(FIXTURES / "model_mean", src)
+    shutil.copytree(FIXTURES / "clip", tmp_path / "clip")
+    src_hash = hash_folder(src)
+    user = tmp_path / "photos"
+    user.mkdir()
+    (user / "a.jpg").write_bytes(b"\xff\xd8 a photo")
+    with pytest.raises(OutputError, match="is not a valley-rt checkpoint"):
+        convert_original(original_dir=src, out_dir=user)
+    with pytest.raises(OutputError, match="the output is the input"):
+        convert_original(original_dir=src, out_dir=src)
+    with pytest.raises(OutputError, match="the output is inside the input"):
+        convert_original(original_dir=src, out_dir=src / "llm")
+    assert (user / "a.jpg").read_bytes() == b"\xff\xd8 a photo" and hash_folder(src) == src_hash
+
+    out = tmp_path / "ckpt"
+    (tmp_path / "ckpt.tmp").mkdir()  # someone else's sibling with the name the old code used
+    (tmp_path / "ckpt.tmp" / "keep").write_text("mine")
+    convert_original(original_dir=src, out_dir=out)
+    with pytest.raises(OutputError, match="already exists there"):
+        convert_original(original_dir=src, out_dir=out)
+    with pytest.raises(OutputError, match="is not a valley-rt checkpoint"):  # --overwrite is no licence
+        convert_original(original_dir=src, out_dir=user, overwrite=True)
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_fail(model, path, **kw):
+        real_save(model, path, **kw)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):  # a failure mid-way keeps the old checkpoint
+        convert_original(original_dir=src, out_dir=out, overwrite=True)
+    monkeypatch.undo()
+    load_checkpoint(out)
+    convert_original(original_dir=src, out_dir=out, overwrite=True)
+    assert (tmp_path / "ckpt.tmp" / "keep").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.tmp", "clip", "orig", "photos"]

@@ -81,21 +81,65 @@ def test_missing_truncated_unlisted_and_garbage(engine):
 
 
 def test_atomic_folder(tmp_path):
+    from valley_rt.errors import OutputError
+
     target = tmp_path / "e"
     with pytest.raises(RuntimeError):
         with mf.atomic_folder(target) as work:
             (work / "a").write_text("half")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []  # neither target nor a leftover partial folder
+
+    def fill(work, text):
+        (work / "a").write_text(text)
+        mf.write_manifest(work, config={}, source={}, precision={}, parity={})
+
     with mf.atomic_folder(target) as work:
-        (work / "a").write_text("v1")
+        fill(work, "v1")
     assert (target / "a").read_text() == "v1"
-    with pytest.raises(EngineError, match="already exists"):
+    assert oct(target.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # not mkdtemp's 0700
+    with pytest.raises(OutputError, match="already exists there \\(pass --overwrite"):
         with mf.atomic_folder(target):
             pass
     with mf.atomic_folder(target, overwrite=True) as work:
-        (work / "a").write_text("v2")
+        fill(work, "v2")
     assert (target / "a").read_text() == "v2" and [p.name for p in tmp_path.iterdir()] == ["e"]
+    (target / "notes.txt").write_text("mine")  # a file the manifest does not list: no longer ours to delete
+    with pytest.raises(OutputError, match="is not a valley-rt engine"):
+        with mf.atomic_folder(target, overwrite=True):
+            pass
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_manifest_paths_must_stay_inside_the_engine(engine, tmp_path):
+    """files.* and artifacts entries that leave the folder (../, absolute, a symlink out) are refused."""
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(b"x" * 10)
+    path = engine / mf.MANIFEST
+    good = json.loads(path.read_text())
+    for where, change in [
+        ("files.vision", lambda m: m.update(files={"vision": "../outside.onnx"})),
+        ("files.llm", lambda m: m.update(files={"llm": str(tmp_path)})),
+        ("artifacts", lambda m: m["artifacts"].update({"../outside.onnx": {"sha256": mf.sha256_file(outside),
+                                                                             "bytes": 10}})),
+    ]:
+        m = json.loads(json.dumps(good))
+        change(m)
+        path.write_text(json.dumps(m))
+        with pytest.raises(EngineError, match=f"{where} entry .* outside the engine folder"):
+            mf.load_manifest(engine)
+    (engine / "link").symlink_to(tmp_path)
+    m = json.loads(json.dumps(good))
+    m["files"] = {"vision": "link/outside.onnx"}
+    path.write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="files.vision entry 'link/outside.onnx' resolves to .*outside the engine"):
+        mf.load_manifest(engine)
 
 
 def test_hash_folder_sees_content_and_names(tmp_path):
@@ -150,7 +194,9 @@ def test_export_engine_end_to_end(checkpoint, tmp_path):
     ref_pooled, ref_frames = TorchVision(model).encode(crops)
     assert compare(ref_pooled, pooled)["rel_err"] <= 1e-4 and compare(ref_frames, frames)["rel_err"] <= 1e-4
 
-    with pytest.raises(EngineError, match="already exists"):
+    from valley_rt.errors import OutputError
+
+    with pytest.raises(OutputError, match="already exists there"):
         export_engine(checkpoint, out, precision="fp32", quant="none", gpu="no")
 
 
@@ -191,7 +237,7 @@ def test_interrupted_export_leaves_no_loadable_folder(checkpoint, tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if any(p.name.startswith(".engine.partial-") and (p / "vision.onnx").exists() for p in tmp_path.iterdir()):
+            if any(p.name.startswith(".engine.tmp-") and (p / "vision.onnx").exists() for p in tmp_path.iterdir()):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the export finished before it could be interrupted"
@@ -217,7 +263,7 @@ def test_export_engine_gptq_multimodal_calibration(checkpoint, tmp_path, shared_
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "engine"
-    m = export_engine(checkpoint, out, precision="fp32", quant="gptq", group_size=32, calib=data, force=True, gpu="no")
+    m = export_engine(checkpoint, out, precision="fp32", quant="gptq", group_size=32, calib=data, keep_failed_gate=True, gpu="no")
     llm = m["parity"]["llm"]
     assert m["precision"]["llm"] == "gptq4-g32" and llm["calibration"] in ("multimodal", "text")
     assert set(llm["alternatives"]) == {"multimodal", "text"}  # both measured, the better kept

@@ -268,3 +268,129 @@ def test_package_level_load_is_the_runtime(engine):
     import valley_rt
 
     assert valley_rt.load(engine).backends["kind"] == "engine"
+
+
+# -- batch: the answers file is never the input, never someone else's file, never corrupted -----------
+def _batch(tmp_path, records, name="q.jsonl"):
+    if not (tmp_path / "clip.mp4").exists():
+        shutil.copy(CLIP, tmp_path / "clip.mp4")
+    batch = tmp_path / name
+    batch.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return batch
+
+
+def test_batch_refuses_its_input_a_folder_a_missing_folder_and_foreign_files(fast, tmp_path):
+    import os
+
+    from valley_rt.errors import ValleyError
+    from valley_rt.runtime import ask_batch
+
+    batch = _batch(tmp_path, [{"id": 1, "video": "clip.mp4", "question": "what ?"}])
+    text = batch.read_bytes()
+    os.link(batch, tmp_path / "hard.jsonl")
+    (tmp_path / "soft.jsonl").symlink_to(batch)
+    for out, match in [(batch, "is the batch file"), (tmp_path / "hard.jsonl", "is the batch file"),
+                       (tmp_path / "soft.jsonl", "is the batch file"), (tmp_path, "is a folder"),
+                       (tmp_path / "no" / "a.jsonl", "does not exist")]:
+        with pytest.raises(ValleyError, match=match):
+            ask_batch(fast, batch, out, params=GREEDY, progress=False)
+    (tmp_path / "log.txt").write_text("my own notes\n")
+    with pytest.raises(ValleyError, match="refusing to append"):
+        ask_batch(fast, batch, tmp_path / "log.txt", params=GREEDY, progress=False)
+    assert batch.read_bytes() == text and (tmp_path / "log.txt").read_text() == "my own notes\n"
+    assert not (tmp_path / "no").exists()
+
+
+def test_batch_drops_a_cut_last_line_instead_of_appending_onto_it(fast, tmp_path):
+    from valley_rt.runtime import ask_batch
+
+    batch = _batch(tmp_path, [{"id": "a", "video": "clip.mp4", "question": "what ?"},
+                              {"id": "b", "video": "clip.mp4", "question": "who ?"}])
+    out = tmp_path / "a.jsonl"
+    ask_batch(fast, batch, out, params=GREEDY, progress=False)
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n" + lines[1][:15])  # killed while writing b's line
+    stats = ask_batch(fast, batch, out, params=GREEDY, progress=False)
+    assert stats["skipped"] == 1 and stats["answered"] == 1
+    rows = [json.loads(x) for x in out.read_text().splitlines()]  # every line is whole JSON again
+    assert [r["id"] for r in rows] == ["a", "b"] and out.read_text().endswith("\n")
+
+
+def test_batch_ids_keep_their_json_type_and_must_be_unique(fast, tmp_path):
+    from valley_rt.errors import ValleyError
+    from valley_rt.runtime import ask_batch
+
+    out = tmp_path / "a.jsonl"
+    ask_batch(fast, _batch(tmp_path, [{"id": 1, "video": "clip.mp4", "question": "what ?"}]), out,
+              params=GREEDY, progress=False)
+    stats = ask_batch(fast, _batch(tmp_path, [{"id": 1, "video": "clip.mp4", "question": "what ?"},
+                                              {"id": "1", "video": "clip.mp4", "question": "who ?"}]),
+                      out, params=GREEDY, progress=False)
+    assert stats == {"records": 2, "skipped": 1, "answered": 1, "failed": 0}  # "1" is not 1
+    dup = _batch(tmp_path, [{"id": "x", "video": "clip.mp4", "question": "a"}, {"id": "y", "video": "v", "question": "b"},
+                            {"id": "x", "video": "clip.mp4", "question": "c"}], name="dup.jsonl")
+    with pytest.raises(ValleyError, match=r"dup\.jsonl:3: id \"x\" was already used on line 1"):
+        ask_batch(fast, dup, tmp_path / "b.jsonl", params=GREEDY, progress=False)
+
+
+def test_a_second_batch_on_the_same_answers_file_is_refused(fast, tmp_path):
+    import fcntl
+
+    from valley_rt.errors import ValleyError
+    from valley_rt.runtime import ask_batch
+
+    batch = _batch(tmp_path, [{"id": 1, "video": "clip.mp4", "question": "what ?"}])
+    out = tmp_path / "a.jsonl"
+    with open(out, "a") as held:  # what a running batch holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValleyError, match="another batch is writing"):
+            ask_batch(fast, batch, out, params=GREEDY, progress=False)
+    assert out.read_text() == ""
+
+
+def test_one_bad_record_does_not_abort_the_batch(fast, tmp_path):
+    from valley_rt.errors import ValleyError
+    from valley_rt.runtime import ask_batch
+
+    batch = tmp_path / "q.jsonl"
+    shutil.copy(CLIP, tmp_path / "clip.mp4")
+    batch.write_text("\n".join([
+        '{"id": 1, "video": "clip.mp4", "question": "lone \\ud800 surrogate"}',
+        '{"id": 2, "video": "clip.mp4", "question": "<im_patch> <vi_frame> <video> <video>"}',
+        '{"id": 3, "video": "gone.mp4", "question": "what ?"}',
+        '{"id": 4, "video": "clip.mp4", "question": "what happens ?"}']) + "\n")
+    out = tmp_path / "a.jsonl"
+    stats = ask_batch(fast, batch, out, params=GREEDY, progress=False)
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows) == [1, 2, 3, 4] and stats["records"] == 4
+    assert "surrogate" in rows[1]["error"] and "gone.mp4" in rows[3]["error"] and "answer" in rows[4]
+    assert all("\n" not in r.get("error", "") for r in rows.values())
+    assert ("answer" in rows[2]) != ("error" in rows[2])  # special strings: answered as text, or its error
+    (tmp_path / "bad.jsonl").write_bytes(b'{"id": 1, "video": "clip.mp4", "question": "ok"}\n'
+                                         b'{"id": 2, "video": "clip.mp4", "question": "\xff\xfe"}\n')
+    with pytest.raises(ValleyError, match=r"bad\.jsonl:2: not valid UTF-8"):
+        ask_batch(fast, tmp_path / "bad.jsonl", tmp_path / "b.jsonl", params=GREEDY, progress=False)
+
+
+def test_a_damaged_cached_engine_is_rebuilt_and_locks_do_not_pile_up(ckpt, tmp_path, monkeypatch):
+    from valley_rt.runtime import ensure_engine, load
+
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "engines"
+    root.mkdir(parents=True)
+    (root / "old-0123456789abcdef.lock").write_text("")  # per-entry lock of older versions
+    engine = ensure_engine(ckpt)
+    vision = engine / "vision.onnx"
+    data = bytearray(vision.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    vision.write_bytes(bytes(data))
+    valley = load(ckpt)  # used to be refused forever: sha256 mismatch, no hint
+    assert valley.source == str(engine) and valley.ask(CLIP, "what ?", params=GREEDY).tokens_out > 0
+    assert sorted(p.name for p in root.iterdir()) == sorted([".lock", engine.name])
+    (engine / "tokenizer" / "tokenizer.json").write_text("{}")  # loading the entry itself: rebuilt too
+    assert load(engine).source == str(engine)
+    (engine / "notes.txt").write_text("not valley-rt's")
+    vision.write_bytes(b"broken")
+    with pytest.raises(EngineError, match="remove that folder and run again"):
+        load(ckpt)
+    assert (engine / "notes.txt").read_text() == "not valley-rt's"

@@ -141,7 +141,7 @@ def test_kill_9_then_resume_continues_the_same_loss_curve(tiny_run, tmp_path):
     args = {"opts": dataclasses.asdict(broken), "kill_at": 5, "resume": False}
     proc = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(args)], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    state = torch.load(tmp_path / "broken" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "broken" / "state.pt", weights_only=True)  # no pickled code needed
     assert state["step"] == 4  # the last state written before the kill
     assert [s for s, _ in _losses(tmp_path / "broken")] == [1, 2, 3, 4, 5]  # step 5 logged, not saved
     train(broken, resume=True)  # a fresh start of the same command with --resume
@@ -149,6 +149,27 @@ def test_kill_9_then_resume_continues_the_same_loss_curve(tiny_run, tmp_path):
     a, b = load_checkpoint(tmp_path / "whole" / "model"), load_checkpoint(tmp_path / "broken" / "model")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a state.pt from an untrusted source may hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_state_file_that_would_run_code(tiny_run, tmp_path):
+    run = _opts(tiny_run, tmp_path / "run", max_steps=2, save_every=1)
+    train(run)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)  # our own file
+    state["scheduler"] = _RunsCode(tmp_path / "pwned")
+    torch.save(state, tmp_path / "run" / "state.pt")
+    with pytest.raises(DataError, match=r"state\.pt: refused .*weights-only.*GLOBAL posix\.system"):
+        train(run, resume=True)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_same_seed_same_run(tiny_run, tmp_path):

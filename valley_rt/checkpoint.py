@@ -308,18 +308,24 @@ def _quiet_transformers() -> None:
 
 
 def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None,
-                     vision_tower_dir: str | Path | None = None) -> Path:
+                     vision_tower_dir: str | Path | None = None, overwrite: bool = False) -> Path:
     """Convert an original Valley checkpoint folder into a valley-rt checkpoint.
 
     base_dir: for delta releases (valley-13b-v1), a base LLaMA folder whose weights are added to the
     delta's LLM weights (rows beyond the base vocabulary, i.e. the added tokens, are kept as is).
+    overwrite: replace a valley-rt checkpoint already at out_dir. Any other existing, non-empty out_dir,
+    and one equal to, inside or containing an input folder, is refused (valley_rt.outdir).
     """
     from transformers import AutoTokenizer
+
+    from valley_rt.outdir import atomic_folder, check_target
 
     _quiet_transformers()
     original_dir, out_dir = Path(original_dir), Path(out_dir)
     if not original_dir.is_dir():
         raise CheckpointError(f"{original_dir}: not a folder")
+    sources = (original_dir, base_dir, vision_tower_dir)
+    check_target(out_dir, kind="checkpoint", sources=sources, overwrite=overwrite)  # before the slow part
     weights = _read_original_weights(original_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(original_dir))
@@ -348,12 +354,9 @@ def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir:
     if cfg.llm.tie_word_embeddings:
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
     restore_buffers(model)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp)
-    for name in TOKENIZER_FILES:
-        if (original_dir / name).is_file():
-            shutil.copy2(original_dir / name, tmp / "llm" / name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_folder(out_dir, kind="checkpoint", sources=sources, overwrite=overwrite) as tmp:
+        save_checkpoint(model, tmp)
+        for name in TOKENIZER_FILES:
+            if (original_dir / name).is_file():
+                shutil.copy2(original_dir / name, tmp / "llm" / name)
     return out_dir

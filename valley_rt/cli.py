@@ -74,11 +74,14 @@ def convert(original_dir: Path = typer.Argument(..., help="Original Valley check
             out_dir: Path = typer.Argument(..., help="Where to write the valley-rt checkpoint."),
             base: Optional[Path] = typer.Option(None, help="Base LLaMA folder to add a delta release to."),
             vision_tower: Optional[Path] = typer.Option(
-                None, help="CLIP vision folder, when the original does not carry the tower in its weights.")) -> None:
+                None, help="CLIP vision folder, when the original does not carry the tower in its weights."),
+            overwrite: bool = typer.Option(False, "--overwrite",
+                                           help="Replace a valley-rt checkpoint already at OUT_DIR (nothing else is replaced).")) -> None:
     """Convert an original Valley checkpoint into the valley-rt format."""
     from valley_rt.checkpoint import convert_original
 
-    convert_original(original_dir=original_dir, out_dir=out_dir, base_dir=base, vision_tower_dir=vision_tower)
+    convert_original(original_dir=original_dir, out_dir=out_dir, base_dir=base, vision_tower_dir=vision_tower,
+                     overwrite=overwrite)
     typer.echo(f"wrote {out_dir}")
 
 
@@ -192,7 +195,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
 
     t_start = _time.perf_counter()
     from valley_rt.generate import SamplingParams
-    from valley_rt.runtime import ask_batch, load
+    from valley_rt.runtime import ask_batch, check_batch, load
 
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -202,6 +205,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
     if batch is not None:
         if out is None:
             raise ValleyError("--batch needs --out FILE for the answers")
+        check_batch(batch, out)
         valley = load(model, reference=reference, device=device)
         stats = ask_batch(valley, batch, out, params=params, system=system, frames=frames, fps=fps,
                           progress=sys.stderr.isatty())
@@ -273,11 +277,18 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
            calib: Optional[Path] = typer.Option(None, help="Valley instruction JSON for GPTQ calibration + held-out gate."),
            calib_samples: int = typer.Option(64, help="Records drawn from --calib: 3/4 calibrate, 1/4 score the gate."),
            gpu: str = typer.Option("auto", help="Also build fp16 CUDA/TensorRT vision graphs: auto, yes or no."),
-           force: bool = typer.Option(False, "--force", help="Replace OUT; keep an LLM that fails the accuracy gate.")) -> None:
+           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an engine folder already at OUT (nothing else is replaced)."),
+           keep_failed_gate: bool = typer.Option(False, "--keep-failed-gate",
+                                                 help="Keep a GPTQ LLM that fails the accuracy gate (figures still recorded)."),
+           force: bool = typer.Option(False, "--force", hidden=True, help="Removed: use --overwrite / --keep-failed-gate.")) -> None:
     """Export a checkpoint into an engine folder: ONNX vision graph, LLM, tokenizer, manifest.json."""
     from valley_rt.export.engine import export_engine
 
+    if force:
+        raise ValleyError("--force is gone: pass --overwrite to replace an engine folder at --out, and/or "
+                          "--keep-failed-gate to keep a GPTQ LLM that fails the accuracy gate")
     m = export_engine(ckpt, out, precision=precision, quant=quant, bits=bits, group_size=group_size,
-                      desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, force=force, gpu=gpu)
+                      desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, overwrite=overwrite,
+                      keep_failed_gate=keep_failed_gate, gpu=gpu)
     emit_json({"engine": str(out), "precision": m["precision"], "export_s": m["export_s"],
                "vision_parity": m["parity"]["vision"].get("parity"), "llm": m["parity"]["llm"]})

@@ -24,3 +24,7 @@ class ContextLengthError(ValleyError):
 
 class DataError(ValleyError):
     """A malformed training/eval record."""
+
+
+class OutputError(ValleyError):
+    """An output path that would delete or overwrite something valley-rt did not write."""

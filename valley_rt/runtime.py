@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -365,14 +366,28 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
     if (path / "manifest.json").is_file():
         if reference:
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
-        valley = _load_engine(path, threads=threads)
+        try:
+            valley = _load_engine(path, threads=threads)
+        except EngineError as e:
+            if cache_dir().resolve() not in path.resolve().parents:
+                raise
+            ckpt = _cached_engine_source(path)
+            if ckpt is None:
+                raise EngineError(f"{e} ({path} is an engine valley-rt cached: remove that folder and run again "
+                                  f"to rebuild it)") from None
+            print(f"valley-rt: rebuilding the cached engine of {ckpt} ({e})", file=sys.stderr)
+            valley = _load_engine(ensure_engine(ckpt, rebuild=True), threads=threads)
     elif (path / "valley.json").is_file():
         if reference:
             valley = _load_reference(path)
         elif cuda and device != "cpu":
             valley = _load_torch(path, device="cuda", dtype=torch.float16)
         else:
-            valley = _load_engine(ensure_engine(path), threads=threads)
+            try:
+                valley = _load_engine(ensure_engine(path), threads=threads)
+            except EngineError as e:  # the cached entry was damaged after export (a flipped byte, a lost file)
+                print(f"valley-rt: rebuilding the cached engine of {path} ({e})", file=sys.stderr)
+                valley = _load_engine(ensure_engine(path, rebuild=True), threads=threads)
     elif not path.exists():
         raise EngineError(f"{path}: no such model folder")
     else:
@@ -411,7 +426,7 @@ def _warm_up(valley: Valley) -> None:
 def _load_engine(path: Path, *, threads: int) -> Valley:
     from valley_rt.backends.llm_onnx import OnnxLLM
     from valley_rt.backends.vision import OnnxVision
-    from valley_rt.export.manifest import load_manifest
+    from valley_rt.export.manifest import artifact_path, load_manifest
 
     manifest = load_manifest(path, verify=True)
     try:
@@ -421,9 +436,9 @@ def _load_engine(path: Path, *, threads: int) -> Valley:
     files = manifest.get("files", {})
     vision = OnnxVision.from_engine(path, manifest=manifest, threads=threads)
     vision.name = f"onnxruntime-{manifest.get('precision', {}).get('vision', '?')}"
-    llm = OnnxLLM(path / files.get("llm", "llm/").rstrip("/"), threads=threads)
+    llm = OnnxLLM(artifact_path(path, files.get("llm", "llm/"), where="files.llm"), threads=threads)
     llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
-    tok = open_tokenizer(path / files.get("tokenizer", "tokenizer/"))
+    tok = open_tokenizer(artifact_path(path, files.get("tokenizer", "tokenizer/"), where="files.tokenizer"))
     return Valley(cfg=cfg, tokenizer=tok, vision=vision, llm=llm, source=str(path), kind="engine")
 
 
@@ -479,29 +494,67 @@ def demo_engine() -> Path:
     return ensure_engine(DEMO_CHECKPOINT)
 
 
-def ensure_engine(ckpt: Path) -> Path:
+def ensure_engine(ckpt: Path, *, rebuild: bool = False) -> Path:
     """Export `ckpt` once into the user cache (int4 round-to-nearest LLM, default vision precision).
 
-    Two processes asking at once are serialized by a lock file; the second finds the first's engine.
-    The export itself is atomic (built aside, renamed into place), so a killed export leaves nothing.
+    The entry is CACHE/engines/NAME-HASH (HASH: the checkpoint's content). One lock file per cache root
+    (CACHE/engines/.lock) serializes exports: two processes asking at once, the second finds the first's
+    engine. The export itself is atomic (built aside, renamed into place), so a killed export leaves
+    nothing. rebuild=True (or an entry whose files no longer match its manifest) exports it again over
+    the old entry; an entry that is not an engine valley-rt wrote is never deleted (EngineError saying
+    which folder to remove).
     """
     from valley_rt.checkpoint import read_config
     from valley_rt.export.engine import export_engine
     from valley_rt.export.manifest import hash_folder, load_manifest
+    from valley_rt.outdir import is_engine
 
     key = hash_folder(ckpt)[:16]
     root = cache_dir() / "engines"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "a")
+    except OSError as e:
+        raise EngineError(f"{root}: cannot use the engine cache ({e.strerror}); set VALLEY_RT_CACHE to a "
+                          f"writable folder") from None
     out = root / f"{Path(ckpt).name}-{key}"
-    with open(root / f"{out.name}.lock", "w") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            load_manifest(out, verify=False)
-            return out
-        except EngineError:
-            pass
-        export_engine(ckpt, out, quant="rtn4", group_size=_group_size(read_config(ckpt)), force=True)
+        _remove_old_lock_files(root)
+        if not rebuild:
+            try:
+                load_manifest(out, verify=False)
+                return out
+            except EngineError:
+                pass
+        if out.exists() and not is_engine(out):
+            raise EngineError(f"{out}: this engine cache entry is damaged and holds files valley-rt did not "
+                              f"list; remove that folder and run again to rebuild it")
+        export_engine(ckpt, out, quant="rtn4", group_size=_group_size(read_config(ckpt)), overwrite=True)
     return out
+
+
+def _cached_engine_source(engine: Path) -> Path | None:
+    """The checkpoint a cache entry was exported from, when its manifest still names it and the
+    checkpoint's content hash is the one in the entry's name (so rebuilding gives the same engine)."""
+    from valley_rt.export.manifest import hash_folder
+
+    try:
+        src = Path(json.loads((engine / "manifest.json").read_text())["source"]["path"])
+        if (src / "valley.json").is_file() and engine.name == f"{src.name}-{hash_folder(src)[:16]}":
+            return src
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _remove_old_lock_files(root: Path) -> None:
+    """Empty NAME-HASH.lock files, one per entry, left by valley-rt versions that locked per entry."""
+    import re
+
+    for p in root.glob("*.lock"):
+        if re.fullmatch(r".+-[0-9a-f]{16}\.lock", p.name) and p.is_file() and p.stat().st_size == 0:
+            p.unlink(missing_ok=True)
 
 
 def _group_size(cfg: ValleyConfig, largest: int = 128) -> int:
@@ -512,22 +565,106 @@ def _group_size(cfg: ValleyConfig, largest: int = 128) -> int:
     return size
 
 
-# -- batch -----------------------------------------------------------------------------------------
+# -- batch ---------------------------------------------------------------------------------------
 def ask_batch(valley: Valley, batch_file: str | Path, out_file: str | Path, *, params: SamplingParams,
               system: str | None = None, frames: int | None = None, fps: float | None = None,
               progress: bool = True) -> dict:
     """Answer every record of a JSONL file ({"id", "video", "question"}) into `out_file` (JSONL).
 
-    Each answer (or the record's one-line error) is appended and flushed as soon as it exists, so an
-    interrupted run loses at most the record in flight; a rerun skips ids already answered and retries
-    the ones that failed. Videos are resolved relative to the batch file; consecutive records about
-    the same video share one decode + encode.
+    Each answer (or the record's one-line error, {"id", ..., "error"}) is appended and flushed as soon as
+    it exists, so an interrupted run loses at most the record in flight; a rerun skips ids already
+    answered and retries the ones that failed. Ids are compared as JSON values (1 and "1" differ) and
+    must be unique in the batch. The answers file is locked while a batch writes it (a second batch on
+    it stops with an error), and it must be an answers file: a line cut by a killed run is dropped
+    before appending, anything else is refused, and so is the batch file itself. Videos are resolved
+    relative to the batch file; consecutive records about the same video share one decode + encode.
     """
     batch_file, out_file = Path(batch_file), Path(out_file)
-    if not batch_file.is_file():
-        raise ValleyError(f"{batch_file}: no such batch file")
-    records = []
-    for n, line in enumerate(batch_file.read_text().splitlines(), 1):
+    records = _read_batch(batch_file)
+    _check_answers_path(batch_file, out_file)
+    try:
+        out = open(out_file, "a+b")
+    except OSError as e:
+        raise ValleyError(f"{out_file}: cannot open the answers file ({e.strerror})") from None
+    with out:
+        try:
+            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValleyError(f"another batch is writing {out_file}; wait for it or give another --out") from None
+        if os.path.samestat(os.fstat(out.fileno()), os.stat(batch_file)):
+            raise ValleyError(f"--out {out_file} is the batch file {batch_file}; give another answers file")
+        done = _answered_ids(out, out_file)
+        todo = [(key, r) for key, r in records if key not in done]
+        stats = {"records": len(records), "skipped": len(records) - len(todo), "answered": 0, "failed": 0}
+        from rich.progress import Progress
+
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("answering", total=len(todo))
+            ctx = None
+            for _, rec in todo:
+                result = {"id": rec["id"], "video": rec.get("video"), "question": rec.get("question")}
+                try:
+                    ctx = _batch_record(valley, rec, result, ctx, batch_file, params=params, system=system,
+                                        frames=frames, fps=fps)
+                    stats["answered"] += 1
+                except (ValleyError, ValueError, OSError) as e:  # this record's input is the problem
+                    result["error"] = " ".join(str(e).split()) or type(e).__name__
+                    stats["failed"] += 1
+                out.write((json.dumps(result) + "\n").encode())
+                out.flush()
+                bar.advance(task)
+    return stats
+
+
+def check_batch(batch_file: str | Path, out_file: str | Path) -> None:
+    """ask_batch's checks of its two paths and of the batch file's lines, without a model (so the CLI
+    refuses a bad --batch / --out before spending seconds loading one)."""
+    _read_batch(Path(batch_file))
+    _check_answers_path(Path(batch_file), Path(out_file))
+
+
+def _batch_record(valley: Valley, rec: dict, result: dict, ctx: VideoContext | None, batch_file: Path, *,
+                  params: SamplingParams, system: str | None, frames: int | None, fps: float | None) -> VideoContext:
+    """Answer one batch record into `result`; returns the (possibly reused) encoded video."""
+    video, question = rec.get("video"), rec.get("question")
+    if not isinstance(video, str) or not isinstance(question, str):
+        raise ValleyError("record needs string fields 'video' and 'question'")
+    for name, text in (("video", video), ("question", question)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValleyError(f"'{name}' is not valid Unicode text (a lone surrogate escape)") from None
+    path = Path(video)
+    path = path if path.is_absolute() else batch_file.parent / path
+    if ctx is None or ctx.path != str(path):
+        ctx = valley.encode_video(path, frames=frames, fps=fps)
+    ans = valley.ask(ctx, question, params=params, system=system)
+    result.update({"answer": ans.answer, "tokens_in": ans.tokens_in, "tokens_out": ans.tokens_out,
+                   "timings": ans.timings})
+    return ctx
+
+
+def _id_key(value) -> str:
+    """An id as its JSON text: 1, 1.5, "1" and true are four different ids."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _read_batch(batch_file: Path) -> list[tuple[str, dict]]:
+    """[(id key, record)] of a JSONL batch file; ValleyError naming file:line for any bad line."""
+    try:
+        data = batch_file.read_bytes()
+    except IsADirectoryError:
+        raise ValleyError(f"{batch_file}: is a folder, not a batch file") from None
+    except FileNotFoundError:
+        raise ValleyError(f"{batch_file}: no such batch file") from None
+    except OSError as e:
+        raise ValleyError(f"{batch_file}: cannot read ({e.strerror})") from None
+    records, seen = [], {}
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValleyError(f"{batch_file}:{n}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
         if not line.strip():
             continue
         try:
@@ -537,40 +674,56 @@ def ask_batch(valley: Valley, batch_file: str | Path, out_file: str | Path, *, p
         except ValueError as e:
             raise ValleyError(f"{batch_file}:{n}: not a JSON object ({e})") from None
         rec.setdefault("id", f"line-{n}")
-        records.append(rec)
-    done = set()
-    if out_file.is_file():
-        for line in out_file.read_text().splitlines():
-            try:
-                prev = json.loads(line)
-            except ValueError:
-                continue  # a line cut by an interruption: that record is simply redone
-            if isinstance(prev, dict) and "answer" in prev:
-                done.add(str(prev.get("id")))
-    todo = [r for r in records if str(r["id"]) not in done]
-    stats = {"records": len(records), "skipped": len(records) - len(todo), "answered": 0, "failed": 0}
-    ctx = None
-    from rich.progress import Progress
+        key = _id_key(rec["id"])
+        if key in seen:
+            raise ValleyError(f"{batch_file}:{n}: id {key} was already used on line {seen[key]}; ids must be unique")
+        seen[key] = n
+        records.append((key, rec))
+    return records
 
-    with Progress(disable=not progress, transient=True) as bar, open(out_file, "a") as out:
-        task = bar.add_task("answering", total=len(todo))
-        for rec in todo:
-            result = {"id": rec["id"], "video": rec.get("video"), "question": rec.get("question")}
-            try:
-                if not isinstance(rec.get("video"), str) or not isinstance(rec.get("question"), str):
-                    raise ValleyError("record needs string fields 'video' and 'question'")
-                video = Path(rec["video"])
-                video = video if video.is_absolute() else batch_file.parent / video
-                if ctx is None or ctx.path != str(video):
-                    ctx = valley.encode_video(video, frames=frames, fps=fps)
-                ans = valley.ask(ctx, rec["question"], params=params, system=system)
-                result.update({"answer": ans.answer, "tokens_in": ans.tokens_in, "tokens_out": ans.tokens_out,
-                               "timings": ans.timings})
-                stats["answered"] += 1
-            except ValleyError as e:
-                result["error"] = str(e)
-                stats["failed"] += 1
-            out.write(json.dumps(result) + "\n")
-            out.flush()
-            bar.advance(task)
-    return stats
+
+def _check_answers_path(batch_file: Path, out_file: Path) -> None:
+    """Refuse an answers file that is the batch file (any link to it), a folder, or in a missing folder."""
+    if out_file.is_dir():
+        raise ValleyError(f"--out {out_file}: is a folder; give the answers file's name")
+    if not out_file.parent.is_dir():
+        raise ValleyError(f"--out {out_file}: folder {out_file.parent} does not exist")
+    if out_file.exists() and os.path.samefile(out_file, batch_file):
+        raise ValleyError(f"--out {out_file} is the batch file {batch_file}; give another answers file")
+
+
+def _answered_ids(out, out_file: Path) -> set[str]:
+    """Id keys answered in the (locked, opened a+b) answers file. A last line without its newline, cut by a
+    killed run, is truncated away so appending keeps the file valid JSONL; a file holding anything but
+    answer lines is refused rather than appended to."""
+    out.seek(0)
+    data = out.read()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    done = set()
+    for n, raw in enumerate(complete, 1):
+        try:
+            row = json.loads(raw.decode("utf-8")) if raw.strip() else {"id": None}
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or "id" not in row:
+            raise ValleyError(f"--out {out_file}:{n}: not a valley-rt answers line; refusing to append to "
+                              f"a file valley-rt did not write")
+        if "answer" in row:
+            done.add(_id_key(row["id"]))
+    if tail:
+        if not tail.startswith(b'{"id": '):
+            raise ValleyError(f"--out {out_file}: its last line is not a valley-rt answers line; refusing to "
+                              f"append to a file valley-rt did not write")
+        try:
+            row = json.loads(tail.decode("utf-8"))
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and "id" in row:  # whole, only its newline is missing: keep it
+            out.write(b"\n")
+            if "answer" in row:
+                done.add(_id_key(row["id"]))
+        else:  # cut: the record that was in flight is redone
+            out.truncate(len(data) - len(tail))
+    out.seek(0, os.SEEK_END)
+    return done

@@ -56,7 +56,7 @@ class OnnxVision:
                     threads: int = 2, device: str = "auto") -> "OnnxVision":
         """Load ENGINE/vision.onnx (manifest checked); device "auto" uses the GPU graph when possible."""
         from valley_rt.export import tensorrt
-        from valley_rt.export.manifest import load_manifest
+        from valley_rt.export.manifest import artifact_path, load_manifest
 
         engine_dir = Path(engine_dir)
         manifest = manifest or load_manifest(engine_dir, verify=verify)
@@ -67,13 +67,14 @@ class OnnxVision:
 
             if gpu.get("trt") and "TensorrtExecutionProvider" in ort.get_available_providers():
                 # the unfused graph under TensorRT fp16, engine from the cache built at export
-                return cls(engine_dir / gpu["trt"], cfg, threads=threads,
-                           providers=tensorrt.providers(engine_dir / gpu["trt_cache"], cfg))
-            return cls(engine_dir / gpu["vision"], cfg, threads=threads, providers=tensorrt.providers(None, cfg))
+                return cls(artifact_path(engine_dir, gpu["trt"], where="gpu.trt"), cfg, threads=threads,
+                           providers=tensorrt.providers(artifact_path(engine_dir, gpu["trt_cache"], where="gpu.trt_cache"), cfg))
+            return cls(artifact_path(engine_dir, gpu["vision"], where="gpu.vision"), cfg, threads=threads, providers=tensorrt.providers(None, cfg))
         if device == "cuda":
             raise EngineError(f"{engine_dir}: a CUDA vision backend needs an engine exported on a GPU machine "
                               f"(gpu graph: {bool(gpu.get('vision'))}) and onnxruntime-gpu")
-        return cls(engine_dir / manifest.get("files", {}).get("vision", "vision.onnx"), cfg, threads=threads)
+        vision_file = artifact_path(engine_dir, manifest.get("files", {}).get("vision", "vision.onnx"), where="files.vision")
+        return cls(vision_file, cfg, threads=threads)
 
     def encode(self, frames) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 frames [T, H, W, 3] -> (pooled [N, D], frames [T, D]) float32."""

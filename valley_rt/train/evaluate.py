@@ -109,6 +109,15 @@ def short_records(records: list[Record], limit: int | None = None) -> list[Recor
     return out[:limit] if limit else out
 
 
+def _is_eval_file(path) -> bool:
+    """An evaluation JSON that `evaluate` wrote (so --out may replace it)."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and {"model", "data", "records", "seconds"} <= set(result)
+
+
 def evaluate(*, model: str | os.PathLike, data: str | os.PathLike, blind: bool = False, both: bool = False,
              limit: int | None = None, out: str | os.PathLike | None = None, threads: int | None = None) -> dict:
     """Exact-match accuracy of checkpoint `model` on the short-answer records of `data`.
@@ -120,6 +129,10 @@ def evaluate(*, model: str | os.PathLike, data: str | os.PathLike, blind: bool =
     from valley_rt.errors import DataError
     from valley_rt.train.synth import chance_accuracy
 
+    if out is not None:
+        from valley_rt.outdir import check_output_file
+
+        check_output_file(out, what="evaluation", ours=_is_eval_file, inputs=(data, model))
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -140,6 +153,5 @@ def evaluate(*, model: str | os.PathLike, data: str | os.PathLike, blind: bool =
     result["chance"] = chance_accuracy([r for r in raw if str(r.get("id")) in keep])
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result

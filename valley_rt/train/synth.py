@@ -718,6 +718,15 @@ def map_ranges(fn: Callable[[tuple[Any, int, int]], list], job: Any, n: int, wor
         return [r for part in pool.map(fn, chunks) for r in part]
 
 
+def _is_synth_folder(folder: Path) -> bool:
+    """A dataset folder written by synth before folders carried valley-rt's marker file."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "clip_hashes" in meta and (folder / "data.json").is_file()
+
+
 def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128, height: int = 96, fps: int = 10,
              num_frames: int = 32, frames_hint: int = 8, resize_short: int = 73, crop: int = 64,
              workers: int = 1, extra_questions: bool = False) -> dict[str, Any]:
@@ -733,7 +742,9 @@ def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128,
     if fps < 1:
         raise DataError(f"synth: fps must be >= 1, got {fps}")
     make_arena(width, height, resize_short=resize_short, crop=crop)  # validate the size up front
-    out = Path(out_dir)
+    from valley_rt.outdir import claim_folder
+
+    out = claim_folder(out_dir, kind="synth", legacy=_is_synth_folder)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     job = _Job(str(out), seed, width, height, fps, num_frames, frames_hint, resize_short, crop, extra_questions)
     t0 = time.perf_counter()

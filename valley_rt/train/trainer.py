@@ -157,7 +157,11 @@ def resolve_precision(precision: str, device: str) -> torch.dtype | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors, ints and tuples only, so state.pt loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -166,9 +170,33 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(npy)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read state.pt without running code: torch's weights-only unpickler rebuilds tensors and plain
+    containers only. numpy's array rebuilders are allowed too, for state files that stored numpy's RNG
+    state as an array. Anything else (a pickle that would call a function) is a DataError."""
+    import pickle
+
+    core = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed numpy.core
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        # torch's message opens with advice to load with weights_only=False; the reason is further down
+        why = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0] if lines else type(e).__name__)
+        raise DataError(f"{path}: refused or unreadable as a weights-only training state ({why})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "step"} <= set(state):
+        raise DataError(f"{path}: not a valley-rt training state")
+    return state
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -233,9 +261,11 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
     from valley_rt.checkpoint import save_checkpoint
     from valley_rt.model import build_model
 
+    from valley_rt.outdir import claim_folder
+
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    out = Path(opts.out)
+    out = claim_folder(opts.out, kind="train-run", legacy=_is_run_folder)
     state_file, metrics_file = out / STATE_FILE, out / METRICS_FILE
     resuming = resume and state_file.is_file()
     cfg, tok, init_model = _prepare_run(opts, model_config, tokenizer, resuming)
@@ -274,7 +304,7 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
     if resuming:
         # onto the CPU: the RNG states must stay CPU byte tensors; load_state_dict moves the weights and the
         # optimizer's moments to the parameters' device
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = load_state(state_file)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -530,6 +560,16 @@ def _subsample_long(data_json: Path, keep: float, seed: int) -> Path:
     return out
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A run folder written before run folders carried valley-rt's marker file: its run.json, or a
+    recipe's synthesized data."""
+    try:
+        run = json.loads((folder / "run.json").read_text())
+        return isinstance(run, dict) and {"options", "model"} <= set(run)
+    except (OSError, ValueError):
+        return (folder / "data" / "train" / "meta.json").is_file()
+
+
 def train_main(*, out: str, recipe: str | None = None, data: str | None = None, val_data: str | None = None,
                init: str | None = None, resume: bool = False, stage: int = 2, train_vision: bool = False,
                freeze_temporal: bool = False, freeze_projector: bool = False,
@@ -537,7 +577,12 @@ def train_main(*, out: str, recipe: str | None = None, data: str | None = None, 
                lr: float = 2e-5, seed: int = 0, save_every: int = 0, eval_every: int = 0, precision: str = "auto",
                device: str = "cpu", threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     """`valley-rt train`: a named recipe (synthesizes its data, trains from scratch), or DATA from an
-    --init checkpoint. On --resume the run's saved options (run.json) win over the command line."""
+    --init checkpoint. On --resume the run's saved options (run.json) win over the command line.
+    OUT must be new, empty or an earlier run's folder (valley_rt.outdir.claim_folder): a folder of other
+    files is refused, never written into."""
+    from valley_rt.outdir import claim_folder
+
+    claim_folder(out, kind="train-run", legacy=_is_run_folder)
     if recipe:
         return run_recipe(name=recipe, out=out, resume=resume, threads=threads, progress=progress, epochs=epochs,
                           max_steps=max_steps, device=device)
