@@ -112,7 +112,7 @@ def make_checkpoint(path, mode="mean"):
     from valley_rt.checkpoint import save_checkpoint
     from valley_rt.config import preset
     from valley_rt.model import build_model
-    from valley_rt.train.tokenizer import token_layout, train_tokenizer
+    from valley_rt.demo.tokenizer import token_layout, train_tokenizer
 
     texts = ["A red square moves left and a blue circle stays still. ### Human: what moves? Assistant:"] * 4
     tok = train_tokenizer(texts, vocab_size=300)

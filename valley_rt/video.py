@@ -620,3 +620,20 @@ def probe(path, *, num_frames: int = 8, mode: str = "fixed", fps: float = 0.5, m
         "decode_ms": round(clip.decode_ms, 2),
         "notes": clip.notes,
     }
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
+    """Encode RGB frames as H.264 (libx264, yuv420p) mp4; one encoder thread so output bytes are deterministic."""
+    import av
+
+    T, H, W, _ = frames.shape
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"crf": "18", "preset": "superfast", "threads": "1"}
+        stream.codec_context.thread_count = 1
+        for i in range(T):
+            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
