@@ -1,120 +1,76 @@
-"""Named training recipes: the model config, the synthetic data and the optimisation settings.
+"""Named recipes that train the demo model from nothing: the synthetic data, the model config and
+the phases, each a small function that skips itself when its output already exists.
 
-"demo": the bundled demo model (valley_rt/assets/demo), trained from scratch on a 2-core CPU:
-    valley-rt train --recipe demo --out runs/demo --threads 2
-"smoke": a CI-sized run (tiny model, a few dozen clips) that shows the loss falling in seconds.
+    valley-rt train --recipe demo --out runs/demo --threads 2   # the bundled valley_rt/assets/demo
+    valley-rt train --recipe smoke --out runs/smoke             # CI-sized: the loss falls in seconds
 
-No pretrained CLIP or LLaMA exists here. The demo trains in two phases:
+No pretrained CLIP or LLaMA is available offline, so phase 0 stands in for them: the visual side learns
+from the renderer's ground truth (vision_pretrain) and the LLM learns the conversations' text as a
+language model (text_pretrain). Phase 1 is Valley's stage 2 (instruction tuning) through the reference
+trainer, with the parts phase 0 made kept frozen as the recipe says. Why each setting is what it is,
+and what the demo model knows: docs/demo_model.md.
 
-Phase 0 (`vision_pretrain`, ~14 min on two threads, 1.9 of them decoding in two processes): the visual side
-learns from the renderer's ground truth what a pretrained CLIP would bring
-(valley_rt.train.vision_pretrain): the tower (per-frame colours, positions, shapes and ray casts, i.e. what
-each object meets first along its lane in each direction, on the CLS token; per-patch colour cover and
-in-patch offsets on the patch tokens), 12000 steps on all 10000 clips, then the projector + temporal module
-(each pooled patch token: which colours passed through it, which way they moved). The read-out heads are
-discarded. Then the LLM alone is trained as a language model on the text of the training conversations
-(valley_rt.train.text_pretrain, 1500 steps, ~9 min): the stand-in for a pretrained LLaMA, which arrives able
-to copy names from its context (see "Where the errors were" below).
-
-Phase 1 (instruction tuning, stage 2): the LLM alone; the tower, the temporal module and the projector
-stay as phase 0 left them. Why the projector too: the temporal module sits after it, so a projector
-retrained in phase 1 changes the module's input. A linear probe of the pooled tokens (per colour, which
-way it moved; 400 held-out clips) read 90.5 % after phase 0 and 80.8 % after a phase 1 that trained the
-projector (clips with several movers: 87.1 -> 73.5 %). Why the temporal module, measured on 1000-step
-pilots (val action accuracy): trained along with the random LLM it loses what phase 0 taught it (action
-0.42) while frozen it keeps it (0.67); and the first demo model, with a frozen *random* tower then a
-jointly trained one, stayed at chance on direction even on its own training clips (24.8 %), so it was
-not overfitting but blind to motion. A tower trained jointly from scratch collapses (the visual tokens
-enter through RMSNorm; their variation across clips fell from 0.15 to 0.002 of their norm in 500 steps).
-
-Demo sizes (fit a 2-core CPU in under 45 minutes): 64 px frames with 16 px patches (16 pooled patch
-tokens + 8 frame tokens, the real token layout), a 3-layer 96-wide tower, the "transformer" temporal
-module (per-patch frame sequences with positions, so motion direction and order survive pooling),
-a 4-layer 192-wide LLaMA, a 1k byte-level BPE and a one-sentence system prompt; 10000 training clips.
-
-Result (valley_rt/assets/demo_eval.json; `valley-rt train --recipe demo --out runs/demo --threads 2`, 43.7
-min wall on this 2-core CPU, including synthesis and eval; rerun with phase 0's decoding in two processes,
-44.1 min and byte-identical weights; the thread count changes float summation order, so it is part of what
-reproduces the weights; one thread takes over 50 min): on the test split (200 held-out clips, 555 questions)
-89.9 % exact match (counting 97.5, action 84.7, order 92.2, causal 78.3) vs 28.5 % blind (each family at or
-below chance); on 800 more fresh clips (seed 5, 2208 questions) 90.9 % (counting 97.9, action 84.7, order
-95.1, causal 80.8); on 200 clips of seed 9001 (bench_agreement) 90.8 % (action 85.3, order 91.5, causal
-84.6). Over all three (3318 questions): 90.7 %, action 84.8, order 94.0, causal 81.0: the goals hold on the
-pooled splits (the test split alone: overall 89.9, cause 78.3 on 69 questions).
-
-The last change: the tower 12000 steps on all 10000 clips (was 6000 on 6000) and RAY_OBJECT_WEIGHT 6 (was
-3). Phase 0 held out, rays that meet an object: 78.5 % -> 90.7 % (longer training alone, pilot) -> 93.5 %
-(both); pooled over the three splits cause 78.4 -> 81.0 %, action 82.4 -> 84.8 %, order 95.0 -> 94.0 %,
-overall 90.1 -> 90.7 % (the recipe before it, on two threads, 37.4 min; on one thread, the model bundled
-before: 90.2 %, cause 77.9 %). Cause tracked the rays: the ray cast on the CLS token is where a frame says
-what is ahead of a bouncer, and cause sat at about the rays' object accuracy.
-
-Not adopted on top (phase-1 pilots from the bundled phase 0; seed 5 / test split): 11000 steps instead of
-8500: 91.7 / 89.6 % (about 5 min over the budget); a direction question about every mover of every clip with
-a scene cut, where the wrong directions concentrate (59.0 % right when the other scene has a mover, README):
-90.4 / 89.9 %, with that group unchanged (58.4 %). Phase 1 training the temporal module too (full rate):
-89.2 / 87.6 % (action 81.7 / 78.1 %).
-
-How it got there. The previous recipe (the old phase 0 without ray casts, tower 2000 steps on 3000
-clips, and phase 1 training the projector) gave 88.1 % on the test split and 88.1 % on seed 5 (action
-79.3, order 95.1, causal 73.6); other runs of it 87.9-89.0 % on the test split. Each half of the change
-alone did not help: ray casts with a trained projector 86.3 % / 87.7 % (test split / seed 5; phase 0
-held out: shape 92.6 -> 98.8 %, centre error 3.18 -> 1.55 px, temporal direction 81.3 -> 92.5 %, but
-the phase 1 projector undid the direction gain); a frozen projector on the old phase 0 (phase 1 pilot,
-one thread) 88.8 % / 88.6 %. Both together: 89.5 % / 90.4 % in the pilot, 89.2 % / 90.4 % for the
-bundled run. Not adopted on top: 3000 text-pretraining steps instead of 1500: 88.8 % / 89.4 %. Before
-text pretraining the recipe gave 84.3 % (counting 98.5, action 83.1, order 75.7, causal 59.4) vs 21.4 %
-blind; the first demo model (no phase 0) had 59.8 % with action at chance.
-
-Tried on the recipe without text pretraining, not adopted (pilots: 3000 phase-1 steps, scored on 200
-clips of synth seed 4):
-- more of the same: 14000 clips with extra_questions (every other mover's direction and pair's order:
-  +33 % action, +57 % order questions), 14000 steps, 2 threads (0.125 s/step vs 0.197), 40 min wall:
-  84.0 % held out (action 78.1, order 81.6, causal 59.4, counting 99.0), i.e. no better overall; order
-  rose and action fell. The extra questions alone (pilot): order 78.9 vs 74.0, overall 76.1 vs 75.4.
-- a CLS target for touching objects (per frame, which colour pairs are < 6 px apart, the gap a bounce
-  off an object leaves on the sampled frames): the tower found only 16 % of the contacts and causal
-  stayed at 47-52 % (pilot), as without it.
-- phase 1 at lr 2e-3: action at chance after 2000 steps (pilot).
-- the temporal module on 6000 clips for 3000 steps: held-out direction 0.83 vs 0.80, within noise.
-- a per-patch "this colour touched an object here" target on the temporal tokens (scratch pilot, 3000
-  clips): held-out direction fell from 0.78 to 0.25 and the wall/object read-out reached only 66 %
-  (32 bouncers); the one-layer module cannot hold both, as with the earlier bounce target.
-
-Where the errors were (the `distractor` flag of synth's short questions; `distractor_split` in
-demo_eval.json): on the test split the model without text pretraining answers 93.0 / 100 / 71.7 % of
-action / order / causal questions that no other object would answer differently, but 66.7 / 34.2 /
-18.8 % of those that another object would; on the dev split 30 of 40 wrong directions are another
-object's, all 23 wrong order answers name an object outside the asked pair, 11 of 66 causal answers name
-the asked object. So the missing piece was binding the question's words to the objects in the video,
-not seeing them. A probe (2-layer transformer on the frozen visual tokens, given the bouncer's colour,
-2500 training clips) reads the cause at 73-79 % on dev, so contact is partly there too.
-3000-step pilots on dev (baseline 76.9 %; with / without distractor: action 37/76 / 93/107, order
-15/40 / 61/64, causal 4/19 / 27/47) that did not move the distractor subsets:
-- an 8-layer LLM (1.7x the step time): 77.9 %; action+D 40/76, order+D 18/40.
-- short questions always before the clip's caption and description in the grouped sample (those state
-  every short answer, so in a random turn order the answer is often in context): 75.8 %, order+D 14/40.
-- the question before the video in the prompt (the visual tokens see the question): 77.0 %, order+D 16/40.
-- single-turn samples instead of one multi-turn sample per clip (6000 steps): direction at chance.
-- colour and shape word embeddings initialised to the visual tokens' directions for those colours and
-  shapes (mean with minus mean without): 78.8 %, action+D 35/76, order+D 18/40, causal+D 6/19.
-- extra_questions (every pair asked): order+D 19/40.
-- adopted: text pretraining of the LLM (1500 steps of 16 conversations): 82.1 %; order+D 34/40, causal+D
-  12/19, action+D 40/76. The full recipe with it: held out (test split) order with a distractor 94.7 % (was
-  34.2), cause with one 50.0 % (was 18.8), action with one 63.8 % (was 66.7).
+Reproducing the weights bit for bit needs the same seeds, the same order of operations and the same
+thread count (it sets float summation order).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import dataclasses
+import inspect
+import json
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from valley_rt.config import (LLMConfig, PreprocessConfig, SamplingConfig, TemporalConfig, TokenLayout,
                               ValleyConfig, VisionConfig)
+from valley_rt.errors import DataError
 
 DEMO_SYSTEM_PROMPT = "You are Valley, a video assistant."
 
 
-@dataclass
+@dataclass(frozen=True)
+class VisionPretrain:
+    """Phase 0, visual side (vision_pretrain.pretrain_visual): the tower, then projector + temporal module."""
+    tower_steps: int
+    temporal_steps: int = 0
+    max_clips: int | None = None  # clips of the training split decoded for it (None: all)
+
+
+@dataclass(frozen=True)
+class TextPretrain:
+    """Phase 0, language side (text_pretrain.pretrain_text): the LLM as a causal LM on the conversations."""
+    steps: int
+    batch_size: int = 16
+    lr: float = 1e-3
+    max_tokens: int = 384  # each sampled conversation is cut to this many tokens
+
+
+@dataclass(frozen=True)
+class InstructionTuning:
+    """Phase 1 (Valley's stage 2) through trainer.train; freezing keeps what phase 0 made."""
+    epochs: float
+    batch_size: int
+    lr: float = 1e-3
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0  # visual side only (trainer.param_groups)
+    vision_lr_scale: float = 1.0
+    precision: str = "fp32"  # the recipes' weights were produced in fp32
+    stage: int = 2
+    train_vision: bool = True
+    train_temporal: bool = True
+    train_projector: bool = True
+    save_every: int = 200  # optimizer steps between state.pt writes
+    eval_every: int = 0  # 0: validate only at the end
+    val_samples: int = 120
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: ValleyConfig  # tokens / vocab_size are filled in from the trained tokenizer
@@ -123,33 +79,20 @@ class Recipe:
     val_clips: int
     train_seed: int
     val_seed: int
-    epochs: float
-    batch_size: int
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0  # visual side only (trainer.param_groups)
-    vision_lr_scale: float = 1.0
-    finetune: dict | None = None  # a second phase from phase 1's model: TrainOptions overrides
-    vision_pretrain: dict | None = None  # phase 0 (vision_pretrain.pretrain_tower keyword arguments) or None
-    text_pretrain: dict | None = None  # phase 0 also trains the LLM on the text (text_pretrain.pretrain_text kwargs)
-    precision: str = "fp32"  # the demo was trained in fp32 (bf16 autocast: ~20 % less CPU time, measured later)
-    stage: int = 2
-    train_vision: bool = True
-    train_temporal: bool = True  # False: phase 0's pretrained temporal module stays frozen
-    train_projector: bool = True  # False: phase 0's projector stays frozen too (phase 1 trains the LLM alone)
-    save_every: int = 200
-    eval_every: int = 0  # 0: only at the end
-    val_samples: int = 120
+    tuning: InstructionTuning
+    vision_pretrain: VisionPretrain | None = None
+    text_pretrain: TextPretrain | None = None
     seed: int = 0
     test_clips: int = 0  # held-out split scored after training (eval.json); 0 = none
     test_seed: int = 3
     keep_long_descriptions: float = 1.0  # share of clips whose long description is trained on
-    synth: dict = field(default_factory=dict)  # extra keyword arguments of synth.generate
+    extra_questions: bool = False  # synth.generate: ask every mover's direction and every pair's order
 
 
 def demo_config() -> ValleyConfig:
+    """64 px frames in 16 px patches (16 pooled patch tokens + 8 frame tokens, Valley's token layout), a
+    3-layer 96-wide tower, the "transformer" temporal module (motion direction and order survive pooling),
+    a 4-layer 192-wide LLaMA and a one-sentence system prompt."""
     return ValleyConfig(
         name="valley-rt-demo",
         vision=VisionConfig(hidden_size=96, intermediate_size=384, num_layers=3, num_heads=4, image_size=64,
@@ -175,22 +118,197 @@ def smoke_config() -> ValleyConfig:
 
 
 RECIPES = {
-    "demo": lambda: Recipe(name="demo", model=demo_config(), vocab_size=1024, train_clips=10000, val_clips=100,
-                           train_seed=1, val_seed=2, test_clips=200, test_seed=3, epochs=3.4, batch_size=4, lr=1e-3,
-                           train_vision=False, train_temporal=False, train_projector=False, save_every=250,
-                           eval_every=1000, val_samples=100, keep_long_descriptions=0.25,
-                           vision_pretrain={"tower_steps": 12000, "temporal_steps": 1500, "max_clips": 10000},
-                           text_pretrain={"steps": 1500, "batch_size": 16, "lr": 1e-3, "max_tokens": 384}),
-    "smoke": lambda: Recipe(name="smoke", model=smoke_config(), vocab_size=300, train_clips=24, val_clips=6,
-                            train_seed=11, val_seed=12, epochs=6, batch_size=4, lr=3e-3, save_every=0,
-                            eval_every=0, val_samples=0, vision_pretrain={"tower_steps": 30, "temporal_steps": 20},
-                            text_pretrain={"steps": 10, "batch_size": 4}),
+    # phase 1 trains the LLM alone: the tower, temporal module and projector stay as phase 0 left them
+    "demo": lambda: Recipe(
+        name="demo", model=demo_config(), vocab_size=1024, train_clips=10000, val_clips=100, train_seed=1,
+        val_seed=2, test_clips=200, test_seed=3, keep_long_descriptions=0.25,
+        vision_pretrain=VisionPretrain(tower_steps=12000, temporal_steps=1500, max_clips=10000),
+        text_pretrain=TextPretrain(steps=1500, batch_size=16, lr=1e-3, max_tokens=384),
+        tuning=InstructionTuning(epochs=3.4, batch_size=4, lr=1e-3, train_vision=False, train_temporal=False,
+                                 train_projector=False, save_every=250, eval_every=1000, val_samples=100)),
+    "smoke": lambda: Recipe(
+        name="smoke", model=smoke_config(), vocab_size=300, train_clips=24, val_clips=6, train_seed=11,
+        val_seed=12, vision_pretrain=VisionPretrain(tower_steps=30, temporal_steps=20),
+        text_pretrain=TextPretrain(steps=10, batch_size=4),
+        tuning=InstructionTuning(epochs=6, batch_size=4, lr=3e-3, save_every=0, eval_every=0, val_samples=0)),
 }
 
 
 def recipe(name: str) -> Recipe:
-    from valley_rt.errors import DataError
-
     if name not in RECIPES:
         raise DataError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     return RECIPES[name]()
+
+
+# ------------------------------------------------------------------------------------------- phases
+def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None = None, progress: bool = True,
+               epochs: float | None = None, max_steps: int | None = None, train_clips: int | None = None,
+               workers: int = 2, device: str = "cpu") -> dict[str, Any]:
+    """Synthesize the recipe's data, train its tokenizer, run phase 0 and phase 1, then score the model
+    on a held-out split (fresh seed) with the blind control.
+
+    Writes OUT/data/{train,val,test}/ (synthetic clips), OUT/phase0/ (the pretrained model), the phase 1
+    run in OUT (OUT/model is the final checkpoint), OUT/eval.json and OUT/summary.json; returns the
+    summary. resume=True continues phase 1 from OUT/state.pt; every other step is redone only when its
+    output is missing.
+    """
+    from valley_rt.train.data import FrameCache
+    from valley_rt.train.trainer import STATE_FILE
+
+    r = recipe(name)
+    out_p = Path(out)
+    t0 = time.perf_counter()
+    synth_data(r, out_p, n_train=train_clips or r.train_clips, workers=workers)
+    synth_s = time.perf_counter() - t0
+    train_json = training_json(r, out_p / "data" / "train" / "data.json")
+    frames = FrameCache(r.model)  # phase 0 decodes its clips through it, phase 1 reads them back
+    phases: list[dict[str, Any]] = []
+    if resume and (out_p / STATE_FILE).is_file():  # phase 1's run.json holds the config and tokenizer
+        if r.vision_pretrain and (out_p / "phase0" / "summary.json").is_file():
+            phases.append(json.loads((out_p / "phase0" / "summary.json").read_text()))
+        phases.append(instruction_phase(r, out_p, train_json, cfg=None, tok=None, init=None, frames=frames,
+                                        resume=True, epochs=epochs, max_steps=max_steps, threads=threads,
+                                        device=device, progress=progress))
+    else:
+        cfg, tok = tokenizer_and_config(r, train_json)
+        init = None
+        if r.vision_pretrain:
+            phases.append(pretrain_phase(r, cfg, tok, out_p, train_json, frames=frames, threads=threads,
+                                         device=device, workers=workers))
+            init = str(out_p / "phase0" / "model")  # the config and tokenizer come with it
+        phases.append(instruction_phase(r, out_p, train_json, cfg=cfg, tok=tok, init=init, frames=frames,
+                                        resume=resume, epochs=epochs, max_steps=max_steps, threads=threads,
+                                        device=device, progress=progress))
+    summary = dict(phases[-1])
+    keys = ("phase", "steps", "final_loss", "seconds", "val", "held_out", "text")
+    summary["phases"] = [{k: p[k] for k in keys if k in p} for p in phases]
+    summary["seconds"] = round(sum(p["seconds"] + p.get("prep_s", 0.0) for p in phases), 1)
+    summary["synth_s"] = round(synth_s, 1)
+    summary["recipe"] = name
+    if r.test_clips:
+        summary.update(test_phase(r, out_p, workers=workers))
+    (out_p / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def synth_data(r: Recipe, out_p: Path, *, n_train: int, workers: int) -> None:
+    """OUT/data/train and OUT/data/val; a split whose meta.json matches what the recipe asks is kept."""
+    from valley_rt.demo import synth
+
+    for split, n, seed in (("train", n_train, r.train_seed), ("val", r.val_clips, r.val_seed)):
+        folder = out_p / "data" / split
+        meta = folder / "meta.json"
+        if not (meta.is_file() and _same_synth(json.loads(meta.read_text()), n, _synth_options(r))):
+            synth.generate(folder, n=n, seed=seed, workers=workers, **_synth_options(r))
+
+
+def _synth_options(r: Recipe) -> dict[str, Any]:
+    return {"extra_questions": r.extra_questions}
+
+
+def _same_synth(meta: dict[str, Any], n: int, kwargs: dict[str, Any]) -> bool:
+    """Whether a synth folder's meta.json matches what the recipe asks (so it is reused, not regenerated);
+    an option a meta.json does not record (written before it existed) had synth.generate's default."""
+    from valley_rt.demo.synth import generate
+
+    defaults = inspect.signature(generate).parameters
+    return meta.get("n") == n and all(meta.get(k, defaults[k].default) == v for k, v in kwargs.items())
+
+
+def training_json(r: Recipe, data_json: Path) -> Path:
+    """The training data: `data_json`, or a copy without most long descriptions (a deterministic
+    `keep_long_descriptions` share of clips keeps theirs): they are the longest answers and would
+    dominate CPU time."""
+    if r.keep_long_descriptions >= 1.0:
+        return data_json
+    records = json.loads(data_json.read_text())
+    rng = random.Random(r.seed)
+    kept = [x for x in records if x.get("task") != "long_description" or rng.random() < r.keep_long_descriptions]
+    out = data_json.with_name("train_subset.json")
+    if not out.is_file() or json.loads(out.read_text()) != kept:
+        out.write_text(json.dumps(kept, indent=1) + "\n")
+    return out
+
+
+def tokenizer_and_config(r: Recipe, train_json: Path):
+    """A byte-level BPE trained on the training conversations, and the recipe's config sized to it."""
+    from valley_rt.demo.tokenizer import corpus_texts, token_layout, train_tokenizer
+    from valley_rt.train.data import load_records
+
+    cfg = dataclasses.replace(r.model)
+    records, _ = load_records(train_json)
+    tok = train_tokenizer(corpus_texts(records, system=cfg.system_prompt), vocab_size=r.vocab_size)
+    cfg.tokens = token_layout(tok)
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id)
+    return cfg, tok
+
+
+def pretrain_phase(r: Recipe, cfg: ValleyConfig, tok, out_p: Path, text_json: Path, *, frames,
+                   threads: int | None, device: str = "cpu", workers: int = 1) -> dict[str, Any]:
+    """Phase 0: pretrain the visual side of a fresh model on the training clips (the tower, then the
+    projector + temporal module) and, with `r.text_pretrain`, its LLM on the text of `text_json`; saves
+    OUT/phase0/model. Short (minutes), so a crash reruns it rather than resuming it."""
+    import torch
+
+    from valley_rt.checkpoint import save_checkpoint
+    from valley_rt.demo.vision_pretrain import pretrain_visual
+    from valley_rt.model import build_model
+    from valley_rt.train.trainer import METRICS_FILE, append_jsonl
+
+    folder = out_p / "phase0"
+    if (folder / "summary.json").is_file() and (folder / "model").is_dir():
+        return json.loads((folder / "summary.json").read_text())
+    if threads:
+        torch.set_num_threads(threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / METRICS_FILE
+    log.unlink(missing_ok=True)
+    model = build_model(cfg, seed=r.seed).to(device)  # initialised on the CPU: the same weights on any device
+    summary = pretrain_visual(model, out_p / "data" / "train", seed=r.seed, log=lambda m: append_jsonl(log, m),
+                              cache=frames, workers=workers, **dataclasses.asdict(r.vision_pretrain))
+    if r.text_pretrain:
+        from valley_rt.demo.text_pretrain import pretrain_text
+
+        text = pretrain_text(model, tok, text_json, seed=r.seed, log=lambda m: append_jsonl(log, m),
+                             **dataclasses.asdict(r.text_pretrain))
+        summary["text"] = text
+        summary["seconds"] = round(summary["seconds"] + text["seconds"], 1)
+        summary["steps"] += text["steps"]
+    save_checkpoint(model.eval(), folder / "model", tokenizer=tok)
+    summary["phase"] = "vision_pretrain"
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def instruction_phase(r: Recipe, out_p: Path, train_json: Path, *, cfg: ValleyConfig | None, tok,
+                      init: str | None, frames, resume: bool, epochs: float | None, max_steps: int | None,
+                      threads: int | None, device: str, progress: bool) -> dict[str, Any]:
+    """Phase 1 in OUT from `init` (phase 0's model) or from a fresh `cfg` + `tok`; trainer.train resumes
+    from OUT/state.pt on `resume`."""
+    from valley_rt.train.trainer import TrainOptions, train
+
+    t = r.tuning
+    opts = TrainOptions(data=str(train_json), out=str(out_p), val_data=str(out_p / "data" / "val" / "data.json"),
+                        init=init, stage=t.stage, train_vision=t.train_vision, train_temporal=t.train_temporal,
+                        train_projector=t.train_projector, epochs=epochs or t.epochs, max_steps=max_steps,
+                        batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, warmup_ratio=t.warmup_ratio,
+                        max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay,
+                        vision_lr_scale=t.vision_lr_scale, seed=r.seed, save_every=t.save_every,
+                        eval_every=t.eval_every, val_samples=t.val_samples, precision=t.precision, device=device,
+                        threads=threads, progress=progress)
+    if init:
+        return train(opts, resume=resume, frame_cache=frames)
+    return train(opts, model_config=cfg, tokenizer=tok, resume=resume, frame_cache=frames)
+
+
+def test_phase(r: Recipe, out_p: Path, *, workers: int) -> dict[str, Any]:
+    """Score OUT/model on a held-out split of a fresh seed (real videos and the blind control): OUT/eval.json."""
+    from valley_rt.demo import synth
+    from valley_rt.train.evaluate import evaluate
+
+    test = out_p / "data" / "test"
+    if not (test / "meta.json").is_file():
+        synth.generate(test, n=r.test_clips, seed=r.test_seed, workers=workers, **_synth_options(r))
+    result = evaluate(model=out_p / "model", data=test / "data.json", both=True, out=out_p / "eval.json")
+    return {"test": {part: result[part]["overall"] for part in ("video", "blind")}, "eval_s": result["seconds"]}
