@@ -62,7 +62,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
         raise EngineError(f"--gpu yes: {no_gpu}")
     cfg = read_config(ckpt)  # CheckpointError on a bad folder, before anything is written
     t_start = time.perf_counter()
-    source = {"path": str(ckpt.resolve()), "sha256": hash_folder(ckpt)}
+    source = {"name": ckpt.resolve().name, "sha256": hash_folder(ckpt)}  # no machine's path in a shipped folder
     with atomic_folder(out, overwrite=force) as work:
         model = load_checkpoint(ckpt)
         try:
