@@ -33,7 +33,8 @@ def main() -> None:
     from valley_rt.generate import SamplingParams
     from valley_rt.runtime import DEMO_CHECKPOINT, demo_engine, load
     from valley_rt.train.data import load_records
-    from valley_rt.train.synth import generate, normalize_answer
+    from valley_rt.demo.synth import generate
+    from valley_rt.prompt import normalize_answer
 
     data_dir = args.data / f"seed{args.seed}-n{args.n}"
     if not (data_dir / "data.json").is_file():

@@ -69,7 +69,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
 
     check_target(out, kind="engine", sources=(ckpt, calib), overwrite=overwrite)  # before hashing the source
     t_start = time.perf_counter()
-    source = {"path": str(ckpt.resolve()), "sha256": hash_folder(ckpt)}
+    source = {"name": ckpt.resolve().name, "sha256": hash_folder(ckpt)}  # no machine's path in a shipped folder
     with atomic_folder(out, overwrite=overwrite, sources=(ckpt, calib)) as work:
         model = load_checkpoint(ckpt)
         try:
@@ -155,25 +155,34 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
 @torch.no_grad()
 def calibration_examples(model, ckpt: Path, data, *, limit: int = 32, seed: int = 0) -> list[dict]:
     """Valley instruction records -> [{"inputs_embeds" [S, H], "labels" [S]}]: what the LLM really sees,
-    text embeddings with the video's visual tokens spliced in (text-only calibration loses accuracy)."""
+    text embeddings with the video's visual tokens spliced in (text-only calibration loses accuracy).
+    Records whose video cannot be read or whose prompt exceeds the LLM's context are skipped."""
     from valley_rt.checkpoint import load_tokenizer
-    from valley_rt.train.data import InstructionDataset, load_records
+    from valley_rt.errors import DataError, VideoError
+    from valley_rt.prompt import encode, format_conversation
+    from valley_rt.records import load_records
+    from valley_rt.video import normalize, read_video, resize_crop
 
+    cfg = model.cfg
+    tokenizer = load_tokenizer(ckpt)
     records, _ = load_records(data, skip_bad=True)
     random.Random(seed).shuffle(records)
-    dataset = InstructionDataset(records[:limit], load_tokenizer(ckpt), model.cfg, shuffle_turns=False,
-                                 skip_bad=True)
+    visual = {cfg.tokens.im_patch, cfg.tokens.vi_frame, cfg.tokens.im_start, cfg.tokens.im_end,
+              cfg.tokens.vi_start, cfg.tokens.vi_end}
     examples = []
-    for i in range(len(dataset)):
-        sample = dataset.sample(i)
-        if sample is None:
+    for rec in records[:limit]:
+        try:
+            frames = read_video(rec.video, num_frames=cfg.sampling.num_frames).frames
+        except (DataError, VideoError):
             continue
-        ids = torch.tensor(sample.input_ids)[None]
-        embeds = model.embed_inputs(ids, sample.pixel_values[None])[0]  # [S, H]
-        visual = {model.cfg.tokens.im_patch, model.cfg.tokens.vi_frame, model.cfg.tokens.im_start,
-                  model.cfg.tokens.im_end, model.cfg.tokens.vi_start, model.cfg.tokens.vi_end}
-        examples.append({"inputs_embeds": embeds, "labels": torch.tensor(sample.labels),
-                         "text_ids": torch.tensor([t for t in sample.input_ids if t not in visual])})
+        pixels = normalize(resize_crop(frames, cfg.preprocess), cfg.preprocess)  # [T, 3, crop, crop]
+        text, spans = format_conversation(rec.turns, system=cfg.system_prompt)
+        ids, labels = encode(tokenizer, text, cfg=cfg, num_frames=pixels.shape[0], spans=spans)
+        if len(ids) > cfg.llm.max_position_embeddings:
+            continue
+        embeds = model.embed_inputs(torch.tensor(ids)[None], pixels[None])[0]  # [S, H]
+        examples.append({"inputs_embeds": embeds, "labels": torch.tensor(labels),
+                         "text_ids": torch.tensor([t for t in ids if t not in visual])})
     return examples
 
 
@@ -189,8 +198,7 @@ def answer_figures(ref_llm, quant_llm, examples: list[dict], tokenizer, *, max_n
     answer agreement, and exact match of each against the reference answer in the data."""
     from valley_rt.backends.llm_torch import TorchLLM
     from valley_rt.generate import SamplingParams, generate
-    from valley_rt.prompt import clean_answer
-    from valley_rt.train.synth import normalize_answer
+    from valley_rt.prompt import clean_answer, normalize_answer
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
     same = em_ref = em_quant = 0

@@ -52,6 +52,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from valley_rt.errors import CheckpointError
+from valley_rt.export.manifest import hash_folder
 
 FORMAT_VERSION = 2  # bump on any change of the graph or files; OnnxLLM refuses other versions
 MODEL_FILE = "llm.onnx"
@@ -336,6 +337,7 @@ class QuantSettings:
     bits: int = 4
     group_size: int = 128
     desc_act: bool = False
+    sym: bool | None = None  # symmetric (zero point fixed at 2^(bits-1)); None: not quantized
     zeros_stored_minus_one: bool = True
 
 
@@ -587,10 +589,11 @@ def _read_settings(src: Path, cfg: dict, quant: str, lm_head: str, group_size: i
         if int(qc["bits"]) != 4:
             raise CheckpointError(f"{src / 'config.json'}: expected 4-bit GPTQ weights, got bits={qc['bits']}")
         return QuantSettings("gptq", lm_head, bits=4, group_size=int(qc["group_size"]),
-                             desc_act=bool(qc.get("desc_act", False)), zeros_stored_minus_one=fmt == "gptq")
+                             desc_act=bool(qc.get("desc_act", False)), sym=bool(qc.get("sym", True)),
+                             zeros_stored_minus_one=fmt == "gptq")
     if qc:
         raise CheckpointError(f"{src / 'config.json'}: a quantized checkpoint; expected fp weights for quant={quant!r}")
-    return QuantSettings(quant, lm_head, group_size=group_size)
+    return QuantSettings(quant, lm_head, group_size=group_size, sym=False if quant == "rtn4" else None)
 
 
 def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | None = None,
@@ -630,7 +633,7 @@ def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | Non
         "quant": asdict(settings),
         "accuracy_level": accuracy_level,
         "weight_bytes_per_token": weight_bytes,
-        "source": str(src),
+        "source": {"name": src.resolve().name, "sha256": hash_folder(src)},  # no machine's path
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return out / MODEL_FILE

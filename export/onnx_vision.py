@@ -226,12 +226,14 @@ def quantize_int8(src: str | Path, dst: str | Path) -> None:
                                     "DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
-def session(path: str | Path, *, threads: int = 2, providers: list | None = None):
-    """An InferenceSession with `threads` intra-op threads (this project's CPU has 2 cores)."""
+def session(path: str | Path, *, threads: int | None = None, providers: list | None = None):
+    """An InferenceSession with `threads` intra-op threads (None: one per physical core)."""
     import onnxruntime as ort
 
+    from valley_rt.cpu import default_threads
+
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3

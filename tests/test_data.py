@@ -12,13 +12,13 @@ import torch
 from valley_rt.errors import DataError
 from valley_rt.prompt import IGNORE_INDEX, VIDEO, Turn, encode, format_conversation
 from valley_rt.train import data as D
-from valley_rt.train.recipes import smoke_config
-from valley_rt.train.tokenizer import corpus_texts, token_layout, train_tokenizer
+from valley_rt.demo.recipes import smoke_config
+from valley_rt.demo.tokenizer import corpus_texts, token_layout, train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
-    from valley_rt.train.synth import generate
+    from valley_rt.demo.synth import generate
 
     out = tmp_path_factory.mktemp("synth")
     generate(out, n=4, seed=321)

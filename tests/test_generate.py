@@ -219,8 +219,8 @@ def test_context_error_before_running():
 
 
 class _OlderForward(torch.nn.Module):
-    """A LLaMA whose forward takes its KV cache as `past_key_values`, as transformers 5.17 (on the lent GPU
-    machines) does; the installed one (5.24) calls it `cache`. Unknown keywords are swallowed as there."""
+    """A LLaMA whose forward takes its KV cache as `past_key_values`, as transformers 5.17
+    does; the installed one (5.24) calls it `cache`. Unknown keywords are swallowed as there."""
 
     def __init__(self, model: LlamaForCausalLM, honour_cache: bool = True):
         super().__init__()

@@ -194,6 +194,7 @@ def test_rtn4_logits_close_to_fp32(hf_dirs, tmp_path):
     ids = list(range(3, 40))
     got, want = llm.prefill(llm.embed(ids)), ref.prefill(ref.embed(ids))
     assert llm.name == "onnx-int4"
+    assert json.loads((tmp_path / "llm_onnx.json").read_text())["quant"]["sym"] is False  # quantize_rtn's zero points
     assert torch.cosine_similarity(got, want, dim=0) > 0.99
     assert _sqnr_db(got, want) > 15
 
@@ -262,6 +263,7 @@ def test_gptq_folder_matches_dequantized_reference(tmp_path, desc_act):
     torch.testing.assert_close(exact.prefill(exact.embed(ids)), want, atol=2e-3, rtol=1e-3)
     # the shipped configuration: int8 activations in MatMulNBits, int8 lm_head
     fast = OnnxLLM(export_llm_onnx(gdir, tmp_path / "fast", quant="gptq"))
+    assert json.loads((tmp_path / "fast" / "llm_onnx.json").read_text())["quant"]["sym"] is True  # the config's
     got = fast.prefill(fast.embed(ids))
     assert torch.cosine_similarity(got, want, dim=0) > 0.995
     assert _sqnr_db(got, want) > 20

@@ -156,7 +156,7 @@ def make_checkpoint(path, mode="mean"):
     from valley_rt.checkpoint import save_checkpoint
     from valley_rt.config import preset
     from valley_rt.model import build_model
-    from valley_rt.train.tokenizer import token_layout, train_tokenizer
+    from valley_rt.demo.tokenizer import token_layout, train_tokenizer
 
     texts = ["A red square moves left and a blue circle stays still. ### Human: what moves? Assistant:"] * 4
     tok = train_tokenizer(texts, vocab_size=300)
@@ -181,7 +181,10 @@ def test_export_engine_end_to_end(checkpoint, tmp_path):
     out = tmp_path / "engine"
     m = export_engine(checkpoint, out, precision="fp32", quant="none", gpu="no")
     assert m == mf.load_manifest(out)
-    assert m["source"]["sha256"] == mf.hash_folder(checkpoint)
+    assert m["source"] == {"name": checkpoint.name, "sha256": mf.hash_folder(checkpoint)}  # no machine's path
+    llm_meta = json.loads((out / "llm" / "llm_onnx.json").read_text())
+    assert llm_meta["source"]["name"] == "llm" and str(tmp_path) not in json.dumps(llm_meta)
+    assert llm_meta["quant"]["sym"] is None  # quant="none": not quantized
     assert m["precision"] == {"vision": "fp32", "llm": "fp32"}
     names = set(m["artifacts"])
     assert {"vision.onnx", "llm/llm.onnx", "tokenizer/tokenizer.json"} <= names
@@ -198,6 +201,18 @@ def test_export_engine_end_to_end(checkpoint, tmp_path):
 
     with pytest.raises(OutputError, match="already exists there"):
         export_engine(checkpoint, out, precision="fp32", quant="none", gpu="no")
+
+
+def test_shipped_demo_engine_names_no_build_machine():
+    """The bundled engine's manifest and LLM metadata carry no absolute path and say the GPTQ is asymmetric;
+    the hand-edited llm_onnx.json still verifies against the manifest's hash."""
+    from valley_rt.runtime import DEMO_ENGINE
+
+    m = mf.load_manifest(DEMO_ENGINE)
+    llm_meta = json.loads((DEMO_ENGINE / "llm" / "llm_onnx.json").read_text())
+    assert m["source"]["name"] == "demo" and "path" not in m["source"]
+    assert not isinstance(llm_meta["source"], str) and "path" not in llm_meta["source"]
+    assert llm_meta["quant"]["sym"] is False and m["precision"]["llm"] == "gptq4-g32-act"
 
 
 def test_export_cli_errors_are_one_line(tmp_path):

@@ -12,7 +12,9 @@ import av
 import numpy as np
 import pytest
 
-from valley_rt.train import synth
+from valley_rt.demo import synth
+from valley_rt.prompt import normalize_answer
+from valley_rt.train.evaluate import render_blank_video
 
 N_CLIPS = 16
 SEED = 3
@@ -86,8 +88,8 @@ def test_files_decode_and_records_well_formed(gen):
         assert all(t["value"].strip() for t in conv)
         assert r["short"] == (r["task"] in synth.SHORT_FAMILIES)
         if r["short"]:
-            norm = [synth.normalize_answer(c) for c in r["choices"]]
-            assert synth.normalize_answer(answer(r)) in norm and len(set(norm)) == len(norm)
+            norm = [normalize_answer(c) for c in r["choices"]]
+            assert normalize_answer(answer(r)) in norm and len(set(norm)) == len(norm)
     assert meta["families"] == {f: sum(r["task"] == f for r in records) for f in synth.TASK_FAMILIES}
     assert json.loads((out / "meta.json").read_text())["families"] == meta["families"]
     assert set(meta["chance"]) == set(synth.SHORT_FAMILIES)
@@ -172,7 +174,7 @@ def test_order_and_count_answers_match_pixels(gen, arena):
         first_seen = seen[r["video"]]
         if r["task"] == "counting":  # a colour change shows one object in two colours
             changes = answer(descriptions[r["video"]]).count(" turns ")
-            assert synth.normalize_answer(answer(r)) == str(len(first_seen) - changes), r["id"]
+            assert normalize_answer(answer(r)) == str(len(first_seen) - changes), r["id"]
         else:
             a, b = (object_of(c).split()[0] for c in r["choices"])
             first = a if first_seen[a] < first_seen[b] else b
@@ -180,16 +182,16 @@ def test_order_and_count_answers_match_pixels(gen, arena):
 
 
 def test_normalize_answer():
-    assert synth.normalize_answer("The Red square.") == "red square"
-    assert synth.normalize_answer(" It hit the wall! ") == "it hit wall"
-    assert synth.normalize_answer("Three") == synth.normalize_answer("3") == "3"
-    assert synth.normalize_answer("Left") == "left"
+    assert normalize_answer("The Red square.") == "red square"
+    assert normalize_answer(" It hit the wall! ") == "it hit wall"
+    assert normalize_answer("Three") == normalize_answer("3") == "3"
+    assert normalize_answer("Left") == "left"
 
 
 def test_render_blank_video(gen, tmp_path):
     out, _, records = gen
     src = out / "videos" / records[0]["video"]
-    synth.render_blank_video(tmp_path / "blank.mp4", like=src)
+    render_blank_video(tmp_path / "blank.mp4", like=src)
     blank = decode(tmp_path / "blank.mp4")
     assert blank.shape == decode(src).shape
     assert blank.max() <= 20
@@ -230,11 +232,11 @@ def test_answers_are_balanced():
     for i in range(400):
         for r in synth.clip_records(synth.plan_clip(21, i, arena=arena), f"s21_{i:05d}.mp4"):
             if r["short"]:
-                a = synth.normalize_answer(answer(r))
+                a = normalize_answer(answer(r))
                 if r["task"] == "causal":
                     a = "wall" if a == "it hit wall" else "object"
                 if r["task"] == "order":
-                    a = "named first" if a == synth.normalize_answer(r["choices"][0]) else "named second"
+                    a = "named first" if a == normalize_answer(r["choices"][0]) else "named second"
                 answers[r["task"]].append(a)
     for fam, got in answers.items():
         values = sorted(set(got))
@@ -324,7 +326,7 @@ def test_workers_from_a_script_read_on_stdin(tmp_path):
     import subprocess
     import sys
 
-    code = (f"from valley_rt.train import synth\n"
+    code = (f"from valley_rt.demo import synth\n"
             f"print(synth.generate({str(tmp_path)!r}, n=8, seed={SEED}, workers=2)['records'])\n")
     done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

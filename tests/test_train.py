@@ -26,9 +26,9 @@ def tiny_run(tmp_path_factory):
     from valley_rt.checkpoint import save_checkpoint
     from valley_rt.model import build_model
     from valley_rt.train.data import load_records
-    from valley_rt.train.recipes import smoke_config
-    from valley_rt.train.synth import generate
-    from valley_rt.train.tokenizer import corpus_texts, token_layout, train_tokenizer
+    from valley_rt.demo.recipes import smoke_config
+    from valley_rt.demo.synth import generate
+    from valley_rt.demo.tokenizer import corpus_texts, token_layout, train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_run")
     generate(root / "data", n=6, seed=77)
@@ -268,7 +268,7 @@ def test_precision_choice():
 
 
 def test_recipe_reuses_synth_data_only_when_it_matches():
-    from valley_rt.train.trainer import _same_synth
+    from valley_rt.demo.recipes import _same_synth
 
     meta = {"n": 10, "width": 128, "extra_questions": False}
     assert _same_synth(meta, 10, {})
@@ -282,7 +282,7 @@ def test_recipe_reuses_synth_data_only_when_it_matches():
 def test_text_pretraining_lowers_the_lm_loss_and_touches_only_the_llm(tiny_run):
     from valley_rt.checkpoint import load_checkpoint, load_tokenizer
     from valley_rt.prompt import VIDEO
-    from valley_rt.train.text_pretrain import conversation_texts, pretrain_text
+    from valley_rt.demo.text_pretrain import conversation_texts, pretrain_text
 
     model, tok = load_checkpoint(tiny_run / "init"), load_tokenizer(tiny_run / "init")
     sample = conversation_texts(tiny_run / "data" / "data.json", system=model.cfg.system_prompt)

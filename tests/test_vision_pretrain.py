@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from valley_rt.errors import DataError
-from valley_rt.train import synth
-from valley_rt.train.recipes import demo_config, smoke_config
-from valley_rt.train.vision_pretrain import clip_labels, pretrain_tower
+from valley_rt.demo import synth
+from valley_rt.demo.recipes import demo_config, smoke_config
+from valley_rt.demo.vision_pretrain import clip_labels, pretrain_tower
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_rays_see_what_a_bouncer_will_hit():
     """Before its bounce, a bouncer's ray in its direction of travel meets the wall for a wall bounce and its
     partner (once visible) for an object bounce; every ray of a visible object is labelled, none of an
     absent one; gaps are in [0, 1]."""
-    from valley_rt.train.vision_pretrain import RAY_DIRECTIONS
+    from valley_rt.demo.vision_pretrain import RAY_DIRECTIONS
 
     cfg = demo_config()
     meta = {"width": 128, "height": 96, "num_frames": 32, "frames_hint": 8}
@@ -117,7 +117,7 @@ def test_missing_folder_is_one_line_error(tmp_path):
 
 def test_temporal_pretraining_trains_only_projector_and_temporal(clips):
     from valley_rt.model import build_model
-    from valley_rt.train.vision_pretrain import load_synth, motion_targets, pretrain_temporal
+    from valley_rt.demo.vision_pretrain import load_synth, motion_targets, pretrain_temporal
 
     cfg = smoke_config()
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=64)
@@ -141,7 +141,7 @@ def test_phase0_is_the_same_run_whatever_ran_before_it(clips):
     """The read-out heads and the temporal module's dropout draw from torch's global RNG: phase 0 seeds it,
     so two runs with one seed give the same weights even when other work consumed random numbers between."""
     from valley_rt.model import build_model
-    from valley_rt.train.vision_pretrain import pretrain_visual
+    from valley_rt.demo.vision_pretrain import pretrain_visual
 
     cfg = smoke_config()
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=64)
@@ -160,7 +160,7 @@ def test_load_synth_in_worker_processes_gives_the_same_clips_and_labels(clips):
     """Phase 0 decodes and labels its clips in `workers` processes (two halve its prep time on the demo):
     the crops, the labels and what lands in the frame cache are those of a one-process load."""
     from valley_rt.train.data import FrameCache
-    from valley_rt.train.vision_pretrain import FrameLabels, load_synth
+    from valley_rt.demo.vision_pretrain import FrameLabels, load_synth
 
     cfg = demo_config()
     one_cache, two_cache = FrameCache(cfg), FrameCache(cfg)

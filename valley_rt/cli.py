@@ -16,6 +16,7 @@ import typer
 
 from valley_rt import __version__
 from valley_rt.errors import ValleyError
+from valley_rt.train.options import TrainOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="valley-rt: fast, faithful inference for the Valley video LLM.")
@@ -99,7 +100,7 @@ def synth(out_dir: Path = typer.Argument(..., help="Folder for videos/*.mp4, dat
                                                help="Training data: also ask every other mover's direction and "
                                                     "every other pair's order.")) -> None:
     """Generate the synthetic video-instruction dataset (rendered mp4 clips + Valley-format records)."""
-    from valley_rt.train.synth import generate
+    from valley_rt.demo.synth import generate
 
     meta = generate(out_dir, n=n, seed=seed, frames_hint=frames_hint, workers=workers,
                     extra_questions=extra_questions)
@@ -119,40 +120,49 @@ def probe(video: Path = typer.Argument(..., help="Video file (or a still image).
                           fps=fps if fps is not None else 0.5, max_frames=max_frames))
 
 
+_T = TrainOptions(data="", out="")  # the trainer's defaults, so the options below state none of their own
+
+
 @app.command()
 @user_errors
 def train(data: Optional[Path] = typer.Argument(None, help="Valley instruction JSON (not needed with --recipe)."),
           out: Path = typer.Option(..., "--out", help="Run folder: state.pt, metrics.jsonl, model/ (the checkpoint)."),
-          recipe: Optional[str] = typer.Option(None, "--recipe", help="demo | smoke: synthesize data, train from scratch."),
+          recipe: Optional[str] = typer.Option(None, "--recipe", help="demo | smoke: synthesize data, train the demo model from scratch."),
           init: Optional[Path] = typer.Option(None, "--init", help="valley-rt checkpoint to start from."),
           val_data: Optional[Path] = typer.Option(None, "--val-data", help="JSON whose short answers are scored."),
           resume: bool = typer.Option(False, "--resume", help="Continue from OUT/state.pt exactly."),
-          stage: int = typer.Option(2, "--stage", help="1: projector + temporal; 2: + LLM."),
-          train_vision: bool = typer.Option(False, "--train-vision", help="Also train the CLIP tower."),
-          freeze_temporal: bool = typer.Option(False, "--freeze-temporal", help="Keep the temporal module as --init has it."),
-          freeze_projector: bool = typer.Option(False, "--freeze-projector", help="Keep the projector as --init has it."),
-          epochs: Optional[float] = typer.Option(None, "--epochs"),
-          max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-          batch_size: int = typer.Option(8, "--batch-size"),
-          grad_accum: int = typer.Option(1, "--grad-accum"),
-          lr: float = typer.Option(2e-5, "--lr"),
-          seed: int = typer.Option(0, "--seed"),
-          save_every: int = typer.Option(0, "--save-every", help="Optimizer steps between state.pt writes."),
-          eval_every: int = typer.Option(0, "--eval-every", help="Optimizer steps between validations."),
-          precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (autocast)."),
-          device: str = typer.Option("cpu", "--device"),
-          threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (1 is best on a busy box)."),
-          no_progress: bool = typer.Option(False, "--no-progress")) -> None:
-    """Train Valley (stage 1 or 2) or a named recipe; writes OUT/model, a valley-rt checkpoint."""
+          stage: int = typer.Option(_T.stage, "--stage", help="1: projector + temporal; 2: + LLM."),
+          train_vision: bool = typer.Option(_T.train_vision, "--train-vision", help="Also train the CLIP tower."),
+          freeze_temporal: bool = typer.Option(not _T.train_temporal, "--freeze-temporal", help="Keep the temporal module as --init has it."),
+          freeze_projector: bool = typer.Option(not _T.train_projector, "--freeze-projector", help="Keep the projector as --init has it."),
+          epochs: Optional[float] = typer.Option(None, "--epochs", help=f"Passes over DATA (default {_T.epochs:g}; a recipe's own)."),
+          max_steps: Optional[int] = typer.Option(_T.max_steps, "--max-steps"),
+          batch_size: int = typer.Option(_T.batch_size, "--batch-size"),
+          grad_accum: int = typer.Option(_T.grad_accum, "--grad-accum"),
+          lr: float = typer.Option(_T.lr, "--lr"),
+          seed: int = typer.Option(_T.seed, "--seed"),
+          save_every: int = typer.Option(_T.save_every, "--save-every", help="Optimizer steps between state.pt writes."),
+          eval_every: int = typer.Option(_T.eval_every, "--eval-every", help="Optimizer steps between validations."),
+          precision: str = typer.Option(_T.precision, "--precision", help="auto | fp32 | bf16 (autocast)."),
+          device: str = typer.Option(_T.device, "--device"),
+          threads: Optional[int] = typer.Option(_T.threads, "--threads", help="Torch CPU threads (default: torch's)."),
+          no_progress: bool = typer.Option(not _T.progress, "--no-progress")) -> None:
+    """Train Valley (stage 1 or 2) from DATA, or the demo model with --recipe; writes OUT/model, a valley-rt checkpoint."""
+    if recipe:
+        from valley_rt.demo.recipes import run_recipe
+
+        emit_json(run_recipe(name=recipe, out=str(out), resume=resume, threads=threads, progress=not no_progress,
+                             epochs=epochs, max_steps=max_steps, device=device))
+        return
     from valley_rt.train.trainer import train_main
 
-    emit_json(train_main(out=str(out), recipe=recipe, data=str(data) if data else None,
-                         val_data=str(val_data) if val_data else None, init=str(init) if init else None,
-                         resume=resume, stage=stage, train_vision=train_vision, freeze_temporal=freeze_temporal,
-                         freeze_projector=freeze_projector, epochs=epochs, max_steps=max_steps,
-                         batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, save_every=save_every,
-                         eval_every=eval_every, precision=precision, device=device, threads=threads,
-                         progress=not no_progress))
+    opts = TrainOptions(data=str(data) if data else "", out=str(out), val_data=str(val_data) if val_data else None,
+                        init=str(init) if init else None, stage=stage, train_vision=train_vision,
+                        train_temporal=not freeze_temporal, train_projector=not freeze_projector,
+                        epochs=epochs or _T.epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                        lr=lr, seed=seed, save_every=save_every, eval_every=eval_every, precision=precision,
+                        device=device, threads=threads, progress=not no_progress)
+    emit_json(train_main(opts, resume=resume))
 
 
 @app.command(name="eval")

@@ -101,6 +101,20 @@ def clean_answer(text: str) -> str:
     return strip_leading(text).split(SEP, 1)[0].strip()
 
 
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, number words -> digits, collapse spaces: the key
+    short answers are compared on (evaluation, the export's accuracy gate)."""
+    s = _PUNCT.sub(" ", text.lower())
+    s = _ARTICLES.sub(" ", s)
+    words = [str(NUMBER_WORDS.index(w)) if w in NUMBER_WORDS else w for w in s.split()]
+    return " ".join(words)
+
+
 def splice(embeds: torch.Tensor, input_ids: torch.Tensor,
            visual: tuple[torch.Tensor, torch.Tensor] | None, cfg: ValleyConfig) -> torch.Tensor:
     """Write pooled tokens over the <im_patch> rows and frame tokens over the <vi_frame> rows.

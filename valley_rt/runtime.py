@@ -348,11 +348,12 @@ class Chat:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load(path: str | Path | None = None, *, reference: bool = False, device: str = "auto", threads: int = 2) -> Valley:
+def load(path: str | Path | None = None, *, reference: bool = False, device: str = "auto", threads: int | None = None) -> Valley:
     """Load an engine folder, a checkpoint folder, or (path None) the bundled demo model.
 
     device: "auto" / "cpu" / "cuda". A checkpoint on CUDA runs the torch GPU path (fp16 vision tower with
     the fused Triton temporal-pooling kernel, fp16 LLM); on CPU it is exported once to an engine.
+    threads: ONNX Runtime's CPU threads per session (None: one per physical core, `cpu.default_threads`).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValleyError(f"--device must be auto, cpu or cuda, got {device!r}")
@@ -404,7 +405,7 @@ def _warm_up(valley: Valley) -> None:
     set-up, the tokenizer's and ONNX Runtime's first runs (one question about a blank video).
 
     The whole encode path (decode, resize, vision session) runs on a bundled 7 KB clip only for small
-    towers: measured here, a process's first decode + resize of the demo clip took 10.4 ms vs 4.8 ms
+    towers: for the demo on a 2-core CPU, a process's first decode + resize of the demo clip took 10.4 ms vs 4.8 ms
     warm, and the demo's time to first token after load went from 19.9 to 16.2 ms. At real sizes
     (ViT-L/14: ~155 GFLOP a frame) one warm-up frame costs more than it saves."""
     from valley_rt.video import read_video
@@ -423,7 +424,7 @@ def _warm_up(valley: Valley) -> None:
     valley.reset()
 
 
-def _load_engine(path: Path, *, threads: int) -> Valley:
+def _load_engine(path: Path, *, threads: int | None) -> Valley:
     from valley_rt.backends.llm_onnx import OnnxLLM
     from valley_rt.backends.vision import OnnxVision
     from valley_rt.export.manifest import artifact_path, load_manifest

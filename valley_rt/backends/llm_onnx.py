@@ -20,13 +20,15 @@ import torch
 from valley_rt.errors import EngineError
 
 
-def session_options(threads: int = 2, spinning: bool = True):
+def session_options(threads: int | None = None, spinning: bool = True):
     """ORT options for batch-1 decoding: a fixed small thread pool; spinning threads cut the wake-up
     latency between the ~10 ops of each layer (turn off when sharing cores with other busy work)."""
     import onnxruntime as ort
 
+    from valley_rt.cpu import default_threads
+
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # The graph is already fused by construction; basic optimizations (constant folding, dead-node
@@ -39,7 +41,7 @@ def session_options(threads: int = 2, spinning: bool = True):
 class OnnxLLM:
     """One batch-1 KV-cached session over an exported `llm.onnx` (implements generate.LLMBackend)."""
 
-    def __init__(self, path, *, threads: int = 2, spinning: bool = True, max_context: int | None = None):
+    def __init__(self, path, *, threads: int | None = None, spinning: bool = True, max_context: int | None = None):
         import onnxruntime as ort
 
         from valley_rt.export.llm_onnx import EMBED_FILE, FORMAT_VERSION, META_FILE, MODEL_FILE

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """The name under which `model.forward` takes its KV cache: `cache` (transformers >= 5.2x) or
-    `past_key_values` (earlier 5.x; e.g. 5.17 on the lent GPU machines). The wrong name is swallowed by
+    `past_key_values` (earlier 5.x, e.g. 5.17). The wrong name is swallowed by
     forward's **kwargs, so the cache would silently stay empty and every decode step would see one token."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"

@@ -1,8 +1,8 @@
 """Vision backends: video frames -> the visual tokens the LLM splices in, (pooled [N, D], frames [T, D]).
 
 Two interchangeable backends with one method, `encode(frames)`:
-* `OnnxVision` runs an engine's vision.onnx with ONNX Runtime: the CPU provider by default (2 threads:
-  this project's CPU), CUDA / TensorRT providers when the engine has a GPU graph and they are present.
+* `OnnxVision` runs an engine's vision.onnx with ONNX Runtime: the CPU provider by default (one thread per
+  physical core unless told otherwise), CUDA / TensorRT providers when the engine has a GPU graph and they are present.
   Its graph takes uint8 crops and normalizes inside, so the host only resizes and crops.
 * `TorchVision` runs the PyTorch reference model's modules: the CLIP tower, then temporal pooling through
   `valley_rt.kernels.temporal_pool` (its dispatch picks the fused Triton kernel on CUDA and the torch
@@ -40,7 +40,7 @@ def as_crops(frames, cfg: ValleyConfig) -> np.ndarray:
 class OnnxVision:
     """An engine's vision graph in an ONNX Runtime session."""
 
-    def __init__(self, path: str | Path, cfg: ValleyConfig, *, threads: int = 2, providers: list | None = None):
+    def __init__(self, path: str | Path, cfg: ValleyConfig, *, threads: int | None = None, providers: list | None = None):
         from valley_rt.export.onnx_vision import INPUT, OUTPUTS, session
 
         self.cfg = cfg
@@ -53,7 +53,7 @@ class OnnxVision:
 
     @classmethod
     def from_engine(cls, engine_dir: str | Path, *, manifest: dict | None = None, verify: bool = True,
-                    threads: int = 2, device: str = "auto") -> "OnnxVision":
+                    threads: int | None = None, device: str = "auto") -> "OnnxVision":
         """Load ENGINE/vision.onnx (manifest checked); device "auto" uses the GPU graph when possible."""
         from valley_rt.export import tensorrt
         from valley_rt.export.manifest import artifact_path, load_manifest

@@ -2,10 +2,10 @@
 
 Each short-answer record's first question is asked alone (one turn, as a user would), the model
 answers greedily through `generate` with the reference `TorchLLM` backend, and the cleaned answer is
-compared with the reference after `synth.normalize_answer` (case, punctuation, articles, number
+compared with the reference after `prompt.normalize_answer` (case, punctuation, articles, number
 words). The blind control replaces every video by a black video of the same size and frame count
-(`synth.render_blank_video`), so whatever accuracy remains comes from the question alone; it should
-sit near the question-only chance level that `synth.chance_accuracy` reports.
+(`render_blank_video`), so whatever accuracy remains comes from the question alone; it should
+sit near the question-only chance level that `chance_accuracy` reports.
 
 Synth records flag a question with `"distractor": true` when another object in the clip would answer
 it differently (another mover going elsewhere, another object already there first, another object
@@ -23,10 +23,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, format_conversation
+from valley_rt.errors import VideoError
+from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, format_conversation, normalize_answer
 from valley_rt.train.data import FrameCache, Record, load_records
+from valley_rt.video import write_mp4
 
 
 def ask(model, tokenizer, question: str, visual: tuple[torch.Tensor, torch.Tensor], *, num_frames: int,
@@ -51,8 +54,6 @@ def ask(model, tokenizer, question: str, visual: tuple[torch.Tensor, torch.Tenso
 def predict(model, tokenizer, records: list[Record], *, cache: FrameCache, blind: bool = False,
             blank_dir: str | os.PathLike | None = None) -> list[str]:
     """Greedy answers to each record's first question (videos encoded once per clip)."""
-    from valley_rt.train.synth import render_blank_video
-
     was_training = model.training
     model.eval()
     by_video: dict[Path, list[int]] = defaultdict(list)
@@ -79,8 +80,6 @@ def predict(model, tokenizer, records: list[Record], *, cache: FrameCache, blind
 def score(records: list[Record], answers: list[str], *, max_mistakes: int = 3) -> dict[str, Any]:
     """Exact-match accuracy per task family and overall (normalize_answer on both sides), and a few
     wrong answers per family."""
-    from valley_rt.train.synth import normalize_answer
-
     hits: dict[str, list[int]] = defaultdict(list)
     split: dict[str, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
     mistakes: dict[str, list[dict]] = defaultdict(list)
@@ -102,6 +101,34 @@ def score(records: list[Record], answers: list[str], *, max_mistakes: int = 3) -
                 per_family[f][key] = {"accuracy": round(sum(v) / len(v), 4) if v else None, "n": len(v)}
     return {"overall": round(sum(everything) / max(len(everything), 1), 4), "n": len(everything),
             "per_family": per_family, "mistakes": dict(mistakes)}
+
+
+def render_blank_video(path: str | os.PathLike, *, like: str | os.PathLike) -> None:
+    """A video with the size, frame count and frame rate of `like`, every frame black (the eval's blind control)."""
+    import av
+
+    try:
+        with av.open(str(like)) as c:
+            st = c.streams.video[0]
+            W, H = st.codec_context.width, st.codec_context.height
+            fps = st.average_rate or st.base_rate or 10
+            n = sum(1 for _ in c.decode(st))
+    except (av.error.FFmpegError, IndexError) as e:
+        raise VideoError(f"{like}: cannot read as a video to copy its shape ({e})") from None
+    write_mp4(path, np.zeros((max(n, 1), H, W, 3), np.uint8), int(round(float(fps))))
+
+
+def chance_accuracy(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Per short-answer family: the best a question-only guesser can expect, i.e. the larger of the mean
+    1/len(choices) (guessing among the choices the question allows) and the most frequent answer's share."""
+    out = {}
+    for fam in sorted({r["task"] for r in records if r.get("short") and r.get("choices")}):
+        recs = [r for r in records if r["task"] == fam and r.get("choices")]
+        uniform = float(np.mean([1.0 / len(r["choices"]) for r in recs]))
+        answers = [normalize_answer(r["conversations"][-1]["value"]) for r in recs]
+        majority = max(answers.count(a) for a in set(answers)) / len(answers)
+        out[fam] = round(max(uniform, majority), 4)
+    return out
 
 
 def short_records(records: list[Record], limit: int | None = None) -> list[Record]:
@@ -127,7 +154,6 @@ def evaluate(*, model: str | os.PathLike, data: str | os.PathLike, blind: bool =
     """
     from valley_rt.checkpoint import load_checkpoint, load_tokenizer
     from valley_rt.errors import DataError
-    from valley_rt.train.synth import chance_accuracy
 
     if out is not None:
         from valley_rt.outdir import check_output_file

@@ -2,8 +2,8 @@
 
 Stage 1 (alignment) trains the projector and the temporal module with the vision tower and the LLM
 frozen; stage 2 (instruction tuning) also trains the LLM. `train_vision` adds the CLIP tower to
-either stage: the original starts from a pretrained CLIP and never trains it, but no pretrained
-tower exists here, so the demo recipe trains it from scratch (see recipes.py).
+either stage: the original starts from a pretrained CLIP and never trains it; the demo recipe
+(valley_rt/demo/recipes.py), which has no pretrained tower to start from, pretrains one instead.
 
 Optimisation follows the original recipe: AdamW without weight decay, linear warm-up over
 `warmup_ratio` of the steps then cosine decay to zero, gradient clipping, gradient accumulation,
@@ -24,13 +24,11 @@ checkpoint, written by save_checkpoint with the tokenizer).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,46 +37,14 @@ import torch
 
 from valley_rt.config import ValleyConfig
 from valley_rt.errors import DataError
-from valley_rt.train.data import (FrameCache, InstructionDataset, Record, collate, epoch_order, group_by_video,
+from valley_rt.train.data import (FrameCache, InstructionDataset, collate, epoch_order, group_by_video,
                                   load_records)
+from valley_rt.train.options import TrainOptions
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
-@dataclass
-class TrainOptions:
-    data: str  # Valley instruction JSON
-    out: str  # run folder
-    val_data: str | None = None  # JSON with short-answer records for periodic validation accuracy
-    init: str | None = None  # valley-rt checkpoint to start from (else model_config + tokenizer_dir)
-    stage: int = 2  # 1: projector + temporal; 2: + LLM
-    train_vision: bool = False  # also train the CLIP tower (no pretrained one exists here)
-    train_temporal: bool = True  # False: keep a (pretrained) temporal module frozen
-    train_projector: bool = True  # False: keep a (pretrained) projector frozen too (stage 2: the LLM alone)
-    epochs: float = 1.0
-    max_steps: int | None = None  # cap on optimizer steps (else from epochs)
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-5
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0  # AdamW decay of the vision tower, projector and temporal module (see below)
-    vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to lr (train_vision)
-    seed: int = 0
-    save_every: int = 0  # optimizer steps between state.pt writes (0: only at the end)
-    eval_every: int = 0  # optimizer steps between validations (0: only at the end, if val_data)
-    val_samples: int = 100
-    log_every: int = 1
-    precision: str = "auto"  # "auto" | "fp32" | "bf16"
-    device: str = "cpu"
-    threads: int | None = None  # torch intra-op threads (CPU); 1 is fastest on a busy machine
-    group_by_video: bool = True  # one multi-turn sample per clip
-    skip_bad: bool = False
-    progress: bool = True
-
-
-# ------------------------------------------------------------------------------------------- pieces
 def trainable_parameters(model, *, stage: int, train_vision: bool, train_temporal: bool = True,
                          train_projector: bool = True) -> list[torch.nn.Parameter]:
     """Freeze everything, then unfreeze the parts the stage trains; returns the trainable parameters."""
@@ -142,7 +108,7 @@ def resolve_precision(precision: str, device: str) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32.
 
     "auto" = bf16 on a CUDA GPU that supports it, and on a CPU with native bf16 instructions: on
-    this project's 2-core AMD EPYC (Zen 4, AVX512-BF16) bf16 autocast cut the demo model's CPU time
+    an AMD EPYC core (Zen 4, AVX512-BF16) bf16 autocast cut the demo model's CPU time
     per step by ~20 % (0.24 -> 0.19 s, batch 4, one thread); elsewhere fp32.
     """
     if precision == "fp32":
@@ -209,7 +175,7 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _append_jsonl(path: Path, obj: dict) -> None:
+def append_jsonl(path: Path, obj: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
 
@@ -265,7 +231,7 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    out = claim_folder(opts.out, kind="train-run", legacy=_is_run_folder)
+    out = claim_folder(opts.out, kind="train-run", legacy=is_run_folder)
     state_file, metrics_file = out / STATE_FILE, out / METRICS_FILE
     resuming = resume and state_file.is_file()
     cfg, tok, init_model = _prepare_run(opts, model_config, tokenizer, resuming)
@@ -365,12 +331,12 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
                     "loss": loss_sum / opts.grad_accum, "lr": lr, "grad_norm": grad_norm, "label_tokens": tokens,
                     "step_s": round(time.perf_counter() - t0, 3), "elapsed_s": round(elapsed, 1)}
             if step % opts.log_every == 0 or step == total_steps:
-                _append_jsonl(metrics_file, last)
+                append_jsonl(metrics_file, last)
             if on_step:
                 on_step(last)
             progress.advance(last)
             if opts.eval_every and step % opts.eval_every == 0 and step < total_steps and val:
-                _append_jsonl(metrics_file, {"step": step, "val": validate()})
+                append_jsonl(metrics_file, {"step": step, "val": validate()})
             if opts.save_every and step % opts.save_every == 0:
                 save_state()
     save_state()
@@ -379,7 +345,7 @@ def train(opts: TrainOptions, *, model_config: ValleyConfig | None = None, token
                                "decoded_clips": cache.decoded - decoded_before}
     if val:
         summary["val"] = validate()
-        _append_jsonl(metrics_file, {"step": step, "val": summary["val"]})
+        append_jsonl(metrics_file, {"step": step, "val": summary["val"]})
     model.eval()
     save_checkpoint(model, out / "model", tokenizer=tok)
     summary["model"] = str(out / "model")
@@ -415,152 +381,7 @@ class _progress:
         return False
 
 
-# ------------------------------------------------------------------------------------------- recipes
-def run_recipe(*, name: str, out: str, resume: bool = False, threads: int | None = None, progress: bool = True,
-               epochs: float | None = None, max_steps: int | None = None, train_clips: int | None = None,
-               workers: int = 2, device: str = "cpu") -> dict[str, Any]:
-    """Synthesize the recipe's data (once), train its tokenizer, train the model, then score it on a
-    held-out split (fresh seed) with the blind control.
-
-    A recipe with a `finetune` phase trains phase 1 in OUT/phase1 and continues from its model in OUT
-    with the phase's overrides (e.g. unfreezing the tower). Writes OUT/data/{train,val,test}/
-    (synthetic clips), the runs (OUT/model is the final checkpoint), OUT/eval.json and
-    OUT/summary.json; returns the summary.
-    """
-    from valley_rt.train import synth
-    from valley_rt.train.recipes import recipe
-    from valley_rt.train.tokenizer import corpus_texts, token_layout, train_tokenizer
-
-    r = recipe(name)
-    out_p = Path(out)
-    n_train = train_clips or r.train_clips
-    t0 = time.perf_counter()
-    for split, n, seed in (("train", n_train, r.train_seed), ("val", r.val_clips, r.val_seed)):
-        folder = out_p / "data" / split
-        meta = folder / "meta.json"
-        if not (meta.is_file() and _same_synth(json.loads(meta.read_text()), n, r.synth)):
-            synth.generate(folder, n=n, seed=seed, workers=workers, **r.synth)
-    synth_s = time.perf_counter() - t0
-    train_json = out_p / "data" / "train" / "data.json"
-    if r.keep_long_descriptions < 1.0:
-        train_json = _subsample_long(train_json, r.keep_long_descriptions, r.seed)
-    val_json = str(out_p / "data" / "val" / "data.json")
-    base = dict(data=str(train_json), val_data=val_json, stage=r.stage, train_vision=r.train_vision,
-                train_temporal=r.train_temporal, train_projector=r.train_projector,
-                epochs=epochs or r.epochs, max_steps=max_steps, batch_size=r.batch_size, grad_accum=r.grad_accum,
-                lr=r.lr, warmup_ratio=r.warmup_ratio, max_grad_norm=r.max_grad_norm, weight_decay=r.weight_decay,
-                vision_lr_scale=r.vision_lr_scale, seed=r.seed, save_every=r.save_every, eval_every=r.eval_every,
-                val_samples=r.val_samples, precision=r.precision, device=device, threads=threads,
-                progress=progress)
-    # phase 1 trains from random weights (or from phase 0's pretrained tower); a recipe's `finetune` phase
-    # continues from its model
-    first_out = out_p / "phase1" if r.finetune else out_p
-    phases: list[dict[str, Any]] = []
-    if not (r.finetune and (first_out / "summary.json").is_file() and (first_out / "model").is_dir()):
-        cfg = dataclasses.replace(r.model)
-        tok, init = None, None
-        frames = FrameCache(cfg)  # phase 0 decodes its clips through it, phase 1 reads them back
-        if not (resume and (first_out / STATE_FILE).is_file()):
-            records, _ = load_records(train_json)
-            tok = train_tokenizer(corpus_texts(records, system=cfg.system_prompt), vocab_size=r.vocab_size)
-            cfg.tokens = token_layout(tok)
-            cfg.llm = dataclasses.replace(cfg.llm, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                          eos_token_id=tok.eos_token_id)
-            if r.vision_pretrain:
-                phases.append(_vision_phase(r, cfg, tok, out_p, threads=threads, cache=frames, text_json=train_json,
-                                            device=device, workers=workers))
-                init = str(out_p / "phase0" / "model")
-        elif r.vision_pretrain and (out_p / "phase0" / "summary.json").is_file():
-            phases.append(json.loads((out_p / "phase0" / "summary.json").read_text()))
-        if init:  # the config and tokenizer come with phase 0's checkpoint
-            phases.append(train(TrainOptions(**base, out=str(first_out), init=init), resume=resume,
-                                frame_cache=frames))
-        else:
-            phases.append(train(TrainOptions(**base, out=str(first_out)), model_config=cfg, tokenizer=tok,
-                                resume=resume, frame_cache=frames))
-    else:
-        for phase in ("phase0", "phase1"):
-            if (out_p / phase / "summary.json").is_file():
-                phases.append(json.loads((out_p / phase / "summary.json").read_text()))
-    if r.finetune:
-        opts = TrainOptions(**{**base, "epochs": 1.0, "max_steps": None, **r.finetune}, out=str(out_p),
-                            init=str(first_out / "model"))
-        phases.append(train(opts, resume=resume))
-    summary = dict(phases[-1])
-    keys = ("phase", "steps", "final_loss", "seconds", "val", "held_out", "text")
-    summary["phases"] = [{k: p[k] for k in keys if k in p} for p in phases]
-    summary["seconds"] = round(sum(p["seconds"] + p.get("prep_s", 0.0) for p in phases), 1)
-    summary["synth_s"] = round(synth_s, 1)
-    summary["recipe"] = name
-    if r.test_clips:
-        from valley_rt.train.evaluate import evaluate
-
-        test = out_p / "data" / "test"
-        if not (test / "meta.json").is_file():
-            synth.generate(test, n=r.test_clips, seed=r.test_seed, workers=workers, **r.synth)
-        result = evaluate(model=out_p / "model", data=test / "data.json", both=True, out=out_p / "eval.json")
-        summary["test"] = {part: result[part]["overall"] for part in ("video", "blind")}
-        summary["eval_s"] = result["seconds"]
-    (out_p / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _same_synth(meta: dict[str, Any], n: int, kwargs: dict[str, Any]) -> bool:
-    """Whether a synth folder's meta.json matches what the recipe asks (so it is reused, not regenerated);
-    an option a meta.json does not record (written before it existed) had synth.generate's default."""
-    from valley_rt.train.synth import generate
-
-    defaults = inspect.signature(generate).parameters
-    return meta.get("n") == n and all(meta.get(k, defaults[k].default) == v for k, v in kwargs.items())
-
-
-def _vision_phase(r, cfg: ValleyConfig, tok, out_p: Path, *, threads: int | None, cache: FrameCache,
-                  text_json: Path, device: str = "cpu", workers: int = 1) -> dict[str, Any]:
-    """Phase 0: pretrain the visual side of a fresh model on the training clips (vision_pretrain: the tower,
-    then the projector + temporal module) and, with `r.text_pretrain`, its LLM on the text of `text_json`;
-    save it as OUT/phase0/model. Short (minutes), so a crash reruns it rather than resuming it."""
-    from valley_rt.checkpoint import save_checkpoint
-    from valley_rt.model import build_model
-    from valley_rt.train.vision_pretrain import pretrain_visual
-
-    folder = out_p / "phase0"
-    if (folder / "summary.json").is_file() and (folder / "model").is_dir():
-        return json.loads((folder / "summary.json").read_text())
-    if threads:
-        torch.set_num_threads(threads)
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / METRICS_FILE
-    log.unlink(missing_ok=True)
-    model = build_model(cfg, seed=r.seed).to(device)  # initialised on the CPU: the same weights on any device
-    summary = pretrain_visual(model, out_p / "data" / "train", seed=r.seed, log=lambda m: _append_jsonl(log, m),
-                              cache=cache, workers=workers, **r.vision_pretrain)
-    if r.text_pretrain:  # the LLM as a language model on the conversations' text (train/text_pretrain.py)
-        from valley_rt.train.text_pretrain import pretrain_text
-
-        text = pretrain_text(model, tok, text_json, seed=r.seed, log=lambda m: _append_jsonl(log, m),
-                             **r.text_pretrain)
-        summary["text"] = text
-        summary["seconds"] = round(summary["seconds"] + text["seconds"], 1)
-        summary["steps"] += text["steps"]
-    save_checkpoint(model.eval(), folder / "model", tokenizer=tok)
-    summary["phase"] = "vision_pretrain"
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _subsample_long(data_json: Path, keep: float, seed: int) -> Path:
-    """A copy of the data without most long descriptions (a deterministic `keep` share of clips keeps
-    theirs): they are the longest answers and would dominate CPU time."""
-    records = json.loads(data_json.read_text())
-    rng = random.Random(seed)
-    kept = [r for r in records if r.get("task") != "long_description" or rng.random() < keep]
-    out = data_json.with_name("train_subset.json")
-    if not out.is_file() or json.loads(out.read_text()) != kept:
-        out.write_text(json.dumps(kept, indent=1) + "\n")
-    return out
-
-
-def _is_run_folder(folder: Path) -> bool:
+def is_run_folder(folder: Path) -> bool:
     """A run folder written before run folders carried valley-rt's marker file: its run.json, or a
     recipe's synthesized data."""
     try:
@@ -570,32 +391,18 @@ def _is_run_folder(folder: Path) -> bool:
         return (folder / "data" / "train" / "meta.json").is_file()
 
 
-def train_main(*, out: str, recipe: str | None = None, data: str | None = None, val_data: str | None = None,
-               init: str | None = None, resume: bool = False, stage: int = 2, train_vision: bool = False,
-               freeze_temporal: bool = False, freeze_projector: bool = False,
-               epochs: float | None = None, max_steps: int | None = None, batch_size: int = 8, grad_accum: int = 1,
-               lr: float = 2e-5, seed: int = 0, save_every: int = 0, eval_every: int = 0, precision: str = "auto",
-               device: str = "cpu", threads: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """`valley-rt train`: a named recipe (synthesizes its data, trains from scratch), or DATA from an
-    --init checkpoint. On --resume the run's saved options (run.json) win over the command line.
-    OUT must be new, empty or an earlier run's folder (valley_rt.outdir.claim_folder): a folder of other
-    files is refused, never written into."""
+def train_main(opts: TrainOptions, *, resume: bool = False) -> dict[str, Any]:
+    """`valley-rt train DATA`: train with `opts`; on resume the run's saved options (OUT/run.json) win,
+    except the thread count and the progress bar. OUT must be new, empty or an earlier run's folder
+    (valley_rt.outdir.claim_folder): a folder of other files is refused, never written into."""
     from valley_rt.outdir import claim_folder
 
-    claim_folder(out, kind="train-run", legacy=_is_run_folder)
-    if recipe:
-        return run_recipe(name=recipe, out=out, resume=resume, threads=threads, progress=progress, epochs=epochs,
-                          max_steps=max_steps, device=device)
-    run_file = Path(out) / "run.json"
+    claim_folder(opts.out, kind="train-run", legacy=is_run_folder)
+    run_file = Path(opts.out) / "run.json"
     if resume and run_file.is_file():
         saved = json.loads(run_file.read_text())["options"]
-        opts = TrainOptions(**{**saved, "threads": threads or saved.get("threads"), "progress": progress})
+        opts = TrainOptions(**{**saved, "threads": opts.threads or saved.get("threads"), "progress": opts.progress})
         return train(opts, resume=True)
-    if not data:
-        raise DataError("train: give --recipe NAME, or DATA with --init CHECKPOINT")
-    opts = TrainOptions(data=data, out=out, val_data=val_data, init=init, stage=stage, train_vision=train_vision,
-                        train_temporal=not freeze_temporal, train_projector=not freeze_projector,
-                        epochs=epochs or 1.0, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-                        lr=lr, seed=seed, save_every=save_every, eval_every=eval_every, precision=precision,
-                        device=device, threads=threads, progress=progress)
+    if not opts.data:
+        raise DataError("train: give DATA (a Valley instruction JSON) with --init CHECKPOINT, or a --recipe")
     return train(opts, resume=resume)

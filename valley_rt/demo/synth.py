@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from valley_rt.errors import DataError, VideoError
+from valley_rt.errors import DataError
+from valley_rt.prompt import NUMBER_WORDS, normalize_answer
+from valley_rt.video import write_mp4
 
 # Saturated, well separated RGB colours (they survive yuv420p chroma subsampling).
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -52,7 +53,6 @@ WALL_RGB = (150, 150, 150)
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 _OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 TASK_FAMILIES: tuple[str, ...] = ("multi_shot_caption", "long_description", "action", "causal", "counting",
                                   "order")
@@ -457,38 +457,6 @@ def render_frames(plan: ClipPlan, arena: Arena, width: int, height: int, only: s
     return frames
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
-    """Encode RGB frames as H.264 (libx264, yuv420p) mp4; one encoder thread so output bytes are deterministic."""
-    import av
-
-    T, H, W, _ = frames.shape
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.options = {"crf": "18", "preset": "superfast", "threads": "1"}
-        stream.codec_context.thread_count = 1
-        for i in range(T):
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
-            frame.pts = i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-
-
-def render_blank_video(path: str | os.PathLike, *, like: str | os.PathLike) -> None:
-    """A video with the size, frame count and frame rate of `like`, every frame black (the eval's blind control)."""
-    import av
-
-    try:
-        with av.open(str(like)) as c:
-            st = c.streams.video[0]
-            W, H = st.codec_context.width, st.codec_context.height
-            fps = st.average_rate or st.base_rate or 10
-            n = sum(1 for _ in c.decode(st))
-    except (av.error.FFmpegError, IndexError) as e:
-        raise VideoError(f"{like}: cannot read as a video to copy its shape ({e})") from None
-    write_mp4(path, np.zeros((max(n, 1), H, W, 3), np.uint8), int(round(float(fps))))
-
-
 # --------------------------------------------------------------------------------------------- language
 def _capitalize(s: str) -> str:
     return s[:1].upper() + s[1:]
@@ -631,18 +599,6 @@ def _pick(rng, family: str, **names: str) -> str:
     return templates[int(rng.integers(len(templates)))].format(**names)
 
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = re.compile(r"[^\w\s]")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, number words -> digits, collapse spaces (exact-match key)."""
-    s = _PUNCT.sub(" ", text.lower())
-    s = _ARTICLES.sub(" ", s)
-    words = [str(NUMBER_WORDS.index(w)) if w in NUMBER_WORDS else w for w in s.split()]
-    return " ".join(words)
-
-
 # --------------------------------------------------------------------------------------------- driver
 @dataclass(frozen=True)
 class _Job:
@@ -669,21 +625,6 @@ def _make_clip(job: _Job, index: int) -> tuple[list[dict[str, Any]], str]:
 def _make_range(args: tuple[_Job, int, int]) -> list[tuple[list[dict[str, Any]], str]]:
     job, lo, hi = args
     return [_make_clip(job, i) for i in range(lo, hi)]
-
-
-def chance_accuracy(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Per short-answer family: the best a question-only guesser can expect, i.e. the larger of the mean
-    1/len(choices) (guessing among the choices the question allows) and the most frequent answer's share."""
-    out = {}
-    for fam in SHORT_FAMILIES:
-        recs = [r for r in records if r["task"] == fam]
-        if not recs:
-            continue
-        uniform = float(np.mean([1.0 / len(r["choices"]) for r in recs]))
-        answers = [normalize_answer(r["conversations"][-1]["value"]) for r in recs]
-        majority = max(answers.count(a) for a in set(answers)) / len(answers)
-        out[fam] = round(max(uniform, majority), 4)
-    return out
 
 
 def answer_counts(records: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -746,6 +687,8 @@ def generate(out_dir: str | os.PathLike, *, n: int, seed: int, width: int = 128,
 
     out = claim_folder(out_dir, kind="synth", legacy=_is_synth_folder)
     (out / "videos").mkdir(parents=True, exist_ok=True)
+    from valley_rt.train.evaluate import chance_accuracy
+
     job = _Job(str(out), seed, width, height, fps, num_frames, frames_hint, resize_short, crop, extra_questions)
     t0 = time.perf_counter()
     results = map_ranges(_make_range, job, n, workers)

@@ -1,7 +1,7 @@
-"""Phase 0 of the demo recipe: pretrain the visual side on the synthetic world (this project's stand-in for CLIP).
+"""Phase 0 of the demo recipe: pretrain the visual side on the synthetic world (the demo's stand-in for CLIP).
 
-Valley starts from a pretrained CLIP ViT whose tokens already say what is where. None can be downloaded
-here, and a random tower trained only through the LLM's loss either collapses (trained jointly from the
+Valley starts from a pretrained CLIP ViT whose tokens already say what is where. None is available
+offline, and a random tower trained only through the LLM's loss either collapses (trained jointly from the
 start) or stays a random projection of pixels (frozen): that keeps colours and counts but hardly where an
 object is, and the first demo model stayed at chance on direction, order and cause (59.8 % overall).
 
@@ -74,7 +74,7 @@ def _rays(arena, tracks: list, frame: int, colors: list[str]) -> dict[str, tuple
     the plan's, not the pixels': resizing blends edges into colours of their own. This is what a bounce's
     cause is told by: the object a bouncer will hit is ahead of it in its lane from the moment it is
     there, while a wall bounce has only the wall ahead."""
-    from valley_rt.train.synth import axis_sign
+    from valley_rt.demo.synth import axis_sign
 
     size = arena.size
     inner = (arena.x0 + arena.wall, arena.y0 + arena.wall, arena.x0 + arena.side - arena.wall,
@@ -101,7 +101,7 @@ def _rays(arena, tracks: list, frame: int, colors: list[str]) -> dict[str, tuple
 
 def clip_labels(video: str | Path, cfg: ValleyConfig, meta: dict[str, Any]) -> FrameLabels:
     """Re-draw and re-render synthetic clip `video` (a synth file name) at the frames the model samples."""
-    from valley_rt.train import synth
+    from valley_rt.demo import synth
     from valley_rt.video import resize_crop
 
     m = _NAME.match(Path(video).name)
@@ -233,7 +233,7 @@ def load_synth(data_dir: str | Path, cfg: ValleyConfig, max_clips: int | None = 
     labels, seconds taken. `cache`: a train.data.FrameCache to decode through (and fill), e.g. the one
     the instruction phase then reads from. `workers` > 1 decodes and labels the clips in that many
     processes (the result does not depend on it)."""
-    from valley_rt.train import synth
+    from valley_rt.demo import synth
     from valley_rt.train.data import FrameCache
 
     data_dir = Path(data_dir)
@@ -295,7 +295,7 @@ def pretrain_tower(model, data_dir: str | Path, *, steps: int, batch_frames: int
 
     Returns a summary: steps, seconds, final loss parts and the probe metrics on `val_clips` held-out clips.
     """
-    from valley_rt.train import synth
+    from valley_rt.demo import synth
     from valley_rt.video import normalize
 
     cfg: ValleyConfig = model.cfg
