@@ -99,7 +99,7 @@ if triton is not None:
             g = k0 // GROUP  # the whole tile lies in one group
             scale = tl.load(s_ptr + g * N + offs_n, mask=mask_kn, other=0.0).to(tl.float32)  # [BN]
             zw = tl.load(qz_ptr + g * NZ + offs_n // 8, mask=mask_kn, other=0)  # [BN] words
-            zw = zw.to(tl.uint32, bitcast=True) + V1_ZERO_WORD  # undo v1's whole-word "minus one" (mod 2**32)
+            zw = zw.to(tl.uint32, bitcast=True) + 0x11111111  # V1_ZERO_WORD: undo v1's whole-word "minus one" (mod 2**32)
             zero = ((zw >> z_shift.to(tl.uint32)) & 0xF).to(tl.int32)  # [BN]
             w = (codes - zero[None, :]).to(tl.float32) * scale[None, :]  # [BK, BN] dequantized
             offs_k = k0 + tl.arange(0, BLOCK_K)
