@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -61,7 +61,7 @@ if triton is not None:
         x_ptr,  # [M, K] activations (fp16 / bf16 / fp32), row stride stride_xm, unit stride along K
         qw_ptr,  # [K/8, N] int32 packed codes, contiguous: word (k // 8, n) holds code (k, n) at bits 4*(k % 8)
         qz_ptr,  # [G, NZ] int32 GPTQ v1 zero points (whole word stored minus 0x11111111), contiguous
-        s_ptr,  # [G, N] fp16 scales, contiguous; row g serves input rows [g*GROUP, (g+1)*GROUP)
+        s_ptr,  # [G, N] fp16 (or fp32) scales, contiguous; row g serves input rows [g*GROUP, (g+1)*GROUP)
         y_ptr,  # [M, N] out, row stride stride_ym: x's dtype when SPLIT_K == 1, else fp32 accumulated atomically
         M, N, K,  # sizes
         NZ,  # words per row of qzeros: ceil(N / 8)
@@ -180,10 +180,12 @@ class Int4Weight:
 
     qweight: Tensor  # [K/8, N] int32
     qzeros: Tensor  # [G, ceil(N/8)] int32, v1 (minus one)
-    scales: Tensor  # [G, N] fp16
+    scales: Tensor  # [G, N] fp16 (GPTQ), or fp32 where fp16 would round (engines exported round-to-nearest)
     group_size: int  # rows per group, a multiple of 16 dividing K
     perm: Tensor | None = None  # [K] int64: input rows in group order (act-order); None = identity
     tinygemm: tuple[Tensor, Tensor] | None = None  # (packed weight, scales_and_zeros) for torch's int4 mm
+    # the reference's dequantized [K, N] fp32, kept on CPU (where the reference is the path that runs)
+    dense_cpu: Tensor | None = field(default=None, repr=False)
 
     @property
     def k(self) -> int:
@@ -225,7 +227,7 @@ class Int4Weight:
     def to(self, device) -> "Int4Weight":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, qweight=mv(self.qweight), qzeros=mv(self.qzeros), scales=mv(self.scales),
-                       perm=mv(self.perm), tinygemm=None if self.tinygemm is None else tuple(map(mv, self.tinygemm)))
+                       perm=mv(self.perm), dense_cpu=None, tinygemm=None if self.tinygemm is None else tuple(map(mv, self.tinygemm)))
 
     def dequantize(self) -> Tensor:
         """float32 [K, N] in sorted row order (pair with x[..., perm])."""
@@ -235,7 +237,7 @@ class Int4Weight:
         """The weight restricted to output columns `cols` (repacks the zero words)."""
         zeros = unpack_zeros_v1(self.qzeros, self.n)[:, cols]
         return replace(self, qweight=self.qweight[:, cols].contiguous(), qzeros=pack_zeros_v1(zeros),
-                       scales=self.scales[:, cols].contiguous(), tinygemm=None)
+                       scales=self.scales[:, cols].contiguous(), tinygemm=None, dense_cpu=None)
 
 
 def quantize_rtn(w: Tensor, group_size: int, *, sym: bool = False) -> Int4Weight:
@@ -311,10 +313,10 @@ def _int4_linear_triton(x: Tensor, w: Int4Weight, **blocks) -> Tensor:
         raise ValueError(f"int4_linear: x must be [M, {w.k}], got {list(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"int4_linear: x must be fp16, bf16 or fp32, got {x.dtype}")
-    for name, t, dtype in (("qweight", w.qweight, torch.int32), ("qzeros", w.qzeros, torch.int32),
-                           ("scales", w.scales, torch.float16)):
-        if t.dtype != dtype or not t.is_contiguous() or t.device != x.device:
-            raise ValueError(f"int4_linear: {name} must be contiguous {dtype} on {x.device}, "
+    for name, t, dtypes in (("qweight", w.qweight, (torch.int32,)), ("qzeros", w.qzeros, (torch.int32,)),
+                            ("scales", w.scales, (torch.float16, torch.float32))):
+        if t.dtype not in dtypes or not t.is_contiguous() or t.device != x.device:
+            raise ValueError(f"int4_linear: {name} must be contiguous {' or '.join(map(str, dtypes))} on {x.device}, "
                              f"got {t.dtype} on {t.device}, strides {t.stride()}")
     if w.perm is not None:
         x = x[:, w.perm]
@@ -351,7 +353,11 @@ def _int4_linear_tinygemm(x: Tensor, w: Int4Weight) -> Tensor:
 def int4_linear_reference(x: Tensor, w: Int4Weight, **_) -> Tensor:
     """Plain torch: dequantize, then matmul in fp32; x [M, K] -> [M, N] in x's dtype."""
     xs = x if w.perm is None else x[:, w.perm]
-    return (xs.float() @ w.dequantize().to(x.device)).to(x.dtype)
+    if x.is_cuda:
+        return (xs.float() @ w.dequantize()).to(x.dtype)
+    if w.dense_cpu is None:
+        w.dense_cpu = w.dequantize()
+    return (xs.float() @ w.dense_cpu).to(x.dtype)
 
 
 @functools.cache
