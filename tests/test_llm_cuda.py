@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tiny LLaMA helpers of test_llm_backend (importlib mode)
 from test_llm_backend import tiny_llama, write_tiny_gptq  # noqa: E402
 
-from valley_rt.backends.llm_cuda import CudaLLM, load_engine_llm, sample_on_device, weights_from_hf  # noqa: E402
+from valley_rt.backends.llm_cuda import CudaLLM, hf_llama, load_engine_llm, sample_on_device, weights_from_hf  # noqa: E402
 from valley_rt.backends.llm_onnx import OnnxLLM  # noqa: E402
 from valley_rt.backends.llm_torch import TorchLLM  # noqa: E402
 from valley_rt.export.llm_onnx import export_llm_onnx  # noqa: E402
@@ -51,24 +51,6 @@ class _Tok:
         return " ".join(map(str, ids))
 
 
-def _hf_with(model, weights) -> TorchLLM:
-    """A copy of the HF model carrying `weights` (dense [K, N], fused) split back into its projections."""
-    ref = type(model)(model.config).eval()
-    sd = model.state_dict()
-    s = weights.shape
-    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-    for i, lw in enumerate(weights.layers):
-        p = f"model.layers.{i}"
-        for name, part in zip(("q", "k", "v"), lw.qkv.split([q, kv, kv], dim=1)):
-            sd[f"{p}.self_attn.{name}_proj.weight"] = part.t()
-        sd[f"{p}.self_attn.o_proj.weight"] = lw.o.t()
-        gate, up = lw.gate_up.chunk(2, dim=1)
-        sd[f"{p}.mlp.gate_proj.weight"], sd[f"{p}.mlp.up_proj.weight"] = gate.t(), up.t()
-        sd[f"{p}.mlp.down_proj.weight"] = lw.down.t()
-    ref.load_state_dict(sd)
-    return TorchLLM(ref)
-
-
 @pytest.mark.parametrize("kind", ["hd8", "hd32"])
 def test_eager_dense_matches_transformers(kind):
     model = tiny_llama(kind)
@@ -81,7 +63,7 @@ def test_eager_int4_matches_dequantized_transformers():
     model = tiny_llama("hd8", seed=1)
     weights = weights_from_hf(model, group_size=32)
     assert isinstance(weights.layers[0].qkv, Int4Weight)
-    ref = _hf_with(model, weights.dequantized())
+    ref = TorchLLM(hf_llama(weights.dequantized()))  # transformers on the dequantized weights
     for g, w in zip(_run(_eager(weights)), _run(ref)):
         torch.testing.assert_close(g, w, atol=2e-4, rtol=1e-4)
 
@@ -196,3 +178,51 @@ def test_cuda_int4_logits_close_to_dequantized_fp16():
     for t in (3, 9, 27):
         a, b = int4.decode(t), dense.decode(t)
         assert torch.cosine_similarity(a, b, dim=0) > 0.999
+
+
+def _demo_answers(valley) -> list[str]:
+    import json
+
+    clips = DEMO_ENGINE.parent / "clips"
+    answers = []
+    for clip in json.loads((clips / "questions.json").read_text())["clips"]:
+        ctx = valley.encode_video(clips / clip["video"])
+        for q in clip["questions"]:
+            valley.reset()
+            answers.append(valley.ask(ctx, q["question"], params=SamplingParams(max_new_tokens=96)).answer)
+    return answers
+
+
+def _demo_records() -> list[str]:
+    import json
+
+    data = json.loads((DEMO_ENGINE.parent / "clips" / "questions.json").read_text())
+    return [q["demo_answer"] for clip in data["clips"] for q in clip["questions"]]
+
+
+@pytest.mark.slow
+def test_demo_answers_with_the_cuda_backend_eager_equal_the_engine():
+    """The runtime with its LLM swapped for this backend (eager, fp32, CPU) answers the bundled demo
+    questions exactly as the CPU engine does."""
+    from valley_rt.runtime import load
+
+    if not (DEMO_ENGINE / "manifest.json").is_file():
+        pytest.skip(f"{DEMO_ENGINE} is not present")
+    valley = load(DEMO_ENGINE)
+    want = _demo_answers(valley)
+    valley.llm = CudaLLM.from_engine(DEMO_ENGINE / "llm", device="cpu", dtype=torch.float32, graphs=False)
+    got = _demo_answers(valley)
+    assert len(got) == len(_demo_records()) and got == want
+
+
+@gpu
+def test_demo_engine_on_cuda_answers_like_the_cpu_engine():
+    """load(engine, device="cuda"): int4 LLM in CUDA graphs; greedy answers equal the CPU engine's."""
+    from valley_rt.runtime import load
+
+    gpu_valley = load(DEMO_ENGINE, device="cuda")
+    assert gpu_valley.backends["kind"] == "engine-cuda" and gpu_valley.llm.graphs
+    got = _demo_answers(gpu_valley)
+    want = _demo_answers(load(DEMO_ENGINE))
+    same = sum(a == b for a, b in zip(got, want))
+    assert same == len(want), f"{same}/{len(want)} answers equal the CPU engine's"

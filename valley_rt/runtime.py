@@ -243,7 +243,7 @@ class Valley:
     def _embeds(self, ids: list[int], ctx: VideoContext) -> torch.Tensor:
         """Token embeddings with the visual tokens spliced in: [S, H]."""
         table = self.llm.embed(ids)  # [S, H]
-        pooled, frames = ctx.visual
+        pooled, frames = (v.to(table.device) for v in ctx.visual)  # vision and LLM may sit on different devices
         return splice(table[None], torch.tensor([ids], device=table.device), (pooled[None], frames[None]), self.cfg)[0]
 
     def _answer(self, ctx: VideoContext, turns: list[Turn], question: str, *, params: SamplingParams,
@@ -365,7 +365,7 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
     if (path / "manifest.json").is_file():
         if reference:
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
-        valley = _load_engine(path, threads=threads)
+        valley = _load_engine(path, threads=threads, cuda=device == "cuda")
     elif (path / "valley.json").is_file():
         if reference:
             valley = _load_reference(path)
@@ -377,7 +377,7 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
         raise EngineError(f"{path}: no such model folder")
     else:
         raise EngineError(f"{path}: neither an engine folder (manifest.json) nor a valley-rt checkpoint (valley.json)")
-    if valley.kind == "engine":
+    if valley.kind in ("engine", "engine-cuda"):
         _warm_up(valley)
     valley.load_ms = (time.perf_counter() - t0) * 1e3
     return valley
@@ -408,7 +408,10 @@ def _warm_up(valley: Valley) -> None:
     valley.reset()
 
 
-def _load_engine(path: Path, *, threads: int) -> Valley:
+def _load_engine(path: Path, *, threads: int, cuda: bool = False) -> Valley:
+    """cuda=True: the LLM's int4 weights are read back from llm.onnx into the CUDA-graphs backend
+    (backends/llm_cuda.py); the vision graph stays on ONNX Runtime (an engine holds no torch vision
+    weights), on the GPU when the engine has a GPU graph and onnxruntime-gpu is there."""
     from valley_rt.backends.llm_onnx import OnnxLLM
     from valley_rt.backends.vision import OnnxVision
     from valley_rt.export.manifest import load_manifest
@@ -421,10 +424,18 @@ def _load_engine(path: Path, *, threads: int) -> Valley:
     files = manifest.get("files", {})
     vision = OnnxVision.from_engine(path, manifest=manifest, threads=threads)
     vision.name = f"onnxruntime-{manifest.get('precision', {}).get('vision', '?')}"
-    llm = OnnxLLM(path / files.get("llm", "llm/").rstrip("/"), threads=threads)
-    llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
+    llm_dir = path / files.get("llm", "llm/").rstrip("/")
+    if cuda:
+        from valley_rt.backends.llm_cuda import CudaLLM
+
+        llm = CudaLLM.from_engine(llm_dir, device="cuda")
+        llm.warm_up()  # capture the first decode graph now, not in the first answer
+    else:
+        llm = OnnxLLM(llm_dir, threads=threads)
+        llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
     tok = open_tokenizer(path / files.get("tokenizer", "tokenizer/"))
-    return Valley(cfg=cfg, tokenizer=tok, vision=vision, llm=llm, source=str(path), kind="engine")
+    return Valley(cfg=cfg, tokenizer=tok, vision=vision, llm=llm, source=str(path),
+                  kind="engine-cuda" if cuda else "engine")
 
 
 def _load_reference(path: Path) -> Valley:

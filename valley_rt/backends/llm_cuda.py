@@ -116,19 +116,19 @@ class LlamaWeights:
                   for lw in self.layers]
         return LlamaWeights(self.shape, mv(self.embed), layers, mv(self.norm), mv(self.lm_head), self.source)
 
-    def dequantized(self) -> "LlamaWeights":
-        """Every int4 linear as its dense fp32 dequantization (input rows back in checkpoint order): the
-        reference the int4 path is checked against."""
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> "LlamaWeights":
+        """Every int4 linear as its dense dequantization in `dtype` (input rows back in checkpoint
+        order): the reference the int4 path is checked against. One linear at a time in fp32."""
 
         def dq(w):
             if not isinstance(w, Int4Weight):
                 return w
             d = w.dequantize()  # [K, N] rows in sorted order
-            if w.perm is None:
-                return d
-            out = torch.empty_like(d)
-            out[w.perm.to(d.device)] = d  # x[..., perm] @ d == x @ out
-            return out
+            if w.perm is not None:
+                out = torch.empty_like(d)
+                out[w.perm.to(d.device)] = d  # x[..., perm] @ d == x @ out
+                d = out
+            return d.to(dtype)
 
         def dq_cat(w):
             return torch.cat([dq(p) for p in w], dim=1) if isinstance(w, list) else dq(w)
@@ -332,6 +332,70 @@ def random_weights(shape: Shape, *, device, group_size: int = 128, quant: bool =
     return LlamaWeights(shape, embed, layers, norm(), head, source="random")
 
 
+def quant_linears(weights: LlamaWeights) -> list[Int4Weight]:
+    """Every int4 linear of the decoder, in layer order."""
+    out = []
+    for lw in weights.layers:
+        for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
+            out += [p for p in (w if isinstance(w, list) else [w]) if isinstance(p, Int4Weight)]
+    return out
+
+
+def choose_int4_backend(weights: LlamaWeights) -> tuple[str, dict[str, float]]:
+    """Triton kernel or torch's tinygemm, whichever runs the first layer's linears faster at batch 1 on
+    this GPU (tinygemm only where every linear fits its layout and its output matches the reference);
+    the loser's packing is dropped. Returns (backend, microseconds per layer for each candidate)."""
+    from valley_rt.kernels.int4_linear import choose_backend, to_tinygemm
+
+    linears = quant_linears(weights)
+    first = linears[: len(linears) // max(1, weights.shape.num_layers)]
+    for w in first:
+        w.tinygemm = to_tinygemm(w)
+    times = choose_backend(first)
+    best = min(times, key=times.get)
+    for w in linears:
+        w.tinygemm = to_tinygemm(w) if best == "tinygemm" else None
+    return best, times
+
+
+def hf_llama(weights: LlamaWeights):
+    """A transformers LlamaForCausalLM over dense LlamaWeights, sharing their tensors (nn.Linear holds
+    the [N, K] transposed view): the fp16 eager baseline and an independent reference implementation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = weights.shape
+    cfg = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                      num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
+                      head_dim=s.head_dim, max_position_embeddings=s.max_position_embeddings, rms_norm_eps=s.rms_norm_eps,
+                      rope_theta=s.rope_theta, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+
+    def put(module, w):
+        if isinstance(w, list) or isinstance(w, Int4Weight):
+            raise ValueError("hf_llama needs dense weights (LlamaWeights.dequantized())")
+        module.weight = torch.nn.Parameter(w.t(), requires_grad=False)
+
+    model.model.embed_tokens.weight = torch.nn.Parameter(weights.embed, requires_grad=False)
+    for layer, lw in zip(model.model.layers, weights.layers):
+        for proj, part in zip((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                              lw.qkv.split([q, kv, kv], dim=1)):
+            put(proj, part)
+        put(layer.self_attn.o_proj, lw.o)
+        gate, up = lw.gate_up.chunk(2, dim=1)
+        put(layer.mlp.gate_proj, gate)
+        put(layer.mlp.up_proj, up)
+        put(layer.mlp.down_proj, lw.down)
+        layer.input_layernorm.weight = torch.nn.Parameter(lw.ln1, requires_grad=False)
+        layer.post_attention_layernorm.weight = torch.nn.Parameter(lw.ln2, requires_grad=False)
+    model.model.norm.weight = torch.nn.Parameter(weights.norm, requires_grad=False)
+    put(model.lm_head, weights.lm_head)
+    with torch.device(weights.embed.device):  # real inv_freq buffers instead of meta ones
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------------------- the model
 
 
@@ -455,8 +519,12 @@ class CudaLLM:
         self.hidden_size, self.vocab_size = s.hidden_size, s.vocab_size
         self.max_context = int(min(max_context or s.max_position_embeddings, s.max_position_embeddings))
         self.weights = weights.to(device, dtype)
+        self.int4_timings: dict[str, float] = {}
+        if quant_linears(self.weights) and device.type == "cuda" and int4_backend is None:
+            int4_backend, self.int4_timings = choose_int4_backend(self.weights)
         self.model = LlamaDecoder(self.weights, max_context=self.max_context, dtype=dtype, device=device,
                                   int4_backend=int4_backend)
+        self.int4_backend = int4_backend
         self.device, self.dtype = device, dtype
         quant = isinstance(weights.layers[0].o, Int4Weight)
         self.name = f"{'int4' if quant else str(dtype).split('.')[-1]}-{device.type}{'-graphs' if self.graphs else ''}"
