@@ -194,7 +194,11 @@ def main() -> int:
         r = bench_shape(name, device, dtype, tokens, graphs, args.prompt)
         int4 = r.pop("_int4")
         if name in ("7b", "tiny"):
-            r["ttft"] = ttft(int4, device, dtype, args.dry_run)
+            try:
+                r["ttft"] = ttft(int4, device, dtype, args.dry_run)
+            except Exception as e:  # reported in the JSON and in the exit code, the decode figures kept
+                r["ttft"] = {"error": f"{type(e).__name__}: {e}"}
+                ok = False
         del int4
         if device.type == "cuda":
             r["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
