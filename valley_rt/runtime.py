@@ -351,7 +351,8 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
     """Load an engine folder, a checkpoint folder, or (path None) the bundled demo model.
 
     device: "auto" / "cpu" / "cuda". A checkpoint on CUDA runs the torch GPU path (fp16 vision tower with
-    the fused Triton temporal-pooling kernel, fp16 LLM); on CPU it is exported once to an engine.
+    the fused Triton temporal-pooling kernel, fp16 LLM); on CPU it is exported once to an engine. An engine
+    folder with device "cuda" runs its int4 LLM in CUDA graphs (backends/llm_cuda.py, docs/gpu.md).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValleyError(f"--device must be auto, cpu or cuda, got {device!r}")
