@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from valley_rt.errors import EngineError
-from valley_rt.kernels.int4_linear import Int4Weight, int4_linear, pack_rows, pack_zeros_v1
+from valley_rt.kernels.int4_linear import Int4Weight, int4_linear, pack_rows, pack_zeros_v1, unpack_zeros_v1
 
 GRAPH_BUCKET_MIN = 256  # smallest number of cache rows a decode graph attends over
 
@@ -239,8 +239,6 @@ def _concat_columns(parts: list[Linear]) -> Linears:
             (p.perm is None and first.perm is None) or (p.perm is not None and first.perm is not None
                                                          and torch.equal(p.perm, first.perm))) for p in parts)
         if same:
-            from valley_rt.kernels.int4_linear import unpack_zeros_v1
-
             zeros = torch.cat([unpack_zeros_v1(p.qzeros, p.n) for p in parts], dim=1)
             return Int4Weight(torch.cat([p.qweight for p in parts], 1), pack_zeros_v1(zeros),
                               torch.cat([p.scales for p in parts], 1), first.group_size, first.perm)
