@@ -280,14 +280,16 @@ def _sm_count(device_index: int) -> int:
 
 def pick_blocks(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
     """Block sizes: BLOCK_K = the largest of 128/64/32/16 dividing the group; at decode (M <= 16) split K
-    until the grid covers the SMs about four times (each program still runs >= 2 tiles)."""
+    until the grid covers the SMs about four times (each program still runs >= 2 tiles). Chosen by
+    reasoning about occupancy, not yet measured on a GPU (bench_gpu_llm.py reports the result)."""
     block_k = next(b for b in (128, 64, 32, 16) if group_size % b == 0)
     if device.type != "cuda":  # interpreter: few big programs run fastest
         return {"block_m": 1 if m == 1 else 16, "block_n": 64, "block_k": block_k, "split_k": 1, "num_warps": 4}
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    block_m = 1 if m == 1 else (16 if m <= 16 else 64)
-    block_n = 64 if m <= 16 else 128
-    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    if m > 16:  # prefill: compute-bound tiles; a [64, 128] fp32 accumulator wants 8 warps and BLOCK_K <= 64
+        return {"block_m": 64, "block_n": 128, "block_k": min(block_k, 64), "split_k": 1, "num_warps": 8}
+    block_m, block_n = (1 if m == 1 else 16), 64
+    programs = triton.cdiv(n, block_n)
     split = 1
     while programs * split * 2 <= 4 * sms and k // (split * 2) >= 2 * block_k:
         split *= 2

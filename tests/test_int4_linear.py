@@ -178,13 +178,13 @@ from valley_rt.kernels import int4_linear as il
 k = il._int4_matmul_kernel
 done = []
 for dt in ("fp16", "bf16"):
-    for bm, bn, bk, split in ((1, 64, 128, 8), (1, 64, 128, 1), (16, 64, 128, 4), (64, 128, 64, 1)):
+    for bm, bn, bk, split, warps in ((1, 64, 128, 8, 4), (1, 64, 128, 1, 4), (16, 64, 128, 4, 4), (64, 128, 64, 1, 8)):
         out = "fp32" if split > 1 else dt
         sig = dict(x_ptr=f"*{dt}", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", y_ptr=f"*{out}", M="i32", N="i32",
                    K="i32", NZ="i32", stride_xm="i32", stride_ym="i32", GROUP="i32", K_SPLIT="i32",
                    BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", SPLIT_K="constexpr")
         src = ASTSource(k, sig, constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split))
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
         done.append(f"{dt}-{bm}x{bn}x{bk}-split{split}:{len(ptx)}")
 print(json.dumps(done))
 """
