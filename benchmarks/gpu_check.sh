@@ -43,6 +43,8 @@ step "runtime torch GPU path"      "$PY" -m pytest tests/test_runtime.py -q -rs 
 step "vision engine GPU tests"     "$PY" -m pytest tests/test_export_vision.py -q -rs -m gpu
 step "ask: GPU path vs reference"  "$PY" benchmarks/bench_gpu_ask.py
 step "trainer on CUDA"             "$PY" -m pytest tests/test_train.py -q -rs -m gpu
+step "int4 linear + CUDA LLM/vision" "$PY" -m pytest tests/test_int4_linear.py tests/test_llm_cuda.py tests/test_vision_cuda.py -q -rs -m "not slow"
+step "int4 CUDA-graph decode bench" "$PY" benchmarks/bench_gpu_llm.py
 # -------------------------------------------------------------------------------------------------
 
 echo

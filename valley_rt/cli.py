@@ -187,7 +187,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
         q: list[str] = typer.Option([], "-q", "--question", help="More questions about the same video (repeatable)."),
         model: Optional[Path] = typer.Option(None, "--model", "-m", help="Engine or checkpoint folder (default: the bundled demo)."),
         reference: bool = typer.Option(False, help="Run the PyTorch reference path (needs a checkpoint)."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda (a checkpoint on cuda runs the torch GPU path)."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda (cuda: a checkpoint runs the torch GPU path, an engine its int4 LLM in CUDA graphs)."),
         frames: Optional[int] = typer.Option(None, help="Frames to sample (fixed mode; default from the model)."),
         fps: Optional[float] = typer.Option(None, help="Sample this many frames per second instead."),
         max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),

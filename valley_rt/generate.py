@@ -195,11 +195,17 @@ def prefill(backend: LLMBackend, embeds: torch.Tensor) -> torch.Tensor:
     return backend.prefill(embeds)
 
 
+def sampler(backend: LLMBackend) -> Callable[[torch.Tensor, SamplingParams, torch.Generator | None], int]:
+    """The backend's own `sample` (same rules, run where its logits live: the CUDA backend samples on
+    the GPU) or `sample` above."""
+    return getattr(backend, "sample", sample)
+
+
 def decode_one_token(backend: LLMBackend, token_id: int, params: SamplingParams,
                      generator: torch.Generator | None) -> int:
     """Feed the previous token into the cache, sample the next one."""
     logits = backend.decode(token_id)  # [V]
-    return sample(logits, params, generator)
+    return sampler(backend)(logits, params, generator)
 
 
 def decode_n_tokens(backend: LLMBackend, first_token: int, n: int, params: SamplingParams,
@@ -253,7 +259,7 @@ def generate(backend: LLMBackend, tokenizer: Tokenizer, embeds: torch.Tensor | N
     t0 = time.perf_counter()
     logits = prefill(backend, embeds)  # [V]
     t1 = time.perf_counter()
-    first = sample(logits, params, generator)
+    first = sampler(backend)(logits, params, generator)
     t2 = time.perf_counter()
     tokens = [first]
     reason = on_token(first)

@@ -244,7 +244,7 @@ class Valley:
     def _embeds(self, ids: list[int], ctx: VideoContext) -> torch.Tensor:
         """Token embeddings with the visual tokens spliced in: [S, H]."""
         table = self.llm.embed(ids)  # [S, H]
-        pooled, frames = ctx.visual
+        pooled, frames = (v.to(table.device) for v in ctx.visual)  # vision and LLM may sit on different devices
         return splice(table[None], torch.tensor([ids], device=table.device), (pooled[None], frames[None]), self.cfg)[0]
 
     def _answer(self, ctx: VideoContext, turns: list[Turn], question: str, *, params: SamplingParams,
@@ -352,7 +352,8 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
     """Load an engine folder, a checkpoint folder, or (path None) the bundled demo model.
 
     device: "auto" / "cpu" / "cuda". A checkpoint on CUDA runs the torch GPU path (fp16 vision tower with
-    the fused Triton temporal-pooling kernel, fp16 LLM); on CPU it is exported once to an engine.
+    the fused Triton temporal-pooling kernel, fp16 LLM); on CPU it is exported once to an engine. An engine
+    folder with device "cuda" runs its int4 LLM in CUDA graphs (backends/llm_cuda.py, docs/gpu.md).
     threads: ONNX Runtime's CPU threads per session (None: one per physical core, `cpu.default_threads`).
     """
     if device not in ("auto", "cpu", "cuda"):
@@ -368,7 +369,7 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
         if reference:
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
         try:
-            valley = _load_engine(path, threads=threads)
+            valley = _load_engine(path, threads=threads, cuda=device == "cuda")
         except EngineError as e:
             if cache_dir().resolve() not in path.resolve().parents:
                 raise
@@ -393,7 +394,7 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
         raise EngineError(f"{path}: no such model folder")
     else:
         raise EngineError(f"{path}: neither an engine folder (manifest.json) nor a valley-rt checkpoint (valley.json)")
-    if valley.kind == "engine":
+    if valley.kind in ("engine", "engine-cuda"):
         _warm_up(valley)
     valley.load_ms = (time.perf_counter() - t0) * 1e3
     return valley
@@ -424,7 +425,10 @@ def _warm_up(valley: Valley) -> None:
     valley.reset()
 
 
-def _load_engine(path: Path, *, threads: int | None) -> Valley:
+def _load_engine(path: Path, *, threads: int | None, cuda: bool = False) -> Valley:
+    """cuda=True: the LLM's int4 weights are read back from llm.onnx into the CUDA-graphs backend
+    (backends/llm_cuda.py); the vision graph stays on ONNX Runtime (an engine holds no torch vision
+    weights), on the GPU when the engine has a GPU graph and onnxruntime-gpu is there."""
     from valley_rt.backends.llm_onnx import OnnxLLM
     from valley_rt.backends.vision import OnnxVision
     from valley_rt.export.manifest import artifact_path, load_manifest
@@ -437,10 +441,18 @@ def _load_engine(path: Path, *, threads: int | None) -> Valley:
     files = manifest.get("files", {})
     vision = OnnxVision.from_engine(path, manifest=manifest, threads=threads)
     vision.name = f"onnxruntime-{manifest.get('precision', {}).get('vision', '?')}"
-    llm = OnnxLLM(artifact_path(path, files.get("llm", "llm/"), where="files.llm"), threads=threads)
-    llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
+    llm_dir = artifact_path(path, files.get("llm", "llm/"), where="files.llm")
+    if cuda:
+        from valley_rt.backends.llm_cuda import CudaLLM
+
+        llm = CudaLLM.from_engine(llm_dir, device="cuda")
+        llm.warm_up()  # capture the first decode graph now, not in the first answer
+    else:
+        llm = OnnxLLM(llm_dir, threads=threads)
+        llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
     tok = open_tokenizer(artifact_path(path, files.get("tokenizer", "tokenizer/"), where="files.tokenizer"))
-    return Valley(cfg=cfg, tokenizer=tok, vision=vision, llm=llm, source=str(path), kind="engine")
+    return Valley(cfg=cfg, tokenizer=tok, vision=vision, llm=llm, source=str(path),
+                  kind="engine-cuda" if cuda else "engine")
 
 
 def _load_reference(path: Path) -> Valley:
