@@ -153,7 +153,7 @@ async def parse_request(request: Request, settings: Settings) -> ChatCompletionR
                        code="unsupported_media_type")
     body = await request.body()
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(f"malformed JSON body: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -170,6 +170,10 @@ async def parse_request(request: Request, settings: Settings) -> ChatCompletionR
         raise APIError(f"model {req.model!r} is not served here (serving {settings.model_name!r})", status=404,
                        code="model_not_found", param="model")
     return req
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def usage(out: GenOutcome) -> Usage:

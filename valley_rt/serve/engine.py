@@ -266,7 +266,7 @@ class ServeEngine:
         return turns, "\n".join(system) if system else None
 
     def prepare(self, req: ChatCompletionRequest, ctx: VideoContext, key: str,
-                ticket: Ticket) -> tuple[GenJob, asyncio.Queue]:
+                ticket: Ticket, t0: float) -> tuple[GenJob, asyncio.Queue]:
         v, s = self.valley, self.settings
         turns, system = self.conversation(req)
         text, _ = format_conversation(turns, system=v.cfg.system_prompt if system is None else system)
@@ -300,11 +300,18 @@ class ServeEngine:
         put = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
         cleaner = _StreamCleaner(lambda t: put(("text", t)))
 
-        def done(result):  # on the LLM thread
+        def first_token():  # on the LLM thread (prometheus metrics are thread-safe)
+            self.metrics.stage.labels("ttft").observe(time.perf_counter() - t0)
+            put(("first", time.perf_counter()))
+
+        def done(result):  # on the LLM thread, once; recorded here, whether or not a client still listens
             if isinstance(result, GenOutcome):
                 cleaner.flush()
+                self._record(result, t0)
                 put(("done", result))
             else:
+                self.metrics.requests.labels("error").inc()
+                self.metrics.errors.labels(type(result).__name__).inc()
                 put(("error", result))
             loop.call_soon_threadsafe(ticket.release)
 
@@ -312,7 +319,7 @@ class ServeEngine:
         job = GenJob(ids=ids, embeds=embeds, prefix_key=key,
                      visual_start=ids.index(im_start) if im_start in ids else len(ids), params=params,
                      stop=stop, eos_token_id=None if req.ignore_eos else getattr(v.tokenizer, "eos_token_id", None), on_text=cleaner,
-                     on_first_token=lambda: put(("first", time.perf_counter())), on_done=done)
+                     on_first_token=first_token, on_done=done)
         return job, events
 
     # -- a request ----------------------------------------------------------------------------------
@@ -321,38 +328,38 @@ class ServeEngine:
         t0 = time.perf_counter()
         try:
             ctx, key = await self.video(req)
-            job, events = self.prepare(req, ctx, key, ticket)
+            job, events = self.prepare(req, ctx, key, ticket, t0)
             self.llm.submit(job)
         except BaseException:
             ticket.release()
             raise
         return Completion(job=job, events=events, started=t0)
 
-    async def events(self, c: Completion) -> AsyncIterator[tuple[str, object]]:
-        """("text", delta) ..., then ("done", GenOutcome); raises the job's error. Records metrics."""
+    def _record(self, out: GenOutcome, t0: float) -> None:
         m = self.metrics
+        m.prompt_tokens.inc(out.prompt_tokens)
+        m.cached_tokens.inc(out.cached_tokens)
+        m.completion_tokens.inc(len(out.token_ids))
+        m.stage.labels("prefill").observe(out.prefill_ms / 1e3)
+        if out.decode_tokens_per_s:
+            m.tokens_per_s.observe(out.decode_tokens_per_s)
+        m.stage.labels("request").observe(time.perf_counter() - t0)
+        m.requests.labels("cancelled" if out.finish_reason == "cancelled" else "ok").inc()
+
+    async def events(self, c: Completion) -> AsyncIterator[tuple[str, object]]:
+        """("text", delta) ..., then ("done", GenOutcome); raises the job's error. Leaving early (the
+        client went away) cancels the generation."""
         try:
             while True:
                 kind, item = await c.events.get()
                 if kind == "first":
                     c.ttft_s = item - c.started
-                    m.stage.labels("ttft").observe(c.ttft_s)
                     continue
                 if kind == "error":
                     raise item if isinstance(item, ValleyError) else APIError(
                         f"generation failed: {type(item).__name__}: {item}", status=500, type="server_error")
-                if kind == "done":
-                    out: GenOutcome = item
-                    m.prompt_tokens.inc(out.prompt_tokens)
-                    m.cached_tokens.inc(out.cached_tokens)
-                    m.completion_tokens.inc(len(out.token_ids))
-                    m.stage.labels("prefill").observe(out.prefill_ms / 1e3)
-                    if out.decode_tokens_per_s:
-                        m.tokens_per_s.observe(out.decode_tokens_per_s)
-                    m.stage.labels("request").observe(time.perf_counter() - c.started)
-                    m.requests.labels("cancelled" if out.finish_reason == "cancelled" else "ok").inc()
                 yield kind, item
                 if kind == "done":
                     return
         finally:
-            c.cancel()  # no-op once done; a client gone mid-stream stops its generation
+            c.cancel()  # no-op once done
