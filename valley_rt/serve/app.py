@@ -217,10 +217,11 @@ async def stream(engine: ServeEngine, c: Completion, model: str, include_usage: 
                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [])
         return f"data: {obj.model_dump_json(exclude_none=True)}\n\n"
 
-    yield chunk(Delta(role="assistant", content=""))
     try:
         async for kind, item in engine.events(c):
-            if kind == "text":
+            if kind == "first":  # the role chunk goes out with the first token: a client's TTFT is real
+                yield chunk(Delta(role="assistant", content=""))
+            elif kind == "text":
                 yield chunk(Delta(content=item))
             elif kind == "done":
                 yield chunk(Delta(), finish=finish_reason(item))

@@ -54,7 +54,8 @@ class Settings:
     retry_after_s: int = 1  # the Retry-After header of a 429
 
     def media_limits(self) -> MediaLimits:
-        return MediaLimits(allowed_media_path=self.allowed_media_path,
+        root = Path(self.allowed_media_path).resolve() if self.allowed_media_path is not None else None
+        return MediaLimits(allowed_media_path=root,
                            max_video_bytes=int(self.max_video_mb * (1 << 20)), max_duration_s=self.max_duration_s,
                            max_frames=self.max_frames, http_timeout_s=self.media_timeout_s)
 
@@ -347,14 +348,14 @@ class ServeEngine:
         m.requests.labels("cancelled" if out.finish_reason == "cancelled" else "ok").inc()
 
     async def events(self, c: Completion) -> AsyncIterator[tuple[str, object]]:
-        """("text", delta) ..., then ("done", GenOutcome); raises the job's error. Leaving early (the
+        """("first", time) when the first token is sampled, ("text", delta) ..., then ("done", GenOutcome);
+        raises the job's error. Leaving early (the
         client went away) cancels the generation."""
         try:
             while True:
                 kind, item = await c.events.get()
                 if kind == "first":
                     c.ttft_s = item - c.started
-                    continue
                 if kind == "error":
                     raise item if isinstance(item, ValleyError) else APIError(
                         f"generation failed: {type(item).__name__}: {item}", status=500, type="server_error")
