@@ -68,6 +68,13 @@ def body(video: Path, question: str, max_tokens: int) -> dict:
                                                       {"type": "text", "text": question}]}]}
 
 
+def transport() -> httpx.AsyncHTTPTransport:
+    """httpx writes a request's headers and body separately and leaves Nagle's algorithm on, so the
+    body can wait for the server's delayed ACK (up to 40 ms on Linux): a client artifact, not server
+    time. TCP_NODELAY, as browsers and most HTTP clients set it, removes it."""
+    return httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+
+
 async def one(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
     """One streaming request: latency, TTFT (first SSE chunk: the server sends it with the first
     token), completion tokens, HTTP status."""
@@ -95,7 +102,7 @@ async def one(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
 
 async def load_run(url: str, work: list[tuple[Path, str]], concurrency: int, n: int, max_tokens: int) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits, transport=transport()) as client:
         queue: asyncio.Queue = asyncio.Queue()
         for i in range(n):
             queue.put_nowait(work[i % len(work)])
@@ -122,7 +129,7 @@ async def load_run(url: str, work: list[tuple[Path, str]], concurrency: int, n: 
 
 
 async def cache_run(url: str, videos: list[Path], questions: list[str]) -> dict:
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, transport=transport()) as client:
         first, second = [], []
         for v in videos:
             a = await one(client, url, body(v, questions[0], 32))
@@ -153,6 +160,9 @@ def main() -> None:
     ap.add_argument("--baseline", type=int, default=5, help="questions run as one process each")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-slots", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="the server's ONNX Runtime threads per session (1: the LLM thread, the event loop and the
+                         vision worker share the cores; measured here, 2 threads lost a third at concurrency 16)")
     ap.add_argument("--model", default=None, help="engine or checkpoint folder (default: the bundled demo engine)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_serve_demo.json")
     args = ap.parse_args()
@@ -168,7 +178,7 @@ def main() -> None:
     root = Path(os.path.commonpath([CLIPS.resolve(), HELD_OUT.resolve()]))
     model = [args.model] if args.model else []
     proc = subprocess.Popen(CLI + ["serve", *model, "--port", str(port), "--allowed-media-path", str(root),
-                                   "--kv-slots", str(args.kv_slots), "--max-queue", "64", "--log-level", "warning"])
+                                   "--kv-slots", str(args.kv_slots), "--threads", str(args.threads), "--max-queue", "64", "--log-level", "warning"])
     rss: list[tuple[float, float]] = []
     try:
         t_start = time.perf_counter()
@@ -218,6 +228,7 @@ def main() -> None:
     per_process_ms = statistics.median(base) * 1e3
     result = {
         "bench": "serve", "model": args.model or "demo engine", "hardware": hardware(),
+        "server": {"kv_slots": args.kv_slots, "threads": args.threads, "max_tokens": args.max_tokens},
         "note": "shared machine: other agents' jobs ran at the same time (see load_avg_1min)",
         "server_startup_s": round(startup_s, 2), "levels": levels,
         "encoder_cache": {**cache, "hit_rate_under_load": round(hit_rate, 3)},

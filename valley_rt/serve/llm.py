@@ -115,6 +115,8 @@ class InterleavedLLM:
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[GenJob] = deque()
         self._closing = False
+        self.backend_s = 0.0  # seconds spent inside the backend's prefill / decode calls
+        self.steps = 0  # backend calls
         self._thread = threading.Thread(target=self._loop, name="valley-llm", daemon=True)
         self._thread.start()
 
@@ -131,7 +133,8 @@ class InterleavedLLM:
 
     def stats(self) -> dict:
         return {"active": sum(s.job is not None for s in self._slots),
-                "waiting": len(self._waiting) + self._inbox.qsize()}
+                "waiting": len(self._waiting) + self._inbox.qsize(), "backend_s": round(self.backend_s, 3),
+                "backend_calls": self.steps}
 
     # -- the loop -----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -189,6 +192,8 @@ class InterleavedLLM:
         t0 = time.perf_counter()
         logits = b.prefill(job.embeds[common:])  # [V]
         slot.prefill_ms = (time.perf_counter() - t0) * 1e3
+        self.backend_s += slot.prefill_ms / 1e3
+        self.steps += 1
         slot.cached_ids = list(job.ids)
         self._take(slot, sample(logits, p, slot.generator))
         slot.t_first = time.perf_counter()
@@ -199,7 +204,10 @@ class InterleavedLLM:
             self._finish(slot, "cancelled")
             return
         tok = slot.tokens[-1]
+        t0 = time.perf_counter()
         logits = slot.backend.decode(tok)
+        self.backend_s += time.perf_counter() - t0
+        self.steps += 1
         slot.cached_ids.append(tok)
         self._take(slot, sample(logits, slot.job.params, slot.generator))
 
