@@ -161,8 +161,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-slots", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1,
-                    help="the server's ONNX Runtime threads per session (1: the LLM thread, the event loop and the
-                         vision worker share the cores; measured here, 2 threads lost a third at concurrency 16)")
+                    help="the server's ONNX Runtime threads per session (1: the LLM thread, the event loop and the "
+                         "vision worker share the cores; measured on 2 busy cores, 2 threads lost a third at c=16)")
     ap.add_argument("--model", default=None, help="engine or checkpoint folder (default: the bundled demo engine)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_serve_demo.json")
     args = ap.parse_args()
@@ -178,7 +178,8 @@ def main() -> None:
     root = Path(os.path.commonpath([CLIPS.resolve(), HELD_OUT.resolve()]))
     model = [args.model] if args.model else []
     proc = subprocess.Popen(CLI + ["serve", *model, "--port", str(port), "--allowed-media-path", str(root),
-                                   "--kv-slots", str(args.kv_slots), "--threads", str(args.threads), "--max-queue", "64", "--log-level", "warning"])
+                                   "--kv-slots", str(args.kv_slots), "--threads", str(args.threads),
+                                   "--max-queue", "64", "--log-level", "warning"])
     rss: list[tuple[float, float]] = []
     try:
         t_start = time.perf_counter()
