@@ -377,3 +377,18 @@ def test_fuzz_request_parser(srv):
 
     check()
     assert srv.post({"messages": video_msg(data_url(CLIP), "What happens?"), "max_tokens": 4}).status_code == 200
+
+
+def test_concurrent_requests_share_one_encode(srv):
+    """Four requests for a video nobody asked about yet: one decode + encode, three waits on it."""
+    url = data_url(CLIPS / "s4_00006.mp4")
+    misses = srv.metric("valley_encoder_cache_misses_total")
+    codes = []
+    threads = [threading.Thread(target=lambda: codes.append(srv.post(
+        {"messages": video_msg(url, "What happens?"), "num_frames": 5, "max_tokens": 4}).status_code)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [200] * 4
+    assert srv.metric("valley_encoder_cache_misses_total") - misses == 1

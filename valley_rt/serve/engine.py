@@ -89,7 +89,7 @@ class EncoderCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[tuple, tuple[VideoContext, int]] = OrderedDict()
-        self._pending: dict[tuple, asyncio.Future] = {}
+        self.pending: dict[tuple, asyncio.Task] = {}  # encodes in progress
 
     def get(self, key: tuple) -> VideoContext | None:
         item = self._items.get(key)
@@ -197,35 +197,43 @@ class ServeEngine:
         if num_frames is not None and num_frames > s.max_frames:
             raise limit_error(f"num_frames {num_frames} is over {s.max_frames}", "--max-frames")
         got = await media.load(urls, self.limits, self._spool)
+        key = (got.key, num_frames, fps)
+        owned = False  # whether an encode task took over the spooled file
         try:
-            key = (got.key, num_frames, fps)
             ctx = self.cache.get(key)
-            if ctx is not None:
+            if ctx is None:
+                task = self.cache.pending.get(key)
+                if task is None:  # not cached, not being encoded: encode it
+                    self.metrics.cache_misses.inc()
+                    task = asyncio.ensure_future(self._encode_into_cache(key, got, num_frames, fps))
+                    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # always retrieved
+                    self.cache.pending[key] = task
+                    owned = True
+                else:  # being encoded for another request right now: wait for that encode
+                    self.metrics.cache_hits.inc()
+                # shielded: a client that goes away does not cancel an encode other requests may wait on
+                ctx = await asyncio.shield(task)
+            else:
                 self.metrics.cache_hits.inc()
-                return ctx, f"{got.key}/{num_frames}/{fps}"
-            pending = self.cache._pending.get(key)
-            if pending is not None:  # being encoded for another request right now
-                ctx = await asyncio.shield(pending)
-                self.metrics.cache_hits.inc()
-                return ctx, f"{got.key}/{num_frames}/{fps}"
-            self.metrics.cache_misses.inc()
-            fut = asyncio.get_running_loop().create_future()
-            self.cache._pending[key] = fut
-            try:
-                ctx = await self._encode(got, num_frames, fps)
-            except BaseException as e:
-                fut.set_exception(e)
-                fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
-                raise
-            finally:
-                self.cache._pending.pop(key, None)
-            fut.set_result(ctx)
-            self.cache.put(key, ctx)
-            self.metrics.cache_bytes.set(self.cache.bytes)
             return ctx, f"{got.key}/{num_frames}/{fps}"
         finally:
-            if got.path is not None and self._spool in got.path.parents:
-                got.path.unlink(missing_ok=True)
+            if not owned:
+                self._unspool(got)
+
+    def _unspool(self, got: media.Media) -> None:
+        if got.path is not None and self._spool in got.path.parents:
+            got.path.unlink(missing_ok=True)
+
+    async def _encode_into_cache(self, key: tuple, got: media.Media, num_frames: int | None,
+                                 fps: float | None) -> VideoContext:
+        try:
+            ctx = await self._encode(got, num_frames, fps)
+            self.cache.put(key, ctx)
+            self.metrics.cache_bytes.set(self.cache.bytes)
+            return ctx
+        finally:
+            self.cache.pending.pop(key, None)
+            self._unspool(got)
 
     async def _encode(self, got: media.Media, num_frames: int | None, fps: float | None) -> VideoContext:
         s, v = self.settings, self.valley
@@ -250,7 +258,7 @@ class ServeEngine:
         """OpenAI messages -> Valley turns (the video's message gets `<video>\\n` before its text, as
         `valley-rt ask` puts it) and the system prompt (None: the model's)."""
         system, turns, seen_video = [], [], False
-        for i, m in enumerate(req.messages):
+        for m in req.messages:
             if isinstance(m, SystemMessage):
                 system.append(m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content))
                 continue
