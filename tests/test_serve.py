@@ -218,7 +218,8 @@ def test_malformed_requests(srv):
     assert_error(srv.post({"messages": [{"role": "wizard", "content": "x"}]}), 400)
     assert_error(srv.post({"messages": video_msg("data:video/mp4;base64,@@@", "x")}), 400, mentions="base64")
     assert_error(srv.post({"messages": video_msg("ftp://x/y.mp4", "x")}), 400, mentions="scheme")
-    assert_error(srv.post({"messages": video_msg("data:video/mp4;base64," + base64.b64encode(b"junk" * 99).decode(), "x")}), 400)
+    err = assert_error(srv.post({"messages": video_msg("data:video/mp4;base64," + base64.b64encode(b"junk" * 99).decode(), "x")}), 400)
+    assert err["message"].startswith("video_url: not a recognised video"), err  # not the server's spool path
     assert_error(srv.post({"messages": video_msg(data_url(CLIP), "x"), "temperature": -1}), 400, mentions="temperature")
     assert_error(srv.post({"messages": video_msg(data_url(CLIP), "x"), "max_tokens": 0}), 400, mentions="max_tokens")
     assert_error(srv.post({"messages": video_msg(data_url(CLIP), "x") + [{"role": "assistant", "content": "y"}]}), 400,

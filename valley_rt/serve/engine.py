@@ -244,7 +244,12 @@ class ServeEngine:
             run = lambda: v.encode_video(got.path, frames=num_frames, fps=fps)  # noqa: E731
         else:
             run = lambda: v.encode_frames(got.frames, source="image_url frames")  # noqa: E731
-        ctx = await asyncio.get_running_loop().run_in_executor(self._vision, run)
+        try:
+            ctx = await asyncio.get_running_loop().run_in_executor(self._vision, run)
+        except ValleyError as e:
+            if got.path is not None and self._spool in got.path.parents:  # name the part, not the spool file
+                raise type(e)(str(e).replace(str(got.path), "video_url")) from None
+            raise
         if ctx.num_frames > s.max_frames:
             raise limit_error(f"{ctx.num_frames} frames sampled, over {s.max_frames}", "--max-frames")
         for stage in ("video_decode", "vision"):
