@@ -302,3 +302,32 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
                       keep_failed_gate=keep_failed_gate, gpu=gpu)
     emit_json({"engine": str(out), "precision": m["precision"], "export_s": m["export_s"],
                "vision_parity": m["parity"]["vision"].get("parity"), "llm": m["parity"]["llm"]})
+
+
+@app.command()
+@user_errors
+def serve(model: Optional[Path] = typer.Argument(None, help="Engine or checkpoint folder (default: the bundled demo)."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+          port: int = typer.Option(8000, help="Port to listen on."),
+          served_model_name: str = typer.Option("valley-rt-demo", help="Model id for /v1/models and requests."),
+          allowed_media_path: Optional[Path] = typer.Option(None, help="Serve file:// URLs under this folder only (default: refuse file://)."),
+          max_queue: int = typer.Option(64, help="Requests waiting beyond those generating; more get 429."),
+          kv_slots: int = typer.Option(4, help="Requests generating at once (one KV cache each), interleaved token by token."),
+          encoder_cache_mb: float = typer.Option(256.0, help="Encoder cache (LRU of encoded videos) size in MiB."),
+          max_body_mb: float = typer.Option(96.0, help="Largest request body in MiB."),
+          max_video_mb: float = typer.Option(64.0, help="Largest video (or frame list) in MiB."),
+          max_duration_s: float = typer.Option(3600.0, help="Longest video in seconds."),
+          max_frames: int = typer.Option(64, help="Most frames a request may sample or send."),
+          max_prompt_tokens: int = typer.Option(4096, help="Longest prompt in tokens (video placeholders included)."),
+          default_max_tokens: int = typer.Option(256, help="Answer cap when a request gives no max_tokens."),
+          media_timeout_s: float = typer.Option(10.0, help="Timeout of an http(s) media download."),
+          threads: int = typer.Option(2, help="ONNX Runtime threads per session."),
+          log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions with video_url parts)."""
+    from valley_rt.serve import serve as run
+
+    run(model, host=host, port=port, threads=threads, log_level=log_level, model_name=served_model_name,
+        allowed_media_path=allowed_media_path, max_queue=max_queue, kv_slots=kv_slots,
+        encoder_cache_mb=encoder_cache_mb, max_body_mb=max_body_mb, max_video_mb=max_video_mb,
+        max_duration_s=max_duration_s, max_frames=max_frames, max_prompt_tokens=max_prompt_tokens,
+        default_max_tokens=default_max_tokens, media_timeout_s=media_timeout_s)

@@ -240,6 +240,26 @@ class Valley:
                                      "vision_ms": (t3 - t2) * 1e3},
                             notes=list(getattr(clip, "notes", [])))
 
+    def encode_frames(self, frames: np.ndarray, *, source: str = "<frames>") -> VideoContext:
+        """Encode frames decoded elsewhere (uint8 [T, H, W, 3], e.g. a client's list of images) the way
+        encode_video encodes a video's sampled frames."""
+        from valley_rt.video import resize_crop
+
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValleyError(f"{source}: expected uint8 frames [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        if not 1 <= len(frames) <= self.max_frames:
+            raise EngineError(f"{source}: {len(frames)} frames is outside this model's range 1..{self.max_frames}")
+        t0 = time.perf_counter()
+        crops = frames if isinstance(self.vision, ReferenceVision) else resize_crop(frames, self.cfg.preprocess)
+        t1 = time.perf_counter()
+        pooled, frame_tokens = self.vision.encode(crops)
+        t2 = time.perf_counter()
+        n = len(frames)
+        return VideoContext(path=source, frames=frames, indices=list(range(n)), timestamps=[float(i) for i in range(n)],
+                            visual=(pooled.float(), frame_tokens.float()),
+                            timings={"video_decode_ms": 0.0, "preprocess_ms": (t1 - t0) * 1e3,
+                                     "vision_ms": (t2 - t1) * 1e3})
+
     # -- prompts ----------------------------------------------------------------------------------
     def _embeds(self, ids: list[int], ctx: VideoContext) -> torch.Tensor:
         """Token embeddings with the visual tokens spliced in: [S, H]."""

@@ -129,3 +129,18 @@ class OnnxLLM:
 
     def reset(self) -> None:
         self._pos = 0
+
+    def fork(self) -> "OnnxLLM":
+        """Another KV cache over the same session, weights and embedding table: a second conversation
+        slot costs kv_bytes_per_token * max_context bytes, not a second copy of the model. Slots may
+        run one after another on one thread (the server interleaves their decode steps); calling one
+        session from several threads at once is left to ONNX Runtime's own thread safety."""
+        import onnxruntime as ort
+
+        other = object.__new__(OnnxLLM)
+        other.__dict__.update(self.__dict__)
+        other._cache = [np.zeros_like(c) for c in self._cache]
+        other._logits = np.zeros_like(self._logits)
+        other._binding = other._bind_static(ort)
+        other._pos = 0
+        return other
