@@ -69,3 +69,15 @@ def test_bench_video_times_both_sides_alike(bench):
     assert stats["runs"] == 3 and len(calls) == 3 and result == 3 and stats["min_s"] <= stats["median_s"]
     runs = [{"total_ms": t} for t in (5.0, 1.0, 9.0)]
     assert bench["video"].median_run(runs) == {"total_ms": 5.0}
+
+
+@pytest.mark.slow
+def test_smoke_recipe_reproduces_bit_for_bit(bench, tmp_path, capsys):
+    """Two runs of the smoke recipe (~3 min each on 2 busy cores) write byte-identical checkpoints:
+    the determinism reproduce_demo.py relies on, checked end to end by its own code path."""
+    repro = bench["repro"]
+    repro.train("smoke", tmp_path / "one", threads=1)
+    assert repro.main(["--recipe", "smoke", "--against-run", str(tmp_path / "one"), "--out", str(tmp_path / "two"),
+                       "--threads", "1"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["bit_for_bit"] and "llm/model.safetensors" in line["identical"]
