@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from valley_rt.errors import CheckpointError
+
 FORMATS = ("gptq", "gptq_v2")  # checkpoint_format values: v1 stores zeros minus one, v2 as they are
 
 
@@ -86,6 +88,8 @@ class GPTQLinear:
         gs = in_features if group_size == -1 else group_size
         if g_idx is None:
             g_idx = torch.arange(in_features) // gs
+        if g_idx.shape[0] != in_features:
+            raise CheckpointError(f"GPTQ linear: g_idx expected {in_features} entries, got {g_idx.shape[0]}")
         return cls(q=q, zeros=zeros, scales=scales.float(), g_idx=g_idx.to(torch.int64), bits=bits, group_size=gs)
 
     def dequantize(self) -> torch.Tensor:

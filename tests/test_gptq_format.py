@@ -100,3 +100,12 @@ def test_reader_of_v2_and_writer_match_gptqmodel(gptqmodel_v1, bits):
         assert torch.equal(tensor, stored[key].to(tensor.dtype)), key
     assert torch.equal(to_gptq_checkpoint(lin, zeros_stored_minus_one=False)["qzeros"], v2_qzeros)
     assert torch.equal(unpack_int32(v2_qzeros, bits, dim=1), zeros)
+
+
+def test_a_g_idx_of_the_wrong_length_is_one_error():
+    from valley_rt.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="g_idx expected 8 entries, got 4"):
+        GPTQLinear.from_checkpoint(torch.zeros(1, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                                   torch.ones(1, 8, dtype=torch.float16), torch.zeros(4, dtype=torch.int32),
+                                   bits=4, group_size=-1, zeros_stored_minus_one=True)
