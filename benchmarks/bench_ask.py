@@ -129,11 +129,9 @@ def demo_model() -> tuple[Path, Path, Path, str]:
     from valley_rt.runtime import DEMO_CHECKPOINT, demo_engine
 
     clips = REPO / "valley_rt" / "assets" / "clips"
-    questions = json.loads((clips / "questions.json").read_text())
-    first = questions[0] if isinstance(questions, list) else next(iter(questions.values()))
-    video = clips / first["video"] if isinstance(first, dict) else sorted(clips.glob("*.mp4"))[0]
-    question = first["question"] if isinstance(first, dict) else str(first)
-    return DEMO_CHECKPOINT, demo_engine(), video, question
+    first = json.loads((clips / "questions.json").read_text())["clips"][0]  # {"video", "questions": [...]}
+    question = next(q["question"] for q in first["questions"] if q["task"] == "long_description")
+    return DEMO_CHECKPOINT, demo_engine(), clips / first["video"], question
 
 
 def real_model() -> tuple[Path, Path, Path, str]:

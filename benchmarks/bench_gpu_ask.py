@@ -14,7 +14,9 @@ memory during each side's answers (both sides' weights are resident throughout, 
 
     python benchmarks/bench_gpu_ask.py     # CUDA only; without a GPU it prints a "skipped" JSON line
 
-Ends with one JSON line.
+Ends with one JSON line. Exit status: 1 when, on the demo, the fraction of answers equal to the CPU
+record (either side) or identical between the sides is below --min-agreement; 0 otherwise (also when
+skipped: the JSON line then has a "skipped" key, which gpu_check.sh reports as SKIPPED).
 """
 
 from __future__ import annotations
@@ -131,6 +133,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="demo,bench-1b")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: dry run of the code paths")
+    ap.add_argument("--min-agreement", type=float, default=16 / 17,
+                    help="least fraction of demo answers equal to the CPU record (each side) and identical "
+                         "between the sides; below it the script exits 1 (default 16/17)")
     args = ap.parse_args()
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -166,7 +171,21 @@ def main() -> None:
         del fast, ref
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+    failed = below_threshold(out["models"].get("demo", {}).get("agreement"), args.min_agreement)
+    out["failed"] = failed
     print(json.dumps(out))
+    if failed:
+        print("bench_gpu_ask: FAILED: " + "; ".join(failed), file=sys.stderr)
+        sys.exit(1)
+
+
+def below_threshold(agreement: dict | None, minimum: float) -> list[str]:
+    """One line per demo agreement count below `minimum` (a fraction of the questions); [] passes."""
+    if agreement is None:
+        return []
+    n = agreement["questions"]
+    return [f"{key} {agreement[key]}/{n} < {minimum:.3f}" for key in
+            ("fast_as_cpu_record", "reference_as_cpu_record", "identical_answers") if agreement[key] < minimum * n]
 
 
 if __name__ == "__main__":

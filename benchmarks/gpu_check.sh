@@ -2,8 +2,10 @@
 # One call that runs every GPU test and benchmark of the project on a CUDA machine:
 #   bash benchmarks/gpu_check.sh            (from anywhere; it cd's to the repo root)
 # Each step is one `step "<name>" <command...>` line: append yours at the end of the list below.
-# It prints what it runs, keeps going after a failure, prints a summary, and exits non-zero if any
-# step failed (or if there is no CUDA GPU: nothing here may pass silently without one).
+# It prints what it runs, keeps going after a failure, and prints a summary in which a step whose
+# tests all skipped (or whose benchmark printed a "skipped" JSON line) counts as SKIPPED, not passed.
+# Exit status: 0 all steps passed; 1 a step failed (a wrong answer in bench_gpu_ask.py is a failure);
+# 3 none failed but some skipped; 2 no CUDA GPU (nothing here may pass silently without one).
 # Needs valley_rt importable with its dependencies (PyAV included) and ../shared beside the repo (the
 # runtime test reads the original-layout fixtures and the snowmobile clip from there).
 set -uo pipefail
@@ -12,21 +14,7 @@ unset TRITON_INTERPRET          # GPU tests run the compiled kernels, not the in
 unset VALLEY_RT_POOL_BACKEND    # and the runtime's own dispatch
 PY="${PYTHON:-python}"
 
-failed=()
-passed=()
-step() {
-    local name="$1"; shift
-    echo
-    echo "=== [$name] $*"
-    local t0=$SECONDS
-    if "$@"; then
-        passed+=("$name ($((SECONDS - t0)) s)")
-    else
-        local rc=$?
-        echo "=== [$name] FAILED (exit $rc)"
-        failed+=("$name (exit $rc)")
-    fi
-}
+source benchmarks/gpu_steps.sh  # step and summary: a step is passed, SKIPPED or FAILED
 
 echo "=== gpu_check on $(hostname) at $(date -u +%FT%TZ)"
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -47,8 +35,4 @@ step "int4 linear + CUDA LLM/vision" "$PY" -m pytest tests/test_int4_linear.py t
 step "int4 CUDA-graph decode bench" "$PY" benchmarks/bench_gpu_llm.py
 # -------------------------------------------------------------------------------------------------
 
-echo
-echo "=== gpu_check summary: ${#passed[@]} passed, ${#failed[@]} failed"
-for s in "${passed[@]}"; do echo "  ok     $s"; done
-for s in "${failed[@]}"; do echo "  FAILED $s"; done
-[ "${#failed[@]}" -eq 0 ]
+summary

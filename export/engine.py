@@ -28,9 +28,6 @@ from valley_rt.errors import EngineError
 VISION_FILE = "vision.onnx"
 LLM_DIR = "llm"
 TOKENIZER_DIR = "tokenizer"
-QUANTS = ("gptq", "rtn4", "none")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bits: int = 4,
@@ -49,6 +46,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     """
     from valley_rt.checkpoint import load_checkpoint, read_config
     from valley_rt.export.manifest import atomic_folder, hash_folder, write_manifest
+    from valley_rt.export.llm_onnx import QUANTS
     from valley_rt.export.onnx_vision import export_vision
 
     ckpt, out = Path(ckpt), Path(out)
@@ -92,7 +90,9 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    found = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    from valley_rt.checkpoint import TEXT_FILES
+
+    found = [n for n in TEXT_FILES if (src / n).is_file()]
     if not found:
         raise EngineError(f"{src}: no tokenizer files (expected tokenizer.json or tokenizer.model)")
     for name in found:

@@ -36,12 +36,10 @@ from typing import Any, Sequence
 
 import torch
 
+from valley_rt.checkpoint import TEXT_FILES
 from valley_rt.errors import CheckpointError, DataError
+from valley_rt.export.gptq_format import FORMATS, GPTQLinear
 
-# Files that make up a tokenizer; copied verbatim from the source folder so the GPTQ folder carries
-# the exact tokenizer (GPTQModel's own save may rewrite pad-token settings).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
 EMBED_KEY = "model.embed_tokens.weight"
 
 
@@ -208,7 +206,7 @@ def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSet
         raise RuntimeError(f"{out_dir}/config.json: GPTQModel wrote no quantization_config")
     (out_dir / "config.json").write_text(json.dumps({**src_config, "quantization_config": saved["quantization_config"]},
                                                     indent=2) + "\n")
-    for name in TOKENIZER_FILES:
+    for name in TEXT_FILES:  # verbatim: GPTQModel's own save may rewrite pad-token settings
         if (llm_dir / name).is_file():
             shutil.copy2(llm_dir / name, out_dir / name)
     (out_dir / "valley_gptq.json").write_text(json.dumps(
@@ -219,40 +217,8 @@ def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSet
 
 
 # ----------------------------------------------------------------------------------------------------
-# Load: GPTQ tensors -> float weights (the reference for every int4 runtime)
+# Load: GPTQ tensors -> float weights (the reference for every int4 runtime), via gptq_format's reader
 # ----------------------------------------------------------------------------------------------------
-
-def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Unpack int32 words holding 32/bits unsigned codes each along `dim` (low bits first)."""
-    per = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)  # [per]
-    x = packed.to(torch.int32).unsqueeze(dim + 1)  # the codes of word j go at j*per + k
-    shape = [1] * x.ndim
-    shape[dim + 1] = per
-    codes = torch.bitwise_and(torch.bitwise_right_shift(x, shifts.view(shape)), (1 << bits) - 1)
-    out_shape = list(packed.shape)
-    out_shape[dim] *= per
-    return codes.reshape(out_shape)
-
-
-def unpack_gptq_linear(qweight, qzeros, scales, g_idx, bits: int, zeros_offset: int = 1):
-    """GPTQ tensors of one linear -> (codes [in, out] int, zeros [groups, out] int, scales [groups, out]
-    float, g_idx [in] long). zeros_offset=1 for checkpoint_format "gptq" (zeros stored minus one),
-    0 for "gptq_v2". Weight[o, i] = scales[g_idx[i], o] * (codes[i, o] - zeros[g_idx[i], o])."""
-    codes = unpack_int32(qweight, bits, dim=0)  # qweight [in*bits/32, out] -> [in, out]
-    zeros = unpack_int32(qzeros, bits, dim=1) + zeros_offset  # qzeros [groups, out*bits/32] -> [groups, out]
-    out_features = scales.shape[1]
-    return codes, zeros[:, :out_features], scales.float(), g_idx.long()
-
-
-def dequantize_linear(qweight, qzeros, scales, g_idx, bits: int, zeros_offset: int = 1) -> torch.Tensor:
-    """One GPTQ linear -> float32 weight [out, in] (nn.Linear layout)."""
-    codes, zeros, scales, g_idx = unpack_gptq_linear(qweight, qzeros, scales, g_idx, bits, zeros_offset)
-    if codes.shape[0] != g_idx.shape[0]:
-        raise CheckpointError(f"GPTQ linear: g_idx expected {codes.shape[0]} entries, got {g_idx.shape[0]}")
-    w = scales[g_idx] * (codes - zeros[g_idx]).float()  # [in, out]
-    return w.t().contiguous()
-
 
 def load_gptq_as_torch(gptq_dir, dtype: torch.dtype = torch.float32):
     """Load a GPTQ folder as a plain `LlamaForCausalLM` with dequantized float weights."""
@@ -268,10 +234,10 @@ def load_gptq_as_torch(gptq_dir, dtype: torch.dtype = torch.float32):
     if not qc or qc.get("quant_method", qc.get("method")) != "gptq":
         raise CheckpointError(f"{cfg_path}: expected quantization_config with quant_method 'gptq', "
                               f"got {None if not qc else qc.get('quant_method')}")
-    fmt = qc.get("checkpoint_format", "gptq")
-    if fmt not in ("gptq", "gptq_v2"):
+    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    if fmt not in FORMATS:
         raise CheckpointError(f"{cfg_path}: expected checkpoint_format 'gptq' or 'gptq_v2', got {fmt!r}")
-    bits, zeros_offset = int(qc["bits"]), (1 if fmt == "gptq" else 0)
+    bits, group_size = int(qc["bits"]), int(qc.get("group_size", -1))
     if bits not in (2, 4, 8):
         raise CheckpointError(f"{cfg_path}: expected bits 2, 4 or 8, got {bits}")
 
@@ -285,8 +251,10 @@ def load_gptq_as_torch(gptq_dir, dtype: torch.dtype = torch.float32):
     for key, value in tensors.items():
         if key.endswith(".qweight"):
             p = key[: -len(".qweight")]
-            state[p + ".weight"] = dequantize_linear(value, tensors[p + ".qzeros"], tensors[p + ".scales"],
-                                                     tensors[p + ".g_idx"], bits, zeros_offset)
+            lin = GPTQLinear.from_checkpoint(value, tensors[p + ".qzeros"], tensors[p + ".scales"],
+                                             tensors.get(p + ".g_idx"), bits=bits, group_size=group_size,
+                                             zeros_stored_minus_one=fmt == "gptq")
+            state[p + ".weight"] = lin.dequantize().t().contiguous()  # [in, out] -> nn.Linear's [out, in]
             if p + ".bias" in tensors:
                 state[p + ".bias"] = tensors[p + ".bias"]
         elif not key.endswith((".qzeros", ".scales", ".g_idx")):

@@ -52,6 +52,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from valley_rt.errors import CheckpointError
+from valley_rt.export.gptq_format import GPTQLinear
 from valley_rt.export.manifest import hash_folder
 
 FORMAT_VERSION = 2  # bump on any change of the graph or files; OnnxLLM refuses other versions
@@ -113,66 +114,6 @@ class LlamaShape:
 # ------------------------------------------------------------------------------------------- GPTQ tensors
 
 
-def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """int32 words holding 32/bits fields (field i at bit i*bits) -> int64 fields, expanded along dim."""
-    per = 32 // bits
-    words = packed.to(torch.int64) & 0xFFFFFFFF  # [..] unsigned view
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    if dim == 0:  # [R, C] -> [R * per, C]
-        fields = (words[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
-        return fields.reshape(-1, packed.shape[1])
-    fields = (words[:, :, None] >> shifts[None, None, :]) & ((1 << bits) - 1)  # [R, C, per]
-    return fields.reshape(packed.shape[0], -1)
-
-
-def pack_int32(fields: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Inverse of unpack_int32 (fields already in [0, 2**bits))."""
-    per = 32 // bits
-    f = fields.to(torch.int64)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    if dim == 0:
-        f = f.reshape(-1, per, f.shape[1]) << shifts[None, :, None]
-        words = f.sum(dim=1)
-    else:
-        f = f.reshape(f.shape[0], -1, per) << shifts[None, None, :]
-        words = f.sum(dim=2)
-    words = words & 0xFFFFFFFF
-    return words.where(words < 2**31, words - 2**32).to(torch.int32)  # reinterpret as signed int32
-
-
-@dataclass
-class GPTQLinear:
-    """One linear layer in GPTQ terms, unpacked: W[i, j] = scales[g[i], j] * (q[i, j] - zeros[g[i], j])."""
-
-    q: torch.Tensor  # [in, out] int64 in [0, 2**bits)
-    zeros: torch.Tensor  # [groups, out] int64
-    scales: torch.Tensor  # [groups, out] float32
-    g_idx: torch.Tensor  # [in] int64 group of each input row
-    bits: int
-    group_size: int  # rows per group (in_features when the checkpoint says -1)
-
-    @classmethod
-    def from_checkpoint(cls, qweight, qzeros, scales, g_idx, *, bits: int, group_size: int,
-                        zeros_stored_minus_one: bool) -> "GPTQLinear":
-        q = unpack_int32(qweight, bits, dim=0)  # [in, out]
-        words = qzeros.to(torch.int64) & 0xFFFFFFFF
-        if zeros_stored_minus_one:
-            # checkpoint_format "gptq" (v1) subtracts 1 from every field with one int32 subtraction
-            # (borrows included); adding 0x11..1 back as one word is its exact inverse.
-            words = (words + sum(1 << (bits * i) for i in range(32 // bits))) & 0xFFFFFFFF
-        zeros = unpack_int32(words.to(torch.int64), bits, dim=1)  # [groups, out]
-        in_features = q.shape[0]
-        gs = in_features if group_size == -1 else group_size
-        if g_idx is None:
-            g_idx = torch.arange(in_features) // gs
-        return cls(q=q, zeros=zeros, scales=scales.float(), g_idx=g_idx.to(torch.int64), bits=bits, group_size=gs)
-
-    def dequantize(self) -> torch.Tensor:
-        """The plain-torch reference: [in, out] float32."""
-        g = self.g_idx
-        return self.scales[g] * (self.q - self.zeros[g]).float()
-
-
 def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int, sym: bool = False,
                  g_idx: torch.Tensor | None = None) -> GPTQLinear:
     """Round-to-nearest quantization of w [in, out] (float) into GPTQ form. `g_idx` (optional, a
@@ -203,18 +144,6 @@ def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int, sym: bool = Fal
         q = torch.empty(k, n, dtype=torch.int64)
         q[perm] = qg.view(k, n)
     return GPTQLinear(q=q, zeros=zeros, scales=scales, g_idx=g_idx, bits=bits, group_size=group_size)
-
-
-def to_gptq_checkpoint(lin: GPTQLinear) -> dict[str, torch.Tensor]:
-    """GPTQ v1 tensors (zeros stored minus one) as GPTQModel writes them; used by tests and rtn export."""
-    words = pack_int32(lin.zeros, lin.bits, dim=1).to(torch.int64) & 0xFFFFFFFF
-    words = (words - sum(1 << (lin.bits * i) for i in range(32 // lin.bits))) & 0xFFFFFFFF
-    return {
-        "qweight": pack_int32(lin.q, lin.bits, dim=0),
-        "qzeros": words.where(words < 2**31, words - 2**32).to(torch.int32),
-        "scales": lin.scales.half(),
-        "g_idx": lin.g_idx.to(torch.int32),
-    }
 
 
 # ------------------------------------------------------------------------------------------- MatMulNBits

@@ -17,7 +17,7 @@ def _has_cuda() -> bool:
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("VALLEY_RT_SHARED") or Path(__file__).resolve().parents[2] / "shared")  # overridable
 FIXTURES = SHARED / "fixtures" / "original_valley"
 VIDEOS = SHARED / "videos"
 

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from valley_rt.errors import CheckpointError, DataError
-from valley_rt.export.gptq import (GPTQSettings, compare_quantized, dequantize_linear, gate,
-                                   load_gptq_as_torch, perplexity, quantize_llm, unpack_int32)
+from valley_rt.export.gptq import (GPTQSettings, compare_quantized, gate, load_gptq_as_torch, perplexity,
+                                   quantize_llm)
+from valley_rt.export.gptq_format import GPTQLinear, unpack_int32
 
 VOCAB, HIDDEN, INTER, GROUP = 1000, 128, 256, 32
 LINEARS = {  # name -> (in, out)
@@ -168,29 +169,6 @@ def test_multimodal_calibration_on_embeddings(ref, llm_dir, gptq_dirs, tmp_path)
     assert figures["sqnr_db"] > 10.0 and figures["cosine"] > 0.95
 
 
-def test_unpack_and_dequantize_match_the_gptq_formula():
-    g = torch.Generator().manual_seed(0)
-    fin, fout, gs = 64, 16, 16
-    codes = torch.randint(0, 16, (fin, fout), generator=g)
-    zeros = torch.randint(1, 16, (fin // gs, fout), generator=g)  # true zero points 1..15 (stored minus one)
-    scales = (torch.rand(fin // gs, fout, generator=g) + 0.5).half()
-    g_idx = torch.randperm(fin, generator=g) % (fin // gs)  # act-order style grouping
-
-    def pack(x, dim):  # [.., n, ..] codes -> int32 words, 8 per word, low bits first
-        x = x.movedim(dim, 0).long()
-        words = sum(x[k::8] << (4 * k) for k in range(8))
-        return (words - (words >= 2**31) * 2**32).to(torch.int32).movedim(0, dim)
-
-    qweight, qzeros = pack(codes, 0), pack(zeros - 1, 1)
-    assert torch.equal(unpack_int32(qweight, 4, dim=0), codes)
-    w = dequantize_linear(qweight, qzeros, scales, g_idx.int(), bits=4)  # [out, in]
-    for i, o in [(0, 0), (5, 3), (63, 15), (17, 9)]:
-        expected = scales[g_idx[i], o].float() * (codes[i, o] - zeros[g_idx[i], o])
-        assert w[o, i] == pytest.approx(float(expected))
-    # checkpoint_format gptq_v2 stores the zero points as they are
-    torch.testing.assert_close(dequantize_linear(qweight, pack(zeros, 1), scales, g_idx, bits=4, zeros_offset=0), w)
-
-
 def test_perplexity_model_and_kv_backend_agree(ref):
     from valley_rt.backends.llm_torch import TorchLLM
 
@@ -258,8 +236,9 @@ def test_matches_gptqmodel_torch_kernel(gptq_dirs, desc_act):
     for name, module in theirs.model.named_modules():
         if isinstance(module, TorchLinear):
             w_theirs = module.dequantize_weight().float().t()  # [in, out] -> [out, in]
-            w_ours = dequantize_linear(sd[f"{name}.qweight"], sd[f"{name}.qzeros"], sd[f"{name}.scales"],
-                                       sd[f"{name}.g_idx"], bits=4)
+            w_ours = GPTQLinear.from_checkpoint(sd[f"{name}.qweight"], sd[f"{name}.qzeros"], sd[f"{name}.scales"],
+                                                sd[f"{name}.g_idx"], bits=4, group_size=GROUP,
+                                                zeros_stored_minus_one=True).dequantize().t()
             torch.testing.assert_close(w_ours, w_theirs, rtol=2e-3, atol=1e-4)
             checked += 1
     assert checked == 2 * len(LINEARS)

@@ -16,8 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from valley_rt.backends.llm_onnx import OnnxLLM
 from valley_rt.backends.llm_torch import TorchLLM
 from valley_rt.errors import CheckpointError, ContextLengthError, EngineError
-from valley_rt.export.llm_onnx import (GPTQLinear, _Graph, export_llm_onnx, iter_linear_names, pack_int32,
-                                       quantize_rtn, to_gptq_checkpoint, to_matmul_nbits, unpack_int32)
+from valley_rt.export.gptq_format import GPTQLinear, pack_int32, to_gptq_checkpoint, unpack_int32
+from valley_rt.export.llm_onnx import _Graph, export_llm_onnx, iter_linear_names, quantize_rtn, to_matmul_nbits
 from valley_rt.generate import SamplingParams, generate
 
 # (hidden, heads, kv heads): head_dim 8 (padded inside the graph) and head_dim 32 (native)

@@ -31,8 +31,11 @@ FORMAT = "valley-rt"
 VERSION = 1
 CONFIG_FILE = "valley.json"
 EXTRA_WEIGHTS = "valley.safetensors"
+# Files that make up a tokenizer, copied verbatim wherever an LLM folder is rewritten.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja")
+# ... plus the generation defaults, for the folders an export writes beside its weights.
+TEXT_FILES = TOKENIZER_FILES + ("generation_config.json",)
 
 
 # -- save / load ----------------------------------------------------------------------------------
