@@ -1,9 +1,9 @@
 """The CLI as a user runs it: real subprocesses, exit codes, one-line errors, no tracebacks."""
 
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,16 +36,21 @@ def test_help_and_version():
         assert cmd in p.stdout
 
 
-def test_info_on_7b_preset_is_fast_and_real():
-    t = time.perf_counter()
-    p = run("info", "valley2-7b")
-    elapsed = time.perf_counter() - t
-    assert p.returncode == 0, p.stderr[-2000:]
-    info = json.loads(p.stdout)
+def test_info_on_7b_preset_never_builds_the_weights():
+    # A 7B model in fp32 is 27 GB: `info` must count parameters without allocating them. Checked by the
+    # child's own peak RSS (os.wait4 gives that child's rusage alone), not by a wall-clock time.
+    proc = subprocess.Popen([sys.executable, "-m", "valley_rt", "info", "valley2-7b"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err[-2000:]
+    info = json.loads(out)
     assert 6.6e9 < info["parameters"]["llm"] < 6.9e9
     assert 0.29e9 < info["parameters"]["vision_tower"] < 0.31e9
     assert "<im_patch>x256" in info["token_layout"]["video"]
-    assert elapsed < 30  # the issue asks < 10 s; generous here for loaded CI machines
+    peak_mb = usage.ru_maxrss / 1024  # kB on Linux
+    assert peak_mb < 3000, f"info valley2-7b peaked at {peak_mb:.0f} MB: it allocated weights"
 
 
 def test_convert_and_info_on_checkpoint(tmp_path):
