@@ -44,6 +44,7 @@ from torch import nn
 from typing import TYPE_CHECKING
 
 from valley_rt.backends.ort_session import vision_session
+from valley_rt.backends.vision import folded_importance_score, pool_before_projector
 from valley_rt.engine_format import VISION_FEATURES, VISION_INPUT, VISION_OUTPUTS
 
 if TYPE_CHECKING:  # annotations only: the runtime loads this module without transformers
@@ -70,13 +71,8 @@ class VisionGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1))
         if self.mode == "importance":
-            from valley_rt.kernels.temporal_pool import fold_importance_weights
-
-            pool, proj = model.temporal.pooling_layer, model.mm_projector
-            proj_bias = proj.bias if proj.bias is not None else torch.zeros(proj.out_features)
-            w, b = fold_importance_weights(pool.weight.detach(), pool.bias.detach(), proj.weight.detach(),
-                                           proj_bias.detach())
-            self.register_buffer("score_weight", w.reshape(-1))  # [N*C]
+            w, b = folded_importance_score(model)
+            self.register_buffer("score_weight", w)  # [N, C]
             self.register_buffer("score_bias", b.reshape(()))
         if self.mode == "transformer":
             enc = model.temporal.transformer_delta_encoder
@@ -90,16 +86,13 @@ class VisionGraph(nn.Module):
         x = (x - self.mean) / self.std  # [T, 3, H, W], exactly valley_rt.video.normalize
         feats = self.model.vision_features(x[None])[0]  # [T, 1+N, C]
         proj = self.model.mm_projector
+        if self.mode in ("mean", "importance"):  # pool first: N rows through the projector, not T*N
+            score = (self.score_weight, self.score_bias) if self.mode == "importance" else None
+            pooled, frames = pool_before_projector(feats[None], self.mode, proj, score=score, backend="reference")
+            return (pooled[0], frames[0], feats) if self.with_features else (pooled[0], frames[0])
         frames = proj(feats[:, 0])  # [T, D]
         patches = feats[:, 1:]  # [T, N, C]
-        if self.mode == "mean":
-            pooled = proj(patches.mean(0))  # pool first: N rows through the projector, not T*N
-        elif self.mode == "importance":
-            t = patches.shape[0]
-            scores = patches.reshape(t, -1) @ self.score_weight + self.score_bias  # [T], projector folded in
-            weights = scores.softmax(0)
-            pooled = proj((weights[:, None, None] * patches).sum(0))
-        elif self.mode == "max":
+        if self.mode == "max":
             pooled = proj(patches).amax(0)
         else:
             pooled = self._transformer(proj(patches).transpose(0, 1))  # [N, T, D]

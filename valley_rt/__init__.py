@@ -5,8 +5,18 @@ __version__ = "0.1.0"
 
 def load(path=None, *, reference: bool = False, device: str = "auto", threads: int = 2):
     """Load an engine folder, a checkpoint folder, or (no path) the bundled demo model; returns a
-    `valley_rt.runtime.Valley` with `encode_video`, `ask`, `stream` and `chat`. (Imported lazily so that
-    `import valley_rt` stays free of torch.)"""
+    `valley_rt.runtime.Valley` with `encode_video`, `ask`, `stream` and `chat`.
+
+    A checkpoint that is to run on a CPU is exported once into the user cache (`VALLEY_RT_CACHE`,
+    default ~/.cache/valley-rt; needs the `export` extra); `valley_rt.runtime.load` is the same call
+    without that step. (Imported lazily so that `import valley_rt` stays free of torch.)"""
     from valley_rt.runtime import load as _load
 
-    return _load(path, reference=reference, device=device, threads=threads)
+    return _load(path, reference=reference, device=device, threads=threads, exporter=export_on_first_use)
+
+
+def export_on_first_use(ckpt):
+    """The runtime's `exporter` hook: `valley_rt.export.cache.ensure_engine`."""
+    from valley_rt.export.cache import ensure_engine
+
+    return ensure_engine(ckpt)
