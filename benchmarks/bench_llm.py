@@ -224,7 +224,7 @@ def main() -> None:
     bw = max(bw, read_bandwidth_gbs(args.threads))  # and right after
     paired_fast = paired_roofline(llm, llm.weight_bytes_per_token, llm.kv_bytes_per_token, args.threads, n=32)
     llm.reset()
-    fast_logits = llm.prefill(llm.embed(check_ids.tolist()))
+    fast_logits = torch.from_numpy(llm.prefill(llm.embed(check_ids.tolist())))  # [V]
     # Parity with the same dequantized weights in torch (the engine is right) and the int4 cost
     # against fp32 (random Gaussian weights are a worst case for RTN; trained weights fare better).
     cos_fq = float(torch.cosine_similarity(fast_logits, ref["logits_fakequant"], dim=0))

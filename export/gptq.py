@@ -298,12 +298,12 @@ def _label_logits(model_or_backend, example: dict) -> tuple[torch.Tensor, torch.
         return logits[targets_at].float(), labels[targets_at + 1]
 
     backend = model_or_backend
-    x = example["inputs_embeds"] if "inputs_embeds" in example else backend.embed(
-        torch.as_tensor(example["input_ids"]).tolist())  # [S, H]
+    x = torch.as_tensor(example["inputs_embeds"] if "inputs_embeds" in example else backend.embed(
+        torch.as_tensor(example["input_ids"]).tolist()))  # [S, H]
     backend.reset()
     rows, start = [], 0
     for t in targets_at.tolist():
-        rows.append(backend.prefill(x[start: t + 1].float()))  # logits at position t: [V]
+        rows.append(torch.as_tensor(backend.prefill(x[start: t + 1].float())))  # logits at position t: [V]
         start = t + 1
     backend.reset()
     return torch.stack(rows).float(), labels[targets_at + 1]

@@ -51,15 +51,15 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from valley_rt.engine_format import LLM_DATA_FILE as DATA_FILE  # the format the runtime reads
+from valley_rt.engine_format import LLM_EMBED_FILE as EMBED_FILE
+from valley_rt.engine_format import LLM_FORMAT_VERSION as FORMAT_VERSION
+from valley_rt.engine_format import LLM_META_FILE as META_FILE
+from valley_rt.engine_format import LLM_MODEL_FILE as MODEL_FILE
 from valley_rt.errors import CheckpointError
 from valley_rt.export.gptq_format import GPTQLinear
 from valley_rt.export.manifest import hash_folder
 
-FORMAT_VERSION = 2  # bump on any change of the graph or files; OnnxLLM refuses other versions
-MODEL_FILE = "llm.onnx"
-DATA_FILE = "llm.onnx.data"
-EMBED_FILE = "embed_tokens.npy"
-META_FILE = "llm_onnx.json"
 QUANTS = ("gptq", "rtn4", "none")
 LM_HEADS = ("int8", "int4", "fp32")
 

@@ -43,13 +43,17 @@ from torch import nn
 
 from typing import TYPE_CHECKING
 
+from valley_rt.backends.ort_session import vision_session
+from valley_rt.backends.vision import folded_importance_score, pool_before_projector
+from valley_rt.engine_format import VISION_FEATURES, VISION_INPUT, VISION_OUTPUTS
+
 if TYPE_CHECKING:  # annotations only: the runtime loads this module without transformers
     from valley_rt.model import ValleyModel
 
 OPSET = 17
-INPUT = "crops"  # uint8 [T, H, W, 3]
-OUTPUTS = ("pooled", "frames")  # float32 [N, D], [T, D]
-FEATURES = "features"  # optional extra output: float32 [T, 1+N, C], the selected layer's hidden states
+INPUT = VISION_INPUT  # uint8 [T, H, W, 3]
+OUTPUTS = VISION_OUTPUTS  # float32 [N, D], [T, D]
+FEATURES = VISION_FEATURES  # optional extra output: float32 [T, 1+N, C], the selected layer's hidden states
 PRECISIONS = ("fp32", "int8")
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, minus headroom for the graph
 
@@ -67,13 +71,8 @@ class VisionGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1))
         if self.mode == "importance":
-            from valley_rt.kernels.temporal_pool import fold_importance_weights
-
-            pool, proj = model.temporal.pooling_layer, model.mm_projector
-            proj_bias = proj.bias if proj.bias is not None else torch.zeros(proj.out_features)
-            w, b = fold_importance_weights(pool.weight.detach(), pool.bias.detach(), proj.weight.detach(),
-                                           proj_bias.detach())
-            self.register_buffer("score_weight", w.reshape(-1))  # [N*C]
+            w, b = folded_importance_score(model)
+            self.register_buffer("score_weight", w)  # [N, C]
             self.register_buffer("score_bias", b.reshape(()))
         if self.mode == "transformer":
             enc = model.temporal.transformer_delta_encoder
@@ -87,16 +86,13 @@ class VisionGraph(nn.Module):
         x = (x - self.mean) / self.std  # [T, 3, H, W], exactly valley_rt.video.normalize
         feats = self.model.vision_features(x[None])[0]  # [T, 1+N, C]
         proj = self.model.mm_projector
+        if self.mode in ("mean", "importance"):  # pool first: N rows through the projector, not T*N
+            score = (self.score_weight, self.score_bias) if self.mode == "importance" else None
+            pooled, frames = pool_before_projector(feats[None], self.mode, proj, score=score, backend="reference")
+            return (pooled[0], frames[0], feats) if self.with_features else (pooled[0], frames[0])
         frames = proj(feats[:, 0])  # [T, D]
         patches = feats[:, 1:]  # [T, N, C]
-        if self.mode == "mean":
-            pooled = proj(patches.mean(0))  # pool first: N rows through the projector, not T*N
-        elif self.mode == "importance":
-            t = patches.shape[0]
-            scores = patches.reshape(t, -1) @ self.score_weight + self.score_bias  # [T], projector folded in
-            weights = scores.softmax(0)
-            pooled = proj((weights[:, None, None] * patches).sum(0))
-        elif self.mode == "max":
+        if self.mode == "max":
             pooled = proj(patches).amax(0)
         else:
             pooled = self._transformer(proj(patches).transpose(0, 1))  # [N, T, D]
@@ -227,17 +223,8 @@ def quantize_int8(src: str | Path, dst: str | Path) -> None:
 
 
 def session(path: str | Path, *, threads: int | None = None, providers: list | None = None):
-    """An InferenceSession with `threads` intra-op threads (None: one per physical core)."""
-    import onnxruntime as ort
-
-    from valley_rt.cpu import default_threads
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or default_threads()
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    """An InferenceSession over a vision graph (`valley_rt.backends.ort_session.vision_session`)."""
+    return vision_session(path, threads=threads, providers=providers)
 
 
 # -- parity --------------------------------------------------------------------------------------
@@ -290,16 +277,16 @@ class VisionExport:
     path: Path  # the kept vision.onnx
     precision: str  # "fp32" | "int8"
     figures: dict  # everything measured: fusions, parity per variant, ms per variant, decision
-    gpu: dict | None = None  # the manifest's "gpu" entry (export/tensorrt.py) when a GPU graph was built
 
 
 def export_vision(model: ValleyModel, out_dir: str | Path, *, precision: str = "auto", frames: int = 8,
-                  timing_repeats: int = 1, name: str = "vision.onnx", gpu: bool = False) -> VisionExport:
+                  timing_repeats: int = 1, name: str = "vision.onnx", raw: str | Path | None = None) -> VisionExport:
     """Export, fuse and (optionally) int8-quantize the vision stage into out_dir/name, measuring parity.
 
     precision: "fp32"; "int8" (kept only if cosine >= INT8_MIN_COSINE per token, else ValueError);
     "auto" (int8 when it is both faster on `frames` sample frames and accurate, else fp32).
-    gpu: also write the fp16 GPU graphs and TensorRT engine cache under out_dir/gpu (export/tensorrt.py).
+    raw: an already traced graph (`export_raw`; the GPU graphs of export/tensorrt.py start from the same
+    one), else the model is traced here.
     """
     if precision not in ("auto", *PRECISIONS):
         raise ValueError(f"precision must be auto, fp32 or int8, got {precision!r}")
@@ -310,16 +297,10 @@ def export_vision(model: ValleyModel, out_dir: str | Path, *, precision: str = "
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".vision-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        export_raw(model, tmp / "raw.onnx")
-        figures["fusions"] = optimize(tmp / "raw.onnx", tmp / "fp32.onnx", model)
+        if raw is None:
+            raw = export_raw(model, tmp / "raw.onnx")
+        figures["fusions"] = optimize(raw, tmp / "fp32.onnx", model)
         figures["export_s"] = {"fp32": time.perf_counter() - t0}
-        gpu_entry = None
-        if gpu:
-            from valley_rt.export.tensorrt import export_gpu
-
-            t0 = time.perf_counter()
-            gpu_entry = export_gpu(model, tmp / "raw.onnx", out_dir, frames=frames)
-            figures["export_s"]["gpu"] = time.perf_counter() - t0
         sess = session(tmp / "fp32.onnx")
         variants = {"fp32": parity(model, sess, crops)}
         ms = {"fp32": time_session(sess, crops, timing_repeats)} if precision == "auto" else {}
@@ -357,7 +338,7 @@ def export_vision(model: ValleyModel, out_dir: str | Path, *, precision: str = "
         data = Path(str(src) + ".data")  # external weights (name recorded inside the graph: keep it)
         if data.exists():
             _relocate_external(dst, data, out_dir)
-    return VisionExport(path=dst, precision=chosen, figures=figures, gpu=gpu_entry)
+    return VisionExport(path=dst, precision=chosen, figures=figures)
 
 
 def _relocate_external(graph_path: Path, data: Path, out_dir: Path) -> None:

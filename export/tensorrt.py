@@ -24,19 +24,9 @@ from pathlib import Path
 
 from valley_rt.config import ValleyConfig
 
-MIN_FRAMES, OPT_FRAMES, MAX_FRAMES = 1, 8, 64
-GPU_DIR = "gpu"
-FP16_FILE = "vision_fp16.onnx"
-TRT_FILE = "vision_trt.onnx"
-TRT_CACHE = "trt_cache"
-
-
-def gpu_providers_available() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+from valley_rt.backends.ort_session import gpu_providers, gpu_providers_available  # noqa: F401
+from valley_rt.engine_format import (FP16_FILE, GPU_DIR, MAX_FRAMES, MIN_FRAMES, OPT_FRAMES,  # noqa: F401
+                                     TRT_CACHE, TRT_FILE)
 
 
 def why_no_gpu() -> str | None:
@@ -52,31 +42,9 @@ def why_no_gpu() -> str | None:
     return None
 
 
-def _shape(cfg: ValleyConfig, frames: int) -> str:
-    c = cfg.preprocess.crop_size
-    return f"crops:{frames}x{c}x{c}x3"
-
-
 def providers(cache_dir: str | Path | None, cfg: ValleyConfig) -> list:
     """TensorRT (fp16, engine cache, profile 1..64 frames) then CUDA then CPU, for InferenceSession."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    chain: list = []
-    if cache_dir is not None and "TensorrtExecutionProvider" in available:
-        chain.append(("TensorrtExecutionProvider", {
-            "trt_fp16_enable": True,
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(cache_dir),
-            "trt_timing_cache_enable": True,
-            "trt_profile_min_shapes": _shape(cfg, MIN_FRAMES),
-            "trt_profile_opt_shapes": _shape(cfg, OPT_FRAMES),
-            "trt_profile_max_shapes": _shape(cfg, MAX_FRAMES),
-        }))
-    if "CUDAExecutionProvider" in available:
-        chain.append(("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
-    chain.append("CPUExecutionProvider")
-    return chain
+    return gpu_providers(cache_dir, cfg.preprocess.crop_size)
 
 
 def export_fp16(raw: str | Path, dst: str | Path, cfg: ValleyConfig) -> dict[str, int]:

@@ -291,6 +291,8 @@ def temporal_pool_reference(
         pooled = torch.einsum("bt,btnc->bnc", weights, patches)
     else:  # transformer: the last frame's encoder output plus the mean of the features without positions
         pooled = delta.to(acc) + patches.mean(1)
+    if out is None:  # returned as computed, not copied into fresh buffers: traceable for the ONNX export
+        return pooled.to(x.dtype), x[:, :, 0].contiguous()
     pooled_out.copy_(pooled)
     cls_out.copy_(x[:, :, 0])
     return pooled_out, cls_out

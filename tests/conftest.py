@@ -7,7 +7,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _has_cuda() -> bool:
-    import torch
+    try:
+        import torch
+    except ImportError:  # the core install (.ci/torchfree.sh) has no torch
+        return False
 
     return torch.cuda.is_available()
 

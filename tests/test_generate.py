@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -136,8 +137,8 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_sample_filters():
-    logits = torch.tensor([0.0, 5.0, 4.9, -3.0, 1.0])
-    g = torch.Generator().manual_seed(0)
+    logits = np.array([0.0, 5.0, 4.9, -3.0, 1.0], np.float32)
+    g = np.random.default_rng(0)
     assert sample(logits, SamplingParams(), None) == 1
     picks = {sample(logits, SamplingParams(temperature=5.0, top_k=2), g) for _ in range(200)}
     assert picks == {1, 2}

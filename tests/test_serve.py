@@ -328,13 +328,11 @@ def test_requests_interleave(srv):
 
 # -- units and fuzz --------------------------------------------------------------------------------
 def test_encoder_cache_lru_bytes():
-    import torch
-
     from valley_rt.runtime import VideoContext
     from valley_rt.serve.engine import EncoderCache
 
     def ctx(n):
-        return VideoContext("x", np.zeros((0, 1, 1, 3), np.uint8), [0], [0.0], (torch.zeros(n), torch.zeros(0)), {})
+        return VideoContext("x", np.zeros((0, 1, 1, 3), np.uint8), [0], [0.0], (np.zeros(n, np.float32), np.zeros(0, np.float32)), {})
 
     c = EncoderCache(max_bytes=1000)
     c.put(("a",), ctx(100))  # 400 bytes

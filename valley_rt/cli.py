@@ -39,8 +39,22 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# A package a command needs but the core install lacks -> the extra that brings it (pyproject.toml).
+EXTRAS = {"torch": "torch", "transformers": "torch", "safetensors": "torch", "onnx": "export",
+          "gptqmodel": "export", "triton": "gpu", "matplotlib": "train"}
+
+
+def missing_extra(e: ImportError) -> str | None:
+    """The one-line message for an ImportError of a package from an extra, else None."""
+    top = (e.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f"this command needs {top}, which this install lacks: pip install \"valley-rt[{extra}]\""
+
+
 def user_errors(fn):
-    """Turn a ValleyError (and a missing file) into one line on stderr and exit code 2."""
+    """Turn a ValleyError (and a package missing from the install) into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -49,11 +63,24 @@ def user_errors(fn):
         except ValleyError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
+        except ImportError as e:
+            message = missing_extra(e)
+            if message is None:
+                raise
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
 
     return wrapper
+
+
+def load_model(model, **kwargs):
+    """`valley_rt.load`: the runtime, plus export on first use for a checkpoint that runs on a CPU."""
+    from valley_rt import load
+
+    return load(model, **kwargs)
 
 
 def emit_json(obj) -> None:
@@ -187,7 +214,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
         q: list[str] = typer.Option([], "-q", "--question", help="More questions about the same video (repeatable)."),
         model: Optional[Path] = typer.Option(None, "--model", "-m", help="Engine or checkpoint folder (default: the bundled demo)."),
         reference: bool = typer.Option(False, help="Run the PyTorch reference path (needs a checkpoint)."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda (cuda: a checkpoint runs the torch GPU path, an engine its int4 LLM in CUDA graphs)."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda: an engine's GPU vision graph and int4 LLM in CUDA graphs, or the torch GPU path of a checkpoint."),
         frames: Optional[int] = typer.Option(None, help="Frames to sample (fixed mode; default from the model)."),
         fps: Optional[float] = typer.Option(None, help="Sample this many frames per second instead."),
         max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
@@ -205,7 +232,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
 
     t_start = _time.perf_counter()
     from valley_rt.generate import SamplingParams
-    from valley_rt.runtime import ask_batch, check_batch, load
+    from valley_rt.runtime import ask_batch, check_batch
 
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -216,7 +243,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
         if out is None:
             raise ValleyError("--batch needs --out FILE for the answers")
         check_batch(batch, out)
-        valley = load(model, reference=reference, device=device)
+        valley = load_model(model, reference=reference, device=device)
         stats = ask_batch(valley, batch, out, params=params, system=system, frames=frames, fps=fps,
                           progress=sys.stderr.isatty())
         typer.echo(json.dumps(stats))
@@ -226,7 +253,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
     if video is None or (question is None and not q):
         raise ValleyError("give a VIDEO and a QUESTION (or --batch FILE --out FILE)")
     questions = ([question] if question else []) + list(q)
-    valley = load(model, reference=reference, device=device)
+    valley = load_model(model, reference=reference, device=device)
     ctx = valley.encode_video(video, frames=frames, fps=fps)
     answers = []
     for i, text in enumerate(questions):
@@ -256,9 +283,8 @@ def chat(video: Path = typer.Argument(..., help="Video file."),
          max_new_tokens: int = typer.Option(256), system: Optional[str] = typer.Option(None)) -> None:
     """Talk about one video over several turns (the video's KV cache is reused; empty line or Ctrl-D ends)."""
     from valley_rt.generate import SamplingParams
-    from valley_rt.runtime import load
 
-    valley = load(model, reference=reference)
+    valley = load_model(model, reference=reference)
     conv = valley.chat(video, system=system, frames=frames, fps=fps)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     while True:

@@ -6,7 +6,9 @@ backend wraps a transformers `LlamaForCausalLM` (`backends/llm_torch.py`); the f
 decoder as one ONNX Runtime graph with int4 `MatMulNBits` weights (`backends/llm_onnx.py`).
 
 Decode steps touch only the LLM: the video is encoded once, its embeddings are prefilled once, and
-each further step feeds back one token id. Stop strings are matched on the incrementally decoded text,
+each further step feeds back one token id. Everything here is NumPy (logits [V] and embeddings [S, H]
+are float32 arrays), so the engine path runs without torch; the torch backends convert at their
+boundary. Stop strings are matched on the incrementally decoded text,
 and the streaming callback only ever sees text that can no longer turn into a stop string, so a
 streamed answer never shows a half-printed `###`.
 """
@@ -17,27 +19,28 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
-import torch
+import numpy as np
 
 from valley_rt.errors import ContextLengthError
 
 
 @runtime_checkable
 class LLMBackend(Protocol):
-    """One KV-cached LLaMA session, batch 1. Logits are float32 [V]; embeddings float32 [S, H]."""
+    """One KV-cached LLaMA session, batch 1. Logits are float32 [V]; embeddings float32 [S, H]; both
+    NumPy arrays (array-likes such as CPU tensors are accepted where they are read)."""
 
     hidden_size: int
     vocab_size: int
     max_context: int
     name: str
 
-    def embed(self, ids: Sequence[int]) -> torch.Tensor:  # -> [S, H]
+    def embed(self, ids: Sequence[int]) -> np.ndarray:  # -> [S, H]
         ...
 
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:  # embeds [S, H] -> logits [V]
+    def prefill(self, embeds: np.ndarray) -> np.ndarray:  # embeds [S, H] -> logits [V]
         ...
 
-    def decode(self, token_id: int) -> torch.Tensor:  # -> logits [V]
+    def decode(self, token_id: int) -> np.ndarray:  # -> logits [V]
         ...
 
     @property
@@ -64,7 +67,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability sums to >= top_p
     top_k: int = 0  # keep the k most likely tokens; 0 = all
-    seed: int | None = None  # seeds a private torch.Generator; None = nondeterministic
+    seed: int | None = None  # seeds a private numpy.random.Generator; None = nondeterministic
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -93,22 +96,30 @@ class GenerationResult:
 # sampling
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits: [V] float32 -> one token id. Greedy when temperature == 0."""
+def sample(logits, params: SamplingParams, generator: np.random.Generator | None) -> int:
+    """logits: [V] float32 -> one token id. Greedy when temperature == 0.
+
+    Sampling runs in float64 on the host: a softmax over a ~32k vocabulary is a few microseconds, and
+    the cumulative sums of top-p and of the draw do not lose the tail to rounding."""
+    logits = np.asarray(logits, dtype=np.float32).reshape(-1)  # [V]
     if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = logits.float().cpu() / params.temperature  # [V], on the CPU: the seeded generator lives there
-    if params.top_k > 0 and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # [V]
+        return int(np.argmax(logits))
+    logits = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < logits.size:
+        kth = np.partition(logits, -params.top_k)[-params.top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max())  # [V]
+    probs /= probs.sum()
     if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)  # [V], [V]
-        cum = torch.cumsum(sorted_p, dim=-1)
-        drop = cum - sorted_p >= params.top_p  # tokens whose predecessors already reach top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        order = np.argsort(-probs, kind="stable")  # [V], most likely first
+        sorted_p = probs[order]
+        drop = np.cumsum(sorted_p) - sorted_p >= params.top_p  # tokens whose predecessors already reach top_p
+        sorted_p[drop] = 0.0
+        probs = np.zeros_like(probs)
+        probs[order] = sorted_p
+    cum = np.cumsum(probs)  # [V]; a zero-probability token never has cum above the draw first
+    rng = generator if generator is not None else np.random.default_rng()
+    return int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,28 +199,28 @@ def check_context(backend: LLMBackend, n_prompt: int, max_new_tokens: int) -> No
         )
 
 
-def prefill(backend: LLMBackend, embeds: torch.Tensor) -> torch.Tensor:
+def prefill(backend: LLMBackend, embeds: np.ndarray) -> np.ndarray:
     """embeds: [S, H] -> last-position logits [V]; the S positions join the KV cache."""
-    if embeds.dim() != 2 or embeds.shape[1] != backend.hidden_size:
+    if embeds.ndim != 2 or embeds.shape[1] != backend.hidden_size:
         raise ValueError(f"embeds must be [S, {backend.hidden_size}], got {list(embeds.shape)}")
     return backend.prefill(embeds)
 
 
-def sampler(backend: LLMBackend) -> Callable[[torch.Tensor, SamplingParams, torch.Generator | None], int]:
+def sampler(backend: LLMBackend) -> Callable[..., int]:
     """The backend's own `sample` (same rules, run where its logits live: the CUDA backend samples on
     the GPU) or `sample` above."""
     return getattr(backend, "sample", sample)
 
 
 def decode_one_token(backend: LLMBackend, token_id: int, params: SamplingParams,
-                     generator: torch.Generator | None) -> int:
+                     generator: np.random.Generator | None) -> int:
     """Feed the previous token into the cache, sample the next one."""
     logits = backend.decode(token_id)  # [V]
     return sampler(backend)(logits, params, generator)
 
 
 def decode_n_tokens(backend: LLMBackend, first_token: int, n: int, params: SamplingParams,
-                    generator: torch.Generator | None,
+                    generator: np.random.Generator | None,
                     on_token: Callable[[int], str | None]) -> tuple[list[int], str | None]:
     """Sample up to n more tokens after `first_token`; `on_token` returns a stop reason to stop early.
     Returns the new tokens and the reason for an early stop (None: ran out of n)."""
@@ -224,7 +235,7 @@ def decode_n_tokens(backend: LLMBackend, first_token: int, n: int, params: Sampl
     return tokens, None
 
 
-def generate(backend: LLMBackend, tokenizer: Tokenizer, embeds: torch.Tensor | None = None, *,
+def generate(backend: LLMBackend, tokenizer: Tokenizer, embeds: np.ndarray | None = None, *,
              input_ids: Sequence[int] | None = None, params: SamplingParams | None = None,
              stop: Sequence[str] = ("###",), on_text: Callable[[str], None] | None = None,
              eos_token_id: int | None = None) -> GenerationResult:
@@ -243,9 +254,7 @@ def generate(backend: LLMBackend, tokenizer: Tokenizer, embeds: torch.Tensor | N
     check_context(backend, n_prompt, params.max_new_tokens)
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator().manual_seed(params.seed)
+    generator = np.random.default_rng(params.seed)  # seed None: fresh OS entropy
 
     tracker = _TextTracker(tokenizer, stop, on_text)
 

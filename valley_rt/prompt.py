@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import re
 
-import torch
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from valley_rt.config import ValleyConfig
+
+if TYPE_CHECKING:  # splice() only calls tensor methods: this module imports without torch
+    import torch
 
 SEP = "###"
 HUMAN, ASSISTANT = "Human", "Assistent"  # sic
@@ -137,3 +142,20 @@ def splice(embeds: torch.Tensor, input_ids: torch.Tensor,
             raise ValueError(f"sample {b}: {n_frame} <vi_frame> placeholders but {frames.shape[1]} frame tokens")
     embeds = embeds.masked_scatter(patch_mask[..., None], pooled.to(embeds.device, embeds.dtype))
     return embeds.masked_scatter(frame_mask[..., None], frames.to(embeds.device, embeds.dtype))
+
+
+def splice_rows(embeds: np.ndarray, ids, visual: tuple[np.ndarray, np.ndarray], cfg: ValleyConfig) -> np.ndarray:
+    """`splice` for one sample in NumPy (the engine path): embeds [S, D], ids [S], visual = (pooled [N, D],
+    frames [T, D]) -> a new [S, D] array with the visual tokens over their placeholder rows."""
+    ids = np.asarray(ids)
+    pooled, frames = visual
+    patch_rows = np.flatnonzero(ids == cfg.tokens.im_patch)
+    frame_rows = np.flatnonzero(ids == cfg.tokens.vi_frame)
+    if len(patch_rows) != len(pooled):
+        raise ValueError(f"{len(patch_rows)} <im_patch> placeholders but {len(pooled)} pooled patch tokens")
+    if len(frame_rows) != len(frames):
+        raise ValueError(f"{len(frame_rows)} <vi_frame> placeholders but {len(frames)} frame tokens")
+    out = np.array(embeds, dtype=np.float32)  # a copy: the embedding table may be a read-only memory map
+    out[patch_rows] = pooled
+    out[frame_rows] = frames
+    return out

@@ -1,12 +1,15 @@
 """The serving path: video -> frames -> vision engine -> visual tokens -> LLM -> streamed answer.
 
 `load(path)` returns a `Valley` for an engine folder (the fast path: ONNX Runtime vision graph + int4
-ONNX LLM), a checkpoint folder (exported once into the user cache, or run on the PyTorch reference with
-`reference=True`), or, with no path, the bundled demo model. A video is decoded, preprocessed and encoded
+ONNX LLM), a checkpoint folder (the torch path on a GPU, the PyTorch reference with `reference=True`,
+or, on a CPU, an engine made by the `exporter` hook: `valley_rt.load` and the CLI pass the one that
+exports once into the user cache), or, with no path, the bundled demo model. A video is decoded, preprocessed and encoded
 once (`encode_video`); every question about it reuses those visual tokens, and the KV cache of the prompt
 prefix they share (system prompt + video) is reused too: a second question or chat turn only prefills
-its own text. Nothing here imports transformers on the fast path (the tokenizer is the `tokenizers`
-library reading tokenizer.json), which keeps a cold `valley-rt ask` near the cost of importing torch.
+its own text. The engine path imports neither torch nor transformers (the tokenizer is the
+`tokenizers` library reading tokenizer.json; sampling, splice and KV bookkeeping are NumPy), so it runs
+on a core install; the checkpoint paths import torch when they are asked for. This module never
+imports the exporters (valley_rt.export): the engine format it reads is valley_rt.engine_format.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import fcntl
 import json
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,12 +25,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
+from valley_rt.backends.vision import open_engine_vision, pick_vision, torch_cuda_available
 from valley_rt.config import ValleyConfig
+from valley_rt.engine_format import MANIFEST, artifact_path, load_manifest
 from valley_rt.errors import EngineError, ValleyError
 from valley_rt.generate import SamplingParams, generate
-from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, format_conversation, splice
+from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, format_conversation, splice_rows
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WARM_VISION_MAX_FLOPS = 1e9  # warm the vision session at load when one frame costs less than this
@@ -36,8 +39,16 @@ DEMO_CHECKPOINT = ASSETS / "demo"
 DEMO_ENGINE = ASSETS / "demo_engine"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("VALLEY_RT_CACHE", Path.home() / ".cache" / "valley-rt"))
+Exporter = Callable[[Path], Path]  # checkpoint folder -> engine folder (e.g. valley_rt.export.cache.ensure_engine)
+
+
+def __getattr__(name: str):
+    # ReferenceVision moved to valley_rt.backends.vision, with the other vision backends.
+    if name == "ReferenceVision":
+        from valley_rt.backends.vision import ReferenceVision
+
+        return ReferenceVision
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- tokenizer -------------------------------------------------------------------------------------
@@ -89,26 +100,6 @@ def open_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-# -- vision backends -------------------------------------------------------------------------------
-class ReferenceVision:
-    """The PyTorch reference's vision stage on frames preprocessed exactly as the original (PIL)."""
-
-    name = "torch-reference"
-
-    def __init__(self, model):
-        self.model = model
-        self.cfg = model.cfg
-
-    @torch.no_grad()
-    def encode(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        from valley_rt.video import preprocess
-
-        weight = self.model.mm_projector.weight
-        pixels = preprocess(frames, self.cfg.preprocess)[None].to(weight.device, weight.dtype)
-        pooled, frame_tokens = self.model.encode_video(pixels)
-        return pooled[0], frame_tokens[0]
-
-
 class _StreamCleaner:
     """Streams what `clean_answer` would keep: holds text back until the leading role marker the model
     writes first (" Assistent:", "###", ...) is complete, drops it, then passes text straight through."""
@@ -155,7 +146,7 @@ class VideoContext:
     frames: np.ndarray  # uint8 [T, H, W, 3]
     indices: list[int]
     timestamps: list[float]
-    visual: tuple[torch.Tensor, torch.Tensor]  # pooled [N, D], frame tokens [T, D]
+    visual: tuple[np.ndarray, np.ndarray]  # pooled [N, D], frame tokens [T, D], float32
     timings: dict[str, float]  # video_decode_ms, preprocess_ms, vision_ms (pooling included)
     notes: list[str] = field(default_factory=list)
 
@@ -212,8 +203,6 @@ class Valley:
     # -- video ------------------------------------------------------------------------------------
     def encode_video(self, path, *, frames: int | None = None, fps: float | None = None) -> VideoContext:
         """Decode, preprocess and encode a video once. frames: fixed-mode count; fps: fps mode."""
-        from valley_rt.video import resize_crop
-
         s = self.cfg.sampling
         n = frames if frames is not None else s.num_frames
         if fps is None and not 1 <= n <= self.max_frames:
@@ -226,15 +215,13 @@ class Valley:
         else:
             clip = self._read(path, num_frames=n)
         t1 = time.perf_counter()
-        if isinstance(self.vision, ReferenceVision):
-            crops = clip.frames  # the reference preprocesses inside, exactly like the original
-        else:
-            crops = resize_crop(clip.frames, self.cfg.preprocess)
+        x = self.vision.preprocess(clip.frames)  # each backend's own input (crops, or pixels for torch)
         t2 = time.perf_counter()
-        pooled, frame_tokens = self.vision.encode(crops)
+        pooled, frame_tokens = self.vision.visual_tokens(x)
         t3 = time.perf_counter()
         return VideoContext(path=str(path), frames=clip.frames, indices=list(clip.indices),
-                            timestamps=list(clip.timestamps), visual=(pooled.float(), frame_tokens.float()),
+                            timestamps=list(clip.timestamps),
+                            visual=(np.asarray(pooled, np.float32), np.asarray(frame_tokens, np.float32)),
                             timings={"video_decode_ms": (t1 - t0) * 1e3, "preprocess_ms": (t2 - t1) * 1e3,
                                      # pooling runs inside the vision engine's graph (or kernel)
                                      "vision_ms": (t3 - t2) * 1e3},
@@ -243,29 +230,25 @@ class Valley:
     def encode_frames(self, frames: np.ndarray, *, source: str = "<frames>") -> VideoContext:
         """Encode frames decoded elsewhere (uint8 [T, H, W, 3], e.g. a client's list of images) the way
         encode_video encodes a video's sampled frames."""
-        from valley_rt.video import resize_crop
-
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValleyError(f"{source}: expected uint8 frames [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
         if not 1 <= len(frames) <= self.max_frames:
             raise EngineError(f"{source}: {len(frames)} frames is outside this model's range 1..{self.max_frames}")
         t0 = time.perf_counter()
-        crops = frames if isinstance(self.vision, ReferenceVision) else resize_crop(frames, self.cfg.preprocess)
+        x = self.vision.preprocess(frames)
         t1 = time.perf_counter()
-        pooled, frame_tokens = self.vision.encode(crops)
+        pooled, frame_tokens = self.vision.visual_tokens(x)
         t2 = time.perf_counter()
         n = len(frames)
         return VideoContext(path=source, frames=frames, indices=list(range(n)), timestamps=[float(i) for i in range(n)],
-                            visual=(pooled.float(), frame_tokens.float()),
+                            visual=(np.asarray(pooled, np.float32), np.asarray(frame_tokens, np.float32)),
                             timings={"video_decode_ms": 0.0, "preprocess_ms": (t1 - t0) * 1e3,
                                      "vision_ms": (t2 - t1) * 1e3})
 
     # -- prompts ----------------------------------------------------------------------------------
-    def _embeds(self, ids: list[int], ctx: VideoContext) -> torch.Tensor:
-        """Token embeddings with the visual tokens spliced in: [S, H]."""
-        table = self.llm.embed(ids)  # [S, H]
-        pooled, frames = (v.to(table.device) for v in ctx.visual)  # vision and LLM may sit on different devices
-        return splice(table[None], torch.tensor([ids], device=table.device), (pooled[None], frames[None]), self.cfg)[0]
+    def _embeds(self, ids: list[int], ctx: VideoContext) -> np.ndarray:
+        """Token embeddings with the visual tokens spliced in: [S, H] float32."""
+        return splice_rows(self.llm.embed(ids), ids, ctx.visual, self.cfg)
 
     def _answer(self, ctx: VideoContext, turns: list[Turn], question: str, *, params: SamplingParams,
                 system: str | None, on_text: Callable[[str], None] | None,
@@ -368,52 +351,50 @@ class Chat:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load(path: str | Path | None = None, *, reference: bool = False, device: str = "auto", threads: int | None = None) -> Valley:
+def load(path: str | Path | None = None, *, reference: bool = False, device: str = "auto",
+         threads: int | None = None, exporter: Exporter | None = None) -> Valley:
     """Load an engine folder, a checkpoint folder, or (path None) the bundled demo model.
 
-    device: "auto" / "cpu" / "cuda". A checkpoint on CUDA runs the torch GPU path (fp16 vision tower with
-    the fused Triton temporal-pooling kernel, fp16 LLM); on CPU it is exported once to an engine. An engine
-    folder with device "cuda" runs its int4 LLM in CUDA graphs (backends/llm_cuda.py, docs/gpu.md).
+    device: "auto" / "cpu" / "cuda", for the vision stage as `backends.vision.pick_vision` decides:
+    an engine runs its GPU vision graph when it has one, a checkpoint on CUDA runs the torch GPU path
+    (fp16 vision tower with the fused Triton temporal-pooling kernel, fp16 LLM). An engine with device
+    "cuda" runs its int4 LLM in CUDA graphs (backends/llm_cuda.py, docs/gpu.md).
+    A checkpoint on a CPU runs as an engine: `exporter(checkpoint) -> engine folder` makes it (the
+    runtime does not import the exporters; `valley_rt.load` and the CLI pass
+    `valley_rt.export.cache.ensure_engine`, which exports once into the user cache); without an
+    exporter that is an EngineError telling how to export.
     threads: ONNX Runtime's CPU threads per session (None: one per physical core, `cpu.default_threads`).
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValleyError(f"--device must be auto, cpu or cuda, got {device!r}")
-    cuda = torch.cuda.is_available()
-    if device == "cuda" and not cuda:
-        raise ValleyError("--device cuda: torch sees no CUDA GPU on this machine")
     t0 = time.perf_counter()
     if path is None:
-        path = DEMO_CHECKPOINT if reference or (cuda and device != "cpu") else demo_engine()
+        demo_on_gpu = reference or (device != "cpu" and torch_cuda_available())
+        path = DEMO_CHECKPOINT if demo_on_gpu else demo_engine(exporter)
     path = Path(path)
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         if reference:
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
-        try:
-            valley = _load_engine(path, threads=threads, cuda=device == "cuda")
-        except EngineError as e:
-            if cache_dir().resolve() not in path.resolve().parents:
-                raise
-            ckpt = _cached_engine_source(path)
-            if ckpt is None:
-                raise EngineError(f"{e} ({path} is an engine valley-rt cached: remove that folder and run again "
-                                  f"to rebuild it)") from None
-            print(f"valley-rt: rebuilding the cached engine of {ckpt} ({e})", file=sys.stderr)
-            valley = _load_engine(ensure_engine(ckpt, rebuild=True), threads=threads)
-    elif (path / "valley.json").is_file():
-        if reference:
-            valley = _load_reference(path)
-        elif cuda and device != "cpu":
-            valley = _load_torch(path, device="cuda", dtype=torch.float16)
-        else:
-            try:
-                valley = _load_engine(ensure_engine(path), threads=threads)
-            except EngineError as e:  # the cached entry was damaged after export (a flipped byte, a lost file)
-                print(f"valley-rt: rebuilding the cached engine of {path} ({e})", file=sys.stderr)
-                valley = _load_engine(ensure_engine(path, rebuild=True), threads=threads)
+        manifest = load_manifest(path, verify=True)
+        choice = pick_vision("engine", device=device, gpu=manifest.get("gpu"))
     elif not path.exists():
         raise EngineError(f"{path}: no such model folder")
     else:
         raise EngineError(f"{path}: neither an engine folder (manifest.json) nor a valley-rt checkpoint (valley.json)")
+    if choice == "reference":
+        valley = _load_reference(path)
+    elif choice == "torch":
+        import torch
+
+        cuda = torch.cuda.is_available()
+        valley = _load_torch(path, device="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.float32)
+    else:
+        if manifest is None:
+            if exporter is None:
+                raise EngineError(f"{path}: a checkpoint folder, which runs on this machine as an engine: export it "
+                                  f"with `valley-rt export {path} --out ENGINE`, or pass "
+                                  f"exporter=valley_rt.export.cache.ensure_engine (valley_rt.load does)")
+            path = Path(exporter(path))
+            manifest = load_manifest(path, verify=True)
+        valley = _load_engine(path, manifest, vision=choice, threads=threads, cuda=device == "cuda")
     if valley.kind in ("engine", "engine-cuda"):
         _warm_up(valley)
     valley.load_ms = (time.perf_counter() - t0) * 1e3
@@ -440,27 +421,25 @@ def _warm_up(valley: Valley) -> None:
     # video whose visual tokens are all zero.
     t, n, d = valley.cfg.sampling.num_frames, valley.cfg.num_patches, valley.llm.hidden_size
     blank = VideoContext(path="<warm-up>", frames=np.zeros((t, 1, 1, 3), np.uint8), indices=list(range(t)),
-                         timestamps=[0.0] * t, visual=(torch.zeros(n, d), torch.zeros(t, d)), timings={})
+                         timestamps=[0.0] * t, visual=(np.zeros((n, d), np.float32), np.zeros((t, d), np.float32)),
+                         timings={})
     valley.ask(blank, "What happens in the video?", params=SamplingParams(max_new_tokens=2))
     valley.reset()
 
 
-def _load_engine(path: Path, *, threads: int | None, cuda: bool = False) -> Valley:
+def _load_engine(path: Path, manifest: dict, *, vision: str = "onnx-cpu", threads: int | None,
+                 cuda: bool = False) -> Valley:
     """cuda=True: the LLM's int4 weights are read back from llm.onnx into the CUDA-graphs backend
     (backends/llm_cuda.py); the vision graph stays on ONNX Runtime (an engine holds no torch vision
     weights), on the GPU when the engine has a GPU graph and onnxruntime-gpu is there."""
     from valley_rt.backends.llm_onnx import OnnxLLM
-    from valley_rt.backends.vision import OnnxVision
-    from valley_rt.export.manifest import artifact_path, load_manifest
 
-    manifest = load_manifest(path, verify=True)
     try:
         cfg = ValleyConfig.from_dict(manifest["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise EngineError(f"{path / 'manifest.json'}: bad config ({e})") from None
+        raise EngineError(f"{path / MANIFEST}: bad config ({e})") from None
     files = manifest.get("files", {})
-    vision = OnnxVision.from_engine(path, manifest=manifest, threads=threads)
-    vision.name = f"onnxruntime-{manifest.get('precision', {}).get('vision', '?')}"
+    vision_backend = open_engine_vision(path, manifest, vision, threads=threads)
     llm_dir = artifact_path(path, files.get("llm", "llm/"), where="files.llm")
     if cuda:
         from valley_rt.backends.llm_cuda import CudaLLM
@@ -471,7 +450,7 @@ def _load_engine(path: Path, *, threads: int | None, cuda: bool = False) -> Vall
         llm = OnnxLLM(llm_dir, threads=threads)
         llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
     tok = open_tokenizer(artifact_path(path, files.get("tokenizer", "tokenizer/"), where="files.tokenizer"))
-    return Valley(cfg=cfg, tokenizer=tok, vision=vision, llm=llm, source=str(path),
+    return Valley(cfg=cfg, tokenizer=tok, vision=vision_backend, llm=llm, source=str(path),
                   kind="engine-cuda" if cuda else "engine")
 
 
@@ -481,7 +460,7 @@ def _load_reference(path: Path) -> Valley:
     return torch_valley(load_checkpoint(path), load_tokenizer(path), source=str(path), reference=True)
 
 
-def _load_torch(path: Path, *, device: str, dtype: torch.dtype) -> Valley:
+def _load_torch(path: Path, *, device: str, dtype) -> Valley:
     from valley_rt.checkpoint import load_checkpoint, load_tokenizer
 
     return torch_valley(load_checkpoint(path, dtype=dtype, device=device), load_tokenizer(path), source=str(path))
@@ -493,8 +472,10 @@ def torch_valley(model, tokenizer, *, source: str, reference: bool = False) -> V
     reference=False: the torch path for GPUs, temporal pooling through valley_rt.kernels.temporal_pool
     (the fused Triton kernel on CUDA, its torch reference elsewhere). reference=True: what the original
     does (every frame decoded, PIL preprocessing, the reference pooling)."""
+    import torch
+
     from valley_rt.backends.llm_torch import TorchLLM
-    from valley_rt.backends.vision import TorchVision
+    from valley_rt.backends.vision import ReferenceVision, TorchVision
     from valley_rt.video import read_video_naive
 
     weight = model.mm_projector.weight
@@ -511,91 +492,22 @@ def torch_valley(model, tokenizer, *, source: str, reference: bool = False) -> V
     return Valley(cfg=model.cfg, tokenizer=tokenizer, vision=vision, llm=llm, source=source, kind="torch")
 
 
-def demo_engine() -> Path:
+def demo_engine(exporter: Exporter | None = None) -> Path:
     """The bundled demo engine; if it is missing or no longer loads (e.g. exported by another format
-    version), an engine exported from the bundled demo checkpoint into the user cache."""
-    from valley_rt.export.manifest import load_manifest
-
-    if (DEMO_ENGINE / "manifest.json").is_file():
+    version), `exporter(bundled demo checkpoint)`, or an EngineError without an exporter."""
+    problem = "missing"
+    if (DEMO_ENGINE / MANIFEST).is_file():
         try:
             load_manifest(DEMO_ENGINE, verify=False)
             return DEMO_ENGINE
-        except EngineError:
-            pass
+        except EngineError as e:
+            problem = str(e)
     if not (DEMO_CHECKPOINT / "valley.json").is_file():
         raise EngineError(f"{DEMO_CHECKPOINT}: the bundled demo model is missing from this install")
-    return ensure_engine(DEMO_CHECKPOINT)
-
-
-def ensure_engine(ckpt: Path, *, rebuild: bool = False) -> Path:
-    """Export `ckpt` once into the user cache (int4 round-to-nearest LLM, default vision precision).
-
-    The entry is CACHE/engines/NAME-HASH (HASH: the checkpoint's content). One lock file per cache root
-    (CACHE/engines/.lock) serializes exports: two processes asking at once, the second finds the first's
-    engine. The export itself is atomic (built aside, renamed into place), so a killed export leaves
-    nothing. rebuild=True (or an entry whose files no longer match its manifest) exports it again over
-    the old entry; an entry that is not an engine valley-rt wrote is never deleted (EngineError saying
-    which folder to remove).
-    """
-    from valley_rt.checkpoint import read_config
-    from valley_rt.export.engine import export_engine
-    from valley_rt.export.manifest import hash_folder, load_manifest
-    from valley_rt.outdir import is_engine
-
-    key = hash_folder(ckpt)[:16]
-    root = cache_dir() / "engines"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / ".lock", "a")
-    except OSError as e:
-        raise EngineError(f"{root}: cannot use the engine cache ({e.strerror}); set VALLEY_RT_CACHE to a "
-                          f"writable folder") from None
-    out = root / f"{Path(ckpt).name}-{key}"
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        _remove_old_lock_files(root)
-        if not rebuild:
-            try:
-                load_manifest(out, verify=False)
-                return out
-            except EngineError:
-                pass
-        if out.exists() and not is_engine(out):
-            raise EngineError(f"{out}: this engine cache entry is damaged and holds files valley-rt did not "
-                              f"list; remove that folder and run again to rebuild it")
-        export_engine(ckpt, out, quant="rtn4", group_size=_group_size(read_config(ckpt)), overwrite=True)
-    return out
-
-
-def _cached_engine_source(engine: Path) -> Path | None:
-    """The checkpoint a cache entry was exported from, when its manifest still names it and the
-    checkpoint's content hash is the one in the entry's name (so rebuilding gives the same engine)."""
-    from valley_rt.export.manifest import hash_folder
-
-    try:
-        src = Path(json.loads((engine / "manifest.json").read_text())["source"]["path"])
-        if (src / "valley.json").is_file() and engine.name == f"{src.name}-{hash_folder(src)[:16]}":
-            return src
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-def _remove_old_lock_files(root: Path) -> None:
-    """Empty NAME-HASH.lock files, one per entry, left by valley-rt versions that locked per entry."""
-    import re
-
-    for p in root.glob("*.lock"):
-        if re.fullmatch(r".+-[0-9a-f]{16}\.lock", p.name) and p.is_file() and p.stat().st_size == 0:
-            p.unlink(missing_ok=True)
-
-
-def _group_size(cfg: ValleyConfig, largest: int = 128) -> int:
-    """The largest power-of-two int4 group size (<= 128) that divides every linear's input width."""
-    size = largest
-    while size > 8 and (cfg.llm.hidden_size % size or cfg.llm.intermediate_size % size):
-        size //= 2
-    return size
+    if exporter is None:
+        raise EngineError(f"{DEMO_ENGINE}: the bundled demo engine does not load ({problem}); export it with "
+                          f"`valley-rt export {DEMO_CHECKPOINT} --out ENGINE --quant rtn4`")
+    return Path(exporter(DEMO_CHECKPOINT))
 
 
 # -- batch ---------------------------------------------------------------------------------------

@@ -37,10 +37,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from typing import TYPE_CHECKING
 
 from valley_rt.config import PreprocessConfig
 from valley_rt.errors import VideoError
+
+if TYPE_CHECKING:  # normalize/preprocess (the torch reference's input) import torch when called
+    import torch
 
 # Containers PyAV opens for single images; those are decoded with PIL (EXIF orientation, palettes).
 IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe")
@@ -587,6 +591,8 @@ def resize_crop(frames: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 def normalize(crops: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """uint8 [T, crop, crop, 3] -> float32 [T, 3, crop, crop]: scale to [0, 1], CLIP mean/std."""
+    import torch
+
     x = torch.as_tensor(crops).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -551,13 +551,15 @@ class CudaLLM:
         ids = torch.as_tensor(list(ids), dtype=torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
-        return self.weights.embed[ids.to(self.device)].float()  # [S, H]
+        # [S, H] float32 on the host: the runtime splices the visual rows in NumPy (generate.LLMBackend)
+        return self.weights.embed[ids.to(self.weights.embed.device)].float().cpu().numpy()
 
     @torch.inference_mode()
-    def prefill(self, embeds: Tensor) -> Tensor:
+    def prefill(self, embeds) -> Tensor:
+        """embeds: [S, H] (NumPy or a tensor) -> last-position logits [V], left on the device for `sample`."""
         S = embeds.shape[0]
         self._check_room(S)
-        x = embeds.to(device=self.device, dtype=self.dtype)[None]  # [1, S, H]
+        x = torch.as_tensor(embeds).to(device=self.device, dtype=self.dtype)[None]  # [1, S, H]
         pos = torch.arange(self._pos, self._pos + S, device=self.device)
         logits = self.model.forward(x, pos, self._pos + S)
         self._pos += S
@@ -592,17 +594,21 @@ class CudaLLM:
     def reset(self) -> None:
         self._pos = 0
 
-    def sample(self, logits: Tensor, params, generator: torch.Generator | None) -> int:
-        """generate.sample on the device (one int crosses). A CPU generator (generate's, seeded) seeds a
-        device generator once, so seeded runs repeat."""
+    def sample(self, logits: Tensor, params, generator) -> int:
+        """generate.sample on the device (one int crosses). The host generator (generate's
+        numpy.random.Generator, seeded; or a torch CPU generator) seeds a device generator once, so
+        seeded runs repeat."""
         gen = None
         if params.temperature != 0.0 and generator is not None:
-            if generator.device == logits.device:
+            if isinstance(generator, torch.Generator) and generator.device == logits.device:
                 gen = generator
             else:
                 gen = self._generators.get(id(generator))
                 if gen is None:
-                    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+                    if isinstance(generator, np.random.Generator):
+                        seed = int(generator.integers(0, 2**62))
+                    else:
+                        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
                     gen = torch.Generator(device=logits.device).manual_seed(seed)
                     self._generators = {id(generator): gen}  # only the current generation's
         return int(sample_on_device(logits, params.temperature, params.top_p, params.top_k, gen))

@@ -4,7 +4,8 @@ The graph comes from `valley_rt.export.llm_onnx`. The KV cache is one preallocat
 buffer per layer and per K/V, bound through IOBinding as both GroupQueryAttention's past input and
 its present output (the op writes the new rows in place), so a decode step copies nothing but the
 [1, 1, H] embedding in and the [V] logits out. `truncate` is free: the cache length is just the
-`seqlens_k` / `total_sequence_length` we pass next time, rows past it are never read.
+`seqlens_k` / `total_sequence_length` we pass next time, rows past it are never read. Embeddings
+and logits are NumPy float32 arrays (no torch on this path).
 """
 
 from __future__ import annotations
@@ -15,27 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
+from valley_rt.backends.ort_session import llm_session_options as session_options
+from valley_rt.engine_format import LLM_EMBED_FILE, LLM_FORMAT_VERSION, LLM_META_FILE, LLM_MODEL_FILE
 from valley_rt.errors import EngineError
-
-
-def session_options(threads: int | None = None, spinning: bool = True):
-    """ORT options for batch-1 decoding: a fixed small thread pool; spinning threads cut the wake-up
-    latency between the ~10 ops of each layer (turn off when sharing cores with other busy work)."""
-    import onnxruntime as ort
-
-    from valley_rt.cpu import default_threads
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or default_threads()
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # The graph is already fused by construction; basic optimizations (constant folding, dead-node
-    # removal) are all that is left to do and keep session creation fast.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return so
 
 
 class OnnxLLM:
@@ -44,19 +28,17 @@ class OnnxLLM:
     def __init__(self, path, *, threads: int | None = None, spinning: bool = True, max_context: int | None = None):
         import onnxruntime as ort
 
-        from valley_rt.export.llm_onnx import EMBED_FILE, FORMAT_VERSION, META_FILE, MODEL_FILE
-
         t0 = time.perf_counter()
         path = Path(path)
         folder = path.parent if path.suffix == ".onnx" else path
-        model_file = path if path.suffix == ".onnx" else folder / MODEL_FILE
-        meta_file = folder / META_FILE
-        for f in (model_file, meta_file, folder / EMBED_FILE):
+        model_file = path if path.suffix == ".onnx" else folder / LLM_MODEL_FILE
+        meta_file = folder / LLM_META_FILE
+        for f in (model_file, meta_file, folder / LLM_EMBED_FILE):
             if not f.is_file():
                 raise EngineError(f"{f}: expected an exported LLM file (valley_rt.export.llm_onnx), not found")
         self.meta = json.loads(meta_file.read_text())
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise EngineError(f"{meta_file}: expected LLM format_version {FORMAT_VERSION}, got "
+        if self.meta.get("format_version") != LLM_FORMAT_VERSION:
+            raise EngineError(f"{meta_file}: expected LLM format_version {LLM_FORMAT_VERSION}, got "
                               f"{self.meta.get('format_version')}; re-export the engine")
         shape = self.meta["shape"]
         self.hidden_size = int(shape["hidden_size"])
@@ -67,7 +49,7 @@ class OnnxLLM:
         self.name = f"onnx-{'fp32' if quant == 'none' else 'int4'}"
         self.weight_bytes_per_token = int(self.meta["weight_bytes_per_token"])
 
-        self.embed_table = np.load(folder / EMBED_FILE, mmap_mode="r")  # [V, H], rows read on demand
+        self.embed_table = np.load(folder / LLM_EMBED_FILE, mmap_mode="r")  # [V, H], rows read on demand
         self.session = ort.InferenceSession(str(model_file), sess_options=session_options(threads, spinning),
                                             providers=["CPUExecutionProvider"])
         kv_shape = (1, int(shape["num_kv_heads"]), self.max_context, int(self.meta["cache_head_dim"]))
@@ -95,13 +77,13 @@ class OnnxLLM:
     def position(self) -> int:
         return self._pos
 
-    def embed(self, ids: Sequence[int]) -> torch.Tensor:
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(list(ids), dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got range [{ids.min()}, {ids.max()}]")
-        return torch.from_numpy(np.asarray(self.embed_table[ids], dtype=np.float32))  # [S, H]
+        return np.asarray(self.embed_table[ids], dtype=np.float32)  # [S, H]
 
-    def _run(self, x: np.ndarray) -> torch.Tensor:
+    def _run(self, x: np.ndarray) -> np.ndarray:
         """x: [1, S, H] float32 appended after the cache -> last-position logits [V]."""
         s = x.shape[1]
         total = self._pos + s
@@ -113,13 +95,13 @@ class OnnxLLM:
         b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         self.session.run_with_iobinding(b)
         self._pos = total
-        return torch.from_numpy(self._logits[0, 0].copy())  # [V]; the buffer is reused next step
+        return self._logits[0, 0].copy()  # [V]; the buffer is reused next step
 
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+    def prefill(self, embeds: np.ndarray) -> np.ndarray:
         # embeds: [S, H] -> [1, S, H]
-        return self._run(embeds.detach().to(torch.float32).cpu().numpy()[None])
+        return self._run(np.asarray(embeds, dtype=np.float32)[None])
 
-    def decode(self, token_id: int) -> torch.Tensor:
+    def decode(self, token_id: int) -> np.ndarray:
         return self._run(np.asarray(self.embed_table[[token_id]], dtype=np.float32)[None])  # [1, 1, H]
 
     def truncate(self, position: int) -> None:

@@ -1,7 +1,8 @@
 """The reference LLM backend: a transformers `LlamaForCausalLM` with a `DynamicCache`.
 
 Plain and slow on purpose: every fast backend is tested against it token for token. Runs in the
-model's own dtype; embeddings in and logits out are float32 like every backend.
+model's own dtype; embeddings in and logits out are NumPy float32 like every backend (converted here,
+at the boundary, so generation and the runtime stay torch-free).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Sequence
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -48,26 +50,27 @@ class TorchLLM:
     def position(self) -> int:
         return int(self.cache.get_seq_length())
 
-    def embed(self, ids: Sequence[int]) -> torch.Tensor:
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
         table = self.model.get_input_embeddings().weight  # [V, H]
-        return table[torch.as_tensor(list(ids), dtype=torch.long, device=table.device)].detach().float()  # [S, H]
+        rows = table[torch.as_tensor(list(ids), dtype=torch.long, device=table.device)]
+        return rows.detach().float().cpu().numpy()  # [S, H]
 
     @torch.inference_mode()
-    def _forward(self, **inputs) -> torch.Tensor:
+    def _forward(self, **inputs) -> np.ndarray:
         before = self.position
         new = next(v for v in inputs.values()).shape[1]
         out = self.model(**inputs, **{self._cache_kw: self.cache}, use_cache=True, logits_to_keep=1)
         if self.position != before + new:
             raise RuntimeError(f"the KV cache holds {self.position} tokens after a forward of {new} from {before}: "
                                f"this transformers version ignored the {self._cache_kw!r} argument")
-        return out.logits[0, -1].float()  # [V]
+        return out.logits[0, -1].float().cpu().numpy()  # [V]
 
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
-        # embeds: [S, H] -> [1, S, H] in the model's dtype
-        x = embeds.to(device=self._param.device, dtype=self._param.dtype)[None]
+    def prefill(self, embeds) -> np.ndarray:
+        # embeds: [S, H] (NumPy or torch) -> [1, S, H] in the model's dtype
+        x = torch.as_tensor(embeds).to(device=self._param.device, dtype=self._param.dtype)[None]
         return self._forward(inputs_embeds=x)
 
-    def decode(self, token_id: int) -> torch.Tensor:
+    def decode(self, token_id: int) -> np.ndarray:
         ids = torch.tensor([[token_id]], dtype=torch.long, device=self._param.device)  # [1, 1]
         return self._forward(input_ids=ids)
 

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import numpy as np
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from valley_rt.errors import ValleyError
 from valley_rt.generate import SamplingParams
-from valley_rt.prompt import VIDEO, Turn, encode, format_conversation, splice
+from valley_rt.prompt import VIDEO, Turn, encode, format_conversation, splice_rows
 from valley_rt.runtime import Valley, VideoContext, _StreamCleaner
 from valley_rt.serve import media
 from valley_rt.serve.llm import GenJob, GenOutcome, InterleavedLLM, LLMService
@@ -99,7 +98,7 @@ class EncoderCache:
         return item[0]
 
     def put(self, key: tuple, ctx: VideoContext) -> None:
-        size = sum(t.numel() * t.element_size() for t in ctx.visual)
+        size = sum(t.nbytes for t in ctx.visual)
         if size > self.max_bytes or key in self._items:
             return
         self._items[key] = (ctx, size)
@@ -302,10 +301,8 @@ class ServeEngine:
                                     seed=req.seed)
         except ValueError as e:
             raise APIError(str(e)) from None
-        table = v.llm.embed(ids)  # [L, H]
-        pooled, frames = ctx.visual
         try:
-            embeds = splice(table[None], torch.tensor([ids]), (pooled[None], frames[None]), v.cfg)[0]  # [L, H]
+            embeds = splice_rows(v.llm.embed(ids), ids, ctx.visual, v.cfg)  # [L, H]
         except ValueError as e:  # placeholder counts disagree, e.g. special-token strings in the text
             raise APIError(f"prompt: {e}", param="messages") from None
         im_start = v.cfg.tokens.im_start

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import torch
+import numpy as np
 
 from valley_rt.generate import SamplingParams, _TextTracker, sample
 
@@ -43,7 +43,7 @@ class GenOutcome:
 @dataclass
 class GenJob:
     ids: list[int]  # the whole prompt's token ids
-    embeds: torch.Tensor  # [L, H] input embeddings of the whole prompt, visual tokens spliced in
+    embeds: np.ndarray  # [L, H] float32 input embeddings of the whole prompt, visual tokens spliced in
     prefix_key: str  # what the visual placeholders in `ids` hold (the video's content key)
     visual_start: int  # index of the first visual placeholder (ids before it mean the same for any video)
     params: SamplingParams
@@ -84,7 +84,7 @@ class _Slot:
     # per-job decode state
     tokens: list[int] = field(default_factory=list)
     tracker: _TextTracker | None = None
-    generator: torch.Generator | None = None
+    generator: np.random.Generator | None = None
     cached: int = 0
     prefill_ms: float = 0.0
     t_first: float = 0.0
@@ -184,7 +184,7 @@ class InterleavedLLM:
             b.truncate(common)
         p = job.params
         slot.tokens = []
-        slot.generator = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+        slot.generator = np.random.default_rng(p.seed)  # as generate.generate seeds it (None: fresh entropy)
         slot.tracker = _TextTracker(self.tokenizer, job.stop, job.on_text)
         slot.cached = common
         slot.prefix_key = job.prefix_key

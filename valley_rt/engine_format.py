@@ -1,0 +1,153 @@
+"""The engine folder format, as the runtime reads it: file names, format versions, graph I/O names and
+the manifest check. The exporters (valley_rt.export) write this format and import these names from here;
+the runtime never imports the exporters.
+
+    ENGINE/manifest.json   {"format": "valley-rt-engine", "version": 1, "source": {...}, "config": ValleyConfig,
+                            "precision": {...}, "parity": {...}, "packages": {...}, "files": {...},
+                            "gpu": {...} | null, "artifacts": {relative path: {"sha256", "bytes"}}}
+    ENGINE/vision.onnx     crops uint8 [T, H, W, 3] -> pooled [N, D], frames [T, D]
+    ENGINE/gpu/            optional fp16 CUDA graph and TensorRT engine cache
+    ENGINE/llm/            llm.onnx (+ .data), embed_tokens.npy, llm_onnx.json
+    ENGINE/tokenizer/      the checkpoint's tokenizer files, verbatim
+
+Trade-off: the manifest lists every file with its sha256, so loading can prove the folder is the one
+that was exported (a flipped byte, a truncated copy, a file from another export all fail in one line).
+Hashing reads every byte (~1 s per GB); `load_manifest(verify=False)` checks presence and sizes only,
+for callers that verified once and want a fast cold start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from valley_rt.errors import EngineError
+
+# -- the folder --------------------------------------------------------------------------------------
+FORMAT = "valley-rt-engine"
+VERSION = 1
+MANIFEST = "manifest.json"
+VISION_FILE = "vision.onnx"
+LLM_DIR = "llm"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+# -- the vision graph --------------------------------------------------------------------------------
+VISION_INPUT = "crops"  # uint8 [T, H, W, 3]
+VISION_OUTPUTS = ("pooled", "frames")  # float32 [N, D], [T, D]
+VISION_FEATURES = "features"  # optional extra output: float32 [T, 1+N, C], the selected layer's hidden states
+
+# -- the GPU vision graphs (ENGINE/gpu/, written on a CUDA machine) -----------------------------------
+GPU_DIR = "gpu"
+FP16_FILE = "vision_fp16.onnx"
+TRT_FILE = "vision_trt.onnx"
+TRT_CACHE = "trt_cache"
+MIN_FRAMES, OPT_FRAMES, MAX_FRAMES = 1, 8, 64  # the TensorRT optimization profile
+
+# -- the LLM half (ENGINE/llm/) -----------------------------------------------------------------------
+LLM_FORMAT_VERSION = 2  # bump on any change of the graph or files; OnnxLLM refuses other versions
+LLM_MODEL_FILE = "llm.onnx"
+LLM_DATA_FILE = "llm.onnx.data"
+LLM_EMBED_FILE = "embed_tokens.npy"
+LLM_META_FILE = "llm_onnx.json"
+
+_CHUNK = 1 << 22  # 4 MiB reads while hashing
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_files(folder: str | Path) -> list[str]:
+    """Every regular file under folder, as sorted POSIX relative paths."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def hash_folder(folder: str | Path) -> str:
+    """One sha256 over a folder: its sorted relative paths and each file's sha256 (the source checkpoint's id)."""
+    h = hashlib.sha256()
+    for rel in list_files(folder):
+        h.update(rel.encode() + b"\0" + sha256_file(Path(folder) / rel).encode() + b"\n")
+    return h.hexdigest()
+
+
+def artifact_path(engine_dir: str | Path, rel, *, where: str = "artifacts") -> Path:
+    """engine_dir / rel, refused (EngineError) unless it is a relative path that stays inside engine_dir
+    once symlinks are resolved."""
+    engine_dir = Path(engine_dir)
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise EngineError(f"{engine_dir / MANIFEST}: {where} entry {rel!r} is not a relative path")
+    pure = Path(rel)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise EngineError(f"{engine_dir / MANIFEST}: {where} entry {rel!r} points outside the engine folder")
+    path = engine_dir / pure
+    root = engine_dir.resolve()
+    real = path.resolve()
+    if real != root and root not in real.parents:
+        raise EngineError(f"{engine_dir / MANIFEST}: {where} entry {rel!r} resolves to {real}, outside the "
+                          f"engine folder")
+    return path
+
+
+def load_manifest(engine_dir: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Read and check an engine folder's manifest; EngineError (one line) on anything wrong.
+
+    Checks: folder and manifest exist, JSON parses, format name and version match this valley-rt,
+    every listed artifact exists with its size, no unlisted file was added, and (verify=True) every
+    artifact's sha256.
+    """
+    engine_dir = Path(engine_dir)
+    path = engine_dir / MANIFEST
+    if not engine_dir.is_dir():
+        raise EngineError(f"{engine_dir}: no such engine folder (create one with `valley-rt export CKPT --out {engine_dir}`)")
+    if not path.is_file():
+        raise EngineError(f"{path}: missing; {engine_dir} is not an engine folder (or its export did not finish)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise EngineError(f"{path}: format {got!r}, expected {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise EngineError(f"{path}: engine format version {manifest.get('version')!r}, this valley-rt reads "
+                          f"version {VERSION}; re-export the engine")
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, dict) or not artifacts:
+        raise EngineError(f"{path}: no artifacts listed")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise EngineError(f"{path}: 'files' is not an object")
+    for name, rel in files.items():
+        artifact_path(engine_dir, rel, where=f"files.{name}")
+    for name in ("vision", "trt", "trt_cache"):
+        gpu = manifest.get("gpu")
+        if isinstance(gpu, dict) and gpu.get(name):
+            artifact_path(engine_dir, gpu[name], where=f"gpu.{name}")
+    for rel, entry in artifacts.items():
+        f = artifact_path(engine_dir, rel)
+        if not isinstance(entry, dict):
+            raise EngineError(f"{path}: artifacts entry {rel!r} is not an object")
+        if not f.is_file():
+            raise EngineError(f"{f}: listed in {MANIFEST} but missing")
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            raise EngineError(f"{f}: {size} bytes, {MANIFEST} says {entry.get('bytes')} (truncated or replaced)")
+    unlisted = [rel for rel in list_files(engine_dir) if rel != MANIFEST and rel not in artifacts]
+    if unlisted:
+        raise EngineError(f"{engine_dir / unlisted[0]}: not listed in {MANIFEST} (files were added after export)")
+    if verify:
+        for rel, entry in artifacts.items():
+            digest = sha256_file(engine_dir / rel)
+            if digest != entry.get("sha256"):
+                raise EngineError(f"{engine_dir / rel}: sha256 {digest[:12]}..., {MANIFEST} says "
+                                  f"{str(entry.get('sha256'))[:12]}... (modified after export)")
+    return manifest
