@@ -56,6 +56,7 @@ from valley_rt.engine_format import LLM_EMBED_FILE as EMBED_FILE
 from valley_rt.engine_format import LLM_FORMAT_VERSION as FORMAT_VERSION
 from valley_rt.engine_format import LLM_META_FILE as META_FILE
 from valley_rt.engine_format import LLM_MODEL_FILE as MODEL_FILE
+from valley_rt.engine_format import LlamaShape, head_columns  # noqa: F401  (LlamaShape: re-exported)
 from valley_rt.errors import CheckpointError
 from valley_rt.export.gptq_format import GPTQLinear
 from valley_rt.export.manifest import hash_folder
@@ -65,50 +66,6 @@ LM_HEADS = ("int8", "int4", "fp32")
 
 
 # ------------------------------------------------------------------------------------------- shapes
-
-
-@dataclass
-class LlamaShape:
-    """The decoder's sizes, read from the HF config.json."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_position_embeddings: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-
-    @property
-    def cache_head_dim(self) -> int:
-        """GroupQueryAttention on the CPU needs head_size % 16 == 0; smaller heads are zero-padded."""
-        return -(-self.head_dim // 16) * 16
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict, path: Path) -> "LlamaShape":
-        rope = cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise CheckpointError(f"{path}: expected default rotary embeddings, got rope_scaling {rope}")
-        heads = int(cfg["num_attention_heads"])
-        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return cls(
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-            vocab_size=int(cfg["vocab_size"]),
-            max_position_embeddings=int(cfg["max_position_embeddings"]),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
 
 
 # ------------------------------------------------------------------------------------------- GPTQ tensors
@@ -365,22 +322,6 @@ def _rotary_cache(shape: LlamaShape) -> tuple[np.ndarray, np.ndarray]:
     return cos.numpy(), sin.numpy()
 
 
-def _head_columns(shape: LlamaShape, heads: int, rotary: bool) -> np.ndarray:
-    """Source column of each padded projection column (-1 = a zero column). Rotary heads keep their
-    two halves aligned with the padded halves, [x0 | 0 | x1 | 0], so rotate_half pairs stay pairs;
-    value heads are [v | 0]."""
-    hd, hp = shape.head_dim, shape.cache_head_dim
-    cols = np.full((heads, hp), -1, np.int64)
-    base = np.arange(heads)[:, None] * hd
-    if rotary:
-        half, half_p = hd // 2, hp // 2
-        cols[:, :half] = base + np.arange(half)
-        cols[:, half_p:half_p + half] = base + half + np.arange(half)
-    else:
-        cols[:, :hd] = base + np.arange(hd)
-    return cols.reshape(-1)
-
-
 def _expand_columns(w, cols: np.ndarray):
     """Output columns of w picked by `cols`, zeros where cols == -1 (fp [K, N] or NBitsWeight)."""
     keep = cols >= 0
@@ -402,9 +343,9 @@ def _layer_linears(src: _WeightSource, shape: LlamaShape, i: int) -> dict[str, l
     o = src.linear(f"{p}.self_attn.o_proj")
     gate, up, down = (src.linear(f"{p}.mlp.{n}_proj") for n in ("gate", "up", "down"))
     if shape.cache_head_dim != shape.head_dim:
-        q = _expand_columns(q, _head_columns(shape, shape.num_heads, rotary=True))
-        k = _expand_columns(k, _head_columns(shape, shape.num_kv_heads, rotary=True))
-        v = _expand_columns(v, _head_columns(shape, shape.num_kv_heads, rotary=False))
+        q = _expand_columns(q, head_columns(shape, shape.num_heads, rotary=True))
+        k = _expand_columns(k, head_columns(shape, shape.num_kv_heads, rotary=True))
+        v = _expand_columns(v, head_columns(shape, shape.num_kv_heads, rotary=False))
     if isinstance(down, NBitsWeight) and down.perm is not None:
         # x @ W_down == x[perm] @ W_down[perm]: produce the activation already permuted by
         # permuting gate/up output columns (silu(gate) * up is elementwise).

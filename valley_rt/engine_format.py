@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from valley_rt.errors import EngineError
+import numpy as np
+
+from valley_rt.errors import CheckpointError, EngineError
 
 # -- the folder --------------------------------------------------------------------------------------
 FORMAT = "valley-rt-engine"
@@ -53,6 +56,67 @@ LLM_MODEL_FILE = "llm.onnx"
 LLM_DATA_FILE = "llm.onnx.data"
 LLM_EMBED_FILE = "embed_tokens.npy"
 LLM_META_FILE = "llm_onnx.json"
+
+# -- the LLM graph's shape and column layout (written by export/llm_onnx.py, read back by backends/llm_cuda.py)
+@dataclass
+class LlamaShape:
+    """The decoder's sizes, read from the HF config.json."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+
+    @property
+    def cache_head_dim(self) -> int:
+        """GroupQueryAttention on the CPU needs head_size % 16 == 0; smaller heads are zero-padded."""
+        return -(-self.head_dim // 16) * 16
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, path: Path) -> "LlamaShape":
+        rope = cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise CheckpointError(f"{path}: expected default rotary embeddings, got rope_scaling {rope}")
+        heads = int(cfg["num_attention_heads"])
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position_embeddings=int(cfg["max_position_embeddings"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+def head_columns(shape: LlamaShape, heads: int, rotary: bool) -> np.ndarray:
+    """Source column of each padded projection column (-1 = a zero column). Rotary heads keep their
+    two halves aligned with the padded halves, [x0 | 0 | x1 | 0], so rotate_half pairs stay pairs;
+    value heads are [v | 0]."""
+    hd, hp = shape.head_dim, shape.cache_head_dim
+    cols = np.full((heads, hp), -1, np.int64)
+    base = np.arange(heads)[:, None] * hd
+    if rotary:
+        half, half_p = hd // 2, hp // 2
+        cols[:, :half] = base + np.arange(half)
+        cols[:, half_p:half_p + half] = base + half + np.arange(half)
+    else:
+        cols[:, :hd] = base + np.arange(hd)
+    return cols.reshape(-1)
+
 
 _CHUNK = 1 << 22  # 4 MiB reads while hashing
 

@@ -247,7 +247,11 @@ def _concat_columns(parts: list[Linear]) -> Linears:
 
 def load_engine_llm(llm_dir) -> LlamaWeights:
     """An engine's llm/ folder (llm.onnx + embed_tokens.npy + llm_onnx.json) -> LlamaWeights on the CPU."""
-    from valley_rt.export.llm_onnx import EMBED_FILE, FORMAT_VERSION, META_FILE, MODEL_FILE, LlamaShape, _head_columns
+    from valley_rt.engine_format import LLM_EMBED_FILE as EMBED_FILE
+    from valley_rt.engine_format import LLM_FORMAT_VERSION as FORMAT_VERSION
+    from valley_rt.engine_format import LLM_META_FILE as META_FILE
+    from valley_rt.engine_format import LLM_MODEL_FILE as MODEL_FILE
+    from valley_rt.engine_format import LlamaShape, head_columns
 
     llm_dir = Path(llm_dir)
     meta_file = llm_dir / META_FILE
@@ -266,7 +270,7 @@ def load_engine_llm(llm_dir) -> LlamaWeights:
         p = f"model.layers.{i}"
         parts = [src.linear(f"{p}.self_attn.qkv{j}") for j in range(3) if src.has(f"{p}.self_attn.qkv{j}")]
         if full.cache_head_dim != hd:  # drop the zero columns that padded each head to 16 for ONNX Runtime
-            maps = [_head_columns(full, nh, True), _head_columns(full, kvh, True), _head_columns(full, kvh, False)]
+            maps = [head_columns(full, nh, True), head_columns(full, kvh, True), head_columns(full, kvh, False)]
             maps = maps if len(parts) == 3 else [np.concatenate(maps)]  # source column or -1 per padded column
             parts = [_select_columns(w, torch.from_numpy(np.nonzero(m >= 0)[0])) for w, m in zip(parts, maps)]
         qkv = _concat_columns(parts)
