@@ -13,6 +13,7 @@ streamed answer never shows a half-printed `###`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -58,6 +59,9 @@ class Tokenizer(Protocol):
         ...
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 1024
@@ -67,14 +71,17 @@ class SamplingParams:
     seed: int | None = None  # seeds a private torch.Generator; None = nondeterministic
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
+        # Comparisons with NaN are all False, so each check is written to fail on NaN and infinity.
+        if not self.max_new_tokens >= 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
+        if not self.top_k >= 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (a 64-bit integer), got {self.seed}")
 
 
 @dataclass
