@@ -61,6 +61,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     if gpu == "yes" and no_gpu:
         raise EngineError(f"--gpu yes: {no_gpu}")
     cfg = read_config(ckpt)  # CheckpointError on a bad folder, before anything is written
+    _check_quant_shape(cfg, quant, bits, group_size)
     t_start = time.perf_counter()
     source = {"path": str(ckpt.resolve()), "sha256": hash_folder(ckpt)}
     with atomic_folder(out, overwrite=force) as work:
@@ -80,6 +81,23 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
             extra={"gpu": vision.gpu, "export_s": round(time.perf_counter() - t_start, 2),
                    "files": {"vision": VISION_FILE, "llm": f"{LLM_DIR}/", "tokenizer": f"{TOKENIZER_DIR}/"}})
     return manifest
+
+
+def _check_quant_shape(cfg, quant: str, bits: int, group_size: int) -> None:
+    """Refuse, before any work, int4/GPTQ settings the LLM's shapes cannot take: every quantized linear's
+    input width (hidden_size, intermediate_size) must split into whole groups."""
+    if quant == "none":
+        return
+    if quant == "gptq" and bits not in (2, 4, 8):
+        raise EngineError(f"--bits must be 2, 4 or 8, got {bits}")
+    if group_size < 1:
+        raise EngineError(f"--group-size must be >= 1, got {group_size}")
+    widths = (cfg.llm.hidden_size, cfg.llm.intermediate_size)
+    if any(w % group_size for w in widths):
+        fits = [g for g in (128, 64, 32, 16, 8) if all(w % g == 0 for w in widths)]
+        hint = f"; use --group-size {fits[0]}" if fits else ""
+        raise EngineError(f"--group-size {group_size} does not divide the LLM's input widths "
+                          f"(hidden {widths[0]}, intermediate {widths[1]}){hint}")
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -53,6 +54,21 @@ def user_errors(fn):
             raise typer.Exit(130)
 
     return wrapper
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output path that cannot become a file: a folder, a path through a file,
+    a missing folder (named, not created), a name the file system refuses."""
+    try:
+        if path.is_dir():
+            raise ValleyError(f"{option} {path}: is a folder, expected a file name")
+        if not path.parent.is_dir():
+            raise ValleyError(f"{option} {path}: folder {path.parent} does not exist")
+        os.stat(path.parent)
+        if len(path.name.encode(errors="surrogateescape")) > os.pathconf(path.parent, "PC_NAME_MAX"):
+            raise ValleyError(f"{option}: file name longer than the file system allows")
+    except OSError as e:
+        raise ValleyError(f"{option} {str(path)[:200]}: {e.strerror or e}") from None
 
 
 def emit_json(obj) -> None:
@@ -164,6 +180,8 @@ def eval_(model: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
     """Exact-match accuracy on short answers per task family (and a blind control); JSON output."""
     from valley_rt.train.evaluate import evaluate
 
+    if out is not None:
+        check_output_file(out, "--out")
     emit_json(evaluate(model=model, data=data, blind=blind, both=both, limit=limit, out=out, threads=threads))
 
 
@@ -192,7 +210,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
 
     t_start = _time.perf_counter()
     from valley_rt.generate import SamplingParams
-    from valley_rt.runtime import ask_batch, load
+    from valley_rt.runtime import ask_batch, check_question, load
 
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -211,7 +229,9 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
         return
     if video is None or (question is None and not q):
         raise ValleyError("give a VIDEO and a QUESTION (or --batch FILE --out FILE)")
-    questions = ([question] if question else []) + list(q)
+    questions = ([question] if question is not None else []) + list(q)
+    for text in questions:
+        check_question(text)
     valley = load(model, reference=reference, device=device)
     ctx = valley.encode_video(video, frames=frames, fps=fps)
     answers = []
@@ -244,9 +264,13 @@ def chat(video: Path = typer.Argument(..., help="Video file."),
     from valley_rt.generate import SamplingParams
     from valley_rt.runtime import load
 
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+    except ValueError as e:
+        raise ValleyError(str(e)) from None
     valley = load(model, reference=reference)
     conv = valley.chat(video, system=system, frames=frames, fps=fps)
-    params = SamplingParams(max_new_tokens=max_new_tokens)
+    told = False
     while True:
         try:
             line = input("you> ")
@@ -256,6 +280,10 @@ def chat(video: Path = typer.Argument(..., help="Video file."),
             break
         sys.stdout.write("valley> ")
         ans = conv.send(line, params=params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        if ans.dropped_turns and not told:
+            told = True
+            typer.echo(f"\nnote: the conversation outgrew the model's context; the oldest turns are left out "
+                       f"from now on (the video and the system prompt stay)", err=True)
         sys.stdout.write(f"\n  [{ans.tokens_prefilled} new tokens prefilled of {ans.tokens_in}; "
                          f"first token {ans.timings['first_token_ms']:.0f} ms]\n")
 

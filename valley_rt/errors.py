@@ -24,3 +24,9 @@ class ContextLengthError(ValleyError):
 
 class DataError(ValleyError):
     """A malformed training/eval record."""
+
+
+class ConfigError(ValleyError, ValueError):
+    """A config dict (valley.json, a manifest's "config") with unknown fields or values of the wrong type.
+
+    Also a ValueError, so callers that wrap ValueError into a file-naming error keep doing so."""
