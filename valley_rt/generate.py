@@ -104,7 +104,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits: [V] float32 -> one token id. Greedy when temperature == 0."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    logits = logits.float().cpu() / params.temperature  # [V], on the CPU: the seeded generator lives there
+    logits = logits.float().cpu()  # [V], on the CPU: the seeded generator lives there
+    scaled = logits / params.temperature
+    if not torch.isfinite(scaled).all():  # a tiny temperature overflows (or underflows to 0 in float32):
+        scaled = ((logits.double() - logits.max()) / params.temperature).float()  # shift first, in float64
+    logits = scaled
     if params.top_k > 0 and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -113,6 +117,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p, order = torch.sort(probs, descending=True)  # [V], [V]
         cum = torch.cumsum(sorted_p, dim=-1)
         drop = cum - sorted_p >= params.top_p  # tokens whose predecessors already reach top_p
+        drop[0] = False  # the most likely token always stays (rounding in cum could drop it at a tiny top_p)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))

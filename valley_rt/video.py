@@ -148,7 +148,7 @@ def _open(path: Path):
         st = path.stat()
     except FileNotFoundError:
         raise VideoNotFound(f"{path}: no such file") from None
-    except OSError as e:  # name too long, a file used as a folder, permissions, ...
+    except (OSError, ValueError) as e:  # name too long, a file used as a folder, permissions, a NUL byte
         raise NotAVideo(f"{_short(path)}: cannot be read ({_one_line(e)})") from None
     if stat.S_ISDIR(st.st_mode):
         raise NotAVideo(f"{path}: is a directory, expected a video file")
