@@ -105,3 +105,14 @@ def test_every_seed_truncated_and_flipped(tmp_path, seed, short_deadline):
         path = tmp_path / f"m{i}{seed.suffix}"
         path.write_bytes(mutated)
         read_one(path, "fixed")
+
+
+def test_found_by_fuzzing(tmp_path, short_deadline):
+    """Each case the fuzzer found, kept: metadata that is not UTF-8 (PyAV raised UnicodeDecodeError)."""
+    seed = VIDEOS / "audio_only.m4a"
+    if not seed.is_file():
+        pytest.skip("audio_only.m4a is not present")
+    path = tmp_path / "bad_meta.m4a"
+    path.write_bytes(mutate(seed.read_bytes(), [("header", 8, 128)]))
+    with pytest.raises(ValleyError):
+        video.read_video(path)

@@ -158,7 +158,7 @@ def _open(path: Path):
         raise EmptyVideo(f"{path}: empty file (0 bytes)")
     try:
         container = av.open(str(path))
-    except av.error.FFmpegError as e:
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:  # PyAV decodes the container's metadata as UTF-8
         raise NotAVideo(f"{path}: not a recognised video or image ({_one_line(e)})") from None
     except OSError as e:
         raise NotAVideo(f"{path}: cannot be read ({_one_line(e)})") from None
