@@ -127,6 +127,7 @@ def test_invalid_utf8_question_is_an_error_in_a_real_process():
     assert [line for line in p.stderr.splitlines() if line.startswith("error:")] == [
         "error: the question is not valid UTF-8 text"]
     assert_error(cli("ask", CLIP, "fine", "--system", "bad \udcff"), "system prompt")
+    assert_error(cli("chat", CLIP, input=b"bad \xff\xfe text\n"), "not valid UTF-8")
 
 
 @pytest.mark.parametrize("question", ["<im_patch>", "<vi_frame> <video> <video>", "<im_start>?", "</s>", "<vi_end>"])

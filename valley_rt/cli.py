@@ -64,7 +64,6 @@ def check_output_file(path: Path, option: str) -> None:
             raise ValleyError(f"{option} {path}: is a folder, expected a file name")
         if not path.parent.is_dir():
             raise ValleyError(f"{option} {path}: folder {path.parent} does not exist")
-        os.stat(path.parent)
         if len(path.name.encode(errors="surrogateescape")) > os.pathconf(path.parent, "PC_NAME_MAX"):
             raise ValleyError(f"{option}: file name longer than the file system allows")
     except OSError as e:
@@ -262,7 +261,7 @@ def chat(video: Path = typer.Argument(..., help="Video file."),
          max_new_tokens: int = typer.Option(256), system: Optional[str] = typer.Option(None)) -> None:
     """Talk about one video over several turns (the video's KV cache is reused; empty line or Ctrl-D ends)."""
     from valley_rt.generate import SamplingParams
-    from valley_rt.runtime import load
+    from valley_rt.runtime import check_question, load
 
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -276,14 +275,17 @@ def chat(video: Path = typer.Argument(..., help="Video file."),
             line = input("you> ")
         except EOFError:
             break
+        except UnicodeDecodeError:
+            raise ValleyError("the question is not valid UTF-8 text") from None
         if not line.strip():
             break
+        check_question(line)
         sys.stdout.write("valley> ")
         ans = conv.send(line, params=params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         if ans.dropped_turns and not told:
             told = True
-            typer.echo(f"\nnote: the conversation outgrew the model's context; the oldest turns are left out "
-                       f"from now on (the video and the system prompt stay)", err=True)
+            typer.echo("\nnote: the conversation outgrew the model's context; the oldest turns are left out "
+                       "from now on (the video and the system prompt stay)", err=True)
         sys.stdout.write(f"\n  [{ans.tokens_prefilled} new tokens prefilled of {ans.tokens_in}; "
                          f"first token {ans.timings['first_token_ms']:.0f} ms]\n")
 
