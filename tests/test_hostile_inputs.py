@@ -188,6 +188,10 @@ def test_very_long_file_name():
     name = "a" * 5000 + ".mp4"
     assert_error(cli("probe", name), "too long")
     assert_error(cli("ask", name, "what?"), "too long")
+    for args in (["ask", "-m", name, CLIP, "what?"], ["info", name], ["eval", name, name],
+                 ["eval", DEMO_CKPT, name], ["export", name, "--out", name, "--quant", "rtn4"], ["chat", name],
+                 ["synth", name, "--n", 1, "--seed", 1]):
+        assert_error(cli(*args), "too long")
 
 
 def test_eval_out_that_cannot_be_a_file(tmp_path):

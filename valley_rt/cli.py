@@ -6,6 +6,7 @@ Every `ValleyError` becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -39,6 +40,12 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# OS errors a user's paths or disk cause (a name too long, no permission, a full or read-only disk, a file
+# where a folder belongs): one error line like a ValleyError. Others stay tracebacks (they are bugs).
+USER_OS_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                  errno.ELOOP, errno.ENOTDIR, errno.EISDIR}
+
+
 def user_errors(fn):
     """Turn a ValleyError (and a missing file) into one line on stderr and exit code 2."""
 
@@ -48,6 +55,13 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except ValleyError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except OSError as e:
+            if e.errno not in USER_OS_ERRORS:
+                raise
+            where = str(e.filename) if e.filename is not None else ""
+            where = where if len(where) <= 200 else f"{where[:100]}...{where[-100:]}"
+            typer.echo(f"error: {where + ': ' if where else ''}{e.strerror}", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
