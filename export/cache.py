@@ -26,7 +26,17 @@ from valley_rt.errors import EngineError
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VALLEY_RT_CACHE", Path.home() / ".cache" / "valley-rt"))
+    """The user cache (VALLEY_RT_CACHE, else ~/.cache/valley-rt); EngineError when it cannot be a folder."""
+    root = Path(os.environ.get("VALLEY_RT_CACHE") or Path.home() / ".cache" / "valley-rt")
+    try:
+        for p in (root, *root.parents):  # the nearest existing part must be a folder
+            if p.exists():
+                if not p.is_dir():
+                    raise EngineError(f"cache folder {root}: {p} is not a folder (set VALLEY_RT_CACHE to a folder)")
+                break
+    except OSError as e:  # a name too long, permissions
+        raise EngineError(f"cache folder {str(root)[:200]}: {e.strerror or e}") from None
+    return root
 
 
 def engines_dir() -> Path:

@@ -64,6 +64,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     from valley_rt.outdir import check_target
 
     check_target(out, kind="engine", sources=(ckpt, calib), overwrite=overwrite)  # before hashing the source
+    _check_quant_shape(cfg, quant, bits, group_size)
     t_start = time.perf_counter()
     source = {"name": ckpt.resolve().name, "sha256": hash_folder(ckpt)}  # no machine's path in a shipped folder
     with atomic_folder(out, overwrite=overwrite, sources=(ckpt, calib)) as work:
@@ -91,6 +92,23 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
             extra={"gpu": gpu_entry, "export_s": round(time.perf_counter() - t_start, 2),
                    "files": {"vision": VISION_FILE, "llm": f"{LLM_DIR}/", "tokenizer": f"{TOKENIZER_DIR}/"}})
     return manifest
+
+
+def _check_quant_shape(cfg, quant: str, bits: int, group_size: int) -> None:
+    """Refuse, before any work, int4/GPTQ settings the LLM's shapes cannot take: every quantized linear's
+    input width (hidden_size, intermediate_size) must split into whole groups."""
+    if quant == "none":
+        return
+    if quant == "gptq" and bits not in (2, 4, 8):
+        raise EngineError(f"--bits must be 2, 4 or 8, got {bits}")
+    if group_size < 1:
+        raise EngineError(f"--group-size must be >= 1, got {group_size}")
+    widths = (cfg.llm.hidden_size, cfg.llm.intermediate_size)
+    if any(w % group_size for w in widths):
+        fits = [g for g in (128, 64, 32, 16, 8) if all(w % g == 0 for w in widths)]
+        hint = f"; use --group-size {fits[0]}" if fits else ""
+        raise EngineError(f"--group-size {group_size} does not divide the LLM's input widths "
+                          f"(hidden {widths[0]}, intermediate {widths[1]}){hint}")
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

@@ -6,8 +6,10 @@ Every `ValleyError` becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -53,6 +55,12 @@ def missing_extra(e: ImportError) -> str | None:
     return f"this command needs {top}, which this install lacks: pip install \"valley-rt[{extra}]\""
 
 
+# OS errors a user's paths or disk cause (a name too long, no permission, a full or read-only disk, a file
+# where a folder belongs): one error line like a ValleyError. Others stay tracebacks (they are bugs).
+USER_OS_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                  errno.ELOOP, errno.ENOTDIR, errno.EISDIR}
+
+
 def user_errors(fn):
     """Turn a ValleyError (and a package missing from the install) into one line on stderr and exit code 2."""
 
@@ -69,6 +77,13 @@ def user_errors(fn):
                 raise
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2)
+        except OSError as e:
+            if e.errno not in USER_OS_ERRORS:
+                raise
+            where = str(e.filename) if e.filename is not None else ""
+            where = where if len(where) <= 200 else f"{where[:100]}...{where[-100:]}"
+            typer.echo(f"error: {where + ': ' if where else ''}{e.strerror}", err=True)
+            raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
@@ -81,6 +96,20 @@ def load_model(model, **kwargs):
     from valley_rt import load
 
     return load(model, **kwargs)
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output path that cannot become a file: a folder, a path through a file,
+    a missing folder (named, not created), a name the file system refuses."""
+    try:
+        if path.is_dir():
+            raise ValleyError(f"{option} {path}: is a folder, expected a file name")
+        if not path.parent.is_dir():
+            raise ValleyError(f"{option} {path}: folder {path.parent} does not exist")
+        if len(path.name.encode(errors="surrogateescape")) > os.pathconf(path.parent, "PC_NAME_MAX"):
+            raise ValleyError(f"{option}: file name longer than the file system allows")
+    except OSError as e:
+        raise ValleyError(f"{option} {str(path)[:200]}: {e.strerror or e}") from None
 
 
 def emit_json(obj) -> None:
@@ -204,6 +233,8 @@ def eval_(model: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
     """Exact-match accuracy on short answers per task family (and a blind control); JSON output."""
     from valley_rt.train.evaluate import evaluate
 
+    if out is not None:
+        check_output_file(out, "--out")
     emit_json(evaluate(model=model, data=data, blind=blind, both=both, limit=limit, out=out, threads=threads))
 
 
@@ -232,7 +263,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
 
     t_start = _time.perf_counter()
     from valley_rt.generate import SamplingParams
-    from valley_rt.runtime import ask_batch, check_batch
+    from valley_rt.runtime import ask_batch, check_batch, check_question
 
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -252,7 +283,9 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
         return
     if video is None or (question is None and not q):
         raise ValleyError("give a VIDEO and a QUESTION (or --batch FILE --out FILE)")
-    questions = ([question] if question else []) + list(q)
+    questions = ([question] if question is not None else []) + list(q)
+    for text in questions:
+        check_question(text)
     valley = load_model(model, reference=reference, device=device)
     ctx = valley.encode_video(video, frames=frames, fps=fps)
     answers = []
@@ -283,19 +316,31 @@ def chat(video: Path = typer.Argument(..., help="Video file."),
          max_new_tokens: int = typer.Option(256), system: Optional[str] = typer.Option(None)) -> None:
     """Talk about one video over several turns (the video's KV cache is reused; empty line or Ctrl-D ends)."""
     from valley_rt.generate import SamplingParams
+    from valley_rt.runtime import check_question
 
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+    except ValueError as e:
+        raise ValleyError(str(e)) from None
     valley = load_model(model, reference=reference)
     conv = valley.chat(video, system=system, frames=frames, fps=fps)
-    params = SamplingParams(max_new_tokens=max_new_tokens)
+    told = False
     while True:
         try:
             line = input("you> ")
         except EOFError:
             break
+        except UnicodeDecodeError:
+            raise ValleyError("the question is not valid UTF-8 text") from None
         if not line.strip():
             break
+        check_question(line)
         sys.stdout.write("valley> ")
         ans = conv.send(line, params=params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        if ans.dropped_turns and not told:
+            told = True
+            typer.echo("\nnote: the conversation outgrew the model's context; the oldest turns are left out "
+                       "from now on (the video and the system prompt stay)", err=True)
         sys.stdout.write(f"\n  [{ans.tokens_prefilled} new tokens prefilled of {ans.tokens_in}; "
                          f"first token {ans.timings['first_token_ms']:.0f} ms]\n")
 

@@ -8,8 +8,11 @@ projector's shapes) are properties, not fields, so they cannot disagree.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from valley_rt.errors import ConfigError
 
 TEMPORAL_MODES = ("mean", "max", "importance", "transformer")
 
@@ -144,6 +147,8 @@ class ValleyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ValleyConfig":
+        """Build from `to_dict`'s output; ConfigError names the first field that is unknown or of the
+        wrong type (the JSON parsed, but e.g. `"config": []` or `"hidden_size": "64"`)."""
         parts = {
             "vision": VisionConfig,
             "temporal": TemporalConfig,
@@ -152,24 +157,51 @@ class ValleyConfig:
             "preprocess": PreprocessConfig,
             "sampling": SamplingConfig,
         }
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ValleyConfig fields: {sorted(unknown)}")
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in parts:
-                sub = parts[key]
-                sub_known = {f.name for f in dataclasses.fields(sub)}
-                bad = set(value) - sub_known
-                if bad:
-                    raise ValueError(f"unknown {key} config fields: {sorted(bad)}")
-                if key == "preprocess":
-                    value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-                kwargs[key] = sub(**value)
-            else:
-                kwargs[key] = value
+        kwargs = _checked_fields(cls, d, "config")
+        for key, sub in parts.items():
+            if key in kwargs:
+                value = _checked_fields(sub, kwargs[key], key)
+                try:
+                    kwargs[key] = sub(**value)
+                except ValueError as e:  # a field's own check (e.g. temporal mode)
+                    raise ConfigError(f"{key}: {e}") from None
         return cls(**kwargs)
+
+
+# Field annotation (a string under `from __future__ import annotations`) -> does this JSON value fit?
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_FITS = {
+    "int": _is_int,
+    "float": _is_float,
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "tuple[float, float, float]": lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_float, v)),
+}
+
+
+def _checked_fields(cls, d, where: str) -> dict[str, Any]:
+    """d's items after checking that d is a dict of cls's fields whose plain values have the right types."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown {where} fields: {sorted(unknown)}")
+    out = dict(d)
+    for key, value in d.items():
+        fits = _FITS.get(str(fields[key].type))
+        if fits is not None and not fits(value):
+            raise ConfigError(f"{where}.{key} must be {fields[key].type}, got {value!r}"[:300])
+        if str(fields[key].type).startswith("tuple"):
+            out[key] = tuple(value)
+    return out
 
 
 def _llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, ctx: int, eps: float) -> LLMConfig:

@@ -28,3 +28,9 @@ class DataError(ValleyError):
 
 class OutputError(ValleyError):
     """An output path that would delete or overwrite something valley-rt did not write."""
+
+
+class ConfigError(ValleyError, ValueError):
+    """A config dict (valley.json, a manifest's "config") with unknown fields or values of the wrong type.
+
+    Also a ValueError, so callers that wrap ValueError into a file-naming error keep doing so."""

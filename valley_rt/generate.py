@@ -15,6 +15,7 @@ streamed answer never shows a half-printed `###`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -61,6 +62,9 @@ class Tokenizer(Protocol):
         ...
 
 
+SEED_MIN, SEED_MAX = 0, 2**64 - 1  # numpy.random.default_rng takes non-negative seeds; 64 bits are plenty
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 1024
@@ -70,14 +74,17 @@ class SamplingParams:
     seed: int | None = None  # seeds a private numpy.random.Generator; None = nondeterministic
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
+        # Comparisons with NaN are all False, so each check is written to fail on NaN and infinity.
+        if not self.max_new_tokens >= 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
+        if not self.top_k >= 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (a non-negative 64-bit integer), got {self.seed}")
 
 
 @dataclass
@@ -104,7 +111,8 @@ def sample(logits, params: SamplingParams, generator: np.random.Generator | None
     logits = np.asarray(logits, dtype=np.float32).reshape(-1)  # [V]
     if params.temperature == 0.0:
         return int(np.argmax(logits))
-    logits = logits.astype(np.float64) / params.temperature
+    # float64 and shifted by the max first: a tiny temperature would overflow the scaled logits to inf
+    logits = (logits.astype(np.float64) - logits.max()) / params.temperature
     if 0 < params.top_k < logits.size:
         kth = np.partition(logits, -params.top_k)[-params.top_k]
         logits = np.where(logits < kth, -np.inf, logits)
@@ -114,6 +122,7 @@ def sample(logits, params: SamplingParams, generator: np.random.Generator | None
         order = np.argsort(-probs, kind="stable")  # [V], most likely first
         sorted_p = probs[order]
         drop = np.cumsum(sorted_p) - sorted_p >= params.top_p  # tokens whose predecessors already reach top_p
+        drop[0] = False  # the most likely token always stays (rounding could drop it at a tiny top_p)
         sorted_p[drop] = 0.0
         probs = np.zeros_like(probs)
         probs[order] = sorted_p

@@ -4,9 +4,10 @@
 
 ("Assistent" is sic: the released template spells it so, and a converted checkpoint was trained on it.)
 A prompt for generation ends right after the last "###"; the model continues with its role and the
-answer, and stops at the next "###". The whole string is tokenized at once, exactly as the original does,
-after `<video>` is replaced by the placeholder tokens; training labels come from character offsets, so
-training and inference tokenize identically.
+answer, and stops at the next "###". Tokens are what the original's one call on the whole string gives
+after `<video>` is replaced by the placeholder tokens, except that only that one `<video>` becomes
+control tokens: every other character (user text included) is plain text. Training labels come from
+character offsets, so training and inference tokenize identically.
 """
 
 from __future__ import annotations
@@ -60,37 +61,111 @@ def format_conversation(turns: list[Turn], *, system: str) -> tuple[str, list[tu
     return text, spans
 
 
-def encode(tokenizer, text: str, *, cfg: ValleyConfig, num_frames: int | None,
-           spans: list[tuple[int, int]] | None = None) -> tuple[list[int], list[int] | None]:
-    """Token ids of `text` with each `<video>` expanded; labels (IGNORE_INDEX outside `spans`) if spans given.
+def first_turn_video_at(system: str) -> int:
+    """Character offset of the `<video>` the runtime puts at the start of the first human turn."""
+    return len(f"{system}\n\n{SEP} {HUMAN}: ")
 
-    num_frames: frames of the video (None when the text has no video).
+
+def video_token_ids(cfg: ValleyConfig, num_frames: int) -> list[int]:
+    """The ids `video_placeholder` tokenizes to (the token layout's ids)."""
+    t = cfg.tokens
+    return [t.im_start, *[t.im_patch] * cfg.num_patches, t.im_end, t.vi_start, *[t.vi_frame] * num_frames, t.vi_end]
+
+
+def encode(tokenizer, text: str, *, cfg: ValleyConfig, num_frames: int | None,
+           spans: list[tuple[int, int]] | None = None,
+           video_at: int | None = None) -> tuple[list[int], list[int] | None]:
+    """Token ids of `text` with its one `<video>` expanded; labels (IGNORE_INDEX outside `spans`) if spans given.
+
+    num_frames: frames of the video (None when the text has no video). video_at: the character offset
+    of the `<video>` to expand (the runtime says where it put it); None: the text's only `<video>`.
+
+    Everything but that `<video>` is tokenized as plain text: a `<im_patch>`, `</s>` or second `<video>`
+    typed by a user (or present in a system prompt or an earlier answer) stays ordinary characters and
+    never becomes a control token. The text is cut at the placeholder and each side tokenized with the
+    tokenizer's special-token matching off (`plain_tokens`); the tokenizer itself cuts a string at its
+    added tokens before anything else, so text without special strings tokenizes exactly as the
+    original's one call on the whole expanded string.
     """
-    n_video = text.count(VIDEO)
-    if n_video > 1:
-        raise ValueError(f"a prompt may hold one {VIDEO}, found {n_video}")
-    if n_video and num_frames is None:
+    if video_at is None:
+        n_video = text.count(VIDEO)
+        if n_video > 1:
+            raise ValueError(f"a prompt may hold one {VIDEO}, found {n_video}")
+        video_at = text.index(VIDEO) if n_video else None
+    elif not text.startswith(VIDEO, video_at):
+        raise ValueError(f"no {VIDEO} at character {video_at} of the prompt")
+    if video_at is not None and num_frames is None:
         raise ValueError(f"the prompt has {VIDEO} but no video was given")
-    shift = []  # (position in expanded text, length added) to map spans through the expansion
-    if n_video:
-        placeholder = video_placeholder(cfg.num_patches, num_frames)
-        pos = text.index(VIDEO)
-        shift.append((pos, len(placeholder) - len(VIDEO)))
-        text = text.replace(VIDEO, placeholder)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=spans is not None)
-    ids = list(enc["input_ids"])
+    if video_at is None:
+        ids, offsets = plain_tokens(tokenizer, text, first=True)
+    else:
+        head, tail = text[:video_at], text[video_at + len(VIDEO):]
+        video_ids = video_token_ids(cfg, num_frames)
+        head_ids, head_off = plain_tokens(tokenizer, head, first=True)
+        tail_ids, tail_off = plain_tokens(tokenizer, tail, first=False)
+        # Offsets index the expanded text (placeholder string in place of <video>), as spans do below.
+        grown = len(video_placeholder(cfg.num_patches, num_frames)) - len(VIDEO)
+        ids = head_ids + video_ids + tail_ids
+        offsets = head_off + [(video_at, video_at)] * len(video_ids) + [
+            (a + video_at + len(VIDEO) + grown, b + video_at + len(VIDEO) + grown) for a, b in tail_off]
     if spans is None:
         return ids, None
 
     def moved(c: int) -> int:
-        return c + sum(d for p, d in shift if c > p)
+        return c + (grown if video_at is not None and c > video_at else 0)
 
     spans = [(moved(a), moved(b)) for a, b in spans]
     labels = [IGNORE_INDEX] * len(ids)
-    for i, (a, b) in enumerate(enc["offset_mapping"]):
+    for i, (a, b) in enumerate(offsets):
         if b > a and any(s <= a and b <= e for s, e in spans):
             labels[i] = ids[i]
     return ids, labels
+
+
+def plain_tokens(tokenizer, text: str, *, first: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of `text` with no special token recognised in it.
+
+    first: the text opens the prompt (gets the BOS token and, for sentencepiece-style tokenizers, the
+    leading-space marker); False: it follows the video placeholder inside one prompt.
+    A `FastTokenizer` (the runtime's) and transformers tokenizers backed by the `tokenizers` library
+    (every tokenizer transformers >= 5 loads, sentencepiece files included) take the same route.
+    """
+    if hasattr(tokenizer, "plain_tokens"):
+        return tokenizer.plain_tokens(text, first=first)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return _backend_plain(backend, text, first=first)
+    enc = tokenizer(text, add_special_tokens=first, split_special_tokens=True, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+_PLAIN: dict[int, tuple] = {}  # id(tokenizers.Tokenizer) -> (it, plain copy for the head, for the tail)
+
+
+def _backend_plain(tok, text: str, *, first: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """plain_tokens on a `tokenizers.Tokenizer`: copies of it with special-token matching off."""
+    entry = _PLAIN.get(id(tok))
+    if entry is None or entry[0] is not tok:
+        entry = _PLAIN[id(tok)] = (tok, *plain_copies(tok))
+    enc = entry[1 if first else 2].encode(text, add_special_tokens=first)
+    return list(enc.ids), list(enc.offsets)
+
+
+def plain_copies(tok):
+    """Two copies of a `tokenizers.Tokenizer` that never match special tokens in text: one for a prompt's
+    first piece, one for a piece that follows the placeholder. A Metaspace pre-tokenizer that marks only
+    the first piece (prepend_scheme "first") would mark the second piece too when it is tokenized on
+    its own, so its copy never marks: the result equals what the tokenizer does to that piece inside
+    the whole prompt."""
+    from tokenizers import Tokenizer
+
+    head, tail = Tokenizer.from_str(tok.to_str()), Tokenizer.from_str(tok.to_str())
+    head.encode_special_tokens = tail.encode_special_tokens = True
+    pre = tail.pre_tokenizer
+    if pre is not None and type(pre).__name__ == "Metaspace" and pre.prepend_scheme == "first":
+        pre.prepend_scheme = "never"
+        tail.pre_tokenizer = pre
+    return head, tail
 
 
 _LEADING = re.compile(r"^\s*(?:###|Assistant:|Assistent:|Response:|Valley:|\s)*", re.IGNORECASE)

@@ -31,7 +31,7 @@ from valley_rt.config import ValleyConfig
 from valley_rt.engine_format import MANIFEST, artifact_path, load_manifest
 from valley_rt.errors import EngineError, ValleyError
 from valley_rt.generate import SamplingParams, generate
-from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, format_conversation, splice_rows
+from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, first_turn_video_at, format_conversation, splice_rows
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WARM_VISION_MAX_FLOPS = 1e9  # warm the vision session at load when one frame costs less than this
@@ -71,6 +71,16 @@ class FastTokenizer:
 
         self.eos_token_id = self._tok.token_to_id(token("eos_token") or "</s>")
         self._cleanup = bool(conf.get("clean_up_tokenization_spaces", False))
+        self._plain = None  # copies that never match special tokens (prompt.plain_copies), made on first use
+
+    def plain_tokens(self, text: str, *, first: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and offsets of `text` with no special token recognised in it (see prompt.plain_tokens)."""
+        from valley_rt.prompt import plain_copies
+
+        if self._plain is None:
+            self._plain = plain_copies(self._tok)
+        enc = self._plain[0 if first else 1].encode(text, add_special_tokens=first)
+        return enc.ids, enc.offsets
 
     def __call__(self, text: str, add_special_tokens: bool = True, return_offsets_mapping: bool = False):
         enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
@@ -165,6 +175,7 @@ class Answer:
     stop_reason: str
     timings: dict[str, float]  # ms per stage + decode tokens/s
     backends: dict[str, str]
+    dropped_turns: int = 0  # chat: oldest question+answer pairs left out of the prompt to fit the context
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -253,9 +264,13 @@ class Valley:
     def _answer(self, ctx: VideoContext, turns: list[Turn], question: str, *, params: SamplingParams,
                 system: str | None, on_text: Callable[[str], None] | None,
                 stop: tuple[str, ...] = ("###",), ignore_eos: bool = False) -> tuple[Answer, list[int]]:
-        text, _ = format_conversation(turns, system=self.cfg.system_prompt if system is None else system)
+        system = self.cfg.system_prompt if system is None else system
+        check_question(system, "system prompt", empty_ok=True)
+        text, _ = format_conversation(turns, system=system)
         t0 = time.perf_counter()
-        ids, _ = encode(self.tokenizer, text, cfg=self.cfg, num_frames=ctx.num_frames)
+        # The runtime's <video> opens the first turn; every other character is plain text (prompt.encode).
+        ids, _ = encode(self.tokenizer, text, cfg=self.cfg, num_frames=ctx.num_frames,
+                        video_at=first_turn_video_at(system))
         # Reuse the KV cache of the longest prefix shared with what the cache already holds. Token ids
         # alone don't identify a prefix: the placeholders carry another video's tokens when the video
         # changed, so then only the text before the first visual token is reused (the system prompt).
@@ -296,8 +311,9 @@ class Valley:
 
         stop / ignore_eos: benchmarks generate a fixed number of tokens with stop=() and ignore_eos=True.
         """
+        check_question(question)
         ctx = video if isinstance(video, VideoContext) else self.encode_video(video, frames=frames, fps=fps)
-        q = question if VIDEO in question else f"{VIDEO}\n{question}"
+        q = f"{VIDEO}\n{question}"  # a "<video>" inside the question is the user's text, not a second video
         ans, _ = self._answer(ctx, [Turn("human", q)], question, params=params or SamplingParams(max_new_tokens=256),
                               system=system, on_text=on_text, stop=stop, ignore_eos=ignore_eos)
         return ans
@@ -332,22 +348,59 @@ class Valley:
 
 class Chat:
     """A multi-turn conversation about one video. The KV cache of everything said so far is kept, so
-    each turn prefills only its new text (never the visual tokens again)."""
+    each turn prefills only its new text (never the visual tokens again).
+
+    When the conversation no longer fits the LLM's context (prompt + max_new_tokens), the oldest
+    question+answer pairs are left out of the prompt, never the system prompt or the video: the
+    conversation goes on with the recent turns (`Answer.dropped_turns` says how many pairs are out)."""
 
     def __init__(self, valley: Valley, ctx: VideoContext, system: str | None):
         self.valley, self.ctx, self.system = valley, ctx, system
-        self.turns: list[Turn] = []
+        self.turns: list[Turn] = []  # human / gpt alternating, the user's text as typed (no <video>)
+        self.dropped = 0  # leading question+answer pairs of `turns` no longer in the prompt
+
+    def _prompt_turns(self, question: str, dropped: int) -> list[Turn]:
+        turns = self.turns[2 * dropped:] + [Turn("human", question)]
+        turns[0] = Turn("human", f"{VIDEO}\n{turns[0].text}")  # the video opens the first turn kept
+        return turns
+
+    def _fit(self, question: str, max_new_tokens: int) -> int:
+        """Fewest leading pairs to leave out so that prompt + answer fit the context (all, if none fit)."""
+        v = self.valley
+        system = v.cfg.system_prompt if self.system is None else self.system
+        dropped = self.dropped
+        while 2 * dropped < len(self.turns):
+            text, _ = format_conversation(self._prompt_turns(question, dropped), system=system)
+            ids, _ = encode(v.tokenizer, text, cfg=v.cfg, num_frames=self.ctx.num_frames,
+                            video_at=first_turn_video_at(system))
+            if len(ids) + max_new_tokens <= v.llm.max_context:
+                break
+            dropped += 1
+        return dropped
 
     def send(self, question: str, *, params: SamplingParams | None = None,
              on_text: Callable[[str], None] | None = None) -> Answer:
-        q = question
-        if not self.turns and VIDEO not in q:
-            q = f"{VIDEO}\n{q}"
-        turns = self.turns + [Turn("human", q)]
-        ans, _ = self.valley._answer(self.ctx, turns, question, params=params or SamplingParams(max_new_tokens=256),
+        check_question(question)
+        params = params or SamplingParams(max_new_tokens=256)
+        dropped = self._fit(question, params.max_new_tokens)
+        ans, _ = self.valley._answer(self.ctx, self._prompt_turns(question, dropped), question, params=params,
                                      system=self.system, on_text=on_text)
-        self.turns = turns + [Turn("gpt", ans.answer)]
+        self.dropped = ans.dropped_turns = dropped
+        self.turns = self.turns + [Turn("human", question), Turn("gpt", ans.answer)]
         return ans
+
+
+def check_question(text: str, what: str = "question", *, empty_ok: bool = False) -> None:
+    """Refuse a question no answer can come from: empty, or not encodable text (a command-line argument
+    with invalid UTF-8 reaches Python as lone surrogates)."""
+    if not isinstance(text, str):
+        raise ValleyError(f"the {what} must be text, got {type(text).__name__}")
+    if not empty_ok and not text.strip():
+        raise ValleyError(f"the {what} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValleyError(f"the {what} is not valid UTF-8 text") from None
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ this CPU it is also slower than PIL (52 ms vs 16 ms for 8 snowmobile frames).
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,6 +56,12 @@ DECODE_TIMEOUT_S = 120.0  # hard wall-clock bound for one read_video call
 # took 3.7 vs 0.9 ms on the demo's 128x96 clip, 75 vs 45 ms on a 596x336 H.264 clip, 27 vs 13 ms on MPEG-4.
 THREADED_DECODE_PIXELS = 1280 * 720
 MODES = ("fixed", "fps")
+# Size bounds checked from the header / stream info before anything is decoded or resized. Preprocessing
+# scales the short side to `resize_short`, so an extreme aspect ratio becomes a huge image: a 60000x1 PNG
+# (138 bytes) would be resized to 15,360,000x256 pixels at 256.
+MAX_PIXELS = 8192 * 8192  # 67 Mpixel (8K video is 33 Mpixel); RGB of it is 200 MB
+MAX_ASPECT = 32  # long side / short side
+MAX_SAMPLED_FRAMES = 4096  # frames one read may return (each a full-size RGB array)
 
 
 class VideoNotFound(VideoError):
@@ -78,6 +86,14 @@ class UndecodableVideo(VideoError):
 
 class DecodeBudgetExceeded(VideoError):
     """Decoding took more frames or time than the request's bound."""
+
+
+class TooLarge(VideoError):
+    """Frame dimensions past MAX_PIXELS or MAX_ASPECT (refused before decoding)."""
+
+
+class BadSampling(VideoError):
+    """A frame count, fps or cap that no video can satisfy (0, negative, NaN, infinite, too many)."""
 
 
 @dataclass
@@ -132,15 +148,21 @@ class _FrameTable:
 def _open(path: Path):
     import av
 
-    if not path.exists():
-        raise VideoNotFound(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise VideoNotFound(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:  # name too long, a file used as a folder, permissions, a NUL byte
+        raise NotAVideo(f"{_short(path)}: cannot be read ({_one_line(e)})") from None
+    if stat.S_ISDIR(st.st_mode):
         raise NotAVideo(f"{path}: is a directory, expected a video file")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a device never ends
+        raise NotAVideo(f"{path}: not a regular file (a pipe, socket or device), expected a video file")
+    if st.st_size == 0:
         raise EmptyVideo(f"{path}: empty file (0 bytes)")
     try:
         container = av.open(str(path))
-    except av.error.FFmpegError as e:
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:  # PyAV decodes the container's metadata as UTF-8
         raise NotAVideo(f"{path}: not a recognised video or image ({_one_line(e)})") from None
     except OSError as e:
         raise NotAVideo(f"{path}: cannot be read ({_one_line(e)})") from None
@@ -149,6 +171,36 @@ def _open(path: Path):
         container.close()
         raise NoVideoStream(f"{path}: no video stream (found: {kinds})")
     return container
+
+
+def _short(path: Path, limit: int = 200) -> str:
+    """A path for an error line, its middle elided when it is absurdly long."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
+
+
+def check_size(path, width: int, height: int) -> None:
+    """Refuse frame dimensions that would blow up decoding or preprocessing (see MAX_PIXELS, MAX_ASPECT)."""
+    if width < 1 or height < 1:
+        raise UndecodableVideo(f"{path}: frames of {width}x{height} pixels")
+    if width * height > MAX_PIXELS:
+        raise TooLarge(f"{path}: {width}x{height} frames are {width * height / 1e6:.0f} Mpixel, "
+                       f"more than the {MAX_PIXELS / 1e6:.0f} Mpixel limit")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise TooLarge(f"{path}: {width}x{height} frames have an aspect ratio past {MAX_ASPECT}:1")
+
+
+def check_request(num_frames: int, mode: str, fps: float, max_frames: int) -> None:
+    """Refuse sampling arguments no video can satisfy, before the file is opened."""
+    if mode not in MODES:
+        raise BadSampling(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "fixed" and not 1 <= num_frames <= MAX_SAMPLED_FRAMES:
+        raise BadSampling(f"--frames must be in 1..{MAX_SAMPLED_FRAMES}, got {num_frames}")
+    if mode == "fps":
+        if not (math.isfinite(fps) and fps > 0):
+            raise BadSampling(f"--fps must be a finite number > 0, got {fps}")
+        if not 1 <= max_frames <= MAX_SAMPLED_FRAMES:
+            raise BadSampling(f"--max-frames must be in 1..{MAX_SAMPLED_FRAMES}, got {max_frames}")
 
 
 def _video_stream(container):
@@ -249,13 +301,16 @@ def _sample(table: _FrameTable, mode: str, num_frames: int, fps: float, max_fram
             raise ValueError(f"fps mode needs fps > 0 and max_frames >= 1, got {fps} and {max_frames}")
         if table.cfr and n > 1:
             avg = 1.0 / float((table.pts[1] - table.pts[0]) * table.time_base)
-            step = max(1, int(round(avg) / fps))  # the spec's `int(round(avg_fps) / 0.5)`
+            step = max(1, int(min(round(avg) / fps, n)))  # the spec's `int(round(avg_fps) / 0.5)`
             idx = np.arange(0, n, step)
         else:
             span = float((table.pts[-1] - table.pts[0]) * table.time_base)
-            secs = np.arange(0.0, span + 1e-9, 1.0 / fps)
-            ticks = table.pts[0] + secs / float(table.time_base)
-            idx = np.unique(np.searchsorted(table.pts, ticks + 1e-6, side="right") - 1)
+            if span * fps >= n:  # at least one tick per frame: every frame
+                idx = np.arange(n)
+            else:  # fewer ticks than frames, so the grid below stays small
+                secs = np.arange(0.0, span + 1e-9, 1.0 / fps) if 1.0 / fps <= span else np.zeros(1)
+                ticks = table.pts[0] + secs / float(table.time_base)
+                idx = np.unique(np.searchsorted(table.pts, ticks + 1e-6, side="right") - 1)
         if len(idx) > max_frames:
             notes.append(f"{len(idx)} frames at {fps} fps > max_frames {max_frames}: took {max_frames} evenly spaced")
             idx = np.linspace(0, n - 1, max_frames).astype(int)
@@ -317,7 +372,7 @@ class _Decoder:
             self.container.close()
             self.restarts += 1
         self.container = av.open(str(self.path))
-        self.stream = self.container.streams.video[self.stream_index]
+        self.stream = self.container.streams[self.stream_index]  # container-wide index (audio may come first)
         ctx = self.stream.codec_context
         if ctx.width * ctx.height >= THREADED_DECODE_PIXELS:
             ctx.thread_type = "AUTO"  # frame + slice threads pay off on HD frames
@@ -458,6 +513,7 @@ def _fetch_all(dec: _Decoder, wanted: list[int], notes: list[str]) -> dict[int, 
         item = dec.fetch(k)
         if item is None:
             continue
+        check_size(dec.path, item[1].width, item[1].height)  # a stream may change size after its header
         dec.rotation = item[1].rotation or 0
         got[k] = (item[0], _rgb(item[1]))
         if item[1].is_corrupt:
@@ -469,13 +525,17 @@ def _read_image(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only: the size is known before decoding
+            check_size(path, *im.size)
             im = ImageOps.exif_transpose(im)
             if im.mode.startswith("I"):  # 16-bit grey: PIL's convert("RGB") would clip it, so scale to 8 bits
                 grey = np.clip(np.round(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own cap, above ours: kept as a second guard
+        raise TooLarge(f"{path}: {_one_line(e)}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            EOFError) as e:  # PIL's plugins raise several kinds on damaged data
         raise UndecodableVideo(f"{path}: image does not decode ({_one_line(e)})") from None
 
 
@@ -495,12 +555,15 @@ def read_video(path, *, num_frames: int = 8, mode: str = "fixed", fps: float = 0
                max_frames: int = 64) -> Clip:
     """Sample frames of a video (or a still image) as upright RGB uint8; see the module docstring."""
     path = Path(path)
+    check_request(num_frames, mode, fps, max_frames)
     notes: list[str] = []
     t0 = time.perf_counter()
     container = _open(path)
     try:
         stream = _video_stream(container)
         cc = stream.codec_context
+        if cc is not None and cc.width and cc.height:  # 0 x 0 when the header does not say
+            check_size(path, cc.width, cc.height)
         info = {"container": container.format.name, "codec": cc.name if cc else None,
                 "pix_fmt": cc.pix_fmt if cc else None, "stream_index": stream.index,
                 "coded_size": [cc.width, cc.height] if cc else None}
