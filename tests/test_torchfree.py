@@ -93,7 +93,7 @@ def test_vision_dispatch(monkeypatch):
 
 
 def test_device_reaches_the_engine_vision_backend():
-    """--device is honoured for engine folders: cpu runs the CPU provider; cuda without a GPU graph is an error."""
+    """--device is honoured for engine folders: cpu runs the CPU provider; cuda without a CUDA GPU is an error."""
     from valley_rt.runtime import DEMO_ENGINE, load
 
     valley = load(DEMO_ENGINE, device="cpu")

@@ -290,7 +290,7 @@ def pick_vision(kind: str, *, device: str = "auto", reference: bool = False, gpu
         if device == "cpu":
             return "onnx-cpu"
         if device == "cuda" and not torch_cuda_available():  # the engine's LLM runs in CUDA graphs (llm_cuda)
-            raise ValleyError("--device cuda: torch sees no CUDA GPU on this machine")
+            raise EngineError("--device cuda: torch sees no CUDA GPU on this machine")
         # the GPU vision graph when the engine has one and ONNX Runtime its provider, else the CPU graph
         return engine_gpu_backend(gpu) or "onnx-cpu"
     if device == "cpu":
