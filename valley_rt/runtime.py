@@ -428,6 +428,9 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
         manifest = load_manifest(path, verify=True)
         choice = pick_vision("engine", device=device, gpu=manifest.get("gpu"))
+    elif (path / "valley.json").is_file():
+        manifest = None
+        choice = pick_vision("checkpoint", device=device, reference=reference)
     elif not path.exists():
         raise EngineError(f"{path}: no such model folder")
     else:
