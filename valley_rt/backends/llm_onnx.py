@@ -5,11 +5,20 @@ buffer per layer and per K/V, bound through IOBinding as both GroupQueryAttentio
 its present output (the op writes the new rows in place), so a decode step copies nothing but the
 [1, 1, H] embedding in and the [V] logits out. `truncate` is free: the cache length is just the
 `seqlens_k` / `total_sequence_length` we pass next time, rows past it are never read.
+
+Prompts and decode steps want different kernels. A decode step multiplies one row by every weight:
+memory bound, so int4 weights (MatMulNBits) are fastest. A prompt of hundreds of tokens is compute
+bound, and MatMulNBits' int8 compute path stays on AVX-512 dot products while the CPU may have int8
+matrix tiles (AMX). So an engine may carry a second graph, `llm_prefill.onnx`: the same ops, inputs
+and KV cache, with the decoder linears as W8A8 int8 GEMMs (MLAS QGEMM: AMX-INT8 where present).
+`prefill_policy` decides when it runs; both sessions bind the same cache buffers, so decoding
+continues from the prompt graph's cache.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +43,32 @@ def session_options(threads: int = 2, spinning: bool = True):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return so
+
+
+PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph
+PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
+
+
+def cpu_has_int8_matrix_units() -> bool:
+    """AMX-INT8 tiles, as the kernel reports them (Linux /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def prefill_policy() -> bool:
+    """Whether to load and use an engine's W8A8 prompt graph. "auto": on CPUs with AMX-INT8, where it
+    measured ~10x MatMulNBits' prompt rate (docs/cpu_latency.md). Elsewhere MatMulNBits' own int8 path
+    already uses the VNNI dot products the QGEMM would, and the second graph would only cost memory."""
+    choice = os.environ.get(PREFILL_ENV, "auto")
+    if choice not in ("auto", "int8", "int4"):
+        raise EngineError(f"{PREFILL_ENV}={choice!r}: expected auto, int8 or int4")
+    return choice == "int8" or (choice == "auto" and cpu_has_int8_matrix_units())
 
 
 class OnnxLLM:
@@ -72,13 +107,21 @@ class OnnxLLM:
         self.kv_bytes_per_token = 2 * self.num_layers * kv_shape[1] * kv_shape[3] * 4  # K and V, fp32
         self._cache = [np.zeros(kv_shape, np.float32) for _ in range(2 * self.num_layers)]
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
-        self._binding = self._bind_static(ort)
+        self._binding = self._bind_static(ort, self.session)
+        self.prefill_session = None  # the W8A8 prompt graph, when the engine has one and the policy says so
+        prefill = self.meta.get("prefill") or {}
+        if prefill.get("file") and path.suffix != ".onnx" and prefill_policy():
+            self.prefill_session = ort.InferenceSession(str(folder / prefill["file"]),
+                                                        sess_options=session_options(threads, spinning),
+                                                        providers=["CPUExecutionProvider"])
+            self._prefill_binding = self._bind_static(ort, self.prefill_session)
+            self.name += "+w8a8-prefill"
         self._pos = 0
         self.load_s = time.perf_counter() - t0
 
-    def _bind_static(self, ort):
+    def _bind_static(self, ort, session):
         """Bind what never changes: each layer's K/V buffer as past input AND present output."""
-        b = self.session.io_binding()
+        b = session.io_binding()
         for i in range(self.num_layers):
             for j, kind in enumerate(("key", "value")):
                 ov = ort.OrtValue.ortvalue_from_numpy(self._cache[2 * i + j])  # shares the numpy memory
@@ -105,11 +148,13 @@ class OnnxLLM:
         total = self._pos + s
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
-        b = self._binding
+        session, b = self.session, self._binding
+        if self.prefill_session is not None and s >= PREFILL_MIN_TOKENS:
+            session, b = self.prefill_session, self._prefill_binding
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(x, dtype=np.float32))
         b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        self.session.run_with_iobinding(b)
+        session.run_with_iobinding(b)
         self._pos = total
         return torch.from_numpy(self._logits[0, 0].copy())  # [V]; the buffer is reused next step
 
