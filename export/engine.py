@@ -44,7 +44,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     present), "yes" (fail without them) or "no".
     """
     from valley_rt.checkpoint import load_checkpoint, read_config
-    from valley_rt.export.manifest import atomic_folder, hash_folder, write_manifest
+    from valley_rt.export.manifest import atomic_folder, hash_folder, write_manifest, write_verified_stamp
     from valley_rt.export.onnx_vision import export_vision
 
     ckpt, out = Path(ckpt), Path(out)
@@ -79,6 +79,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
             parity={"vision": vision.figures, "llm": llm.get("figures", {})},
             extra={"gpu": vision.gpu, "export_s": round(time.perf_counter() - t_start, 2),
                    "files": {"vision": VISION_FILE, "llm": f"{LLM_DIR}/", "tokenizer": f"{TOKENIZER_DIR}/"}})
+        write_verified_stamp(work)  # every file was just hashed: the first load need not read them again
     return manifest
 
 

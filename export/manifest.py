@@ -9,8 +9,17 @@
 
 Trade-off: the manifest lists every file with its sha256, so loading can prove the folder is the one
 that was exported (a flipped byte, a truncated copy, a file from another export all fail in one line).
-Hashing reads every byte (~1 s per GB here); `load_manifest(verify=False)` checks presence and sizes
+Hashing reads every byte (~1 s per GB); `load_manifest(verify=False)` checks presence and sizes
 only, for callers that verified once and want a fast cold start.
+
+Verified stamps: a full verification (and an export, which has just hashed every file) leaves a stamp
+in the user cache, keyed by the manifest's own sha256, holding each artifact's (size, mtime, ctime,
+inode). A later verify=True load re-hashes only the files whose stat differs from the stamp, plus any
+file changed too close to the stamp's writing for its timestamps to tell (git's "racily clean"
+rule: timestamps have a coarse tick, so a write in the same tick as the stamp would look unchanged).
+Any write to a file moves its ctime, which no user-level call can set back, so an unchanged stat
+means unchanged bytes for everything short of someone with root rewriting the disk under the
+filesystem. The stamp lives outside the engine folder (which must hold only listed files).
 
 Atomicity: an export is built in a hidden sibling folder (same parent, hence same filesystem) and
 renamed onto the target only after the manifest is written, so an export that is interrupted at any
@@ -26,6 +35,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -123,12 +133,66 @@ def load_manifest(engine_dir: str | Path, *, verify: bool = True) -> dict[str, A
     if unlisted:
         raise EngineError(f"{engine_dir / unlisted[0]}: not listed in {MANIFEST} (files were added after export)")
     if verify:
+        trusted = _stamped_unchanged(engine_dir)
         for rel, entry in artifacts.items():
+            if rel in trusted:
+                continue
             digest = sha256_file(engine_dir / rel)
             if digest != entry.get("sha256"):
                 raise EngineError(f"{engine_dir / rel}: sha256 {digest[:12]}..., {MANIFEST} says "
                                   f"{str(entry.get('sha256'))[:12]}... (modified after export)")
+        if len(trusted) < len(artifacts):
+            write_verified_stamp(engine_dir)
     return manifest
+
+
+# -- verified stamps (see the module docstring) ------------------------------------------------------
+RACY_NS = 2_000_000_000  # files changed within 2 s of the stamp are re-hashed: timestamp ticks are coarse
+
+
+def stamp_dir() -> Path:
+    """Where stamps live: $VALLEY_RT_CACHE/verified (default ~/.cache/valley-rt/verified)."""
+    return Path(os.environ.get("VALLEY_RT_CACHE", Path.home() / ".cache" / "valley-rt")) / "verified"
+
+
+def _stamp_path(engine_dir: Path) -> Path:
+    return stamp_dir() / (sha256_file(engine_dir / MANIFEST)[:32] + ".json")
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def write_verified_stamp(engine_dir: str | Path) -> None:
+    """Record that engine_dir's artifacts, as they are now, match its manifest. Call only right after
+    hashing them (load_manifest(verify=True), or an export's write_manifest). A cache that cannot be
+    written only costs the next load a full verification, so OSError is not raised."""
+    engine_dir = Path(engine_dir)
+    manifest = json.loads((engine_dir / MANIFEST).read_text())
+    stamp = {"written_ns": time.time_ns(), "files": {rel: _stat(engine_dir / rel) for rel in manifest["artifacts"]}}
+    with contextlib.suppress(OSError):
+        path = _stamp_path(engine_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, path)
+
+
+def _stamped_unchanged(engine_dir: Path) -> set[str]:
+    """Artifacts whose stat equals the stamp's and which were not changed within RACY_NS of it."""
+    try:
+        stamp = json.loads(_stamp_path(engine_dir).read_text())
+        written, files = int(stamp["written_ns"]), dict(stamp["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    trusted = set()
+    for rel, recorded in files.items():
+        with contextlib.suppress(OSError):
+            now = _stat(engine_dir / rel)
+            if now == recorded and now[2] + RACY_NS < written:
+                trusted.add(rel)
+    return trusted
 
 
 @contextlib.contextmanager
