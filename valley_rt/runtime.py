@@ -31,6 +31,7 @@ from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, format_conversat
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WARM_VISION_MAX_FLOPS = 1e9  # warm the vision session at load when one frame costs less than this
+WARM_PROMPT_MAX_FLOPS = 5e10  # warm with a whole blank question when its prompt costs less than this
 DEMO_CHECKPOINT = ASSETS / "demo"
 DEMO_ENGINE = ASSETS / "demo_engine"
 
@@ -400,11 +401,20 @@ def _warm_up(valley: Valley) -> None:
     elif clips:
         read_video(clips[0], num_frames=1)
     # One real question (tokenizer, splice, prefill at a real prompt length, one decode step) about a
-    # video whose visual tokens are all zero.
+    # video whose visual tokens are all zero, when that prompt is cheap. At real sizes it is not (bench-1b:
+    # ~1.2 TFLOP, seconds), and a full prefill warms nothing a short one does not: ORT's first-run costs
+    # (kernel and thread-pool set-up) are per session, not per prompt length. Then a short prompt and a
+    # decode step through every LLM session, and the tokenizer on the question, are enough.
     t, n, d = valley.cfg.sampling.num_frames, valley.cfg.num_patches, valley.llm.hidden_size
-    blank = VideoContext(path="<warm-up>", frames=np.zeros((t, 1, 1, 3), np.uint8), indices=list(range(t)),
-                         timestamps=[0.0] * t, visual=(torch.zeros(n, d), torch.zeros(t, d)), timings={})
-    valley.ask(blank, "What happens in the video?", params=SamplingParams(max_new_tokens=2))
+    llm = valley.cfg.llm
+    prompt_flops = 2 * (n + t) * llm.num_layers * 12 * llm.hidden_size**2  # 12 H^2: a LLaMA layer's weights, roughly
+    if prompt_flops < WARM_PROMPT_MAX_FLOPS or not hasattr(valley.llm, "warm_up"):
+        blank = VideoContext(path="<warm-up>", frames=np.zeros((t, 1, 1, 3), np.uint8), indices=list(range(t)),
+                             timestamps=[0.0] * t, visual=(torch.zeros(n, d), torch.zeros(t, d)), timings={})
+        valley.ask(blank, "What happens in the video?", params=SamplingParams(max_new_tokens=2))
+    else:
+        valley.tokenizer("What happens in the video?")
+        valley.llm.warm_up()
     valley.reset()
 
 
@@ -423,6 +433,8 @@ def _load_engine(path: Path, *, threads: int) -> Valley:
     vision.name = f"onnxruntime-{manifest.get('precision', {}).get('vision', '?')}"
     llm = OnnxLLM(path / files.get("llm", "llm/").rstrip("/"), threads=threads)
     llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
+    if llm.prefill_session is not None:
+        llm.name += "+w8a8-prefill"
     tok = open_tokenizer(path / files.get("tokenizer", "tokenizer/"))
     return Valley(cfg=cfg, tokenizer=tok, vision=vision, llm=llm, source=str(path), kind="engine")
 

@@ -165,6 +165,17 @@ class OnnxLLM:
     def decode(self, token_id: int) -> torch.Tensor:
         return self._run(np.asarray(self.embed_table[[token_id]], dtype=np.float32)[None])  # [1, 1, H]
 
+    def warm_up(self) -> None:
+        """Run every session once on a short prompt (and the decode graph one step), then empty the
+        cache: ORT's first-run set-up is paid here instead of in the first answer."""
+        x = np.asarray(self.embed_table[[1] * PREFILL_MIN_TOKENS], dtype=np.float32)
+        if self.prefill_session is not None:
+            self._run(x[None])
+            self.reset()
+        self._run(x[None, :4])
+        self._run(x[None, :1])
+        self.reset()
+
     def truncate(self, position: int) -> None:
         if not 0 <= position <= self._pos:
             raise ValueError(f"truncate to {position} outside the cache of {self._pos} tokens")
