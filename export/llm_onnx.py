@@ -454,28 +454,34 @@ class _Graph:
 
     def quantize_rows(self, x: str) -> tuple[str, str]:
         """x: [1, S, K] float -> (uint8 codes [1, S, K], scales [1, S, 1]): symmetric int8 per token,
-        stored offset by 128 (x ~= (codes - 128) * scale). Shared by every linear reading x."""
+        stored offset by 128 (x ~= (codes - 128) * scale), by one per-axis QuantizeLinear (a fused
+        scale-round-saturate pass). Shared by every linear reading x."""
         if x not in self._quantized:
-            absmax = self.op("ReduceMax", [self.op("Abs", [x])[0]], axes=[-1], keepdims=1)[0]  # [1, S, 1]
-            step = self.op("Max", [self.op("Mul", [absmax, self.const(self.name("inv127"), np.array(1 / 127, np.float32),
-                                                                       streamed=False)])[0],
-                                   self.const(self.name("tiny"), np.array(1e-30, np.float32), streamed=False)])[0]
-            codes = self.op("Round", [self.op("Div", [x, step])[0]])[0]  # [-127, 127]
-            codes = self.op("Add", [codes, self.const(self.name("f128"), np.array(128, np.float32), streamed=False)])[0]
-            self._quantized[x] = (self.op("Cast", [codes], to=TensorProto.UINT8)[0], step)
+            c = lambda base, v: self.const(self.name(base), v, streamed=False)  # noqa: E731
+            absmax = self.op("ReduceMax", [self.op("Abs", [x])[0]], axes=[-1], keepdims=0)[0]  # [1, S]
+            step = self.op("Max", [self.op("Mul", [absmax, c("inv127", np.array(1 / 127, np.float32))])[0],
+                                   c("tiny", np.array(1e-30, np.float32))])[0]
+            step = self.op("Reshape", [step, c("flat", np.array([-1], np.int64))])[0]  # [S]
+            zero = self.op("Expand", [c("u128", np.array(128, np.uint8)), self.op("Shape", [step])[0]])[0]  # [S]
+            codes = self.op("QuantizeLinear", [x, step, zero], axis=1)[0]  # [1, S, K] uint8
+            rows = self.op("Unsqueeze", [step, c("last", np.array([-1], np.int64))])[0]  # [S, 1]
+            self._quantized[x] = (codes, rows)
         return self._quantized[x]
 
     def linear_int8(self, x: str, w: NBitsWeight, name: str) -> str:
         """W8A8 linear: per-token int8 activations x per-column int8 weights (the int4 weight
         dequantized, then requantized: its int8 grid is ~8x finer than the int4 one), int32 accumulate.
-        MatMulInteger with uint8 A and int8 B runs on MLAS's QGEMM (AMX-INT8 tiles where the CPU has them,
-        AVX512-VNNI / AVX2 otherwise), with B prepacked at session creation."""
+        MatMulIntegerToFloat (uint8 A, int8 B; the column scales applied in its output pass) runs on
+        MLAS's QGEMM: AMX-INT8 tiles where the CPU has them, AVX512-VNNI / AVX2 otherwise, with B
+        prepacked at session creation. Then one multiply by the row scales."""
         q, scales = quantize_int8_columns(dequantize_nbits(w))
-        codes, step = self.quantize_rows(x)
-        zero = self.const(self.name("u128"), np.array(128, np.uint8), streamed=False)
-        acc = self.op("MatMulInteger", [codes, self.const(name + ".int8", q, streamed=False), zero])[0]  # int32
-        y = self.op("Mul", [self.op("Cast", [acc], to=TensorProto.FLOAT)[0], step])[0]
-        return self.op("Mul", [y, self.const(name + ".int8_scales", scales, streamed=False)])[0]
+        codes, rows = self.quantize_rows(x)
+        c = lambda base, v: self.const(self.name(base), v, streamed=False)  # noqa: E731
+        y = self.op("MatMulIntegerToFloat", [codes, self.const(name + ".int8", q, streamed=False),
+                                             c("one", np.array(1.0, np.float32)),
+                                             self.const(name + ".int8_scales", scales, streamed=False),
+                                             c("u128", np.array(128, np.uint8))], domain="com.microsoft")[0]
+        return self.op("Mul", [y, rows])[0]  # [1, S, N] * [S, 1]
 
 
 def _rotary_cache(shape: LlamaShape) -> tuple[np.ndarray, np.ndarray]:
