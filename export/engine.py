@@ -1,7 +1,8 @@
 """`valley-rt export`: a checkpoint folder -> an engine folder (vision half + LLM half + tokenizer + manifest).
 
     ENGINE/vision.onnx      crops uint8 [T, H, W, 3] -> pooled [N, D], frames [T, D]   (export/onnx_vision.py)
-    ENGINE/llm/             llm.onnx (+ .data, embed_tokens.npy, llm_onnx.json)          (export/llm_onnx.py)
+    ENGINE/llm/             llm.onnx (+ .data, embed_tokens.npy, llm_onnx.json), and for int4 LLMs
+                            llm_prefill.onnx (+ .data): the W8A8 prompt graph           (export/llm_onnx.py)
     ENGINE/tokenizer/       the checkpoint's tokenizer files, verbatim
     ENGINE/manifest.json    hashes, config, precision, parity figures                     (export/manifest.py)
 

@@ -387,7 +387,8 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
 def _warm_up(valley: Valley) -> None:
     """Pay one-time costs during load instead of in the first answer's latency: PyAV/FFmpeg's decoder
     and pixel-format converter set-up (~50 ms on the first frame a process decodes), PIL's resampling
-    set-up, the tokenizer's and ONNX Runtime's first runs (one question about a blank video).
+    set-up, the tokenizer's and ONNX Runtime's first runs (one question about a blank video for small
+    models, a short prompt through each LLM session for large ones).
 
     The whole encode path (decode, resize, vision session) runs on a bundled 7 KB clip only for small
     towers: measured here, a process's first decode + resize of the demo clip took 10.4 ms vs 4.8 ms
