@@ -405,7 +405,7 @@ def _warm_up(valley: Valley) -> None:
     # video whose visual tokens are all zero, when that prompt is cheap. At real sizes it is not (bench-1b:
     # ~1.2 TFLOP, seconds), and a full prefill warms nothing a short one does not: ORT's first-run costs
     # (kernel and thread-pool set-up) are per session, not per prompt length. Then a short prompt and a
-    # decode step through every LLM session, and the tokenizer on the question, are enough.
+    # decode step (OnnxLLM.warm_up), and the tokenizer on the question, are enough.
     t, n, d = valley.cfg.sampling.num_frames, valley.cfg.num_patches, valley.llm.hidden_size
     llm = valley.cfg.llm
     prompt_flops = 2 * (n + t) * llm.num_layers * 12 * llm.hidden_size**2  # 12 H^2: a LLaMA layer's weights, roughly
