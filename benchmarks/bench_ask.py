@@ -2,7 +2,7 @@
 
 Each side runs in a fresh subprocess (imports, model load, video decode, preprocess, vision, prefill,
 a fixed number of greedy decode tokens with stop strings and eos disabled), so "whole process" means
-what a user waits for at the shell, and peak RSS is that process's own.
+what a user waits for at the shell, and peak RSS is that process's own (VmHWM; printed beside /usr/bin/time's figure for the same child).
 
 * fast: `valley_rt.runtime` on an engine folder: PyAV keyframe-seeking reader, ONNX Runtime vision
   graph (int8/fp32 as exported), int4 ONNX LLM with KV cache.
@@ -24,17 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import hardware  # benchmarks/common.py (this script's folder is on sys.path)
+from common import cpu_kind, gemm_gflops, hardware, peak_rss_mb, read_bandwidth_gbs  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CLIP = REPO.parent / "shared" / "videos" / "snowmobile.mp4"
 WORK = Path(os.environ.get("VALLEY_RT_BENCH_DIR", "/tmp/valley-rt-bench"))
+GNU_TIME = "/usr/bin/time"
+TIME_TAG = "VALLEY_RT_OUTSIDE_MAXRSS_KB"
 STAGES = ("startup_ms", "video_decode_ms", "preprocess_ms", "vision_ms", "prefill_ms", "decode_ms")
 
 
@@ -115,12 +117,16 @@ def run_side(side: str, model: Path, video: Path, question: str, tokens: int) ->
     t0 = time.time()
     cmd = [sys.executable, __file__, "--child", side, "--model", str(model), "--video", str(video),
            "--question", question, "--tokens", str(tokens), "--t0", repr(t0)]
+    if Path(GNU_TIME).is_file():  # an outside measurement of the child's peak RSS, to check ours against
+        cmd = [GNU_TIME, "-f", f"{TIME_TAG} %M"] + cmd
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
     if p.returncode != 0:
         raise SystemExit(f"{side} side failed:\n{p.stderr[-3000:]}")
     result = json.loads(p.stdout.strip().splitlines()[-1])
     result["process_wall_s"] = wall
+    outside = [line.split()[1] for line in p.stderr.splitlines() if line.startswith(TIME_TAG)]
+    result["peak_rss_mb_outside"] = int(outside[-1]) / 1024 if outside else None  # /usr/bin/time's %M, KB
     return result
 
 
@@ -210,43 +216,110 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="answer length (fixed: stop strings and eos off)")
     ap.add_argument("--t0", type=float, default=0.0)
     ap.add_argument("--models", default="demo,real")
-    ap.add_argument("--repeat", type=int, default=2, help="runs per side; the fastest is kept")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per side; the median is reported")
+    ap.add_argument("--save", action="store_true",
+                    help="write benchmarks/results/bench_ask_<model>_<cpu kind>.json (one per CPU kind)")
     ap.add_argument("--chart", type=Path, default=REPO / "benchmarks" / "results" / "bench_ask.png")
     args = ap.parse_args()
     if args.child:
         result = (child_fast if args.child == "fast" else child_reference)(args)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()
+        result["load_avg_1min"] = round(os.getloadavg()[0], 2)
         print(json.dumps(result))
         return
 
+    threads = 2
+    yard = {"gemm_gflops": gemm_gflops(threads), "read_gbs": read_bandwidth_gbs(threads),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
+    print(f"yardsticks ({threads} threads): torch 2048^3 matmul bf16 {yard['gemm_gflops']['bf16']:.0f} GFLOP/s, "
+          f"fp32 {yard['gemm_gflops']['fp32']:.0f} GFLOP/s; read bandwidth {yard['read_gbs']:.1f} GB/s; "
+          f"load average {yard['load_avg_1min']}")
     results, summary = {}, {}
     for name in args.models.split(","):
         ckpt, engine, video, question = demo_model() if name == "demo" else real_model()
         sides = {}
         for side, model in (("reference", ckpt), ("fast", engine)):
             runs = [run_side(side, model, video, question, args.tokens) for _ in range(args.repeat)]
-            sides[side] = min(runs, key=lambda r: r["process_wall_s"])
-            sides[side]["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+            sides[side] = median_run(runs)
         results[name] = sides
         ref, fast = sides["reference"], sides["fast"]
+        limits = against_limits(fast, engine, yard)
         summary[name] = {
             "ttft_speedup": ref["ttft_ms"] / fast["ttft_ms"],
             "process_speedup": ref["process_wall_s"] / fast["process_wall_s"],
-            "fast_cold_start_s": fast["cold_start_s"],
-            "rss_ratio": fast["peak_rss_mb"] / ref["peak_rss_mb"],
+            "fast_cold_start_s": fast["cold_start_s"], "fast_load_s": fast["load_ms"] / 1e3,
+            "fast_ttft_after_load_s": fast["ttft_ms"] / 1e3,
+            "rss_ratio": fast["peak_rss_mb"] / ref["peak_rss_mb"], **limits,
         }
-        print(f"\n== {name}: {video.name}, {fast['tokens_in']} prompt tokens, {args.tokens} answer tokens")
+        print(f"\n== {name}: {video.name}, {fast['tokens_in']} prompt tokens, {args.tokens} answer tokens, "
+              f"median of {args.repeat} runs per side")
         print(f"{'':24}{'reference':>14}{'valley-rt':>14}{'ratio':>9}")
-        for key in ("process_wall_s", "cold_start_s", "ttft_ms", "startup_ms", "video_decode_ms", "preprocess_ms",
-                    "vision_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s", "peak_rss_mb"):
-            a, b = ref[key], fast[key]
+        for key in ("process_wall_s", "cold_start_s", "ttft_ms", "startup_ms", "load_ms", "video_decode_ms",
+                    "preprocess_ms", "vision_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s", "peak_rss_mb", "peak_rss_mb_outside"):
+            a, b = ref.get(key), fast.get(key)
+            if a is None or b is None:
+                continue
             ratio = (b / a if key == "decode_tokens_per_s" else a / b) if a and b else float("nan")
             print(f"{key:24}{a:14.1f}{b:14.1f}{ratio:8.1f}x")
+        print(f"prefill: {limits['prefill_tokens_per_s']:.0f} tokens/s, {limits['prefill_gflops']:.0f} GFLOP/s = "
+              f"{limits['prefill_pct_bf16_gemm']:.0f} % of the bf16 GEMM rate; decode: "
+              f"{limits['decode_gbs']:.1f} GB/s = {limits['decode_pct_roofline']:.0f} % of the read roofline")
         print(f"backends: reference {ref['backends']}, valley-rt {fast['backends']}")
+        print(f"load average per run: reference {[r['load_avg_1min'] for r in runs_of(ref)]}, "
+              f"valley-rt {[r['load_avg_1min'] for r in runs_of(fast)]}")
     chart(results, args.chart)
     print(f"\nchart: {args.chart}")
-    print(json.dumps({"bench": "ask", "hardware": hardware(), "answer_tokens": args.tokens,
-                      "summary": summary, "results": results}))
+    line = {"bench": "ask", "hardware": hardware(), "yardsticks": yard, "answer_tokens": args.tokens,
+            "repeat": args.repeat, "summary": summary, "results": results}
+    if args.save:
+        for name in results:
+            out = REPO / "benchmarks" / "results" / f"bench_ask_{name}_{cpu_kind()}.json"
+            out.write_text(json.dumps({**line, "summary": {name: summary[name]}, "results": {name: results[name]}}) + "\n")
+            print(f"saved {out}")
+    print(json.dumps(line))
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median whole-process time (its stages stay consistent with each other), plus
+    every run's figures under "runs"; peak RSS is the largest seen."""
+    ranked = sorted(runs, key=lambda r: r["process_wall_s"])
+    mid = dict(ranked[(len(ranked) - 1) // 2])
+    mid["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    if all(r.get("peak_rss_mb_outside") for r in runs):
+        mid["peak_rss_mb_outside"] = max(r["peak_rss_mb_outside"] for r in runs)
+    mid["runs"] = [{k: r[k] for k in ("process_wall_s", "load_ms", "ttft_ms", "prefill_ms", "decode_tokens_per_s",
+                                       "peak_rss_mb", "peak_rss_mb_outside", "load_avg_1min")} for r in runs]
+    return mid
+
+
+def runs_of(side: dict) -> list[dict]:
+    return side.get("runs", [side])
+
+
+def prefill_flops(cfg, tokens: int) -> float:
+    """FLOPs of a prefill of `tokens` positions: every decoder linear at every position, causal
+    attention (QK^T and PV over the positions so far), the vocabulary projection at the last one."""
+    llm = cfg.llm
+    hd = llm.hidden_size // llm.num_heads
+    linear = (llm.hidden_size * (llm.num_heads + 2 * llm.num_kv_heads) * hd + llm.num_heads * hd * llm.hidden_size
+              + 3 * llm.hidden_size * llm.intermediate_size)
+    attention = 2 * 2 * llm.num_heads * hd * tokens * (tokens + 1) / 2
+    return llm.num_layers * (2 * linear * tokens + attention) + 2 * llm.hidden_size * llm.vocab_size
+
+
+def against_limits(fast: dict, engine: Path, yard: dict) -> dict:
+    """Prefill against the bf16 GEMM rate, decode against the read roofline (both measured this run)."""
+    from valley_rt.config import ValleyConfig
+    from valley_rt.export.manifest import load_manifest
+
+    manifest = load_manifest(engine, verify=False)
+    cfg = ValleyConfig.from_dict(manifest["config"])
+    meta = json.loads((engine / manifest.get("files", {}).get("llm", "llm/") / "llm_onnx.json").read_text())
+    gflops = prefill_flops(cfg, fast["tokens_in"]) / (fast["prefill_ms"] / 1e3) / 1e9
+    gbs = meta["weight_bytes_per_token"] * fast["decode_tokens_per_s"] / 1e9
+    return {"prefill_tokens_per_s": fast["tokens_in"] / (fast["prefill_ms"] / 1e3), "prefill_gflops": gflops,
+            "prefill_pct_bf16_gemm": 100 * gflops / yard["gemm_gflops"]["bf16"], "decode_gbs": gbs,
+            "decode_pct_roofline": 100 * gbs / yard["read_gbs"]}
 
 
 if __name__ == "__main__":

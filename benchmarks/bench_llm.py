@@ -22,22 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import hardware  # benchmarks/common.py (this script's folder is on sys.path)
+from common import hardware, read_bandwidth_gbs  # benchmarks/common.py (this script's folder is on sys.path)
 
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
              num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5)
-
-
-def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """Best-of-n streaming read of a buffer far larger than the caches (torch sum, `threads` threads)."""
-    torch.set_num_threads(threads)
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        float(x.sum())
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
 
 
 def paired_roofline(backend, weight_bytes: float, kv_bytes_per_pos: float, threads: int, n: int) -> float:

@@ -4,7 +4,46 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 from pathlib import Path
+
+# CPU flags that decide which matrix kernels run (Linux /proc/cpuinfo names): AMX tiles (bf16, int8),
+# AVX-512 bf16 dot products, VNNI int8 dot products (AVX-512 and VEX forms), fp16.
+ISA_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512_fp16",
+             "avx512f", "avx2")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_kind() -> str:
+    """A short name for result files: the widest matrix engine the CPU reports."""
+    flags = cpu_flags()
+    if "amx_int8" in flags or "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags or "avx512_vnni" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else platform.machine()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MB: VmHWM, which belongs to the address space and so starts
+    afresh at exec. Not ru_maxrss: Linux carries ru_maxrss over exec, so a child spawned by a parent
+    that once held 6 GB reports at least 6 GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def hardware() -> dict:
@@ -20,6 +59,45 @@ def hardware() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-            "load_avg_1min": round(os.getloadavg()[0], 2)}
+    flags = cpu_flags()
+    return {"cpu": cpu, "cpu_kind": cpu_kind(), "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count(),
+            "gpu": gpu, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Best-of-n streaming read of a buffer far larger than the caches (torch sum, `threads` threads):
+    the roofline a memory-bound decode step is measured against."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(x.sum())
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """torch n x n x n matmul rate per dtype (GFLOP/s, best of n): bf16 runs on AMX / AVX512-BF16 where
+    the CPU has them (oneDNN), fp32 on AVX-512 / AVX2 FMA. The yardstick of a compute-bound prefill."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up: oneDNN picks and JITs its kernel
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        out[name] = 2 * n**3 / best / 1e9
+    return out

@@ -1,7 +1,8 @@
 """`valley-rt export`: a checkpoint folder -> an engine folder (vision half + LLM half + tokenizer + manifest).
 
     ENGINE/vision.onnx      crops uint8 [T, H, W, 3] -> pooled [N, D], frames [T, D]   (export/onnx_vision.py)
-    ENGINE/llm/             llm.onnx (+ .data, embed_tokens.npy, llm_onnx.json)          (export/llm_onnx.py)
+    ENGINE/llm/             llm.onnx (+ .data, embed_tokens.npy, llm_onnx.json), and for int4 LLMs
+                            llm_prefill.onnx (+ .data): the W8A8 prompt graph           (export/llm_onnx.py)
     ENGINE/tokenizer/       the checkpoint's tokenizer files, verbatim
     ENGINE/manifest.json    hashes, config, precision, parity figures                     (export/manifest.py)
 
@@ -43,7 +44,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     present), "yes" (fail without them) or "no".
     """
     from valley_rt.checkpoint import load_checkpoint, read_config
-    from valley_rt.export.manifest import atomic_folder, hash_folder, write_manifest
+    from valley_rt.export.manifest import atomic_folder, hash_folder, write_manifest, write_verified_stamp
     from valley_rt.export.llm_onnx import QUANTS
     from valley_rt.export.onnx_vision import export_raw, export_vision
 
@@ -91,6 +92,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
             parity={"vision": vision.figures, "llm": llm.get("figures", {})},
             extra={"gpu": gpu_entry, "export_s": round(time.perf_counter() - t_start, 2),
                    "files": {"vision": VISION_FILE, "llm": f"{LLM_DIR}/", "tokenizer": f"{TOKENIZER_DIR}/"}})
+        write_verified_stamp(work)  # every file was just hashed: the first load need not read them again
     return manifest
 
 

@@ -61,6 +61,9 @@ from valley_rt.errors import CheckpointError
 from valley_rt.export.gptq_format import GPTQLinear
 from valley_rt.export.manifest import hash_folder
 
+PREFILL_FILE = "llm_prefill.onnx"  # optional W8A8 prompt graph (same inputs, outputs and KV cache)
+PREFILL_DATA_FILE = "llm_prefill.onnx.data"
+PREFILLS = ("int8", "none")
 QUANTS = ("gptq", "rtn4", "none")
 LM_HEADS = ("int8", "int4", "fp32")
 
@@ -188,6 +191,29 @@ def concat_outputs(parts: list[NBitsWeight]) -> NBitsWeight | None:
                        first.block_size, first.k, sum(p.n for p in parts))
 
 
+def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
+    """The float weight a MatMulNBits computes with, [K, N] float32, rows in the order of the op's
+    input (i.e. un-permuted when w.perm is set, so that x @ result == x[..., perm] @ W_sorted)."""
+    per = 8 // w.bits
+    fields = np.stack([(w.b >> (i * w.bits)) & ((1 << w.bits) - 1) for i in range(per)], axis=-1)
+    q = fields.reshape(w.n, -1, w.block_size).astype(np.float32)  # [N, blocks, bs]
+    zf = np.stack([(w.zero_points >> (i * w.bits)) & ((1 << w.bits) - 1) for i in range(per)], axis=-1)
+    zeros = zf.reshape(w.n, -1)[:, :q.shape[1]].astype(np.float32)  # [N, blocks]
+    wt = ((q - zeros[:, :, None]) * w.scales[:, :, None]).reshape(w.n, w.k)  # [N, K] rows sorted by group
+    if w.perm is not None:
+        out = np.empty_like(wt)
+        out[:, w.perm] = wt
+        wt = out
+    return np.ascontiguousarray(wt.T)
+
+
+def quantize_int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column: w [K, N] ~= q [K, N] int8 * scales [N] float32."""
+    scales = np.maximum(np.abs(w).max(axis=0), 1e-12).astype(np.float32) / 127  # [N]
+    q = np.clip(np.rint(w / scales), -127, 127).astype(np.int8)
+    return q, scales
+
+
 # ------------------------------------------------------------------------------------------- weight source
 
 
@@ -269,10 +295,12 @@ class _WeightSource:
 class _Graph:
     """Accumulates nodes and initializers; names are made unique with a counter."""
 
-    def __init__(self, accuracy_level: int):
+    def __init__(self, accuracy_level: int, int8_linears: bool = False):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
+        self.int8_linears = int8_linears  # the W8A8 prompt graph: decoder linears as int8 GEMMs
+        self._quantized: dict[str, tuple[str, str]] = {}  # activation -> (uint8 codes, row scales)
         self._n = 0
         self.weight_bytes = 0  # bytes of weights each token streams (decode), for the benchmark
 
@@ -292,8 +320,10 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
         return outs
 
-    def linear(self, x: str, w: np.ndarray | NBitsWeight, name: str) -> str:
-        """x: [1, S, K] -> [1, S, N]."""
+    def linear(self, x: str, w: np.ndarray | NBitsWeight, name: str, int8: bool = False) -> str:
+        """x: [1, S, K] -> [1, S, N]. int8=True (prompt graph): an int8 GEMM, see linear_int8."""
+        if int8 and self.int8_linears and isinstance(w, NBitsWeight):
+            return self.linear_int8(x, w, name)
         if isinstance(w, np.ndarray):
             return self.op("MatMul", [x, self.const(name + ".weight", w.astype(np.float32))])[0]
         if w.perm is not None:
@@ -308,6 +338,38 @@ class _Graph:
                   self.const(name + ".qzeros", w.zero_points)]
         return self.op("MatMulNBits", inputs, domain="com.microsoft", K=w.k, N=w.n, bits=w.bits,
                        block_size=w.block_size, accuracy_level=self.accuracy_level)[0]
+
+
+    def quantize_rows(self, x: str) -> tuple[str, str]:
+        """x: [1, S, K] float -> (uint8 codes [1, S, K], scales [1, S, 1]): symmetric int8 per token,
+        stored offset by 128 (x ~= (codes - 128) * scale), by one per-axis QuantizeLinear (a fused
+        scale-round-saturate pass). Shared by every linear reading x."""
+        if x not in self._quantized:
+            c = lambda base, v: self.const(self.name(base), v, streamed=False)  # noqa: E731
+            absmax = self.op("ReduceMax", [self.op("Abs", [x])[0]], axes=[-1], keepdims=0)[0]  # [1, S]
+            step = self.op("Max", [self.op("Mul", [absmax, c("inv127", np.array(1 / 127, np.float32))])[0],
+                                   c("tiny", np.array(1e-30, np.float32))])[0]
+            step = self.op("Reshape", [step, c("flat", np.array([-1], np.int64))])[0]  # [S]
+            zero = self.op("Expand", [c("u128", np.array(128, np.uint8)), self.op("Shape", [step])[0]])[0]  # [S]
+            codes = self.op("QuantizeLinear", [x, step, zero], axis=1)[0]  # [1, S, K] uint8
+            rows = self.op("Unsqueeze", [step, c("last", np.array([-1], np.int64))])[0]  # [S, 1]
+            self._quantized[x] = (codes, rows)
+        return self._quantized[x]
+
+    def linear_int8(self, x: str, w: NBitsWeight, name: str) -> str:
+        """W8A8 linear: per-token int8 activations x per-column int8 weights (the int4 weight
+        dequantized, then requantized: its int8 grid is ~8x finer than the int4 one), int32 accumulate.
+        MatMulIntegerToFloat (uint8 A, int8 B; the column scales applied in its output pass) runs on
+        MLAS's QGEMM: AMX-INT8 tiles where the CPU has them, AVX512-VNNI / AVX2 otherwise, with B
+        prepacked at session creation. Then one multiply by the row scales."""
+        q, scales = quantize_int8_columns(dequantize_nbits(w))
+        codes, rows = self.quantize_rows(x)
+        c = lambda base, v: self.const(self.name(base), v, streamed=False)  # noqa: E731
+        y = self.op("MatMulIntegerToFloat", [codes, self.const(name + ".int8", q, streamed=False),
+                                             c("one", np.array(1.0, np.float32)),
+                                             self.const(name + ".int8_scales", scales, streamed=False),
+                                             c("u128", np.array(128, np.uint8))], domain="com.microsoft")[0]
+        return self.op("Mul", [y, rows])[0]  # [1, S, N] * [S, 1]
 
 
 def _rotary_cache(shape: LlamaShape) -> tuple[np.ndarray, np.ndarray]:
@@ -361,9 +423,14 @@ def _layer_linears(src: _WeightSource, shape: LlamaShape, i: int) -> dict[str, l
     return {"qkv": qkv, "o": [o], "gate_up": gu, "down": [down]}
 
 
-def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 4) -> tuple[onnx.ModelProto, int]:
-    """The whole decoder as one ONNX model; returns it and the weight bytes streamed per token."""
-    g = _Graph(accuracy_level)
+def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 4,
+                int8_linears: bool = False) -> tuple[onnx.ModelProto, int]:
+    """The whole decoder as one ONNX model; returns it and the weight bytes streamed per token.
+
+    int8_linears=True builds the prompt graph: the same inputs, outputs, KV cache and ops, except that
+    the decoder's int4 linears become W8A8 int8 GEMMs (compute bound at prompt lengths, where the CPU's
+    int8 matrix units beat MatMulNBits); the lm_head (last position only) stays as in the decode graph."""
+    g = _Graph(accuracy_level, int8_linears)
     H, kvh, hd = shape.hidden_size, shape.num_kv_heads, shape.cache_head_dim
     eps = shape.rms_norm_eps
     inputs = [
@@ -387,7 +454,7 @@ def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 
         else:
             normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [x, residual, ln1], n_out=4,
                                           domain="com.microsoft", epsilon=eps)
-        qkv = [g.linear(normed, lw, f"{p}.self_attn.qkv{j}") for j, lw in enumerate(w["qkv"])]
+        qkv = [g.linear(normed, lw, f"{p}.self_attn.qkv{j}", int8=True) for j, lw in enumerate(w["qkv"])]
         qkv_inputs = qkv if len(qkv) == 3 else [qkv[0], "", ""]  # packed QKV or separate q, k, v
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         for name in (past_k, past_v):
@@ -410,11 +477,11 @@ def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 
                                    g.const(g.name("axis"), np.array([3]), streamed=False)])[0]
             attn_out = g.op("Reshape", [heads, g.const(g.name("shape"), np.array([0, 0, shape.num_heads * shape.head_dim]),
                                                         streamed=False)])[0]
-        o = g.linear(attn_out, w["o"][0], f"{p}.self_attn.o_proj")
+        o = g.linear(attn_out, w["o"][0], f"{p}.self_attn.o_proj", int8=True)
         ln2 = g.const(f"{p}.post_attention_layernorm.weight", src.vector(f"{p}.post_attention_layernorm.weight"))
         normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ln2], n_out=4,
                                       domain="com.microsoft", epsilon=eps)
-        gu = [g.linear(normed, lw, f"{p}.mlp.gate_up{j}") for j, lw in enumerate(w["gate_up"])]
+        gu = [g.linear(normed, lw, f"{p}.mlp.gate_up{j}", int8=True) for j, lw in enumerate(w["gate_up"])]
         if len(gu) == 1:
             sizes = g.const("gate_up_split", np.array([shape.intermediate_size] * 2, np.int64), streamed=False) \
                 if i == 0 else "gate_up_split"
@@ -423,7 +490,7 @@ def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 
             gate, up = gu
         silu = g.op("QuickGelu", [gate], domain="com.microsoft", alpha=1.0)[0]  # x * sigmoid(1.0 * x) = silu
         act = g.op("Mul", [silu, up])[0]
-        x = g.linear(act, w["down"][0], f"{p}.mlp.down_proj")
+        x = g.linear(act, w["down"][0], f"{p}.mlp.down_proj", int8=True)
 
     # Only the last position needs logits: slice before the final norm and the vocabulary GEMV.
     starts, ends, axes = (g.const(n, np.array(v, np.int64), streamed=False)
@@ -467,11 +534,13 @@ def _read_settings(src: Path, cfg: dict, quant: str, lm_head: str, group_size: i
 
 
 def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | None = None,
-                    group_size: int = 128, accuracy_level: int = 4) -> Path:
+                    group_size: int = 128, accuracy_level: int = 4, prefill: str | None = None) -> Path:
     """Convert an HF LLaMA folder (GPTQ or fp) into `out_dir/llm.onnx` (+ .data, embedding table, meta).
 
     quant: "gptq" (the folder holds GPTQ weights), "rtn4" (int4 round-to-nearest of fp weights) or
     "none" (fp32). lm_head: "int8" (default with int4 layers), "int4" or "fp32" (default with none).
+    prefill: "int8" (default with int4 layers) also writes `llm_prefill.onnx`, the W8A8 prompt graph
+    the runtime uses for long prompts on CPUs with int8 matrix units; "none" (default with fp32) does not.
     Returns the path of the .onnx file.
     """
     src, out = Path(src_dir), Path(out_dir)
@@ -485,15 +554,24 @@ def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | Non
         raise CheckpointError(f"{cfg_path}: expected an HF LLaMA config.json, not found")
     cfg = json.loads(cfg_path.read_text())
     shape = LlamaShape.from_hf_config(cfg, cfg_path)
+    prefill = prefill or ("none" if quant == "none" else "int8")
+    if prefill not in PREFILLS or (prefill == "int8" and quant == "none"):
+        raise ValueError(f"prefill must be one of {PREFILLS} ('int8' needs int4 layers), got {prefill!r}")
     settings = _read_settings(src, cfg, quant, lm_head, group_size)
     source = _WeightSource(src, settings)
 
-    model, weight_bytes = build_graph(source, shape, accuracy_level=accuracy_level)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / MODEL_FILE, out / DATA_FILE):
+    for stale in (out / MODEL_FILE, out / DATA_FILE, out / PREFILL_FILE, out / PREFILL_DATA_FILE):
         stale.unlink(missing_ok=True)
+    model, weight_bytes = build_graph(source, shape, accuracy_level=accuracy_level)
     onnx.save_model(model, str(out / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
+    del model
+    if prefill == "int8":  # the weights are read and quantized again: export time, not memory
+        model, _ = build_graph(source, shape, accuracy_level=accuracy_level, int8_linears=True)
+        onnx.save_model(model, str(out / PREFILL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=PREFILL_DATA_FILE, size_threshold=1024)
+        del model
     embed = source.t.get("model.embed_tokens.weight")
     np.save(out / EMBED_FILE, embed.numpy() if embed.dtype in (torch.float16, torch.float32) else embed.float().numpy())
     meta = {
@@ -502,6 +580,8 @@ def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | Non
         "cache_head_dim": shape.cache_head_dim,  # KV cache rows are this wide (zero-padded heads)
         "quant": asdict(settings),
         "accuracy_level": accuracy_level,
+        "prefill": {"file": PREFILL_FILE, "linears": "w8a8: int8 per-column weights, int8 per-token activations"}
+        if prefill == "int8" else None,
         "weight_bytes_per_token": weight_bytes,
         "source": {"name": src.resolve().name, "sha256": hash_folder(src)},  # no machine's path
     }

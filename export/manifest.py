@@ -2,6 +2,15 @@
 build-aside-then-rename. The format itself (file names, versions, `load_manifest`) lives in
 `valley_rt.engine_format`, the runtime's side, and is re-exported here for the exporters.
 
+Verified stamps: a full verification (and an export, which has just hashed every file) leaves a stamp
+in the user cache, keyed by the manifest's own sha256, holding each artifact's (size, mtime, ctime,
+inode). A later verify=True load re-hashes only the files whose stat differs from the stamp, plus any
+file changed too close to the stamp's writing for its timestamps to tell (git's "racily clean"
+rule: timestamps have a coarse tick, so a write in the same tick as the stamp would look unchanged).
+Any write to a file moves its ctime, which no user-level call can set back, so an unchanged stat
+means unchanged bytes for everything short of someone with root rewriting the disk under the
+filesystem. The stamp lives outside the engine folder (which must hold only listed files).
+
 Atomicity: an export is built in a hidden sibling folder (same parent, hence same filesystem) and
 renamed onto the target only after the manifest is written, so an export that is interrupted at any
 point leaves no folder at the target path, and a folder at the target path always has its manifest.
@@ -22,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 
 from valley_rt.engine_format import (FORMAT, MANIFEST, VERSION, artifact_path, hash_folder,  # noqa: F401
-                                     list_files, load_manifest, sha256_file)
+                                     list_files, load_manifest, sha256_file, write_verified_stamp)
 
 PACKAGES = ("valley-rt", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
             "gptqmodel", "numpy")

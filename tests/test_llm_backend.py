@@ -333,3 +333,67 @@ def test_real_gptqmodel_folder_converts_exactly(tmp_path, desc_act):
     a = generate(exact, Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
     b = generate(ref, Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
     assert a.token_ids == b.token_ids
+
+
+# ------------------------------------------------------------------------------------------- W8A8 prompt graph
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantize_nbits_is_the_gptq_dequantize(act_order):
+    from valley_rt.export.llm_onnx import dequantize_nbits
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(128, 48, generator=gen)
+    g_idx = _act_order_g_idx(128, 32, gen) if act_order else None
+    lin = quantize_rtn(w, bits=4, group_size=32, g_idx=g_idx)
+    packed = to_matmul_nbits(lin)
+    assert (packed.perm is not None) == act_order
+    np.testing.assert_allclose(dequantize_nbits(packed), lin.dequantize().numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,desc_act", [("hd8", False), ("hd32", True)])
+def test_w8a8_prefill_graph_continues_into_int4_decode(tmp_path, monkeypatch, kind, desc_act):
+    """The prompt graph (int8 GEMMs) writes the KV cache the int4 decode graph reads: its logits and
+    the greedy continuation match the int4-only engine's, and both stay close to the dequantized
+    reference (heads padded to 16 with hd8; act-order permutations with desc_act)."""
+    from valley_rt.backends.llm_onnx import PREFILL_ENV, PREFILL_MIN_TOKENS
+
+    gdir = tmp_path / "gptq"
+    gdir.mkdir()
+    ref = TorchLLM(write_tiny_gptq(tiny_llama(kind, seed=4), gdir, group_size=32, desc_act=desc_act))
+    path = export_llm_onnx(gdir, tmp_path / "engine", quant="gptq")
+    monkeypatch.setenv(PREFILL_ENV, "int8")
+    w8 = OnnxLLM(path.parent)
+    monkeypatch.setenv(PREFILL_ENV, "int4")
+    w4 = OnnxLLM(path.parent)
+    assert w8.prefill_session is not None and w4.prefill_session is None
+    ids = [3 + (7 * i) % 990 for i in range(PREFILL_MIN_TOKENS + 20)]
+    want = ref.prefill(ref.embed(ids))
+    got8, got4 = w8.prefill(w8.embed(ids)), w4.prefill(w4.embed(ids))
+    assert not torch.equal(got8, got4)  # the prompt really ran on the other graph
+    for got in (got8, got4):
+        assert torch.cosine_similarity(got, want, dim=0) > 0.995
+        assert _sqnr_db(got, want) > 20
+    for tok in (5, 6, 7):  # decode (int4 graph in both) reads the cache each prompt graph wrote
+        a, b, r = w8.decode(tok), w4.decode(tok), ref.decode(tok)
+        assert torch.cosine_similarity(a, r, dim=0) > 0.995 and torch.cosine_similarity(a, b, dim=0) > 0.998
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(f" {i}" for i in ids)
+
+    w8.reset()
+    w4.reset()
+    params = SamplingParams(max_new_tokens=12)
+    a = generate(w8, Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    b = generate(w4, Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    assert a.token_ids == b.token_ids
+
+
+def test_prefill_policy_rejects_unknown_values(hf_dirs, tmp_path, monkeypatch):
+    from valley_rt.backends.llm_onnx import PREFILL_ENV
+
+    path = export_llm_onnx(hf_dirs["hd8"], tmp_path, quant="rtn4", group_size=32)
+    monkeypatch.setenv(PREFILL_ENV, "bf16")
+    with pytest.raises(EngineError, match="expected auto, int8 or int4"):
+        OnnxLLM(path.parent)

@@ -14,12 +14,20 @@ Trade-off: the manifest lists every file with its sha256, so loading can prove t
 that was exported (a flipped byte, a truncated copy, a file from another export all fail in one line).
 Hashing reads every byte (~1 s per GB); `load_manifest(verify=False)` checks presence and sizes only,
 for callers that verified once and want a fast cold start.
+
+Verified stamps: after a full check (or an export), $VALLEY_RT_CACHE/verified/<manifest hash>.json
+records each artifact's size, mtime, ctime, inode and device; a later `verify=True` load re-hashes only
+the artifacts whose stat changed, or changed within RACY_NS of the stamp (timestamp ticks are coarse).
+A file rewritten in place changes its ctime, which no user call can set back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,9 +217,63 @@ def load_manifest(engine_dir: str | Path, *, verify: bool = True) -> dict[str, A
     if unlisted:
         raise EngineError(f"{engine_dir / unlisted[0]}: not listed in {MANIFEST} (files were added after export)")
     if verify:
+        trusted = _stamped_unchanged(engine_dir)
         for rel, entry in artifacts.items():
+            if rel in trusted:
+                continue
             digest = sha256_file(engine_dir / rel)
             if digest != entry.get("sha256"):
                 raise EngineError(f"{engine_dir / rel}: sha256 {digest[:12]}..., {MANIFEST} says "
                                   f"{str(entry.get('sha256'))[:12]}... (modified after export)")
+        if len(trusted) < len(artifacts):
+            write_verified_stamp(engine_dir)
     return manifest
+
+
+# -- verified stamps (see the module docstring) ------------------------------------------------------
+RACY_NS = 2_000_000_000  # files changed within 2 s of the stamp are re-hashed: timestamp ticks are coarse
+
+
+def stamp_dir() -> Path:
+    """Where stamps live: $VALLEY_RT_CACHE/verified (default ~/.cache/valley-rt/verified)."""
+    return Path(os.environ.get("VALLEY_RT_CACHE", Path.home() / ".cache" / "valley-rt")) / "verified"
+
+
+def _stamp_path(engine_dir: Path) -> Path:
+    return stamp_dir() / (sha256_file(engine_dir / MANIFEST)[:32] + ".json")
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def write_verified_stamp(engine_dir: str | Path) -> None:
+    """Record that engine_dir's artifacts, as they are now, match its manifest. Call only right after
+    hashing them (load_manifest(verify=True), or an export's write_manifest). A cache that cannot be
+    written only costs the next load a full verification, so OSError is not raised."""
+    engine_dir = Path(engine_dir)
+    manifest = json.loads((engine_dir / MANIFEST).read_text())
+    stamp = {"written_ns": time.time_ns(), "files": {rel: _stat(engine_dir / rel) for rel in manifest["artifacts"]}}
+    with contextlib.suppress(OSError):
+        path = _stamp_path(engine_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, path)
+
+
+def _stamped_unchanged(engine_dir: Path) -> set[str]:
+    """Artifacts whose stat equals the stamp's and which were not changed within RACY_NS of it."""
+    try:
+        stamp = json.loads(_stamp_path(engine_dir).read_text())
+        written, files = int(stamp["written_ns"]), dict(stamp["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    trusted = set()
+    for rel, recorded in files.items():
+        with contextlib.suppress(OSError):
+            now = _stat(engine_dir / rel)
+            if now == recorded and now[2] + RACY_NS < written:
+                trusted.add(rel)
+    return trusted

@@ -35,6 +35,7 @@ from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, first_turn_video
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WARM_VISION_MAX_FLOPS = 1e9  # warm the vision session at load when one frame costs less than this
+WARM_PROMPT_MAX_FLOPS = 5e10  # warm with a whole blank question when its prompt costs less than this
 DEMO_CHECKPOINT = ASSETS / "demo"
 DEMO_ENGINE = ASSETS / "demo_engine"
 
@@ -460,7 +461,8 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
 def _warm_up(valley: Valley) -> None:
     """Pay one-time costs during load instead of in the first answer's latency: PyAV/FFmpeg's decoder
     and pixel-format converter set-up (~50 ms on the first frame a process decodes), PIL's resampling
-    set-up, the tokenizer's and ONNX Runtime's first runs (one question about a blank video).
+    set-up, the tokenizer's and ONNX Runtime's first runs (one question about a blank video for small
+    models, a short prompt through each LLM session for large ones).
 
     The whole encode path (decode, resize, vision session) runs on a bundled 7 KB clip only for small
     towers: for the demo on a 2-core CPU, a process's first decode + resize of the demo clip took 10.4 ms vs 4.8 ms
@@ -474,12 +476,21 @@ def _warm_up(valley: Valley) -> None:
     elif clips:
         read_video(clips[0], num_frames=1)
     # One real question (tokenizer, splice, prefill at a real prompt length, one decode step) about a
-    # video whose visual tokens are all zero.
+    # video whose visual tokens are all zero, when that prompt is cheap. At real sizes it is not (bench-1b:
+    # ~1.2 TFLOP, seconds), and a full prefill warms nothing a short one does not: ORT's first-run costs
+    # (kernel and thread-pool set-up) are per session, not per prompt length. Then a short prompt and a
+    # decode step (OnnxLLM.warm_up), and the tokenizer on the question, are enough.
     t, n, d = valley.cfg.sampling.num_frames, valley.cfg.num_patches, valley.llm.hidden_size
-    blank = VideoContext(path="<warm-up>", frames=np.zeros((t, 1, 1, 3), np.uint8), indices=list(range(t)),
-                         timestamps=[0.0] * t, visual=(np.zeros((n, d), np.float32), np.zeros((t, d), np.float32)),
-                         timings={})
-    valley.ask(blank, "What happens in the video?", params=SamplingParams(max_new_tokens=2))
+    llm = valley.cfg.llm
+    prompt_flops = 2 * (n + t) * llm.num_layers * 12 * llm.hidden_size**2  # 12 H^2: a LLaMA layer's weights, roughly
+    if prompt_flops < WARM_PROMPT_MAX_FLOPS or not hasattr(valley.llm, "warm_up"):
+        blank = VideoContext(path="<warm-up>", frames=np.zeros((t, 1, 1, 3), np.uint8), indices=list(range(t)),
+                             timestamps=[0.0] * t, visual=(np.zeros((n, d), np.float32), np.zeros((t, d), np.float32)),
+                             timings={})
+        valley.ask(blank, "What happens in the video?", params=SamplingParams(max_new_tokens=2))
+    else:
+        valley.tokenizer("What happens in the video?")
+        valley.llm.warm_up()
     valley.reset()
 
 
@@ -505,6 +516,8 @@ def _load_engine(path: Path, manifest: dict, *, vision: str = "onnx-cpu", thread
     else:
         llm = OnnxLLM(llm_dir, threads=threads)
         llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
+        if llm.prefill_session is not None:
+            llm.name += "+w8a8-prefill"
     tok = open_tokenizer(artifact_path(path, files.get("tokenizer", "tokenizer/"), where="files.tokenizer"))
     return Valley(cfg=cfg, tokenizer=tok, vision=vision_backend, llm=llm, source=str(path),
                   kind="engine-cuda" if cuda else "engine")

@@ -6,11 +6,20 @@ its present output (the op writes the new rows in place), so a decode step copie
 [1, 1, H] embedding in and the [V] logits out. `truncate` is free: the cache length is just the
 `seqlens_k` / `total_sequence_length` we pass next time, rows past it are never read. Embeddings
 and logits are NumPy float32 arrays (no torch on this path).
+
+Prompts and decode steps want different kernels. A decode step multiplies one row by every weight:
+memory bound, so int4 weights (MatMulNBits) are fastest. A prompt of hundreds of tokens is compute
+bound, and MatMulNBits' int8 compute path stays on AVX-512 dot products while the CPU may have int8
+matrix tiles (AMX). So an engine may carry a second graph, `llm_prefill.onnx`: the same ops, inputs
+and KV cache, with the decoder linears as W8A8 int8 GEMMs (MLAS QGEMM: AMX-INT8 where present).
+`prefill_policy` decides when it runs; both sessions bind the same cache buffers, so decoding
+continues from the prompt graph's cache.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +29,32 @@ import numpy as np
 from valley_rt.backends.ort_session import llm_session_options as session_options
 from valley_rt.engine_format import LLM_EMBED_FILE, LLM_FORMAT_VERSION, LLM_META_FILE, LLM_MODEL_FILE
 from valley_rt.errors import EngineError
+
+
+PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph
+PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
+
+
+def cpu_has_int8_matrix_units() -> bool:
+    """AMX-INT8 tiles, as the kernel reports them (Linux /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def prefill_policy() -> bool:
+    """Whether to load and use an engine's W8A8 prompt graph. "auto": on CPUs with AMX-INT8, where it
+    measured ~10x MatMulNBits' prompt rate (docs/cpu_latency.md). Elsewhere MatMulNBits' own int8 path
+    already uses the VNNI dot products the QGEMM would, and the second graph would only cost memory."""
+    choice = os.environ.get(PREFILL_ENV, "auto")
+    if choice not in ("auto", "int8", "int4"):
+        raise EngineError(f"{PREFILL_ENV}={choice!r}: expected auto, int8 or int4")
+    return choice == "int8" or (choice == "auto" and cpu_has_int8_matrix_units())
 
 
 class OnnxLLM:
@@ -56,13 +91,21 @@ class OnnxLLM:
         self.kv_bytes_per_token = 2 * self.num_layers * kv_shape[1] * kv_shape[3] * 4  # K and V, fp32
         self._cache = [np.zeros(kv_shape, np.float32) for _ in range(2 * self.num_layers)]
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
-        self._binding = self._bind_static(ort)
+        self._binding = self._bind_static(ort, self.session)
+        self.prefill_session = None  # the W8A8 prompt graph, when the engine has one and the policy says so
+        prefill = self.meta.get("prefill") or {}
+        if prefill.get("file") and path.suffix != ".onnx" and prefill_policy():
+            self.prefill_session = ort.InferenceSession(str(folder / prefill["file"]),
+                                                        sess_options=session_options(threads, spinning),
+                                                        providers=["CPUExecutionProvider"])
+            self._prefill_binding = self._bind_static(ort, self.prefill_session)
+            self.name += "+w8a8-prefill"
         self._pos = 0
         self.load_s = time.perf_counter() - t0
 
-    def _bind_static(self, ort):
+    def _bind_static(self, ort, session):
         """Bind what never changes: each layer's K/V buffer as past input AND present output."""
-        b = self.session.io_binding()
+        b = session.io_binding()
         for i in range(self.num_layers):
             for j, kind in enumerate(("key", "value")):
                 ov = ort.OrtValue.ortvalue_from_numpy(self._cache[2 * i + j])  # shares the numpy memory
@@ -89,11 +132,13 @@ class OnnxLLM:
         total = self._pos + s
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
-        b = self._binding
+        session, b = self.session, self._binding
+        if self.prefill_session is not None and s >= PREFILL_MIN_TOKENS:
+            session, b = self.prefill_session, self._prefill_binding
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(x, dtype=np.float32))
         b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        self.session.run_with_iobinding(b)
+        session.run_with_iobinding(b)
         self._pos = total
         return self._logits[0, 0].copy()  # [V]; the buffer is reused next step
 
@@ -103,6 +148,16 @@ class OnnxLLM:
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run(np.asarray(self.embed_table[[token_id]], dtype=np.float32)[None])  # [1, 1, H]
+
+    def warm_up(self) -> None:
+        """Run the decode graph once on a short prompt and one step, then empty the cache: ORT's first-run
+        set-up is paid here instead of in the first answer. The prompt graph is not run: on bench-1b its
+        first 554-token prefill took as long as the next ones (14.17 / 13.90 / 14.16 s, load 8.7), while
+        a 64-token warm-up run of it cost 1.32 s."""
+        x = np.asarray(self.embed_table[[1] * 4], dtype=np.float32)[None]  # [1, 4, H]
+        self._run(x)
+        self._run(x[:, :1])
+        self.reset()
 
     def truncate(self, position: int) -> None:
         if not 0 <= position <= self._pos:
@@ -123,6 +178,8 @@ class OnnxLLM:
         other.__dict__.update(self.__dict__)
         other._cache = [np.zeros_like(c) for c in self._cache]
         other._logits = np.zeros_like(self._logits)
-        other._binding = other._bind_static(ort)
+        other._binding = other._bind_static(ort, other.session)
+        if other.prefill_session is not None:
+            other._prefill_binding = other._bind_static(ort, other.prefill_session)
         other._pos = 0
         return other
