@@ -370,13 +370,13 @@ def test_w8a8_prefill_graph_continues_into_int4_decode(tmp_path, monkeypatch, ki
     ids = [3 + (7 * i) % 990 for i in range(PREFILL_MIN_TOKENS + 20)]
     want = ref.prefill(ref.embed(ids))
     got8, got4 = w8.prefill(w8.embed(ids)), w4.prefill(w4.embed(ids))
-    assert not torch.equal(got8, got4)  # the prompt really ran on the other graph
+    assert not np.array_equal(got8, got4)  # the prompt really ran on the other graph
     for got in (got8, got4):
-        assert torch.cosine_similarity(got, want, dim=0) > 0.995
+        assert _cos(got, want) > 0.995
         assert _sqnr_db(got, want) > 20
     for tok in (5, 6, 7):  # decode (int4 graph in both) reads the cache each prompt graph wrote
         a, b, r = w8.decode(tok), w4.decode(tok), ref.decode(tok)
-        assert torch.cosine_similarity(a, r, dim=0) > 0.995 and torch.cosine_similarity(a, b, dim=0) > 0.998
+        assert _cos(a, r) > 0.995 and _cos(a, b) > 0.998
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):

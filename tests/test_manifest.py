@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+import valley_rt.engine_format as ef
+
 from valley_rt.errors import EngineError
 from valley_rt.export import manifest as mf
 
@@ -48,24 +50,24 @@ def test_tampered_byte_is_refused(engine):
 def test_verified_stamp_skips_rehash_until_a_file_changes(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
     hashed = []
-    real = mf.sha256_file
-    monkeypatch.setattr(mf, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
-    mf.load_manifest(engine)  # no stamp yet: every artifact hashed, then a stamp written
-    assert sorted(h for h in hashed if h != mf.MANIFEST) == ["llm.onnx", "vision.onnx"]
+    real = ef.sha256_file
+    monkeypatch.setattr(ef, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    ef.load_manifest(engine)  # no stamp yet: every artifact hashed, then a stamp written
+    assert sorted(h for h in hashed if h != ef.MANIFEST) == ["llm.onnx", "vision.onnx"]
     # the files were changed just now: too recent for their timestamps to prove anything (racy)
     hashed.clear()
-    mf.load_manifest(engine)
+    ef.load_manifest(engine)
     assert "vision.onnx" in hashed
     # a stamp written well after the last change: nothing is re-read
     now = time.time_ns()
-    monkeypatch.setattr(mf.time, "time_ns", lambda: now + 10 * mf.RACY_NS)
-    mf.write_verified_stamp(engine)
+    monkeypatch.setattr(ef.time, "time_ns", lambda: now + 10 * ef.RACY_NS)
+    ef.write_verified_stamp(engine)
     monkeypatch.undo()
     monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(mf, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    monkeypatch.setattr(ef, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
     hashed.clear()
-    mf.load_manifest(engine)
-    assert [h for h in hashed if h != mf.MANIFEST] == []
+    ef.load_manifest(engine)
+    assert [h for h in hashed if h != ef.MANIFEST] == []
     # a flipped byte (size kept, mtime put back) still moves ctime: re-hashed and refused
     f = engine / "vision.onnx"
     st = f.stat()
@@ -74,13 +76,13 @@ def test_verified_stamp_skips_rehash_until_a_file_changes(engine, tmp_path, monk
     f.write_bytes(bytes(data))
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(EngineError, match="modified after export"):
-        mf.load_manifest(engine)
+        ef.load_manifest(engine)
 
 
 def test_tampering_in_the_stamps_own_tick_is_caught(engine, tmp_path, monkeypatch):
     """Same size, same mtime, and a ctime the coarse clock may not have moved: the racy rule re-hashes."""
     monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
-    mf.load_manifest(engine)
+    ef.load_manifest(engine)
     f = engine / "vision.onnx"
     st = f.stat()
     data = bytearray(f.read_bytes())
@@ -88,11 +90,11 @@ def test_tampering_in_the_stamps_own_tick_is_caught(engine, tmp_path, monkeypatc
     f.write_bytes(bytes(data))
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(EngineError, match="modified after export"):
-        mf.load_manifest(engine)
+        ef.load_manifest(engine)
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda m: m.update(version=mf.VERSION + 1), "engine format version 2, this valley-rt reads version 1"),
+    (lambda m: m.update(version=ef.VERSION + 1), "engine format version 2, this valley-rt reads version 1"),
     (lambda m: m.update(format="something-else"), "format 'something-else', expected 'valley-rt-engine'"),
     (lambda m: m.update(artifacts={}), "no artifacts listed"),
 ])
