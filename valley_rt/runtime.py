@@ -268,8 +268,12 @@ class Valley:
         embeds = self._embeds(ids, ctx)[common:]
         t1 = time.perf_counter()
         cleaner = _StreamCleaner(on_text) if on_text is not None else None
-        result = generate(self.llm, self.tokenizer, embeds, params=params, on_text=cleaner, stop=stop,
-                          eos_token_id=-1 if ignore_eos else None)
+        if hasattr(self.llm, "generate_from_embeds"):  # request-level (vLLM): it keeps its own KV cache
+            result = self.llm.generate_from_embeds(embeds, tokenizer=self.tokenizer, params=params, stop=stop,
+                                                   on_text=cleaner, eos_token_id=-1 if ignore_eos else None)
+        else:
+            result = generate(self.llm, self.tokenizer, embeds, params=params, on_text=cleaner, stop=stop,
+                              eos_token_id=-1 if ignore_eos else None)
         if cleaner is not None:
             cleaner.flush()
         answer_ids = result.token_ids
@@ -347,12 +351,20 @@ class Chat:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load(path: str | Path | None = None, *, reference: bool = False, device: str = "auto", threads: int = 2) -> Valley:
+def load(path: str | Path | None = None, *, reference: bool = False, device: str = "auto", threads: int = 2,
+         llm: str = "builtin", llm_url: str | None = None, llm_options: dict | None = None) -> Valley:
     """Load an engine folder, a checkpoint folder, or (path None) the bundled demo model.
 
     device: "auto" / "cpu" / "cuda". A checkpoint on CUDA runs the torch GPU path (fp16 vision tower with
     the fused Triton temporal-pooling kernel, fp16 LLM); on CPU it is exported once to an engine.
+    llm: "builtin" (the engine's / checkpoint's own LLM backend) or "vllm": an in-process vLLM engine on
+    the checkpoint's LLM folder, or with llm_url a remote `vllm serve` (backends/llm_vllm.py);
+    llm_options go to the vLLM backend (e.g. memory=0.15). The vision side stays as loaded.
     """
+    if llm not in ("builtin", "vllm"):
+        raise ValleyError(f"--llm must be builtin or vllm, got {llm!r}")
+    if llm_url is not None:
+        llm = "vllm"
     if device not in ("auto", "cpu", "cuda"):
         raise ValleyError(f"--device must be auto, cpu or cuda, got {device!r}")
     cuda = torch.cuda.is_available()
@@ -377,10 +389,28 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
         raise EngineError(f"{path}: no such model folder")
     else:
         raise EngineError(f"{path}: neither an engine folder (manifest.json) nor a valley-rt checkpoint (valley.json)")
+    if llm == "vllm":
+        _use_vllm(valley, url=llm_url, **(llm_options or {}))
     if valley.kind == "engine":
         _warm_up(valley)
     valley.load_ms = (time.perf_counter() - t0) * 1e3
     return valley
+
+
+def _use_vllm(valley: Valley, *, url: str | None = None, **options) -> None:
+    """Replace the loaded LLM backend with vLLM (in process, or the server at `url`)."""
+    from valley_rt.backends.llm_vllm import RemoteVllmLLM, VllmLLM, llm_folder
+
+    folder = llm_folder(valley.source)
+    if url is not None:
+        backend = RemoteVllmLLM(url, folder, tokenizer=valley.tokenizer, **options)
+    else:
+        backend = VllmLLM(folder, tokenizer=valley.tokenizer, **options)
+    close = getattr(valley.llm, "close", None)
+    if close is not None:
+        close()
+    valley.llm = backend
+    valley._cached_ids, valley._cached_video = [], None
 
 
 def _warm_up(valley: Valley) -> None:
