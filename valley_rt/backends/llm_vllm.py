@@ -399,3 +399,14 @@ def llm_folder(source: str | Path) -> Path:
             return Path(src) / "llm"
     raise ValleyError(f"{path}: no HF LLM folder for vLLM (a checkpoint's llm/ with config.json); "
                       f"load the checkpoint folder instead of the engine")
+
+
+def serve_command(llm_dir: str | Path, *, port: int, host: str = "127.0.0.1", memory: float = 0.15,
+                  dtype: str = "float32", vllm_exe: str = "vllm") -> list[str]:
+    """The `vllm serve` command line a remote front end talks to (prompt embeddings enabled; the
+    context length is the LLM's own). Add vLLM's own options for sharding (--tensor-parallel-size,
+    --pipeline-parallel-size, --distributed-executor-backend ray) on a real deployment."""
+    max_len = read_llm_config(Path(llm_dir)).get("max_position_embeddings", 2048)
+    return [vllm_exe, "serve", str(llm_dir), "--enable-prompt-embeds", "--dtype", dtype, "--host", host,
+            "--port", str(port), "--gpu-memory-utilization", str(memory), "--max-model-len", str(max_len),
+            "--disable-log-stats"]
