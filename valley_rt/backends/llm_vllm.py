@@ -83,8 +83,11 @@ def vllm_sampling_kwargs(params: SamplingParams, stop: Sequence[str], ignore_eos
 class _Collector:
     """Feeds the token ids vLLM returns through the built-in text tracker; decides when to stop."""
 
-    def __init__(self, tokenizer, stop: Sequence[str], on_text, eos_token_id: int | None, n_prompt: int):
+    def __init__(self, tokenizer, stop: Sequence[str], on_text, eos_token_id: int | None, n_prompt: int,
+                 on_first_token: Callable[[], None] | None = None, cancelled: Callable[[], bool] | None = None):
         self.tracker = _TextTracker(tokenizer, stop, on_text)
+        self.on_first_token = on_first_token
+        self.cancelled = cancelled
         self.eos = eos_token_id
         self.tokens: list[int] = []
         self.reason: str | None = None
@@ -94,9 +97,14 @@ class _Collector:
 
     def add(self, ids: Sequence[int]) -> bool:
         """Returns True once the answer is over (eos or a stop string)."""
+        if self.cancelled is not None and self.cancelled():
+            self.reason = "cancelled"
+            return True
         for tok in ids:
             if self.t_first is None:
                 self.t_first = time.perf_counter()
+                if self.on_first_token is not None:
+                    self.on_first_token()
             self.tokens.append(int(tok))
             if self.eos is not None and tok == self.eos:
                 self.reason = "eos"
@@ -232,11 +240,13 @@ class VllmLLM(_RequestLevel):
 
     def generate_from_embeds(self, embeds: torch.Tensor, *, tokenizer=None, params: SamplingParams,
                              stop: Sequence[str] = ("###",), on_text: Callable[[str], None] | None = None,
-                             eos_token_id: int | None = None) -> GenerationResult:
-        """Blocking: generate the answer after `embeds` [S, H]; eos_token_id -1 ignores eos."""
+                             eos_token_id: int | None = None, on_first_token: Callable[[], None] | None = None,
+                             cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+        """Blocking and thread-safe: generate the answer after `embeds` [S, H]. eos_token_id -1 ignores
+        eos; `cancelled` is polled at each delta (True: the request is aborted, stop_reason "cancelled")."""
         tok = tokenizer or self.tokenizer
         eos = getattr(tok, "eos_token_id", None) if eos_token_id is None else eos_token_id
-        col = _Collector(tok, stop, on_text, eos, int(embeds.shape[0]))
+        col = _Collector(tok, stop, on_text, eos, int(embeds.shape[0]), on_first_token, cancelled)
         self._check(embeds, params)
         deltas: queue.Queue = queue.Queue()
         done = object()
@@ -367,10 +377,12 @@ class RemoteVllmLLM(_RequestLevel):
 
     def generate_from_embeds(self, embeds: torch.Tensor, *, tokenizer=None, params: SamplingParams,
                              stop: Sequence[str] = ("###",), on_text: Callable[[str], None] | None = None,
-                             eos_token_id: int | None = None) -> GenerationResult:
+                             eos_token_id: int | None = None, on_first_token: Callable[[], None] | None = None,
+                             cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+        """Thread-safe; the same contract as VllmLLM.generate_from_embeds."""
         tok = tokenizer or self.tokenizer
         eos = getattr(tok, "eos_token_id", None) if eos_token_id is None else eos_token_id
-        col = _Collector(tok, stop, on_text, eos, int(embeds.shape[0]))
+        col = _Collector(tok, stop, on_text, eos, int(embeds.shape[0]), on_first_token, cancelled)
         # The stop strings also go to the server, so it stops where the tracker below does (vLLM's
         # stop match is on its own detokenized text; the tracker decides what the answer is).
         stream = self.stream_ids(embeds, params, stop, ignore_eos=eos_token_id == -1)
@@ -410,3 +422,58 @@ def serve_command(llm_dir: str | Path, *, port: int, host: str = "127.0.0.1", me
     return [vllm_exe, "serve", str(llm_dir), "--enable-prompt-embeds", "--dtype", dtype, "--host", host,
             "--port", str(port), "--gpu-memory-utilization", str(memory), "--max-model-len", str(max_len),
             "--disable-log-stats"]
+
+
+# -- the server's LLM service ----------------------------------------------------------------------
+class VllmService:
+    """The server's `LLMService` (valley_rt/serve/llm.py) over a vLLM backend, in process or remote.
+
+    Each submitted GenJob runs `generate_from_embeds` on a worker thread; up to `slots` run at once
+    (vLLM batches them), the rest wait here. vLLM's prefix cache replaces the built-in service's
+    per-slot KV reuse, so `cached_tokens` is reported as 0."""
+
+    def __init__(self, backend: _RequestLevel, tokenizer, *, slots: int = 32):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.slots = slots
+        self.max_context = backend.max_context
+        self._pool = ThreadPoolExecutor(slots, thread_name_prefix="vllm-job")
+        self._lock = threading.Lock()
+        self._submitted = 0
+        self._active = 0
+
+    def submit(self, job) -> None:
+        with self._lock:
+            self._submitted += 1
+        self._pool.submit(self._run, job)
+
+    def _run(self, job) -> None:
+        from valley_rt.serve.llm import GenOutcome
+
+        with self._lock:
+            self._active += 1
+        try:
+            res = self.backend.generate_from_embeds(
+                job.embeds, tokenizer=self.tokenizer, params=job.params, stop=job.stop, on_text=job.on_text,
+                eos_token_id=job.eos_token_id, on_first_token=job.on_first_token, cancelled=lambda: job.cancelled)
+            reason = {"length": "length", "cancelled": "cancelled"}.get(res.stop_reason, "stop")
+            outcome = GenOutcome(text=res.text, token_ids=res.token_ids, finish_reason=reason,
+                                 prompt_tokens=len(job.ids), cached_tokens=0, prefill_ms=res.prefill_ms,
+                                 decode_tokens_per_s=res.decode_tokens_per_s)
+        except BaseException as e:  # handed to the job (the server maps ValleyErrors to 4xx/5xx)
+            outcome = e
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._submitted -= 1
+        job.on_done(outcome)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.backend.close()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"active": self._active, "waiting": self._submitted - self._active}
