@@ -146,8 +146,7 @@ def test_remote_serve_parity_death_and_recovery(reference, tmp_path):
     ctx, q = cases[0]
     with pytest.raises(VllmUnavailableError):
         front.ask(ctx, q)
-    cmd = serve_command(DEMO_CHECKPOINT / "llm", port=port, memory=MEMORY,
-                        vllm_exe=str(Path(sys.executable).with_name("vllm")))
+    cmd = serve_command(DEMO_CHECKPOINT / "llm", port=port, memory=MEMORY, python=sys.executable)
     proc = subprocess.Popen(cmd, stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:

