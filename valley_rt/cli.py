@@ -257,7 +257,9 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
         stream: bool = typer.Option(True, "--stream/--no-stream", help="Print the answer as it is generated."),
         as_json: bool = typer.Option(False, "--json", help="Print answers, token counts, stage timings and backends as JSON."),
         batch: Optional[Path] = typer.Option(None, help="JSONL of {id, video, question}: answer them all."),
-        out: Optional[Path] = typer.Option(None, help="With --batch: the JSONL answers file (reruns skip answered ids).")) -> None:
+        out: Optional[Path] = typer.Option(None, help="With --batch: the JSONL answers file (reruns skip answered ids)."),
+        llm: str = typer.Option("builtin", "--llm", help="builtin, or vllm: the LLM in an in-process vLLM engine (docs/vllm.md)."),
+        llm_url: Optional[str] = typer.Option(None, "--llm-url", help="A `vllm serve --enable-prompt-embeds` server (implies --llm vllm).")) -> None:
     """Answer questions about a video."""
     import time as _time
 
@@ -274,7 +276,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
         if out is None:
             raise ValleyError("--batch needs --out FILE for the answers")
         check_batch(batch, out)
-        valley = load_model(model, reference=reference, device=device)
+        valley = load_model(model, reference=reference, device=device, llm=llm, llm_url=llm_url)
         stats = ask_batch(valley, batch, out, params=params, system=system, frames=frames, fps=fps,
                           progress=sys.stderr.isatty())
         typer.echo(json.dumps(stats))
@@ -286,7 +288,7 @@ def ask(video: Optional[Path] = typer.Argument(None, help="Video file (or a stil
     questions = ([question] if question is not None else []) + list(q)
     for text in questions:
         check_question(text)
-    valley = load_model(model, reference=reference, device=device)
+    valley = load_model(model, reference=reference, device=device, llm=llm, llm_url=llm_url)
     ctx = valley.encode_video(video, frames=frames, fps=fps)
     answers = []
     for i, text in enumerate(questions):

@@ -288,8 +288,12 @@ class Valley:
         embeds = self._embeds(ids, ctx)[common:]
         t1 = time.perf_counter()
         cleaner = _StreamCleaner(on_text) if on_text is not None else None
-        result = generate(self.llm, self.tokenizer, embeds, params=params, on_text=cleaner, stop=stop,
-                          eos_token_id=-1 if ignore_eos else None)
+        if hasattr(self.llm, "generate_from_embeds"):  # request-level (vLLM): it keeps its own KV cache
+            result = self.llm.generate_from_embeds(embeds, tokenizer=self.tokenizer, params=params, stop=stop,
+                                                   on_text=cleaner, eos_token_id=-1 if ignore_eos else None)
+        else:
+            result = generate(self.llm, self.tokenizer, embeds, params=params, on_text=cleaner, stop=stop,
+                              eos_token_id=-1 if ignore_eos else None)
         if cleaner is not None:
             cleaner.flush()
         answer_ids = result.token_ids
@@ -406,7 +410,8 @@ def check_question(text: str, what: str = "question", *, empty_ok: bool = False)
 
 # -- loading ---------------------------------------------------------------------------------------
 def load(path: str | Path | None = None, *, reference: bool = False, device: str = "auto",
-         threads: int | None = None, exporter: Exporter | None = None) -> Valley:
+         threads: int | None = None, exporter: Exporter | None = None, llm: str = "builtin",
+         llm_url: str | None = None, llm_options: dict | None = None) -> Valley:
     """Load an engine folder, a checkpoint folder, or (path None) the bundled demo model.
 
     device: "auto" / "cpu" / "cuda", for the vision stage as `backends.vision.pick_vision` decides:
@@ -418,12 +423,19 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
     `valley_rt.export.cache.ensure_engine`, which exports once into the user cache); without an
     exporter that is an EngineError telling how to export.
     threads: ONNX Runtime's CPU threads per session (None: one per physical core, `cpu.default_threads`).
+    llm: "builtin" (the engine's / checkpoint's own LLM backend) or "vllm": an in-process vLLM engine on
+    the checkpoint's LLM folder, or with llm_url a remote `vllm serve` (backends/llm_vllm.py);
+    llm_options go to the vLLM backend (e.g. memory=0.15). The vision side stays as loaded.
     """
+    if llm not in ("builtin", "vllm"):
+        raise ValleyError(f"--llm must be builtin or vllm, got {llm!r}")
+    if llm_url is not None:
+        llm = "vllm"
     t0 = time.perf_counter()
     if path is None:
         demo_on_gpu = reference or (device != "cpu" and torch_cuda_available())
         path = DEMO_CHECKPOINT if demo_on_gpu else demo_engine(exporter)
-    path = Path(path)
+    path = source = Path(path)  # source: the folder asked for (path may become its exported engine)
     if (path / MANIFEST).is_file():
         if reference:
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
@@ -452,10 +464,29 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
             path = Path(exporter(path))
             manifest = load_manifest(path, verify=True)
         valley = _load_engine(path, manifest, vision=choice, threads=threads, cuda=device == "cuda")
+    if llm == "vllm":
+        _use_vllm(valley, source, url=llm_url, **(llm_options or {}))
     if valley.kind in ("engine", "engine-cuda"):
         _warm_up(valley)
     valley.load_ms = (time.perf_counter() - t0) * 1e3
     return valley
+
+
+def _use_vllm(valley: Valley, source: Path, *, url: str | None = None, **options) -> None:
+    """Replace the loaded LLM backend with vLLM (in process, or the server at `url`) on the LLM folder of
+    `source`, the checkpoint the user named (vLLM loads a Hugging Face folder, not an engine graph)."""
+    from valley_rt.backends.llm_vllm import RemoteVllmLLM, VllmLLM, llm_folder
+
+    folder = llm_folder(source)
+    if url is not None:
+        backend = RemoteVllmLLM(url, folder, tokenizer=valley.tokenizer, **options)
+    else:
+        backend = VllmLLM(folder, tokenizer=valley.tokenizer, **options)
+    close = getattr(valley.llm, "close", None)
+    if close is not None:
+        close()
+    valley.llm = backend
+    valley._cached_ids, valley._cached_video = [], None
 
 
 def _warm_up(valley: Valley) -> None:
