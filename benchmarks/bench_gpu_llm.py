@@ -89,13 +89,16 @@ def check(int4, ref, prompt: list[int], steps: int) -> dict:
     """int4 logits vs the reference's along int4's greedy continuation (teacher-forced on the reference)."""
     int4.reset()
     ref.reset()
-    a, b = int4.prefill(int4.embed(prompt)), ref.prefill(ref.embed(prompt))
+    def t(x):  # CudaLLM logits stay on the device; the other backends return NumPy
+        return torch.as_tensor(x).float()
+
+    a, b = t(int4.prefill(int4.embed(prompt))), t(ref.prefill(ref.embed(prompt)))
     cos, agree = [], []
     for _ in range(steps):
-        cos.append(float(torch.cosine_similarity(a.float(), b.float().to(a.device), dim=0)))
+        cos.append(float(torch.cosine_similarity(a, b.to(a.device), dim=0)))
         tok = int(a.argmax())
         agree.append(tok == int(b.argmax()))
-        a, b = int4.decode(tok), ref.decode(tok)
+        a, b = t(int4.decode(tok)), t(ref.decode(tok))
     return {"min_cosine": min(cos), "greedy_agreement": sum(agree) / len(agree), "steps": steps,
             "passed": min(cos) >= MIN_COSINE and sum(agree) / len(agree) >= MIN_AGREEMENT}
 

@@ -74,7 +74,7 @@ def test_onnx_graph_reproduces_gptqmodels_logits(reference, ours, tmp_path):
     first = 8
     got = [llm.prefill(llm.embed(ids[:first]))]
     got += [llm.decode(i) for i in ids[first:]]
-    got = torch.stack(got)  # logits at positions first-1 .. S-1
+    got = torch.stack([torch.as_tensor(g) for g in got])  # logits at positions first-1 .. S-1
     want = reference["logits"][first - 1:]
     assert _sqnr_db(got, want) > 40
     with torch.no_grad():

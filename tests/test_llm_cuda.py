@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,7 +42,7 @@ def _run(llm, ids=IDS, steps=(11, 500, 3)) -> list[torch.Tensor]:
     out += [llm.decode(t) for t in steps]
     llm.truncate(len(ids) - 4)
     out.append(llm.prefill(llm.embed(ids[-4:])))
-    return [o.float().cpu() for o in out]
+    return [torch.as_tensor(o).float().cpu() for o in out]  # CudaLLM: tensors; OnnxLLM: NumPy
 
 
 class _Tok:
@@ -124,10 +125,11 @@ def test_demo_engine_greedy_tokens_equal_onnx():
 def test_device_sampling_follows_generate_rules():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
     assert int(sample_on_device(logits, 0.0, 1.0, 0, None)) == sample(logits, SamplingParams(), None) == 0
-    gen = torch.Generator().manual_seed(0)
+    gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
     for temperature, top_p, top_k, allowed in ((1.0, 1.0, 2, {0, 1}), (1.0, 0.7, 0, {0, 1}), (5.0, 1.0, 0, set(range(6)))):
         drawn = {int(sample_on_device(logits, temperature, top_p, top_k, gen)) for _ in range(300)}
-        ref = {sample(logits, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k), gen) for _ in range(300)}
+        ref = {sample(logits.numpy(), SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k), rng)
+               for _ in range(300)}
         assert drawn == ref == allowed
 
 
