@@ -151,9 +151,9 @@ class OnnxLLM:
 
     def warm_up(self) -> None:
         """Run the decode graph once on a short prompt and one step, then empty the cache: ORT's first-run
-        set-up is paid here instead of in the first answer. The prompt graph is not run: on bench-1b its
-        first 554-token prefill took as long as the next ones (14.17 / 13.90 / 14.16 s, load 8.7), while
-        a 64-token warm-up run of it cost 1.32 s."""
+        set-up is paid here instead of in the first answer. The prompt graph is not run: its first long
+        prefill costs no more than later ones, while warming it would cost a whole prompt's compute
+        (docs/cpu_latency.md)."""
         x = np.asarray(self.embed_table[[1] * 4], dtype=np.float32)[None]  # [1, 4, H]
         self._run(x)
         self._run(x[:, :1])
