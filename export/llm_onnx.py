@@ -61,6 +61,7 @@ EMBED_FILE = "embed_tokens.npy"
 META_FILE = "llm_onnx.json"
 QUANTS = ("gptq", "rtn4", "none")
 LM_HEADS = ("int8", "int4", "fp32")
+EXTERNAL_MIN_BYTES = 1024  # initializers at least this big live in DATA_FILE, smaller ones in the graph
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -306,28 +307,26 @@ def concat_outputs(parts: list[NBitsWeight]) -> NBitsWeight | None:
 
 
 class _Tensors:
-    """Lazy access to every tensor in a folder's *.safetensors files."""
+    """Lazy access to every tensor in a folder's *.safetensors files (single or sharded): all headers are
+    read and checked up front, then each get() reads one tensor with plain file reads (valley_rt.shards),
+    so exporting a 7B holds one layer's weights, not the model."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
+        from valley_rt.shards import TensorIndex
 
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{folder}: expected *.safetensors weight files, found none")
-        self.where: dict[str, object] = {}
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        for h in self._handles:
-            for key in h.keys():
-                self.where[key] = h
+        self.index = TensorIndex(folder, files=files)
         self.folder = folder
 
     def __contains__(self, key: str) -> bool:
-        return key in self.where
+        return key in self.index
 
     def get(self, key: str) -> torch.Tensor:
-        if key not in self.where:
+        if key not in self.index:
             raise CheckpointError(f"{self.folder}: expected tensor {key!r} in the safetensors files, not found")
-        return self.where[key].get_tensor(key)
+        return self.index.get(key)
 
 
 @dataclass
@@ -381,9 +380,14 @@ class _WeightSource:
 
 
 class _Graph:
-    """Accumulates nodes and initializers; names are made unique with a counter."""
+    """Accumulates nodes and initializers; names are made unique with a counter.
 
-    def __init__(self, accuracy_level: int):
+    With `data_file`, every initializer of at least EXTERNAL_MIN_BYTES is appended to that file as it is
+    made (4096-byte aligned, so ONNX Runtime can map it) and kept in the graph as an external reference:
+    the process never holds more than the layer being built. Without it, initializers stay in memory."""
+
+    def __init__(self, accuracy_level: int, data_file=None):
+        self.data_file = data_file  # an open binary file beside the .onnx file, or None
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
@@ -395,7 +399,11 @@ class _Graph:
         return f"{base}_{self._n}"
 
     def const(self, name: str, array: np.ndarray, streamed: bool = True) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.data_file is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+            self.inits.append(_external_tensor(self.data_file, name, array))
+        else:
+            self.inits.append(numpy_helper.from_array(array, name))
         if streamed:
             self.weight_bytes += array.nbytes
         return name
@@ -422,6 +430,20 @@ class _Graph:
                   self.const(name + ".qzeros", w.zero_points)]
         return self.op("MatMulNBits", inputs, domain="com.microsoft", K=w.k, N=w.n, bits=w.bits,
                        block_size=w.block_size, accuracy_level=self.accuracy_level)[0]
+
+
+def _external_tensor(f, name: str, array: np.ndarray) -> onnx.TensorProto:
+    """Append `array` to the open data file `f` at a 4096-aligned offset; a TensorProto pointing at it."""
+    offset = f.seek(0, 2)
+    pad = (-offset) % 4096
+    f.write(b"\0" * pad)
+    f.write(array.data if array.flags.c_contiguous else array.tobytes())
+    t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", Path(f.name).name), ("offset", str(offset + pad)), ("length", str(array.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
 
 
 def _rotary_cache(shape: LlamaShape) -> tuple[np.ndarray, np.ndarray]:
@@ -491,9 +513,11 @@ def _layer_linears(src: _WeightSource, shape: LlamaShape, i: int) -> dict[str, l
     return {"qkv": qkv, "o": [o], "gate_up": gu, "down": [down]}
 
 
-def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 4) -> tuple[onnx.ModelProto, int]:
-    """The whole decoder as one ONNX model; returns it and the weight bytes streamed per token."""
-    g = _Graph(accuracy_level)
+def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 4,
+                data_file=None) -> tuple[onnx.ModelProto, int]:
+    """The whole decoder as one ONNX model; returns it and the weight bytes streamed per token.
+    data_file: an open binary file the weights are streamed into as each layer is built (see _Graph)."""
+    g = _Graph(accuracy_level, data_file)
     H, kvh, hd = shape.hidden_size, shape.num_kv_heads, shape.cache_head_dim
     eps = shape.rms_norm_eps
     inputs = [
@@ -618,12 +642,12 @@ def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | Non
     settings = _read_settings(src, cfg, quant, lm_head, group_size)
     source = _WeightSource(src, settings)
 
-    model, weight_bytes = build_graph(source, shape, accuracy_level=accuracy_level)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / MODEL_FILE, out / DATA_FILE):
         stale.unlink(missing_ok=True)
-    onnx.save_model(model, str(out / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    with open(out / DATA_FILE, "wb") as data:  # weights go here layer by layer; the graph stays small
+        model, weight_bytes = build_graph(source, shape, accuracy_level=accuracy_level, data_file=data)
+    onnx.save_model(model, str(out / MODEL_FILE))
     embed = source.t.get("model.embed_tokens.weight")
     np.save(out / EMBED_FILE, embed.numpy() if embed.dtype in (torch.float16, torch.float32) else embed.float().numpy())
     meta = {
