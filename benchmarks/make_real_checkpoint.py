@@ -17,7 +17,7 @@ Writes, under OUT:
     valley-rt/  (--layout valley-rt) a valley-rt checkpoint folder, LLM sharded as convert writes it
 
 Only names, shapes and dtypes come from the model (built on the meta device); every tensor is generated
-from a seed of its own name, written and dropped, so the peak memory is one tensor whatever the size,
+from a seed of its own name (see random_tensor), written and dropped, so the peak memory is one tensor whatever the size,
 and the bytes do not depend on the shard size. Real weights drop in unchanged: the same folders from a
 real release convert the same way. The tokenizer is a word-level one of the real vocabulary size
 (words it lacks become <unk>): enough for timing and memory, not for reading answers.
@@ -42,13 +42,26 @@ from valley_rt.shards import write_sharded
 CLIP_NAME = "openai/clip-vit-large-patch14"
 
 
+BLOCK = 1 << 20  # random values drawn per tensor; larger tensors repeat them (generation runs at memcpy speed)
+
+
 def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Deterministic per name: norms near 1, biases and matrices small (std 0.02, HF's LLaMA/CLIP init)."""
+    """Deterministic per name: norms near 1, biases and matrices small (std 0.02, HF's LLaMA/CLIP init).
+    A tensor of more than BLOCK values repeats one seeded block of BLOCK normal values at an offset of
+    its own: drawing 7e9 normals would dominate the time, and timing and memory do not depend on it."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    t = torch.randn(shape, generator=g) * 0.02
+    numel = 1
+    for s in shape:
+        numel *= s
+    block = torch.randn(min(numel, BLOCK), generator=g) * 0.02
     if len(shape) == 1 and name.endswith("weight") and "norm" in name:
-        t += 1.0
-    return t.to(dtype)
+        block += 1.0
+    block = block.to(dtype)
+    if numel <= BLOCK:
+        return block.reshape(shape)
+    start = int(torch.randint(0, BLOCK, (1,), generator=g))
+    reps = -(-(numel + start) // BLOCK)
+    return block.repeat(reps)[start:start + numel].reshape(shape)
 
 
 def original_name(k: str) -> str:

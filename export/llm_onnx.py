@@ -303,6 +303,35 @@ def concat_outputs(parts: list[NBitsWeight]) -> NBitsWeight | None:
                        first.block_size, first.k, sum(p.n for p in parts))
 
 
+def rtn_matmul_nbits(w: torch.Tensor, *, bits: int, group_size: int, name: str = "weight") -> NBitsWeight:
+    """Round-to-nearest (asymmetric) of w [out, in] as checkpoints store it, straight into MatMulNBits
+    layout: the same bytes as to_matmul_nbits(quantize_rtn(w.T, bits, group_size)), which it is tested
+    against, without the transposes and int64 intermediates (about 4x faster: a 7B's rtn4 export is
+    bound by this). Groups run along `in`, i.e. along each row of w."""
+    n, k = w.shape
+    if k % group_size:
+        raise CheckpointError(f"{name}: group size {group_size} does not divide in_features {k} "
+                              f"(pass a --group-size that does)")
+    bs = _block_size_for(group_size, k)
+    qmax = (1 << bits) - 1
+    wg = w.float().view(n, k // group_size, group_size)  # [N, G, gs]
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [N, G]; the range always holds 0
+    scales = ((hi - lo) / qmax).clamp(min=1e-8)
+    zeros = torch.round(-lo / scales).clamp_(0, qmax)
+    q = wg.div(scales[..., None]).round_().add_(zeros[..., None]).clamp_(0, qmax).to(torch.uint8)
+    del wg
+    per_group = group_size // bs  # MatMulNBits blocks per group: each repeats its group's scale and zero
+    scales_b = scales.repeat_interleave(per_group, dim=1).numpy().astype(np.float32)  # [N, blocks]
+    zeros_b = zeros.to(torch.uint8).repeat_interleave(per_group, dim=1).numpy()
+    if bits == 4:  # two fields per byte, the even k in the low nibble (what _pack_fields does, in torch)
+        pairs = q.view(n, k // bs, bs // 2, 2)
+        b = (pairs[..., 0] | (pairs[..., 1] << 4)).numpy()  # [N, blocks, bs/2]
+    else:
+        b = _pack_fields(q.numpy().reshape(n, k // bs, bs), bits)  # [N, blocks, bs*bits/8]
+    return NBitsWeight(b=b, scales=scales_b, zero_points=_pack_fields(zeros_b, bits), perm=None, bits=bits,
+                       block_size=bs, k=k, n=n)
+
+
 # ------------------------------------------------------------------------------------------- weight source
 
 
@@ -355,10 +384,9 @@ class _WeightSource:
                 self.t.get(prefix + ".g_idx") if prefix + ".g_idx" in self.t else None,
                 bits=s.bits, group_size=s.group_size, zeros_stored_minus_one=s.zeros_stored_minus_one)
             return to_matmul_nbits(lin)
-        w = self.t.get(prefix + ".weight").float().T.contiguous()  # [out, in] -> [in, out]
         if s.quant == "rtn4":
-            return to_matmul_nbits(quantize_rtn(w, bits=4, group_size=s.group_size))
-        return w.numpy()
+            return rtn_matmul_nbits(self.t.get(prefix + ".weight"), bits=4, group_size=s.group_size, name=prefix)
+        return self.t.get(prefix + ".weight").float().T.contiguous().numpy()  # [out, in] -> [in, out]
 
     def lm_head(self, shape: LlamaShape) -> np.ndarray | NBitsWeight:
         if self.s.quant == "gptq" and "lm_head.qweight" in self.t:
@@ -366,11 +394,10 @@ class _WeightSource:
         key = "lm_head.weight" if "lm_head.weight" in self.t else "model.embed_tokens.weight"
         if "lm_head.weight" not in self.t and not shape.tie_word_embeddings:
             raise CheckpointError(f"{self.t.folder}: expected 'lm_head.weight' (embeddings are not tied)")
-        w = self.t.get(key).float().T.contiguous()  # [H, V]
         if self.s.lm_head == "fp32":
-            return w.numpy()
+            return self.t.get(key).float().T.contiguous().numpy()  # [H, V]
         bits = 8 if self.s.lm_head == "int8" else 4
-        return to_matmul_nbits(quantize_rtn(w, bits=bits, group_size=32 if bits == 8 else 64))
+        return rtn_matmul_nbits(self.t.get(key), bits=bits, group_size=32 if bits == 8 else 64, name=key)
 
     def vector(self, key: str) -> np.ndarray:
         return self.t.get(key).float().numpy()

@@ -197,3 +197,21 @@ def test_streamed_llm_export_equals_in_memory_graph(made, tmp_path, quant):
     assert np.isfinite(a).all() and np.array_equal(a, b)
     assert len(ref.get_inputs()) == len(got.get_inputs())
     assert (tmp_path / "eng" / "llm.onnx").stat().st_size < 100_000  # the weights are all in llm.onnx.data
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", [(4, 128, torch.float16), (4, 32, torch.float32),
+                                                   (8, 32, torch.float16), (4, 64, torch.bfloat16)])
+def test_fast_rtn_equals_reference_quantizer(bits, group_size, dtype):
+    """rtn_matmul_nbits (straight from [out, in]) writes the same bytes as quantize_rtn + to_matmul_nbits."""
+    from valley_rt.export.llm_onnx import quantize_rtn, rtn_matmul_nbits, to_matmul_nbits
+
+    w = (torch.randn(96, 256, generator=torch.Generator().manual_seed(bits + group_size)) * 0.05).to(dtype)
+    w[3] = 0  # a row of zeros: scale clamped, zero point 0
+    w[5, :group_size] = 0.01  # a group with one value: its range still holds 0
+    fast = rtn_matmul_nbits(w, bits=bits, group_size=group_size)
+    ref = to_matmul_nbits(quantize_rtn(w.float().T.contiguous(), bits=bits, group_size=group_size))
+    for field in ("b", "scales", "zero_points"):
+        assert np.array_equal(getattr(fast, field), getattr(ref, field)), field
+    assert (fast.perm, fast.bits, fast.block_size, fast.k, fast.n) == (ref.perm, ref.bits, ref.block_size, ref.k, ref.n)
+    with pytest.raises(CheckpointError, match="group size 48 does not divide in_features 256"):
+        rtn_matmul_nbits(w, bits=4, group_size=48, name="w")
