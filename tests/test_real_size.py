@@ -215,3 +215,13 @@ def test_fast_rtn_equals_reference_quantizer(bits, group_size, dtype):
     assert (fast.perm, fast.bits, fast.block_size, fast.k, fast.n) == (ref.perm, ref.bits, ref.block_size, ref.k, ref.n)
     with pytest.raises(CheckpointError, match="group size 48 does not divide in_features 256"):
         rtn_matmul_nbits(w, bits=4, group_size=48, name="w")
+
+
+def test_vision_only_load_still_checks_llm_shards(made, tmp_path):
+    """export loads only the vision half first: a truncated LLM shard must fail there, not after the
+    vision export."""
+    ck = _copy(made / "v" / "valley-rt", tmp_path / "ck")
+    f = sorted((ck / "llm").glob("model-*.safetensors"))[0]
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"llm/{f.name}: truncated: tensor"):
+        load_checkpoint(ck, llm=False)

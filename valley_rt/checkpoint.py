@@ -86,10 +86,10 @@ def _weights(folder: Path) -> TensorIndex:
     return TensorIndex(folder)
 
 
-def _read_tensors(index: TensorIndex, prefix: str, expected: dict[str, torch.Tensor],
-                  optional: set[str] = frozenset(), dtype: torch.dtype | None = None) -> dict:
-    """`index`'s tensors under `prefix`, names and shapes checked against the model built from config
-    before any is read; then read one at a time and cast to `dtype` (floating tensors only)."""
+def _check_tensors(index: TensorIndex, prefix: str, expected: dict[str, torch.Tensor],
+                   optional: set[str] = frozenset()) -> dict[str, str]:
+    """{model name: stored name} of `index`'s tensors under `prefix`, names and shapes checked against
+    the model built from config (headers only: nothing is read)."""
     where = index.files[0] if len(index.files) == 1 else index.folder
     names = {prefix + k: k for k in index.keys()}
     wanted = {k for k in expected if k.startswith(prefix)}
@@ -103,6 +103,14 @@ def _read_tensors(index: TensorIndex, prefix: str, expected: dict[str, torch.Ten
         if tuple(index[name].shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{index[name].file}: {name} has shape {list(index[name].shape)}, "
                                   f"config {CONFIG_FILE} implies {list(expected[k].shape)}")
+    return names
+
+
+def _read_tensors(index: TensorIndex, prefix: str, expected: dict[str, torch.Tensor],
+                  optional: set[str] = frozenset(), dtype: torch.dtype | None = None) -> dict:
+    """`index`'s tensors under `prefix`, checked (_check_tensors) before any is read; then read one at a
+    time and cast to `dtype` (floating tensors only)."""
+    names = _check_tensors(index, prefix, expected, optional)
     out = {}
     for k, name in names.items():
         t = index.get(name)
@@ -117,7 +125,8 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
 
     Tensors are read one at a time (from single or sharded safetensors) and cast as they arrive, so the
     peak is the model in `dtype` plus one tensor. llm=False leaves the LLM on the meta device (no memory):
-    enough for the vision tower, temporal module and projector, e.g. to export the vision engine of a 7B.
+    enough for the vision tower, temporal module and projector, e.g. to export the vision engine of a 7B;
+    the LLM's files are still checked (headers, names, shapes).
     """
     path = Path(path)
     cfg = read_config(path)
@@ -127,6 +136,8 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
     state = {}
     if llm:
         state.update(_read_tensors(_weights(path / "llm"), "llm.", expected, optional=tied, dtype=dtype))
+    else:  # still check every LLM header, so a bad shard is reported before work that comes before the LLM's
+        _check_tensors(_weights(path / "llm"), "llm.", expected, optional=tied)
     state.update(_read_tensors(_weights(path / "vision_tower"), "vision_tower.", expected,
                                optional={"vision_tower.embeddings.position_ids"}, dtype=dtype))
     extra_file = path / EXTRA_WEIGHTS
