@@ -45,10 +45,14 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
+        return nbytes(self.shape, self.dtype)
+
+
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
@@ -201,7 +205,7 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_sha
     """Split entries, in order, into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
     shards, cur, size = [], [], 0
     for e in entries:
-        n = TensorInfo(Path(), tuple(e[1]), e[2]).nbytes
+        n = nbytes(tuple(e[1]), e[2])
         if cur and size + n > max_shard_bytes:
             shards.append(cur)
             cur, size = [], 0
@@ -216,7 +220,7 @@ def _write_one(file: Path, entries: list, produce: Callable[[str], torch.Tensor]
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, shape, dtype in entries:
-        n = TensorInfo(file, tuple(shape), dtype).nbytes
+        n = nbytes(tuple(shape), dtype)
         header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
