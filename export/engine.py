@@ -69,7 +69,9 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     t_start = time.perf_counter()
     source = {"name": ckpt.resolve().name, "sha256": hash_folder(ckpt)}  # no machine's path in a shipped folder
     with atomic_folder(out, overwrite=overwrite, sources=(ckpt, calib)) as work:
-        model = load_checkpoint(ckpt)
+        # rtn4/none read the LLM straight from ckpt/llm one layer at a time (export_llm_onnx); only GPTQ's
+        # calibration and gate need the whole reference model in memory.
+        model = load_checkpoint(ckpt, llm=quant == "gptq")
         with tempfile.TemporaryDirectory(dir=work, prefix=".raw-") as tmp:
             raw = export_raw(model, Path(tmp) / "raw.onnx")  # one trace for the CPU and the GPU graphs
             try:

@@ -241,13 +241,13 @@ def test_convert_never_deletes_what_it_did_not_write(tmp_path, shared_dir, monke
         convert_original(original_dir=src, out_dir=out)
     with pytest.raises(OutputError, match="is not a valley-rt checkpoint"):  # --overwrite is no licence
         convert_original(original_dir=src, out_dir=user, overwrite=True)
-    real_save = checkpoint.save_checkpoint
+    real_save = checkpoint._save_hf_config
 
-    def save_then_fail(model, path, **kw):
-        real_save(model, path, **kw)
+    def save_then_fail(module, folder, dtype):
+        real_save(module, folder, dtype)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_fail)
+    monkeypatch.setattr(checkpoint, "_save_hf_config", save_then_fail)
     with pytest.raises(RuntimeError, match="disk full"):  # a failure mid-way keeps the old checkpoint
         convert_original(original_dir=src, out_dir=out, overwrite=True)
     monkeypatch.undo()

@@ -14,18 +14,20 @@ mismatch is one line naming the file, the tensor and both shapes.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from valley_rt.config import (SPECIAL_TOKENS, LLMConfig, PreprocessConfig, TemporalConfig, TokenLayout,
                               ValleyConfig, VisionConfig, preset, PRESETS)
 from valley_rt.errors import CheckpointError
 from valley_rt.model import ValleyModel, build_model, parameter_counts, restore_buffers
+from valley_rt.shards import TensorIndex, write_sharded
 
 FORMAT = "valley-rt"
 VERSION = 1
@@ -78,63 +80,86 @@ def read_config(path: str | Path) -> ValleyConfig:
         raise CheckpointError(f"{cfg_file}: bad config ({e})") from None
 
 
-def _weights_file(folder: Path) -> Path:
-    f = folder / "model.safetensors"
-    if not f.is_file():
-        raise CheckpointError(f"{f}: missing")
-    return f
+def _weights(folder: Path) -> TensorIndex:
+    """The (possibly sharded) safetensors of an HF folder inside a checkpoint, headers checked."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: missing")
+    if not any(folder.glob("model*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
+        raise CheckpointError(f"{folder / 'model.safetensors'}: missing")
+    return TensorIndex(folder)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """A 64-byte aligned tensor. safetensors' buffers can sit at any offset, and CPU GEMM kernels pick
-    their summation order by alignment: without this a loaded model's logits could differ in the last
-    bit from the model that was saved."""
-    return t if t.data_ptr() % 64 == 0 else t.clone()
-
-
-def _read_tensors(file: Path, prefix: str, expected: dict[str, torch.Tensor], optional: set[str] = frozenset()) -> dict:
-    """Load `file`'s tensors under `prefix`, checking names and shapes against the model built from config."""
-    try:
-        tensors = {prefix + k: _aligned(v) for k, v in load_file(str(file)).items()}
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+def _check_tensors(index: TensorIndex, prefix: str, expected: dict[str, torch.Tensor],
+                   optional: set[str] = frozenset()) -> dict[str, str]:
+    """{model name: stored name} of `index`'s tensors under `prefix`, names and shapes checked against
+    the model built from config (headers only: nothing is read)."""
+    where = index.files[0] if len(index.files) == 1 else index.folder
+    names = {prefix + k: k for k in index.keys()}
     wanted = {k for k in expected if k.startswith(prefix)}
-    missing = sorted(wanted - set(tensors) - optional)
-    extra = sorted(set(tensors) - wanted)
+    missing = sorted(wanted - set(names) - optional)
+    extra = sorted(set(names) - wanted)
     if missing:
-        raise CheckpointError(f"{file}: missing {len(missing)} tensor(s) the config needs, e.g. {missing[0][len(prefix):]}")
+        raise CheckpointError(f"{where}: missing {len(missing)} tensor(s) the config needs, e.g. {missing[0][len(prefix):]}")
     if extra:
-        raise CheckpointError(f"{file}: {len(extra)} tensor(s) the config does not have, e.g. {extra[0][len(prefix):]}")
-    for k, v in tensors.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{file}: {k[len(prefix):]} has shape {list(v.shape)}, "
+        raise CheckpointError(f"{where}: {len(extra)} tensor(s) the config does not have, e.g. {extra[0][len(prefix):]}")
+    for k, name in names.items():
+        if tuple(index[name].shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{index[name].file}: {name} has shape {list(index[name].shape)}, "
                                   f"config {CONFIG_FILE} implies {list(expected[k].shape)}")
-    return tensors
+    return names
 
 
-def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ValleyModel:
-    """Load a valley-rt checkpoint folder into the reference model (eval mode)."""
+def _read_tensors(index: TensorIndex, prefix: str, expected: dict[str, torch.Tensor],
+                  optional: set[str] = frozenset(), dtype: torch.dtype | None = None) -> dict:
+    """`index`'s tensors under `prefix`, checked (_check_tensors) before any is read; then read one at a
+    time and cast to `dtype` (floating tensors only)."""
+    names = _check_tensors(index, prefix, expected, optional)
+    out = {}
+    for k, name in names.items():
+        t = index.get(name)
+        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    index.close()
+    return out
+
+
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    llm: bool = True) -> ValleyModel:
+    """Load a valley-rt checkpoint folder into the reference model (eval mode).
+
+    Tensors are read one at a time (from single or sharded safetensors) and cast as they arrive, so the
+    peak is the model in `dtype` plus one tensor. llm=False leaves the LLM on the meta device (no memory):
+    enough for the vision tower, temporal module and projector, e.g. to export the vision engine of a 7B;
+    the LLM's files are still checked (headers, names, shapes).
+    """
     path = Path(path)
     cfg = read_config(path)
     model = build_model(cfg, device="meta")
     expected = model.state_dict()
     tied = {"llm.lm_head.weight"} if cfg.llm.tie_word_embeddings else set()
     state = {}
-    state.update(_read_tensors(_weights_file(path / "llm"), "llm.", expected, optional=tied))
-    state.update(_read_tensors(_weights_file(path / "vision_tower"), "vision_tower.", expected,
-                               optional={"vision_tower.embeddings.position_ids"}))
+    if llm:
+        state.update(_read_tensors(_weights(path / "llm"), "llm.", expected, optional=tied, dtype=dtype))
+    else:  # still check every LLM header, so a bad shard is reported before work that comes before the LLM's
+        _check_tensors(_weights(path / "llm"), "llm.", expected, optional=tied)
+    state.update(_read_tensors(_weights(path / "vision_tower"), "vision_tower.", expected,
+                               optional={"vision_tower.embeddings.position_ids"}, dtype=dtype))
     extra_file = path / EXTRA_WEIGHTS
     if not extra_file.is_file():
         raise CheckpointError(f"{extra_file}: missing")
-    state.update(_read_tensors(extra_file, "", {k: v for k, v in expected.items() if not k.startswith(("llm.", "vision_tower."))}))
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    state.update(_read_tensors(TensorIndex(files=[extra_file]), "", {k: v for k, v in expected.items()
+                                                                  if not k.startswith(("llm.", "vision_tower."))},
+                               dtype=dtype))
+    state = {k: v.to(device=device) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.llm.tie_word_embeddings:
+    if cfg.llm.tie_word_embeddings and llm:
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
     restore_buffers(model)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                if t.is_meta and (llm or not n.startswith("llm."))]
     if leftover:
         raise CheckpointError(f"{path}: no weights for {leftover[0]}")
+    if not llm:
+        return model.eval()
     return model.to(device).eval()
 
 
@@ -186,36 +211,18 @@ def describe(*, path: str) -> dict:
 
 # -- original Valley checkpoints ------------------------------------------------------------------
 def _read_original_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF folder: safetensors (single or sharded) or pickled .bin shards.
+    """All tensors of an HF folder: safetensors (single or sharded) or pickled .bin shards, in memory.
 
     .bin files are pickles: they are read with torch.load(weights_only=True), whose unpickler only
-    rebuilds tensors and plain containers and refuses anything that would run code.
+    rebuilds tensors and plain containers and refuses anything that would run code. convert_original
+    streams through a TensorIndex instead; this is the whole-model path, for small models and tests.
     """
-    st = sorted(folder.glob("model*.safetensors"))
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    out: dict[str, torch.Tensor] = {}
-    if st:
-        for f in st:
-            try:
-                out.update(load_file(str(f)))
-            except Exception as e:
-                raise CheckpointError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    elif bins:
-        for f in bins:
-            try:
-                part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise CheckpointError(f"{f}: refused or unreadable as a weights-only pickle ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-            if not isinstance(part, dict):
-                raise CheckpointError(f"{f}: expected a dict of tensors, found {type(part).__name__}")
-            out.update(part)
-    else:
-        raise CheckpointError(f"{folder}: no model*.safetensors or pytorch_model*.bin weights")
-    return out
+    index = TensorIndex(folder)
+    return {k: index.get(k) for k in index.keys()}
 
 
-def sanitize(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Map original Valley keys to valley-rt module names; return (mapped, dropped keys).
+def map_original_key(k: str) -> str | None:
+    """The valley-rt module name of one original Valley key, or None for a key that is dropped.
 
     Quirks of the original layout:
     - the CLIP tower is saved inside the checkpoint, as `model.vision_tower.vision_model.*` (older
@@ -224,22 +231,29 @@ def sanitize(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
       the delta transformer but never calls: its weights are dropped;
     - `*.position_ids` / `rotary_emb.inv_freq` buffers of old transformers versions are recomputed.
     """
+    if k.endswith(("position_ids", "rotary_emb.inv_freq")) or k.startswith("model.transforemr_adding_layer."):
+        return None
+    m = re.match(r"model\.vision_tower\.(?:vision_tower\.)?(?:vision_model\.)?(.*)", k)
+    if m:
+        return "vision_tower." + m.group(1)
+    if k.startswith("model.mm_projector."):
+        return k[len("model."):]
+    if k.startswith(("model.pooling_layer.", "model.transformer_delta_encoder.")) or k == "model.position_matrix":
+        return "temporal." + k[len("model."):]
+    if k.startswith("model.") or k.startswith("lm_head."):
+        return "llm." + k
+    return None
+
+
+def sanitize(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map original Valley keys to valley-rt module names (map_original_key); return (mapped, dropped keys)."""
     out, dropped = {}, []
     for k, v in weights.items():
-        if k.endswith(("position_ids", "rotary_emb.inv_freq")) or k.startswith("model.transforemr_adding_layer."):
+        m = map_original_key(k)
+        if m is None:
             dropped.append(k)
-            continue
-        m = re.match(r"model\.vision_tower\.(?:vision_tower\.)?(?:vision_model\.)?(.*)", k)
-        if m:
-            out["vision_tower." + m.group(1)] = v
-        elif k.startswith("model.mm_projector."):
-            out[k[len("model."):]] = v
-        elif k.startswith(("model.pooling_layer.", "model.transformer_delta_encoder.")) or k == "model.position_matrix":
-            out["temporal." + k[len("model."):]] = v
-        elif k.startswith("model.") or k.startswith("lm_head."):
-            out["llm." + k] = v
         else:
-            dropped.append(k)
+            out[m] = v
     return out, dropped
 
 
@@ -310,12 +324,24 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHARD_BYTES = 2 * 2**30  # the converted LLM's shard size (a tensor bigger than this gets its own shard)
+
+
 def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None,
-                     vision_tower_dir: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Convert an original Valley checkpoint folder into a valley-rt checkpoint.
+                     vision_tower_dir: str | Path | None = None, overwrite: bool = False, dtype: str = "auto",
+                     max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """Convert an original Valley checkpoint folder into a valley-rt checkpoint, one tensor at a time.
+
+    Every input file's header is read and checked first (missing or wrong shards, truncated files, names
+    and shapes against the config, base vs delta shapes): a problem is one CheckpointError naming the
+    file and tensor, before anything is written. Then each output tensor is read, mapped (plus its base
+    tensor for a delta release), cast and streamed to its shard, so the peak memory is a few tensors,
+    not the model. The LLM is written sharded (max_shard_bytes) as Hugging Face writes it.
 
     base_dir: for delta releases (valley-13b-v1), a base LLaMA folder whose weights are added to the
-    delta's LLM weights (rows beyond the base vocabulary, i.e. the added tokens, are kept as is).
+    delta's LLM weights (rows beyond the base vocabulary, i.e. the added tokens, are kept as is; the sum
+    is computed in fp32). dtype: "auto" keeps each tensor's stored floating dtype, or "fp32"/"fp16"/"bf16".
     overwrite: replace a valley-rt checkpoint already at out_dir. Any other existing, non-empty out_dir,
     and one equal to, inside or containing an input folder, is refused (valley_rt.outdir).
     """
@@ -327,39 +353,117 @@ def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir:
     original_dir, out_dir = Path(original_dir), Path(out_dir)
     if not original_dir.is_dir():
         raise CheckpointError(f"{original_dir}: not a folder")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     sources = (original_dir, base_dir, vision_tower_dir)
     check_target(out_dir, kind="checkpoint", sources=sources, overwrite=overwrite)  # before the slow part
-    weights = _read_original_weights(original_dir)
+    src = TensorIndex(original_dir)  # every header, checked
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(original_dir))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{original_dir}: no usable tokenizer ({e})") from None
-    cfg = original_config(original_dir, weights, tokenizer, Path(vision_tower_dir) if vision_tower_dir else None)
-    mapped, _dropped = sanitize(weights)
-    if base_dir is not None:
-        base, _ = sanitize(_read_original_weights(Path(base_dir)))
-        for k, b in base.items():
-            if k.startswith("llm.") and k in mapped:
-                d = mapped[k] = mapped[k].clone().float()
-                d[tuple(slice(0, s) for s in b.shape)] += b.float()
+    cfg = original_config(original_dir, src, tokenizer, Path(vision_tower_dir) if vision_tower_dir else None)
     model = build_model(cfg, device="meta")
     expected = model.state_dict()
-    for k in list(mapped):
-        if k not in expected:
-            raise CheckpointError(f"{original_dir}: weight {k} has no place in a {cfg.temporal.mode}-pooling Valley")
-        if tuple(mapped[k].shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{original_dir}: {k} has shape {list(mapped[k].shape)}, config.json implies {list(expected[k].shape)}")
-    optional = {"vision_tower.embeddings.position_ids"} | ({"llm.lm_head.weight"} if cfg.llm.tie_word_embeddings else set())
-    missing = sorted(set(expected) - set(mapped) - optional)
-    if missing:
-        raise CheckpointError(f"{original_dir}: missing weight {missing[0]} ({len(missing)} missing)")
-    model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=False, assign=True)
-    if cfg.llm.tie_word_embeddings:
-        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
-    restore_buffers(model)
+    names = _mapped_names(src, original_dir, expected, cfg)
+    base, base_names = None, {}
+    if base_dir is not None:
+        if not Path(base_dir).is_dir():
+            raise CheckpointError(f"{base_dir}: not a folder")
+        base = TensorIndex(Path(base_dir))
+        base_names = _base_names(base, src, names)
+
+    def out_dtype(k: str) -> torch.dtype:
+        stored = src[names[k]].dtype
+        if not stored.is_floating_point:
+            return stored
+        return stored if dtype == "auto" else DTYPES[dtype]
+
+    def produce(k: str) -> torch.Tensor:
+        t = src.get(names[k])
+        if k in base_names:  # delta + base, in fp32, over the base's extent (added vocabulary rows kept)
+            t, b = t.float(), base.get(base_names[k]).float()
+            t[tuple(slice(0, s) for s in b.shape)] += b
+            del b
+        return t.to(out_dtype(k))
+
+    # tensors in the order they are stored, so each source shard is read once, front to back
+    order = sorted(names, key=lambda k: (src.files.index(src[names[k]].file), src[names[k]].start))
+    tied = cfg.llm.tie_word_embeddings
+
+    def entries(prefix: str, strip: bool):
+        out = []
+        for k in order:
+            if k.startswith(prefix) and not (tied and k == "llm.lm_head.weight"):
+                out.append((k[len(prefix):] if strip else k, tuple(expected[k].shape), out_dtype(k)))
+        return out
+
+    llm_dtype = out_dtype("llm.model.embed_tokens.weight")
     with atomic_folder(out_dir, kind="checkpoint", sources=sources, overwrite=overwrite) as tmp:
-        save_checkpoint(model, tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION,
+                                                   "config": cfg.to_dict()}, indent=2) + "\n")
+        extras = [e for e in entries("", strip=False) if e[0].startswith(("mm_projector.", "temporal."))]
+        write_sharded(tmp, extras, produce, max_shard_bytes=2**62, name=EXTRA_WEIGHTS.removesuffix(".safetensors"),
+                      metadata={})
+        write_sharded(tmp / "vision_tower", entries("vision_tower.", True), lambda n: produce("vision_tower." + n),
+                      max_shard_bytes=2**62)
+        _save_hf_config(model.vision_tower, tmp / "vision_tower", llm_dtype)
+        write_sharded(tmp / "llm", entries("llm.", True), lambda n: produce("llm." + n),
+                      max_shard_bytes=max_shard_bytes)
+        _save_hf_config(model.llm, tmp / "llm", llm_dtype)
         for name in TOKENIZER_FILES:
             if (original_dir / name).is_file():
                 shutil.copy2(original_dir / name, tmp / "llm" / name)
+    src.close()
     return out_dir
+
+
+def _mapped_names(src: TensorIndex, original_dir: Path, expected: dict, cfg: ValleyConfig) -> dict[str, str]:
+    """{valley-rt name: original name}, every name and shape checked against the model of `cfg`."""
+    names = {}
+    for k in src.keys():
+        m = map_original_key(k)
+        if m is None:
+            continue
+        if m not in expected:
+            raise CheckpointError(f"{src[k].file}: weight {k} has no place in a {cfg.temporal.mode}-pooling Valley")
+        if tuple(src[k].shape) != tuple(expected[m].shape):
+            raise CheckpointError(f"{src[k].file}: {k} has shape {list(src[k].shape)}, "
+                                  f"config.json implies {list(expected[m].shape)}")
+        names[m] = k
+    optional = {"vision_tower.embeddings.position_ids"} | ({"llm.lm_head.weight"} if cfg.llm.tie_word_embeddings else set())
+    missing = sorted(set(expected) - set(names) - optional)
+    if missing:
+        raise CheckpointError(f"{original_dir}: missing weight {missing[0]} ({len(missing)} missing)")
+    return names
+
+
+def _base_names(base: TensorIndex, src: TensorIndex, names: dict[str, str]) -> dict[str, str]:
+    """{valley-rt name: base name} for the LLM tensors a delta release adds its base to. A base tensor
+    must have the delta's shape, except fewer rows in the (vocabulary-sized) embedding and lm_head."""
+    out = {}
+    for k in base.keys():
+        m = map_original_key(k)
+        if m is None or not m.startswith("llm.") or m not in names:
+            continue
+        b, d = tuple(base[k].shape), tuple(src[names[m]].shape)
+        vocab = m in ("llm.model.embed_tokens.weight", "llm.lm_head.weight")
+        fits = b == d or (vocab and len(b) == len(d) == 2 and b[1] == d[1] and b[0] <= d[0])
+        if not fits:
+            raise CheckpointError(f"{base[k].file}: base tensor {k} has shape {list(b)}, the delta's "
+                                  f"({src[names[m]].file.name}) has {list(d)}")
+        out[m] = k
+    if not out:
+        raise CheckpointError(f"{base.folder}: no LLaMA weights matching the delta's (is this the base model?)")
+    return out
+
+
+def _save_hf_config(module, folder: Path, dtype: torch.dtype) -> None:
+    """config.json (and generation_config.json) as save_pretrained writes them, for a module built on meta."""
+    config = copy.deepcopy(module.config)
+    config.architectures = [type(module).__name__]
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(folder)
+    gen = getattr(module, "generation_config", None)
+    if gen is not None and module.can_generate():
+        gen.save_pretrained(folder)

@@ -132,13 +132,14 @@ def convert(original_dir: Path = typer.Argument(..., help="Original Valley check
             base: Optional[Path] = typer.Option(None, help="Base LLaMA folder to add a delta release to."),
             vision_tower: Optional[Path] = typer.Option(
                 None, help="CLIP vision folder, when the original does not carry the tower in its weights."),
+            dtype: str = typer.Option("auto", help="Stored dtype: auto (as in the original), fp32, fp16 or bf16."),
             overwrite: bool = typer.Option(False, "--overwrite",
                                            help="Replace a valley-rt checkpoint already at OUT_DIR (nothing else is replaced).")) -> None:
     """Convert an original Valley checkpoint into the valley-rt format."""
     from valley_rt.checkpoint import convert_original
 
     convert_original(original_dir=original_dir, out_dir=out_dir, base_dir=base, vision_tower_dir=vision_tower,
-                     overwrite=overwrite)
+                     overwrite=overwrite, dtype=dtype)
     typer.echo(f"wrote {out_dir}")
 
 

@@ -1,0 +1,125 @@
+"""A real-size Valley through the whole pipeline, each stage a whole process under `/usr/bin/time -v`.
+
+    python benchmarks/bench_real_size.py --preset valley2-7b              # make, convert, export, ask
+    python benchmarks/bench_real_size.py --preset valley2-7b --layers 2   # the same shapes, 2 LLM layers
+    python benchmarks/bench_real_size.py --steps export,ask               # reuse what WORK already holds
+
+Stages (each a fresh process; peak RSS is that process's maximum resident set, as `time -v` reports):
+    make     benchmarks/make_real_checkpoint.py: random fp16 weights in the original layout, 10 GiB shards
+    convert  valley-rt convert WORK/ckpt/original WORK/converted --vision-tower WORK/ckpt/clip
+    export   valley-rt export WORK/converted -o WORK/engine --quant rtn4 --gpu no
+    ask      the runtime on the engine (benchmarks/bench_ask.py's fast child): load time, TTFT at the real
+             token layout (256 + T visual tokens, 8 frames), decode tokens/s over a fixed answer length
+
+--drop-original deletes WORK/ckpt (which this script wrote) once convert has finished, for disks that
+cannot hold the original and the converted checkpoint at once. Results: benchmarks/results/
+real_size_<preset>.json (merged with earlier stages' results) and one JSON line. There is no baseline
+process here: the goals are absolute (peak RSS against the machine's memory), stated next to each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import hardware  # benchmarks/common.py (this script's folder is on sys.path)
+
+REPO = Path(__file__).resolve().parents[1]
+VIDEO = REPO.parent / "shared" / "videos" / "snowmobile.mp4"
+GOALS_GB = {"convert": 16, "export": 16, "ask": 6}
+
+
+def timed(cmd: list[str], log: Path) -> dict:
+    """Run cmd under /usr/bin/time -v; its wall time, peak RSS and exit status (stderr kept in log)."""
+    t0 = time.time()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    log.write_text(p.stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    out = {"cmd": " ".join(cmd[1:] if cmd[0] == sys.executable else cmd), "rc": p.returncode,
+           "wall_s": round(time.time() - t0, 1), "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+    if p.returncode != 0:
+        out["stderr_tail"] = p.stderr[-1500:]
+    out["stdout_tail"] = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+    return out
+
+
+def disk_gb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30, 2) if path.exists() else 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="valley2-7b")
+    ap.add_argument("--layers", type=int, default=None, help="LLM layers (default: the preset's)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/valley-rt-real"))
+    ap.add_argument("--steps", default="make,convert,export,ask")
+    ap.add_argument("--tokens", type=int, default=32, help="answer length for ask (eos and stop strings off)")
+    ap.add_argument("--drop-original", action="store_true", help="delete WORK/ckpt after convert")
+    ap.add_argument("--cleanup", action="store_true", help="delete WORK at the end")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    name = args.preset + (f"-{args.layers}layers" if args.layers else "")
+    out_file = args.out or REPO / "benchmarks" / "results" / f"real_size_{name}.json"
+    result = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    result.update({"preset": args.preset, "llm_layers": args.layers, "hardware": hardware(), "goals_peak_rss_gb": GOALS_GB})
+    stages = result.setdefault("stages", {})
+    work, ckpt, conv, eng = args.work, args.work / "ckpt", args.work / "converted", args.work / "engine"
+    work.mkdir(parents=True, exist_ok=True)
+    py, cli = sys.executable, [sys.executable, "-m", "valley_rt"]
+    steps = args.steps.split(",")
+
+    def record(stage: str, r: dict) -> None:
+        stages[stage] = r
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(result, indent=2) + "\n")  # after every stage: a stop keeps the rest
+        print(f"{stage:8s} rc={r['rc']} wall {r['wall_s']} s, peak RSS {r['peak_rss_gb']} GB", flush=True)
+        if r["rc"] != 0:
+            print(r.get("stderr_tail", ""), file=sys.stderr)
+
+    if "make" in steps:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        cmd = [py, str(REPO / "benchmarks" / "make_real_checkpoint.py"), str(ckpt), "--preset", args.preset]
+        r = timed(cmd + (["--layers", str(args.layers)] if args.layers else []), work / "make.log")
+        r["disk_gb"] = disk_gb(ckpt)
+        record("make", r)
+    if "convert" in steps:
+        shutil.rmtree(conv, ignore_errors=True)
+        r = timed(cli + ["convert", str(ckpt / "original"), str(conv), "--vision-tower", str(ckpt / "clip")],
+                  work / "convert.log")
+        r["disk_gb"] = disk_gb(conv)
+        record("convert", r)
+        if args.drop_original and r["rc"] == 0:
+            shutil.rmtree(ckpt)
+    if "export" in steps:
+        shutil.rmtree(eng, ignore_errors=True)
+        r = timed(cli + ["export", str(conv), "-o", str(eng), "--quant", "rtn4", "--gpu", "no"], work / "export.log")
+        r["disk_gb"] = disk_gb(eng)
+        if (eng / "manifest.json").is_file():
+            m = json.loads((eng / "manifest.json").read_text())
+            r["precision"] = m.get("precision")
+        record("export", r)
+    if "ask" in steps:
+        cmd = [py, str(REPO / "benchmarks" / "bench_ask.py"), "--child", "fast", "--model", str(eng),
+               "--video", str(VIDEO), "--question", "What happens in this video?", "--tokens", str(args.tokens),
+               "--t0", repr(time.time())]
+        r = timed(cmd, work / "ask.log")
+        if r["rc"] == 0:
+            child = json.loads(r["stdout_tail"])
+            r.update({k: child[k] for k in ("load_ms", "ttft_ms", "prefill_ms", "vision_ms", "decode_tokens_per_s",
+                                            "tokens_in", "tokens_out", "backends") if k in child})
+        record("ask", r)
+    if args.cleanup:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"bench": "real_size", "preset": name,
+                      **{f"{s}_{k}": v.get(k) for s, v in stages.items() for k in ("wall_s", "peak_rss_gb")}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
