@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 from common import hardware  # benchmarks/common.py (this script's folder is on sys.path)
+from valley_rt.errors import ValleyError
+from valley_rt.outdir import MARKER, claim_folder
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = REPO.parent / "shared" / "videos" / "snowmobile.mp4"
@@ -69,8 +71,10 @@ def main() -> int:
     result = json.loads(out_file.read_text()) if out_file.is_file() else {}
     result.update({"preset": args.preset, "llm_layers": args.layers, "hardware": hardware(), "goals_peak_rss_gb": GOALS_GB})
     stages = result.setdefault("stages", {})
-    work, ckpt, conv, eng = args.work, args.work / "ckpt", args.work / "converted", args.work / "engine"
-    work.mkdir(parents=True, exist_ok=True)
+    # WORK must be new, empty or this benchmark's own earlier folder (its marker file): the stages below
+    # replace WORK/ckpt, WORK/converted and WORK/engine, so a folder of the user's files is refused.
+    work = claim_folder(args.work, kind="bench-real-size")
+    ckpt, conv, eng = work / "ckpt", work / "converted", work / "engine"
     py, cli = sys.executable, [sys.executable, "-m", "valley_rt"]
     steps = args.steps.split(",")
 
@@ -114,12 +118,19 @@ def main() -> int:
             r.update({k: child[k] for k in ("load_ms", "ttft_ms", "prefill_ms", "vision_ms", "decode_tokens_per_s",
                                             "tokens_in", "tokens_out", "backends") if k in child})
         record("ask", r)
-    if args.cleanup:
-        shutil.rmtree(work, ignore_errors=True)
+    if args.cleanup:  # only what this benchmark wrote; WORK itself goes when nothing else is left in it
+        for p in (ckpt, conv, eng, *work.glob("*.log"), work / MARKER):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if not any(work.iterdir()):
+            work.rmdir()
     print(json.dumps({"bench": "real_size", "preset": name,
                       **{f"{s}_{k}": v.get(k) for s, v in stages.items() for k in ("wall_s", "peak_rss_gb")}}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValleyError as e:  # e.g. a --work folder of the user's files
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
