@@ -33,13 +33,14 @@ import torch
 
 from common import hardware  # benchmarks/common.py
 
-from valley_rt.backends.llm_cuda import CudaLLM, Shape, hf_llama, random_weights
+from valley_rt.backends.llm_cuda import CudaLLM, hf_llama, random_weights
+from valley_rt.engine_format import LlamaShape
 from valley_rt.backends.llm_torch import TorchLLM
 
 SHAPES = {
-    "bench-1b": Shape(2048, 5632, 22, 32, 4, 64, 32006, 2048, 1e-5, 10000.0),
-    "7b": Shape(4096, 11008, 32, 32, 32, 128, 32006, 4096, 1e-5, 10000.0),
-    "tiny": Shape(64, 128, 2, 4, 2, 16, 512, 512, 1e-6, 10000.0),  # --dry-run
+    "bench-1b": LlamaShape(2048, 5632, 22, 32, 4, 64, 32006, 2048, 1e-5, 10000.0),
+    "7b": LlamaShape(4096, 11008, 32, 32, 32, 128, 32006, 4096, 1e-5, 10000.0),
+    "tiny": LlamaShape(64, 128, 2, 4, 2, 16, 512, 512, 1e-6, 10000.0),  # --dry-run
 }
 MIN_COSINE, MIN_AGREEMENT = 0.995, 0.90
 

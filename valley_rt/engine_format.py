@@ -80,7 +80,7 @@ class LlamaShape:
     max_position_embeddings: int
     rms_norm_eps: float
     rope_theta: float
-    tie_word_embeddings: bool
+    tie_word_embeddings: bool = False
 
     @property
     def cache_head_dim(self) -> int:

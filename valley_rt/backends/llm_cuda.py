@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from valley_rt.engine_format import LlamaShape
 from valley_rt.errors import EngineError
 from valley_rt.kernels.int4_linear import Int4Weight, int4_linear, pack_rows, pack_zeros_v1, unpack_zeros_v1
 
@@ -52,26 +53,6 @@ GRAPH_BUCKET_MIN = 256  # smallest number of cache rows a decode graph attends o
 
 
 # ------------------------------------------------------------------------------------------- weights
-
-
-@dataclass
-class Shape:
-    """The decoder's sizes (the engine's llm_onnx.json "shape")."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_position_embeddings: int
-    rms_norm_eps: float
-    rope_theta: float
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Shape":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 Linear = Int4Weight | Tensor  # int4 weights, or a dense [K, N] matrix
@@ -97,7 +78,7 @@ class LayerWeights:
 
 @dataclass
 class LlamaWeights:
-    shape: Shape
+    shape: LlamaShape
     embed: Tensor  # [V, H]
     layers: list[LayerWeights]
     norm: Tensor  # [H]
@@ -251,7 +232,7 @@ def load_engine_llm(llm_dir) -> LlamaWeights:
     from valley_rt.engine_format import LLM_FORMAT_VERSION as FORMAT_VERSION
     from valley_rt.engine_format import LLM_META_FILE as META_FILE
     from valley_rt.engine_format import LLM_MODEL_FILE as MODEL_FILE
-    from valley_rt.engine_format import LlamaShape, head_columns
+    from valley_rt.engine_format import head_columns
 
     llm_dir = Path(llm_dir)
     meta_file = llm_dir / META_FILE
@@ -261,16 +242,15 @@ def load_engine_llm(llm_dir) -> LlamaWeights:
     meta = json.loads(meta_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise EngineError(f"{meta_file}: expected LLM format_version {FORMAT_VERSION}, got {meta.get('format_version')}")
-    full = LlamaShape(**meta["shape"])
-    shape = Shape.from_dict(meta["shape"])
+    shape = LlamaShape(**meta["shape"])
     src = _OnnxWeights(llm_dir / MODEL_FILE)
     nh, kvh, hd = shape.num_heads, shape.num_kv_heads, shape.head_dim
     layers = []
     for i in range(shape.num_layers):
         p = f"model.layers.{i}"
         parts = [src.linear(f"{p}.self_attn.qkv{j}") for j in range(3) if src.has(f"{p}.self_attn.qkv{j}")]
-        if full.cache_head_dim != hd:  # drop the zero columns that padded each head to 16 for ONNX Runtime
-            maps = [head_columns(full, nh, True), head_columns(full, kvh, True), head_columns(full, kvh, False)]
+        if shape.cache_head_dim != hd:  # drop the zero columns that padded each head to 16 for ONNX Runtime
+            maps = [head_columns(shape, nh, True), head_columns(shape, kvh, True), head_columns(shape, kvh, False)]
             maps = maps if len(parts) == 3 else [np.concatenate(maps)]  # source column or -1 per padded column
             parts = [_select_columns(w, torch.from_numpy(np.nonzero(m >= 0)[0])) for w, m in zip(parts, maps)]
         qkv = _concat_columns(parts)
@@ -291,7 +271,7 @@ def weights_from_hf(model, *, group_size: int | None = None) -> LlamaWeights:
 
     cfg = model.config
     heads = cfg.num_attention_heads
-    shape = Shape(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, heads,
+    shape = LlamaShape(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, heads,
                   cfg.num_key_value_heads or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
                   cfg.vocab_size, cfg.max_position_embeddings, cfg.rms_norm_eps,
                   float(getattr(cfg, "rope_theta", None) or (cfg.rope_parameters or {}).get("rope_theta", 10000.0)))
@@ -312,7 +292,7 @@ def weights_from_hf(model, *, group_size: int | None = None) -> LlamaWeights:
     return LlamaWeights(shape, sd["model.embed_tokens.weight"].float(), layers, sd["model.norm.weight"].float(), head)
 
 
-def random_weights(shape: Shape, *, device, group_size: int = 128, quant: bool = True, seed: int = 0) -> LlamaWeights:
+def random_weights(shape: LlamaShape, *, device, group_size: int = 128, quant: bool = True, seed: int = 0) -> LlamaWeights:
     """Random LLaMA weights built directly on `device` (benchmarks: real shapes without an export);
     int4 by round-to-nearest into the GPTQ layout (quant=True), else dense fp16."""
     from valley_rt.kernels.int4_linear import quantize_rtn
@@ -407,7 +387,7 @@ def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def rotary_tables(shape: Shape, device) -> tuple[Tensor, Tensor]:
+def rotary_tables(shape: LlamaShape, device) -> tuple[Tensor, Tensor]:
     """cos, sin [max_pos, head_dim] fp32, laid out for rotate_half (as LlamaRotaryEmbedding)."""
     dim = shape.head_dim
     inv = 1.0 / (shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
