@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from valley_rt.config import ValleyConfig
-from valley_rt.engine_format import hash_folder, load_manifest
+from valley_rt.engine_format import file_hashes, folder_digest, hash_folder, load_manifest
 from valley_rt.errors import EngineError
 
 
@@ -52,7 +52,8 @@ def ensure_engine(ckpt: str | Path, *, rebuild: bool = False) -> Path:
     from valley_rt.outdir import is_engine
 
     ckpt = Path(ckpt)
-    key = hash_folder(ckpt)[:16]
+    hashes = file_hashes(ckpt)  # read once: the cache key and the export's source ids
+    key = folder_digest(hashes)[:16]
     root = engines_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def ensure_engine(ckpt: str | Path, *, rebuild: bool = False) -> Path:
             raise EngineError(f"{out}: this engine cache entry is damaged and holds files valley-rt did not "
                               f"list; remove that folder and run again to rebuild it")
         export_engine(ckpt, out, quant="rtn4", group_size=group_size_for(read_config(ckpt)),
-                      overwrite=out.exists())
+                      overwrite=out.exists(), source_hashes=hashes)
         _source_record(out).write_text(json.dumps({"checkpoint": str(ckpt.resolve())}) + "\n")
     return out
 

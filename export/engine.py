@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from valley_rt.engine_format import LLM_DIR, TOKENIZER_DIR, VISION_FILE
+from valley_rt.engine_format import LLM_DIR, TOKENIZER_DIR, VISION_FILE, file_hashes, folder_digest
 from valley_rt.errors import EngineError
 
 
@@ -32,7 +32,7 @@ from valley_rt.errors import EngineError
 def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bits: int = 4,
                   group_size: int = 128, desc_act: bool = False, sym: bool = True, calib=None,
                   calib_samples: int = 64, overwrite: bool = False, keep_failed_gate: bool = False,
-                  gpu: str = "auto") -> dict:
+                  gpu: str = "auto", source_hashes: dict[str, str] | None = None) -> dict:
     """Export checkpoint folder `ckpt` into engine folder `out`; returns the manifest written.
 
     precision: the vision engine on CPU — "auto" (int8 if faster and cosine >= 0.999 per token, else
@@ -44,7 +44,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     present), "yes" (fail without them) or "no".
     """
     from valley_rt.checkpoint import load_checkpoint, read_config
-    from valley_rt.export.manifest import atomic_folder, hash_folder, write_manifest, write_verified_stamp
+    from valley_rt.export.manifest import atomic_folder, write_manifest, write_verified_stamp
     from valley_rt.export.llm_onnx import QUANTS
     from valley_rt.export.onnx_vision import export_raw, export_vision
 
@@ -67,7 +67,10 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     check_target(out, kind="engine", sources=(ckpt, calib), overwrite=overwrite)  # before hashing the source
     _check_quant_shape(cfg, quant, bits, group_size)
     t_start = time.perf_counter()
-    source = {"name": ckpt.resolve().name, "sha256": hash_folder(ckpt)}  # no machine's path in a shipped folder
+    # Every checkpoint file is read once for its sha256 (the engine's and the LLM's source ids derive from
+    # it); source_hashes: engine_format.file_hashes(ckpt), when the caller already has them.
+    hashes = source_hashes if source_hashes is not None else file_hashes(ckpt)
+    source = {"name": ckpt.resolve().name, "sha256": folder_digest(hashes)}  # no machine's path in a shipped folder
     with atomic_folder(out, overwrite=overwrite, sources=(ckpt, calib)) as work:
         # rtn4/none read the LLM straight from ckpt/llm one layer at a time (export_llm_onnx); only GPTQ's
         # calibration and gate need the whole reference model in memory.
@@ -85,6 +88,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
                 vision.figures["export_s"]["gpu"] = time.perf_counter() - t0
         llm = _export_llm(ckpt, work / LLM_DIR, model=model, quant=quant, bits=bits, group_size=group_size,
                           desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples,
+                          llm_sha256=folder_digest(hashes, under="llm/"),
                           keep_failed_gate=keep_failed_gate)
         del model
         _copy_tokenizer(ckpt / "llm", work / TOKENIZER_DIR)
@@ -128,7 +132,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 # -- the LLM half ---------------------------------------------------------------------------------
 def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_size: int, desc_act: bool,
-                calib, calib_samples: int, keep_failed_gate: bool, sym: bool = True) -> dict:
+                calib, calib_samples: int, keep_failed_gate: bool, sym: bool = True,
+                llm_sha256: str | None = None) -> dict:
     """ckpt/llm -> out/ (llm_onnx format). gptq: GPTQModel on multimodal calibration, gated, then repacked.
 
     Returns {"quant": str, "figures": dict} for the manifest.
@@ -136,7 +141,7 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
     from valley_rt.export.llm_onnx import export_llm_onnx
 
     if quant != "gptq":
-        export_llm_onnx(ckpt / "llm", out, quant=quant, group_size=group_size)
+        export_llm_onnx(ckpt / "llm", out, quant=quant, group_size=group_size, source_sha256=llm_sha256)
         label = "fp32" if quant == "none" else f"rtn4-g{group_size}"  # rtn4 is always 4-bit
         return {"quant": label, "figures": {"method": quant}}
 

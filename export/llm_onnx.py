@@ -584,7 +584,8 @@ def _read_settings(src: Path, cfg: dict, quant: str, lm_head: str, group_size: i
 
 
 def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | None = None,
-                    group_size: int = 128, accuracy_level: int = 4, prefill: str | None = None) -> Path:
+                    group_size: int = 128, accuracy_level: int = 4, prefill: str | None = None,
+                    source_sha256: str | None = None) -> Path:
     """Convert an HF LLaMA folder (GPTQ or fp) into `out_dir/llm.onnx` (+ .data, embedding table, meta).
 
     quant: "gptq" (the folder holds GPTQ weights), "rtn4" (int4 round-to-nearest of fp weights) or
@@ -633,7 +634,8 @@ def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | Non
         "prefill": {"file": PREFILL_FILE, "linears": "w8a8: int8 per-column weights, int8 per-token activations"}
         if prefill == "int8" else None,
         "weight_bytes_per_token": weight_bytes,
-        "source": {"name": src.resolve().name, "sha256": hash_folder(src)},  # no machine's path
+        # no machine's path; source_sha256: hash_folder(src) already computed by the caller
+        "source": {"name": src.resolve().name, "sha256": source_sha256 or hash_folder(src)},
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return out / MODEL_FILE

@@ -342,3 +342,13 @@ def test_export_gptq_needs_calibration(checkpoint, tmp_path):
     with pytest.raises(EngineError, match="--quant gptq needs --calib"):
         export_engine(checkpoint, tmp_path / "e", quant="gptq")
     assert not (tmp_path / "e").exists()
+
+
+def test_folder_digest_of_one_hashing_pass_equals_hash_folder():
+    """export hashes the checkpoint once and derives both source ids (the folder's and llm/'s) from it."""
+    from valley_rt.runtime import DEMO_CHECKPOINT
+
+    hashes = ef.file_hashes(DEMO_CHECKPOINT)
+    assert ef.folder_digest(hashes) == ef.hash_folder(DEMO_CHECKPOINT)
+    assert ef.folder_digest(hashes, under="llm/") == ef.hash_folder(DEMO_CHECKPOINT / "llm")
+    assert ef.folder_digest(hashes, under="llm/") != ef.folder_digest(hashes)

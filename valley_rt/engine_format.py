@@ -143,12 +143,23 @@ def list_files(folder: str | Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
+def file_hashes(folder: str | Path) -> dict[str, str]:
+    """Each regular file's sha256 under folder, by sorted POSIX relative path (one read of every byte)."""
+    return {rel: sha256_file(Path(folder) / rel) for rel in list_files(folder)}
+
+
+def folder_digest(hashes: dict[str, str], under: str = "") -> str:
+    """hash_folder's digest from file_hashes; under="llm/": the digest of that subfolder alone, without
+    reading its files again."""
+    h = hashlib.sha256()
+    for rel in sorted(r for r in hashes if r.startswith(under)):
+        h.update(rel[len(under):].encode() + b"\0" + hashes[rel].encode() + b"\n")
+    return h.hexdigest()
+
+
 def hash_folder(folder: str | Path) -> str:
     """One sha256 over a folder: its sorted relative paths and each file's sha256 (the source checkpoint's id)."""
-    h = hashlib.sha256()
-    for rel in list_files(folder):
-        h.update(rel.encode() + b"\0" + sha256_file(Path(folder) / rel).encode() + b"\n")
-    return h.hexdigest()
+    return folder_digest(file_hashes(folder))
 
 
 def artifact_path(engine_dir: str | Path, rel, *, where: str = "artifacts") -> Path:
