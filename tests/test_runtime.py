@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from valley_rt.errors import ContextLengthError, EngineError, VideoError
@@ -242,6 +243,22 @@ def test_torch_path_matches_reference(ckpt, ref):
     assert a.answer == b.answer and a.backends["kind"] == "torch"
 
 
+def test_buffer_writing_vision_answers_as_the_reference(ckpt, ref):
+    """CudaVision (the GPU path's vision: encode_into a visual-span buffer) run eagerly on the CPU, as the
+    runtime's vision stage: the visual tokens and the greedy answer equal the reference's."""
+    import torch
+
+    from valley_rt.backends.vision_cuda import CudaVision
+    from valley_rt.runtime import _load_torch
+
+    valley = _load_torch(ckpt, device="cpu", dtype=torch.float32)
+    valley.vision = CudaVision(valley.vision.model, graphs=False)
+    ctx, ctx_ref = valley.encode_video(CLIP), ref.encode_video(CLIP)
+    for x, y in zip(ctx.visual, ctx_ref.visual):
+        np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
+    assert valley.ask(ctx, "what happens ?", params=GREEDY).answer == ref.ask(ctx_ref, "what happens ?", params=GREEDY).answer
+
+
 @pytest.mark.gpu
 def test_torch_gpu_path_runs_the_triton_kernel(ckpt, ref):
     import torch
@@ -251,7 +268,10 @@ def test_torch_gpu_path_runs_the_triton_kernel(ckpt, ref):
     from valley_rt.kernels.temporal_pool import pick_backend
     from valley_rt.runtime import load
 
+    from valley_rt.backends.vision_cuda import CudaVision
+
     gpu = load(ckpt, device="cuda")
+    assert isinstance(gpu.vision, CudaVision) and gpu.vision.graphs, gpu.backends["vision"]
     ctx, ctx_ref = gpu.encode_video(CLIP), ref.encode_video(CLIP)
     assert pick_backend(torch.zeros(1, device="cuda")) == "triton"
     for x, y in zip(ctx.visual, ctx_ref.visual):

@@ -569,8 +569,9 @@ def _load_torch(path: Path, *, device: str, dtype) -> Valley:
 def torch_valley(model, tokenizer, *, source: str, reference: bool = False) -> Valley:
     """A Valley over an in-memory ValleyModel, on the model's device and in its dtype.
 
-    reference=False: the torch path for GPUs, temporal pooling through valley_rt.kernels.temporal_pool
-    (the fused Triton kernel on CUDA, its torch reference elsewhere). reference=True: what the original
+    reference=False: the torch path for GPUs: on CUDA, CudaVision (the tower in CUDA graphs, the fused
+    Triton pooling kernel writing the visual span's rows); elsewhere TorchVision with the kernel's torch
+    twin. reference=True: what the original
     does (every frame decoded, PIL preprocessing, the reference pooling)."""
     import torch
 
@@ -586,8 +587,13 @@ def torch_valley(model, tokenizer, *, source: str, reference: bool = False) -> V
         llm.name = f"transformers-{dtype}" if device == "cpu" else f"transformers-{device}-{dtype}"
         return Valley(cfg=model.cfg, tokenizer=tokenizer, vision=ReferenceVision(model), llm=llm, source=source,
                       kind="reference", read_video=read_video_naive)
-    vision = TorchVision(model)
-    vision.name = f"torch-{device}-{dtype}+temporal_pool"
+    if device == "cuda":  # the tower in CUDA graphs, the pooling kernel writing the visual span's rows
+        from valley_rt.backends.vision_cuda import CudaVision
+
+        vision = CudaVision(model)
+    else:
+        vision = TorchVision(model)
+        vision.name = f"torch-{device}-{dtype}+temporal_pool"
     llm.name = f"transformers-{device}-{dtype}"
     return Valley(cfg=model.cfg, tokenizer=tokenizer, vision=vision, llm=llm, source=source, kind="torch")
 

@@ -11,6 +11,13 @@ Pooling runs on projected tokens, in the original's order (projector, then pool)
 are already the LLM's width and go straight to `out` at the caller's row offsets: the pooled patch rows
 at patch_offset, the frame rows 2 rows later (<im_end>, <vi_start> between them), as the prompt lays
 them out. On the CPU (graphs=False) the same code runs with the kernel's torch twin.
+
+The runtime's GPU path (`load(checkpoint, device="cuda")`) encodes through `visual_tokens`: a video's
+visual tokens are cached per video (chat turns, the server's encoder cache), so it writes into a buffer
+laid out as the prompt's visual span [N + 2 + T, D] and copies that to the host once. `encode_into`
+writes into any caller's buffer, e.g. a whole prompt's input embeddings (benchmarks/bench_gpu_llm.py).
+A graph capture that fails (a driver or library that cannot capture the tower) falls back to the same
+code run eagerly, and the backend's name says so.
 """
 
 from __future__ import annotations
@@ -55,7 +62,13 @@ class CudaVision:
         if bucket is None:
             raise ValueError(f"{t} frames exceed the largest graphed bucket {FRAME_BUCKETS[-1]}")
         if bucket not in self._graphs:
-            self._graphs[bucket] = self._capture(bucket, pixels.shape[1:])
+            try:
+                self._graphs[bucket] = self._capture(bucket, pixels.shape[1:])
+            except RuntimeError as e:  # capture unsupported here: run eagerly from now on
+                self.graphs = False
+                self.name = self.name.replace("-graphs", "") + " (eager: CUDA graph capture failed)"
+                self.capture_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+                return self.model.vision_features(pixels[None])
         graph, static_in, static_out = self._graphs[bucket]
         static_in[:t].copy_(pixels)
         graph.replay()
@@ -88,11 +101,21 @@ class CudaVision:
         temporal_pool(p, self.mode, out=buf, patch_offset=patch_offset, frame_offset=frame_offset,
                       backend=self.pool_backend, **kw)
 
-    def encode(self, frames) -> tuple[Tensor, Tensor]:
-        """The runtime's vision interface: frames -> (pooled [N, D], frames [T, D]), via encode_into."""
+    def pixel_values(self, frames) -> Tensor:
+        """uint8 frames -> normalized float [T, 3, crop, crop]; float pixel values pass through."""
         from valley_rt.backends.vision import TorchVision
 
-        pixels = TorchVision.pixel_values(self, frames)  # normalized [T, 3, H, W]
+        return TorchVision.pixel_values(self, frames)
+
+    preprocess = pixel_values  # the runtime's preprocessing step
+
+    def visual_tokens(self, x):
+        """The runtime's boundary: encode, then float32 NumPy on the host."""
+        return tuple(t.float().cpu().numpy() for t in self.encode(x))
+
+    def encode(self, frames) -> tuple[Tensor, Tensor]:
+        """frames -> (pooled [N, D], frames [T, D]) in the model's dtype, on its device, via encode_into."""
+        pixels = self.pixel_values(frames)  # normalized [T, 3, H, W]
         n, t = self.cfg.num_patches, pixels.shape[0]
         buf = torch.empty(1, n + VALLEY_GAP + t, self.cfg.llm.hidden_size, device=self.device, dtype=self.dtype)
         self.encode_into(pixels, buf, patch_offset=0)
