@@ -4,6 +4,7 @@ against a plain-torch dequantize-then-matmul, on tiny LLaMAs (GQA; heads of 8 ar
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -438,3 +439,24 @@ def test_a_background_load_failure_is_one_engine_error_at_first_use(hf_dirs, tmp
     monkeypatch.setenv(LOAD_ENV, "lazy")
     with pytest.raises(EngineError, match="expected background or eager"):
         background_load_policy()
+
+
+def test_a_process_that_exits_during_the_background_load_waits_for_it(hf_dirs, tmp_path):
+    """The interpreter shuts down while the worker is inside ONNX Runtime (creating a session, or
+    running the warm-up): it must wait for the worker, as for any non-daemon thread. A daemon worker
+    there is torn down mid-call, and on bench-1b that aborted the process ('terminate called without
+    an active exception'). atexit handlers run after that wait, so the worker must be done by then."""
+    import subprocess
+    import sys
+
+    path = export_llm_onnx(hf_dirs["hd8"], tmp_path, quant="rtn4", group_size=32)
+    code = ("import atexit, sys\n"
+            "from valley_rt.backends.llm_onnx import OnnxLLM\n"
+            f"llm = OnnxLLM({str(path.parent)!r}, defer_load=True)\n"
+            "llm.load_rest_in_background()\n"
+            "atexit.register(lambda: print('worker alive at exit:', llm._loader._thread.is_alive()))\n"
+            "sys.exit(0)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "VALLEY_RT_PREFILL": "int8"})
+    assert p.returncode == 0 and "terminate" not in p.stderr, p.stderr[-500:]
+    assert "worker alive at exit: False" in p.stdout, p.stdout

@@ -123,6 +123,8 @@ class OnnxLLM:
                                   "re-export the engine")
             self.name += "+w8a8-prefill"
         self._loader: _Loader | None = None  # the worker finishing the load, while it runs
+        self.background_load_s = 0.0  # the worker's own time, once joined
+        self.load_wait_s = 0.0  # time runs spent waiting for the worker or opening deferred sessions
         self.defer_load = defer_load
         if not defer_load:
             self._open_sessions()
@@ -159,10 +161,13 @@ class OnnxLLM:
     def wait_loaded(self) -> None:
         """Block until the background load is done (re-raising its error as an EngineError); open still
         deferred sessions here when no worker was started."""
+        t0 = time.perf_counter()
         loader, self._loader = self._loader, None
         if loader is not None:
             loader.join()
+            self.background_load_s = loader.seconds
         self._open_sessions()
+        self.load_wait_s += time.perf_counter() - t0
 
     def _bind_static(self, ort, session):
         """Bind what never changes: each layer's K/V buffer as past input AND present output."""
@@ -263,12 +268,14 @@ class OnnxLLM:
 
 class _Loader:
     """The worker thread of `OnnxLLM.load_rest_in_background`. ONNX Runtime releases the GIL while it
-    creates a session or runs one, so the caller's own work goes on meanwhile."""
+    creates a session or runs one, so the caller's own work goes on meanwhile. Not a daemon: a process
+    that exits first waits for it, since tearing the interpreter down under a thread inside ORT aborts
+    the process ('terminate called without an active exception')."""
 
     def __init__(self, llm: OnnxLLM, warm: bool):
         self.error: BaseException | None = None
         self.seconds = 0.0
-        self._thread = threading.Thread(target=self._work, args=(llm, warm), name="valley-rt-llm-load", daemon=True)
+        self._thread = threading.Thread(target=self._work, args=(llm, warm), name="valley-rt-llm-load")
         self._thread.start()
 
     def _work(self, llm: OnnxLLM, warm: bool) -> None:
