@@ -77,3 +77,15 @@ def test_an_unusable_cache_folder_means_the_plain_session(vision, tmp_path, monk
     monkeypatch.setenv("VALLEY_RT_CACHE", str(blocker))
     session, how = optimized_cpu_session(vision, _opts())
     assert how == "uncached" and session.get_outputs()
+
+
+def test_the_cache_can_be_turned_off(vision, tmp_path, monkeypatch):
+    from valley_rt.backends.ort_session import OPTIMIZED_CACHE_ENV
+    from valley_rt.errors import EngineError
+
+    monkeypatch.setenv(OPTIMIZED_CACHE_ENV, "off")
+    assert optimized_cpu_session(vision, _opts())[1] == "uncached"
+    assert not (tmp_path / "cache" / OPTIMIZED_DIR).exists()
+    monkeypatch.setenv(OPTIMIZED_CACHE_ENV, "maybe")
+    with pytest.raises(EngineError, match="expected on or off"):
+        optimized_cpu_session(vision, _opts())

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from valley_rt.engine_format import MAX_FRAMES, MIN_FRAMES, OPT_FRAMES, VISION_INPUT
+from valley_rt.errors import EngineError
 
 
 def llm_session_options(threads: int | None = None, spinning: bool = True):
@@ -62,6 +63,7 @@ def vision_session(path: str | Path, *, threads: int | None = None, providers: l
 OPTIMIZED_DIR = "ort-optimized"  # under $VALLEY_RT_CACHE
 OPTIMIZED_MODEL, OPTIMIZED_DATA, OPTIMIZED_STAMP = "model.onnx", "model.onnx.data", "stamp.json"
 RACY_NS = 2_000_000_000  # cache files changed within 2 s of their stamp are re-hashed (coarse timestamp ticks)
+OPTIMIZED_CACHE_ENV = "VALLEY_RT_ORT_CACHE"  # "on" (default) or "off": always optimize at session creation
 
 
 def optimized_cpu_session(path: str | Path, opts) -> tuple[object, str]:
@@ -75,13 +77,18 @@ def optimized_cpu_session(path: str | Path, opts) -> tuple[object, str]:
     whose files changed since, or that ORT cannot open, is rebuilt from the source. ViT-L/14: 1.5 s to
     create the session from the source, 0.9 s from the cache (docs/cpu_latency.md).
 
-    Returns (session, how): how is "cached", "written", "rebuilt" or "uncached" (no usable cache folder:
-    the plain session)."""
+    Returns (session, how): how is "cached", "written", "rebuilt" or "uncached" (no usable cache folder,
+    or VALLEY_RT_ORT_CACHE=off: the plain session)."""
     import onnxruntime as ort
 
     path = Path(path)
     providers = ["CPUExecutionProvider"]
+    choice = os.environ.get(OPTIMIZED_CACHE_ENV, "on")
+    if choice not in ("on", "off"):
+        raise EngineError(f"{OPTIMIZED_CACHE_ENV}={choice!r}: expected on or off")
     try:
+        if choice == "off":
+            raise OSError("cache off")
         folder = _optimized_folder(path, opts)
     except OSError:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers), "uncached"
