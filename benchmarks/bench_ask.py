@@ -271,7 +271,7 @@ def main() -> None:
         print(f"\n== {name}: {video.name}, {fast['tokens_in']} prompt tokens, {args.tokens} answer tokens, "
               f"median of {args.repeat} runs per side")
         base = "reference" if ref is not None else next(iter(sides))
-        print(f"{'':24}" + "".join(f"{side:>14}" for side in sides) + f"{'ratio ' + base + '/fast':>22}")
+        print(f"{'':24}" + "".join(f"{side:>14}" for side in sides) + f"  ratio {base}/fast")
         for key in ("process_wall_s", "cold_start_s", "ttft_ms", "startup_ms", "load_ms", "video_decode_ms",
                     "preprocess_ms", "vision_ms", "prefill_ms", "llm_load_wait_ms", "prefill_compute_ms", "decode_ms",
                     "decode_tokens_per_s", "peak_rss_mb", "peak_rss_mb_outside"):
