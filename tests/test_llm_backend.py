@@ -4,6 +4,7 @@ against a plain-torch dequantize-then-matmul, on tiny LLaMAs (GQA; heads of 8 ar
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -397,3 +398,65 @@ def test_prefill_policy_rejects_unknown_values(hf_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv(PREFILL_ENV, "bf16")
     with pytest.raises(EngineError, match="expected auto, int8 or int4"):
         OnnxLLM(path.parent)
+
+
+def test_deferred_load_opens_both_graphs_on_a_worker_and_gives_the_same_logits(tmp_path, monkeypatch):
+    """defer_load + load_rest_in_background: __init__ opens no session, the worker opens both graphs and
+    warms the decode graph without moving the position, and the first prefill waits for it: logits
+    bit-identical to an engine loaded eagerly, on both graphs (prompt graph, then decode steps)."""
+    from valley_rt.backends.llm_onnx import PREFILL_ENV, PREFILL_MIN_TOKENS
+
+    gdir = tmp_path / "gptq"
+    gdir.mkdir()
+    write_tiny_gptq(tiny_llama("hd8", seed=5), gdir, group_size=32, desc_act=False)
+    path = export_llm_onnx(gdir, tmp_path / "engine", quant="gptq")
+    monkeypatch.setenv(PREFILL_ENV, "int8")
+    eager = OnnxLLM(path.parent)
+    lazy = OnnxLLM(path.parent, defer_load=True)
+    assert lazy.session is None and lazy.prefill_session is None and lazy.has_prefill_graph
+    lazy.load_rest_in_background()
+    ids = [3 + (5 * i) % 990 for i in range(PREFILL_MIN_TOKENS + 9)]
+    np.testing.assert_array_equal(lazy.prefill(lazy.embed(ids)), eager.prefill(eager.embed(ids)))
+    assert lazy.prefill_session is not None and lazy._loader is None and lazy.position == len(ids)
+    for tok in (5, 6):
+        np.testing.assert_array_equal(lazy.decode(tok), eager.decode(tok))
+    # No worker started: the first run opens what is deferred itself.
+    plain = OnnxLLM(path.parent, defer_load=True)
+    np.testing.assert_array_equal(plain.prefill(plain.embed(ids)), lazy.fork().prefill(lazy.embed(ids)))
+
+
+def test_a_background_load_failure_is_one_engine_error_at_first_use(hf_dirs, tmp_path, monkeypatch):
+    from valley_rt.backends.llm_onnx import LOAD_ENV, PREFILL_ENV, background_load_policy
+
+    path = export_llm_onnx(hf_dirs["hd8"], tmp_path, quant="rtn4", group_size=32)
+    monkeypatch.setenv(PREFILL_ENV, "int8")
+    prompt_graph = path.parent / "llm_prefill.onnx"
+    prompt_graph.write_bytes(prompt_graph.read_bytes()[:1000])  # a cut file
+    llm = OnnxLLM(path.parent, defer_load=True)  # nothing opened yet: no error
+    llm.load_rest_in_background()
+    with pytest.raises(EngineError, match="llm_prefill.onnx: ONNX Runtime cannot open it"):
+        llm.prefill(llm.embed(list(range(3, 80))))
+    monkeypatch.setenv(LOAD_ENV, "lazy")
+    with pytest.raises(EngineError, match="expected background or eager"):
+        background_load_policy()
+
+
+def test_a_process_that_exits_during_the_background_load_waits_for_it(hf_dirs, tmp_path):
+    """The interpreter shuts down while the worker is inside ONNX Runtime (creating a session, or
+    running the warm-up): it must wait for the worker, as for any non-daemon thread. A daemon worker
+    there is torn down mid-call, and on bench-1b that aborted the process ('terminate called without
+    an active exception'). atexit handlers run after that wait, so the worker must be done by then."""
+    import subprocess
+    import sys
+
+    path = export_llm_onnx(hf_dirs["hd8"], tmp_path, quant="rtn4", group_size=32)
+    code = ("import atexit, sys\n"
+            "from valley_rt.backends.llm_onnx import OnnxLLM\n"
+            f"llm = OnnxLLM({str(path.parent)!r}, defer_load=True)\n"
+            "llm.load_rest_in_background()\n"
+            "atexit.register(lambda: print('worker alive at exit:', llm._loader._thread.is_alive()))\n"
+            "sys.exit(0)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "VALLEY_RT_PREFILL": "int8"})
+    assert p.returncode == 0 and "terminate" not in p.stderr, p.stderr[-500:]
+    assert "worker alive at exit: False" in p.stdout, p.stdout

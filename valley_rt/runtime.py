@@ -521,7 +521,10 @@ def _warm_up(valley: Valley) -> None:
         valley.ask(blank, "What happens in the video?", params=SamplingParams(max_new_tokens=2))
     else:
         valley.tokenizer("What happens in the video?")
-        valley.llm.warm_up()
+        if getattr(valley.llm, "defer_load", False):
+            valley.llm.load_rest_in_background()  # the decode warm-up and the prompt graph, off the load path
+        else:
+            valley.llm.warm_up()
     valley.reset()
 
 
@@ -530,7 +533,7 @@ def _load_engine(path: Path, manifest: dict, *, vision: str = "onnx-cpu", thread
     """cuda=True: the LLM's int4 weights are read back from llm.onnx into the CUDA-graphs backend
     (backends/llm_cuda.py); the vision graph stays on ONNX Runtime (an engine holds no torch vision
     weights), on the GPU when the engine has a GPU graph and onnxruntime-gpu is there."""
-    from valley_rt.backends.llm_onnx import OnnxLLM
+    from valley_rt.backends.llm_onnx import OnnxLLM, background_load_policy
 
     try:
         cfg = ValleyConfig.from_dict(manifest["config"])
@@ -545,9 +548,10 @@ def _load_engine(path: Path, manifest: dict, *, vision: str = "onnx-cpu", thread
         llm = CudaLLM.from_engine(llm_dir, device="cuda")
         llm.warm_up()  # capture the first decode graph now, not in the first answer
     else:
-        llm = OnnxLLM(llm_dir, threads=threads)
+        deferred = background_load_policy()
+        llm = OnnxLLM(llm_dir, threads=threads, defer_load=deferred)
         llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
-        if llm.prefill_session is not None:
+        if llm.has_prefill_graph:
             llm.name += "+w8a8-prefill"
     tok = open_tokenizer(artifact_path(path, files.get("tokenizer", "tokenizer/"), where="files.tokenizer"))
     return Valley(cfg=cfg, tokenizer=tok, vision=vision_backend, llm=llm, source=str(path),

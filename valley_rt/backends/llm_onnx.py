@@ -14,12 +14,20 @@ matrix tiles (AMX). So an engine may carry a second graph, `llm_prefill.onnx`: t
 and KV cache, with the decoder linears as W8A8 int8 GEMMs (MLAS QGEMM: AMX-INT8 where present).
 `prefill_policy` decides when it runs; both sessions bind the same cache buffers, so decoding
 continues from the prompt graph's cache.
+
+Opening the two graphs is most of an engine's load time: ONNX Runtime repacks every weight for its
+kernels (int4 blocks for MatMulNBits, int8 panels for the GEMM) and hashes the packed bytes, on one
+thread: ~1.6 GB at 1.1B (docs/cpu_latency.md). With `defer_load=True` neither is opened in
+`__init__`; `load_rest_in_background()` opens both and warms the decode graph on a worker thread
+while the caller reads and encodes a video, and the first run waits for that thread. The CPU work is
+the same; it leaves the load path and overlaps what the caller does before its first prompt.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +41,7 @@ from valley_rt.errors import EngineError
 
 PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph
 PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
+LOAD_ENV = "VALLEY_RT_LLM_LOAD"  # "background" (default): the prompt graph opens on a worker thread; "eager"
 
 
 def cpu_has_int8_matrix_units() -> bool:
@@ -57,10 +66,22 @@ def prefill_policy() -> bool:
     return choice == "int8" or (choice == "auto" and cpu_has_int8_matrix_units())
 
 
+def background_load_policy() -> bool:
+    """Whether the runtime defers the prompt graph and the decode warm-up to a worker thread
+    (`OnnxLLM.load_rest_in_background`) instead of doing them before `load` returns."""
+    choice = os.environ.get(LOAD_ENV, "background")
+    if choice not in ("background", "eager"):
+        raise EngineError(f"{LOAD_ENV}={choice!r}: expected background or eager")
+    return choice == "background"
+
+
 class OnnxLLM:
     """One batch-1 KV-cached session over an exported `llm.onnx` (implements generate.LLMBackend)."""
 
-    def __init__(self, path, *, threads: int | None = None, spinning: bool = True, max_context: int | None = None):
+    def __init__(self, path, *, threads: int | None = None, spinning: bool = True, max_context: int | None = None,
+                 defer_load: bool = False):
+        """defer_load: leave the prompt graph's session for `load_rest_in_background` (or the first
+        run that needs it) instead of opening it here; the caller then also warms up in the background."""
         import onnxruntime as ort
 
         t0 = time.perf_counter()
@@ -85,23 +106,68 @@ class OnnxLLM:
         self.weight_bytes_per_token = int(self.meta["weight_bytes_per_token"])
 
         self.embed_table = np.load(folder / LLM_EMBED_FILE, mmap_mode="r")  # [V, H], rows read on demand
-        self.session = ort.InferenceSession(str(model_file), sess_options=session_options(threads, spinning),
-                                            providers=["CPUExecutionProvider"])
         kv_shape = (1, int(shape["num_kv_heads"]), self.max_context, int(self.meta["cache_head_dim"]))
         self.kv_bytes_per_token = 2 * self.num_layers * kv_shape[1] * kv_shape[3] * 4  # K and V, fp32
         self._cache = [np.zeros(kv_shape, np.float32) for _ in range(2 * self.num_layers)]
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
-        self._binding = self._bind_static(ort, self.session)
-        self.prefill_session = None  # the W8A8 prompt graph, when the engine has one and the policy says so
+        self._model_file = model_file
+        self._session_options = (threads, spinning)
+        self.session = None  # the int4 graph (every decode step, short appends), once opened
+        self.prefill_session = None  # the W8A8 prompt graph, once opened
+        self._prefill_file = None  # ... when the engine has one and the policy says so
         prefill = self.meta.get("prefill") or {}
         if prefill.get("file") and path.suffix != ".onnx" and prefill_policy():
-            self.prefill_session = ort.InferenceSession(str(folder / prefill["file"]),
-                                                        sess_options=session_options(threads, spinning),
-                                                        providers=["CPUExecutionProvider"])
-            self._prefill_binding = self._bind_static(ort, self.prefill_session)
+            self._prefill_file = folder / prefill["file"]
+            if not self._prefill_file.is_file():
+                raise EngineError(f"{self._prefill_file}: the prompt graph named in {meta_file} is missing; "
+                                  "re-export the engine")
             self.name += "+w8a8-prefill"
+        self._loader: _Loader | None = None  # the worker finishing the load, while it runs
+        self.background_load_s = 0.0  # the worker's own time, once joined
+        self.load_wait_s = 0.0  # time runs spent waiting for the worker or opening deferred sessions
+        self.defer_load = defer_load
+        if not defer_load:
+            self._open_sessions()
         self._pos = 0
         self.load_s = time.perf_counter() - t0
+
+    @property
+    def has_prefill_graph(self) -> bool:
+        """Whether prompts of PREFILL_MIN_TOKENS or more run on the W8A8 graph (opened or deferred)."""
+        return self._prefill_file is not None
+
+    def _open_sessions(self) -> None:
+        """Create whichever of the two sessions is not open yet, each bound to the shared KV cache."""
+        import onnxruntime as ort
+
+        for file, attr in ((self._model_file, "session"), (self._prefill_file, "prefill_session")):
+            if file is None or getattr(self, attr) is not None:
+                continue
+            try:
+                session = ort.InferenceSession(str(file), sess_options=session_options(*self._session_options),
+                                               providers=["CPUExecutionProvider"])
+            except Exception as e:  # ORT's own exception types: a damaged or foreign graph file
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise EngineError(f"{file}: ONNX Runtime cannot open it ({first_line}); re-export the engine") from None
+            setattr(self, "_binding" if attr == "session" else "_prefill_binding", self._bind_static(ort, session))
+            setattr(self, attr, session)
+
+    def load_rest_in_background(self, warm: bool = True) -> None:
+        """Open the deferred sessions, then warm the decode graph when `warm` (see `warm_up`), on a
+        worker thread; the next run, fork or warm-up waits for it, and re-raises its error."""
+        if self._loader is None:
+            self._loader = _Loader(self, warm)
+
+    def wait_loaded(self) -> None:
+        """Block until the background load is done (re-raising its error as an EngineError); open still
+        deferred sessions here when no worker was started."""
+        t0 = time.perf_counter()
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.join()
+            self.background_load_s = loader.seconds
+        self._open_sessions()
+        self.load_wait_s += time.perf_counter() - t0
 
     def _bind_static(self, ort, session):
         """Bind what never changes: each layer's K/V buffer as past input AND present output."""
@@ -128,19 +194,26 @@ class OnnxLLM:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """x: [1, S, H] float32 appended after the cache -> last-position logits [V]."""
+        if self._loader is not None or self.session is None:
+            self.wait_loaded()
         s = x.shape[1]
         total = self._pos + s
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
-        session, b = self.session, self._binding
-        if self.prefill_session is not None and s >= PREFILL_MIN_TOKENS:
-            session, b = self.prefill_session, self._prefill_binding
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(x, dtype=np.float32))
-        b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        session.run_with_iobinding(b)
+        prompt_graph = self._prefill_file is not None and s >= PREFILL_MIN_TOKENS
+        if prompt_graph:
+            self._run_graph(self.prefill_session, self._prefill_binding, x, total)
+        else:
+            self._run_graph(self.session, self._binding, x, total)
         self._pos = total
         return self._logits[0, 0].copy()  # [V]; the buffer is reused next step
+
+    def _run_graph(self, session, binding, x: np.ndarray, total: int) -> None:
+        """Append x [1, S, H] to a cache of total - S rows; the logits land in self._logits."""
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(x, dtype=np.float32))
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        session.run_with_iobinding(binding)
 
     def prefill(self, embeds: np.ndarray) -> np.ndarray:
         # embeds: [S, H] -> [1, S, H]
@@ -154,10 +227,17 @@ class OnnxLLM:
         set-up is paid here instead of in the first answer. The prompt graph is not run: its first long
         prefill costs no more than later ones, while warming it would cost a whole prompt's compute
         (docs/cpu_latency.md)."""
-        x = np.asarray(self.embed_table[[1] * 4], dtype=np.float32)[None]  # [1, 4, H]
-        self._run(x)
-        self._run(x[:, :1])
+        self.wait_loaded()
+        self._warm_decode_graph()
         self.reset()
+
+    def _warm_decode_graph(self) -> None:
+        """4 prompt tokens then 1 decode step through the int4 graph into cache rows 0-4, leaving the
+        position alone (the background loader runs this on a fresh cache, position 0: rows at or past
+        the position are overwritten before they are read)."""
+        x = np.asarray(self.embed_table[[1] * 4], dtype=np.float32)[None]  # [1, 4, H]
+        self._run_graph(self.session, self._binding, x, 4)
+        self._run_graph(self.session, self._binding, x[:, :1], 5)
 
     def truncate(self, position: int) -> None:
         if not 0 <= position <= self._pos:
@@ -174,6 +254,7 @@ class OnnxLLM:
         session from several threads at once is left to ONNX Runtime's own thread safety."""
         import onnxruntime as ort
 
+        self.wait_loaded()
         other = object.__new__(OnnxLLM)
         other.__dict__.update(self.__dict__)
         other._cache = [np.zeros_like(c) for c in self._cache]
@@ -183,3 +264,34 @@ class OnnxLLM:
             other._prefill_binding = other._bind_static(ort, other.prefill_session)
         other._pos = 0
         return other
+
+
+class _Loader:
+    """The worker thread of `OnnxLLM.load_rest_in_background`. ONNX Runtime releases the GIL while it
+    creates a session or runs one, so the caller's own work goes on meanwhile. Not a daemon: a process
+    that exits first waits for it, since tearing the interpreter down under a thread inside ORT aborts
+    the process ('terminate called without an active exception')."""
+
+    def __init__(self, llm: OnnxLLM, warm: bool):
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._work, args=(llm, warm), name="valley-rt-llm-load")
+        self._thread.start()
+
+    def _work(self, llm: OnnxLLM, warm: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            llm._open_sessions()
+            if warm:
+                llm._warm_decode_graph()
+        except BaseException as e:  # handed to the thread that waits
+            self.error = e
+        self.seconds = time.perf_counter() - t0
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, EngineError):
+                raise e
+            raise EngineError(f"loading the LLM graphs failed: {type(e).__name__}: {e}") from e

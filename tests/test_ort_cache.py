@@ -1,0 +1,91 @@
+"""The per-machine cache of ORT's optimized vision graph (backends/ort_session.optimized_cpu_session):
+used when intact, bit-identical outputs, rebuilt when damaged or when the source changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from valley_rt.backends.ort_session import OPTIMIZED_DATA, OPTIMIZED_DIR, optimized_cpu_session
+from valley_rt.engine_format import MANIFEST, VISION_INPUT, VISION_OUTPUTS
+from valley_rt.runtime import DEMO_ENGINE
+
+
+def _opts():
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 2
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    o.log_severity_level = 3
+    return o
+
+
+@pytest.fixture
+def vision(tmp_path, monkeypatch):
+    """A copy of the demo engine's vision graph (its bytes stay untouched) and an empty cache."""
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "vision.onnx"
+    shutil.copyfile(DEMO_ENGINE / "vision.onnx", path)
+    return path
+
+
+def _run(session, crops):
+    return session.run(list(VISION_OUTPUTS), {VISION_INPUT: crops})
+
+
+def _folders(tmp_path):
+    return sorted((tmp_path / "cache" / OPTIMIZED_DIR).iterdir())
+
+
+def test_the_cached_graph_is_used_and_gives_identical_outputs(vision, tmp_path):
+    size = json.loads((DEMO_ENGINE / MANIFEST).read_text())["config"]["preprocess"]["crop_size"]
+    crops = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    want = _run(ort.InferenceSession(str(vision), sess_options=_opts(), providers=["CPUExecutionProvider"]), crops)
+    first, how1 = optimized_cpu_session(vision, _opts())
+    second, how2 = optimized_cpu_session(vision, _opts())
+    third, how3 = optimized_cpu_session(vision, _opts())  # after the first check re-stamped the files
+    assert (how1, how2, how3) == ("written", "cached", "cached")
+    for session in (first, second, third):
+        for got, ref in zip(_run(session, crops), want):
+            np.testing.assert_array_equal(got, ref)
+    assert len(_folders(tmp_path)) == 1
+
+
+def test_a_damaged_cache_is_rebuilt_and_a_changed_source_gets_a_new_entry(vision, tmp_path):
+    optimized_cpu_session(vision, _opts())
+    (folder,) = _folders(tmp_path)
+    data = folder / OPTIMIZED_DATA
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # same size, one flipped byte
+    st = data.stat()
+    data.write_bytes(bytes(blob))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime set back; ctime still moves
+    assert optimized_cpu_session(vision, _opts())[1] == "rebuilt"
+    assert optimized_cpu_session(vision, _opts())[1] == "cached"
+    vision.write_bytes(vision.read_bytes())  # the source rewritten: another key, the old entry stays valid
+    assert optimized_cpu_session(vision, _opts())[1] == "written"
+    assert len(_folders(tmp_path)) == 2
+
+
+def test_an_unusable_cache_folder_means_the_plain_session(vision, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(blocker))
+    session, how = optimized_cpu_session(vision, _opts())
+    assert how == "uncached" and session.get_outputs()
+
+
+def test_the_cache_can_be_turned_off(vision, tmp_path, monkeypatch):
+    from valley_rt.backends.ort_session import OPTIMIZED_CACHE_ENV
+    from valley_rt.errors import EngineError
+
+    monkeypatch.setenv(OPTIMIZED_CACHE_ENV, "off")
+    assert optimized_cpu_session(vision, _opts())[1] == "uncached"
+    assert not (tmp_path / "cache" / OPTIMIZED_DIR).exists()
+    monkeypatch.setenv(OPTIMIZED_CACHE_ENV, "maybe")
+    with pytest.raises(EngineError, match="expected on or off"):
+        optimized_cpu_session(vision, _opts())
