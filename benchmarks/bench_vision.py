@@ -26,6 +26,7 @@ States the CPU and its ISA flags and the load average; ends with one JSON line; 
 benchmarks/results/bench_vision_<cpu kind>.json.
 
     python benchmarks/bench_vision.py [--frames 8] [--repeats 3] [--mode mean] [--variants a,b] [--save]
+    python benchmarks/bench_vision.py --profile bf16     # where OpenVINO's time goes, by op role and kernel
 """
 
 from __future__ import annotations
@@ -187,8 +188,9 @@ def _worker(name: str, tmp: str, mode: str, frames: int, preset_name: str, conn)
     conn.send({"pooled": pooled, "frames": frame_tokens, "peak_rss_mb": _peak_rss_mb(), "load_s": load_s})
 
 
-def _export_worker(tmp: str, mode: str, preset_name: str, openvino: bool, queue) -> None:
-    """Trace once, then write every graph the variants load into tmp; report times and peak RSS."""
+def _export_worker(tmp: str, mode: str, preset_name: str, openvino: bool, queue, ort: bool = True) -> None:
+    """Trace once, then write every graph the variants load into tmp (ort=False: the OpenVINO ones
+    only); report times and peak RSS."""
     import gc
 
     import torch
@@ -204,13 +206,16 @@ def _export_worker(tmp: str, mode: str, preset_name: str, openvino: bool, queue)
     t0 = time.perf_counter()
     ov.export_raw(model, tmp / "raw.onnx")
     times["trace"] = time.perf_counter() - t0
-    fusions = ov.optimize(tmp / "raw.onnx", tmp / "onnxruntime-fp32.onnx", model)
-    times["onnxruntime-fp32"] = time.perf_counter() - t0
+    fusions = {}
+    if ort:
+        fusions = ov.optimize(tmp / "raw.onnx", tmp / "onnxruntime-fp32.onnx", model)
+        times["onnxruntime-fp32"] = time.perf_counter() - t0
     del model
     gc.collect()
-    t0 = time.perf_counter()
-    ov.quantize_int8(tmp / "onnxruntime-fp32.onnx", tmp / "onnxruntime-int8.onnx")
-    times["onnxruntime-int8"] = times["onnxruntime-fp32"] + time.perf_counter() - t0
+    if ort:
+        t0 = time.perf_counter()
+        ov.quantize_int8(tmp / "onnxruntime-fp32.onnx", tmp / "onnxruntime-int8.onnx")
+        times["onnxruntime-int8"] = times["onnxruntime-fp32"] + time.perf_counter() - t0
     if openvino:
         from valley_rt.export import openvino_vision as ovv
 
@@ -224,10 +229,10 @@ def _export_worker(tmp: str, mode: str, preset_name: str, openvino: bool, queue)
     queue.put({"export_s": times, "fusions": fusions, "peak_rss_mb": _peak_rss_mb()})
 
 
-def run_export(tmp: Path, mode: str, preset_name: str, openvino: bool) -> dict:
+def run_export(tmp: Path, mode: str, preset_name: str, openvino: bool, ort: bool = True) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_export_worker, args=(str(tmp), mode, preset_name, openvino, q))
+    p = ctx.Process(target=_export_worker, args=(str(tmp), mode, preset_name, openvino, q, ort))
     p.start()
     res = q.get()
     p.join()
@@ -291,6 +296,78 @@ def measure_interleaved(names: list[str], tmp: Path, mode: str, frames: int, rep
     return results, failed
 
 
+def _op_category(name: str, node_type: str) -> str:
+    """Where an OpenVINO node's time belongs, by role: node names carry the traced module paths
+    (.../self_attn/q_proj/MatMul, .../mlp/fc1/MatMul, /mm_projector/MatMul); the attention core
+    (QK^T, softmax, AV) is one fused "Subgraph" node per layer; Transpose / Reorder are layout changes."""
+    if "mm_projector" in name:
+        return "GEMM projector"
+    if "mlp" in name and node_type in ("FullyConnected", "MatMul"):
+        return "GEMM mlp (fc1, fc2)"
+    if any(p in name for p in ("q_proj", "k_proj", "v_proj", "out_proj")) and node_type in ("FullyConnected", "MatMul"):
+        return "GEMM attention projections (q, k, v, out)"
+    if "self_attn" in name and node_type in ("Subgraph", "MatMul", "Softmax", "ScaledDotProductAttention"):
+        return "attention core (QK^T, softmax, AV)"
+    if node_type == "Convolution":
+        return "patch embedding (conv)"
+    if node_type in ("Transpose", "Reorder"):
+        return "layout (Transpose, Reorder)"
+    if node_type in ("FakeQuantize", "Convert"):
+        return "quantize / convert"
+    return f"other: {node_type}"
+
+
+def profile(variant: str, mode: str, frames: int, preset_name: str, repeats: int = 2) -> None:
+    """OpenVINO's per-node counters for one variant (PERF_COUNT), summed by role, best of `repeats`
+    runs; prints the table and one JSON line."""
+    import openvino as ovr
+
+    from valley_rt.backends.openvino_vision import VARIANTS
+    from valley_rt.export.onnx_vision import INPUT, sample_crops
+
+    cfg = bench_config(mode, preset_name)
+    crops = sample_crops(cfg, frames, seed=7)
+    with tempfile.TemporaryDirectory(prefix="bench_vision-") as tmp:
+        tmp = Path(tmp)
+        run_export(tmp, mode, preset_name, openvino=True, ort=False)
+        weights, hint = VARIANTS[variant]
+        core = ovr.Core()
+        compiled = core.compile_model(core.read_model(str(tmp / f"openvino-{weights}.xml")), "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": THREADS,
+            "INFERENCE_PRECISION_HINT": hint, "ENABLE_CPU_PINNING": False, "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    request.infer({INPUT: crops})  # warm-up
+    best, rows = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        request.infer({INPUT: crops})
+        wall = time.perf_counter() - t0
+        if wall < best:
+            best, rows = wall, request.get_profiling_info()
+    by: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for r in rows:
+        if r.status != r.Status.EXECUTED:
+            continue
+        us = r.real_time.total_seconds() * 1e6
+        cat = _op_category(r.node_name, r.node_type)
+        by[cat] = by.get(cat, 0.0) + us
+        if not cat.startswith("other"):
+            kernels[f"{cat}: {r.exec_type}"] = kernels.get(f"{cat}: {r.exec_type}", 0.0) + us
+    total = sum(by.values())
+    print(f"# openvino-{variant}, {frames} frames, {THREADS} threads: wall {best * 1e3:.0f} ms, counters sum "
+          f"{total / 1e3:.0f} ms; load avg {os.getloadavg()[0]:.1f}")
+    for cat, us in sorted(by.items(), key=lambda kv: -kv[1])[:14]:
+        print(f"{cat:45s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f} %")
+    print("# kernels (exec type):")
+    for k, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {k:70s} {us / 1e3:8.1f} ms")
+    print(json.dumps({"bench": "vision-profile", "variant": f"openvino-{variant}", "frames": frames,
+                      "wall_ms": round(best * 1e3, 1), "load_avg": round(os.getloadavg()[0], 1),
+                      "ms_by_role": {k: round(v / 1e3, 1) for k, v in by.items()},
+                      "ms_by_kernel": {k: round(v / 1e3, 1) for k, v in kernels.items()}}))
+
+
 def openvino_installed() -> bool:
     try:
         import nncf  # noqa: F401
@@ -308,12 +385,15 @@ def main() -> None:
     ap.add_argument("--preset", default="bench-1b", help="bench-1b = the real ViT-L/14 shape; tiny for a smoke run")
     ap.add_argument("--variants", default=",".join(ALL_VARIANTS), help="comma-separated subset (the baseline always runs)")
     ap.add_argument("--group", type=int, default=2, help="variants in memory at once beside the baseline")
+    ap.add_argument("--profile", metavar="VARIANT", help="instead: OpenVINO's per-node profile of one variant (fp32, bf16, int8, int8-bf16)")
     ap.add_argument("--save", action="store_true", help="also write benchmarks/results/bench_vision_<cpu kind>.json")
     args = ap.parse_args()
 
     from valley_rt.cpu import isa_class
     from valley_rt.export import onnx_vision as ov
 
+    if args.profile:
+        return profile(args.profile, args.mode, args.frames, args.preset)
     names = [BASELINE] + [n for n in args.variants.split(",") if n and n != BASELINE]
     unknown = [n for n in names if n not in ALL_VARIANTS]
     if unknown:
