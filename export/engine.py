@@ -32,7 +32,7 @@ from valley_rt.errors import EngineError
 def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bits: int = 4,
                   group_size: int = 128, desc_act: bool = False, sym: bool = True, calib=None,
                   calib_samples: int = 64, overwrite: bool = False, keep_failed_gate: bool = False,
-                  gpu: str = "auto", source_hashes: dict[str, str] | None = None) -> dict:
+                  gpu: str = "auto", cpu_vision: str = "auto", source_hashes: dict[str, str] | None = None) -> dict:
     """Export checkpoint folder `ckpt` into engine folder `out`; returns the manifest written.
 
     precision: the vision engine on CPU — "auto" (int8 if faster and cosine >= 0.999 per token, else
@@ -42,6 +42,12 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     keep_failed_gate: keep a GPTQ LLM that fails the accuracy gate (its figures are still recorded).
     gpu: "auto" (also build the fp16 CUDA/TensorRT vision graphs when onnxruntime-gpu and a GPU are
     present), "yes" (fail without them) or "no".
+    cpu_vision: which runtime runs the vision graph on this CPU (manifest "vision_cpu", with the ISA it
+    was chosen on; export/openvino_vision.py): "auto" (with the `[openvino]` extra installed and a tower
+    of >= 1 GFLOP per frame, OpenVINO's bf16 / int8 variants for this CPU's ISA are measured against
+    ONNX Runtime's graph and the fastest at cosine >= 0.999 per token is kept), "openvino" (the fastest
+    accurate OpenVINO variant, always; fails without the extra) or "onnxruntime". The ONNX Runtime graph
+    is always written: the fallback on machines without openvino.
     """
     from valley_rt.checkpoint import load_checkpoint, read_config
     from valley_rt.export.manifest import atomic_folder, write_manifest, write_verified_stamp
@@ -58,6 +64,12 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
 
     if gpu not in ("auto", "yes", "no"):
         raise EngineError(f"--gpu must be auto, yes or no, got {gpu!r}")
+    from valley_rt.export import openvino_vision
+
+    if cpu_vision not in openvino_vision.CPU_VISION:
+        raise EngineError(f"--cpu-vision must be one of {', '.join(openvino_vision.CPU_VISION)}, got {cpu_vision!r}")
+    if cpu_vision == "openvino" and openvino_vision.installed():
+        raise EngineError(f"--cpu-vision openvino: {openvino_vision.installed()}")
     no_gpu = tensorrt.why_no_gpu() if gpu != "no" else "disabled"
     if gpu == "yes" and no_gpu:
         raise EngineError(f"--gpu yes: {no_gpu}")
@@ -81,6 +93,9 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
                 vision = export_vision(model, work, precision=precision, name=VISION_FILE, raw=raw)
             except ValueError as e:  # the accuracy bar of the requested precision
                 raise EngineError(f"{ckpt}: vision export: {e}") from None
+            vision_cpu = _cpu_vision(model, raw, work, cpu_vision, vision.precision)
+            if "ms" in vision_cpu:
+                vision.figures["export_s"]["openvino"] = sum(vision_cpu["export_s"].values())
             gpu_entry = None
             if not no_gpu:
                 t0 = time.perf_counter()
@@ -96,10 +111,34 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
             work, config=cfg.to_dict(), source=source,
             precision={"vision": vision.precision, "llm": llm["quant"]},
             parity={"vision": vision.figures, "llm": llm.get("figures", {})},
-            extra={"gpu": gpu_entry, "export_s": round(time.perf_counter() - t_start, 2),
+            extra={"gpu": gpu_entry, "vision_cpu": vision_cpu, "export_s": round(time.perf_counter() - t_start, 2),
                    "files": {"vision": VISION_FILE, "llm": f"{LLM_DIR}/", "tokenizer": f"{TOKENIZER_DIR}/"}})
         write_verified_stamp(work)  # every file was just hashed: the first load need not read them again
     return manifest
+
+
+def _cpu_vision(model, raw: Path, work: Path, cpu_vision: str, ort_precision: str) -> dict:
+    """The manifest's "vision_cpu" entry: OpenVINO measured against ONNX Runtime on this CPU when
+    cpu_vision asks for it (see export_engine), else ONNX Runtime with the reason recorded."""
+    from valley_rt.cpu import isa_class
+    from valley_rt.export import openvino_vision
+
+    isa = isa_class()
+    why = None
+    if cpu_vision == "onnxruntime":
+        why = "--cpu-vision onnxruntime"
+    elif cpu_vision == "auto" and openvino_vision.installed():
+        why = openvino_vision.installed()
+    elif cpu_vision == "auto" and model.cfg.vision.frame_flops < openvino_vision.AUTO_MIN_FRAME_FLOPS:
+        why = (f"tower of {model.cfg.vision.frame_flops / 1e9:.2f} GFLOP per frame < "
+               f"{openvino_vision.AUTO_MIN_FRAME_FLOPS / 1e9:g}: not measured")
+    if why:
+        return {"backend": "onnxruntime", "variant": ort_precision, "isa": isa, "decision": why}
+    try:
+        return openvino_vision.choose_cpu_vision(model, raw, work, ort_path=work / VISION_FILE,
+                                                 ort_precision=ort_precision, isa=isa, force=cpu_vision == "openvino")
+    except ValueError as e:
+        raise EngineError(f"vision export: {e}") from None
 
 
 def _check_quant_shape(cfg, quant: str, bits: int, group_size: int) -> None:

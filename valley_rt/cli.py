@@ -361,6 +361,9 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
            calib: Optional[Path] = typer.Option(None, help="Valley instruction JSON for GPTQ calibration + held-out gate."),
            calib_samples: int = typer.Option(64, help="Records drawn from --calib: 3/4 calibrate, 1/4 score the gate."),
            gpu: str = typer.Option("auto", help="Also build fp16 CUDA/TensorRT vision graphs: auto, yes or no."),
+           cpu_vision: str = typer.Option("auto", "--cpu-vision",
+                                          help="Vision runtime on this CPU: auto (OpenVINO bf16/int8 when installed and faster "
+                                               "at cosine >= 0.999, chosen from the CPU's ISA), openvino or onnxruntime."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an engine folder already at OUT (nothing else is replaced)."),
            keep_failed_gate: bool = typer.Option(False, "--keep-failed-gate",
                                                  help="Keep a GPTQ LLM that fails the accuracy gate (figures still recorded)."),
@@ -373,8 +376,8 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
                           "--keep-failed-gate to keep a GPTQ LLM that fails the accuracy gate")
     m = export_engine(ckpt, out, precision=precision, quant=quant, bits=bits, group_size=group_size,
                       desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, overwrite=overwrite,
-                      keep_failed_gate=keep_failed_gate, gpu=gpu)
-    emit_json({"engine": str(out), "precision": m["precision"], "export_s": m["export_s"],
+                      keep_failed_gate=keep_failed_gate, gpu=gpu, cpu_vision=cpu_vision)
+    emit_json({"engine": str(out), "precision": m["precision"], "vision_cpu": m["vision_cpu"], "export_s": m["export_s"],
                "vision_parity": m["parity"]["vision"].get("parity"), "llm": m["parity"]["llm"]})
 
 

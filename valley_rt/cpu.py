@@ -41,3 +41,35 @@ def _physical_cores() -> int | None:
         elif key == "core id":
             cores.add((phys, value.strip()))
     return len(cores) or None
+
+
+# -- what the CPU's matrix units can do ------------------------------------------------------------------
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+ISA_CLASSES = ("amx", "avx512_bf16", "vnni", "avx2", "other")
+
+
+def isa_class(flags: frozenset[str] | set[str] | None = None) -> str:
+    """The widest matrix engine the CPU reports, as one word:
+    amx          AMX tiles (bf16 and int8, e.g. Sapphire Rapids and later Xeons);
+    avx512_bf16  AVX-512 bf16 dot products, and VNNI (e.g. Zen 4, Cooper Lake);
+    vnni         int8 dot products only (AVX512-VNNI or AVX-VNNI: Cascade Lake, Ice Lake, Alder Lake);
+    avx2         fp32 FMA only; other: none of these (e.g. ARM)."""
+    flags = cpu_flags() if flags is None else flags
+    if {"amx_bf16", "amx_int8"} & flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if {"avx512_vnni", "avx_vnni"} & flags:
+        return "vnni"
+    return "avx2" if "avx2" in flags else "other"

@@ -6,6 +6,8 @@ the runtime never imports the exporters.
                             "precision": {...}, "parity": {...}, "packages": {...}, "files": {...},
                             "gpu": {...} | null, "artifacts": {relative path: {"sha256", "bytes"}}}
     ENGINE/vision.onnx     crops uint8 [T, H, W, 3] -> pooled [N, D], frames [T, D]
+    ENGINE/openvino/       optional OpenVINO IR of the vision graph (vision.xml + .bin, bf16 / int8 on the CPU),
+                           named by the manifest's "vision_cpu" entry with the ISA it was chosen on
     ENGINE/gpu/            optional fp16 CUDA graph and TensorRT engine cache
     ENGINE/llm/            llm.onnx (+ .data), embed_tokens.npy, llm_onnx.json
     ENGINE/tokenizer/      the checkpoint's tokenizer files, verbatim
@@ -50,6 +52,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 VISION_INPUT = "crops"  # uint8 [T, H, W, 3]
 VISION_OUTPUTS = ("pooled", "frames")  # float32 [N, D], [T, D]
 VISION_FEATURES = "features"  # optional extra output: float32 [T, 1+N, C], the selected layer's hidden states
+
+# -- the OpenVINO vision graph (ENGINE/openvino/, written when the export measured it fastest on the CPU) -
+OPENVINO_FILE = "openvino/vision.xml"  # its weights: openvino/vision.bin
 
 # -- the GPU vision graphs (ENGINE/gpu/, written on a CUDA machine) -----------------------------------
 GPU_DIR = "gpu"
@@ -215,6 +220,9 @@ def load_manifest(engine_dir: str | Path, *, verify: bool = True) -> dict[str, A
         gpu = manifest.get("gpu")
         if isinstance(gpu, dict) and gpu.get(name):
             artifact_path(engine_dir, gpu[name], where=f"gpu.{name}")
+    cpu = manifest.get("vision_cpu")
+    if isinstance(cpu, dict) and cpu.get("file"):
+        artifact_path(engine_dir, cpu["file"], where="vision_cpu.file")
     for rel, entry in artifacts.items():
         f = artifact_path(engine_dir, rel)
         if not isinstance(entry, dict):

@@ -440,7 +440,7 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
         if reference:
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
         manifest = load_manifest(path, verify=True)
-        choice = pick_vision("engine", device=device, gpu=manifest.get("gpu"))
+        choice = pick_vision("engine", device=device, gpu=manifest.get("gpu"), cpu=manifest.get("vision_cpu"))
     elif (path / "valley.json").is_file():
         manifest = None
         choice = pick_vision("checkpoint", device=device, reference=reference)

@@ -11,6 +11,11 @@ override for tests, like the pooling kernel's `pick_backend`):
   vision graph under ONNX Runtime's CPU provider, the fp16 CUDA graph, or the unfused graph under
   TensorRT fp16 (ENGINE/gpu/, written when the engine was exported on a CUDA machine). The graph
   takes uint8 crops and normalizes inside, so the host only resizes and crops.
+* "openvino-cpu" (`backends.openvino_vision.OpenVinoVision`, no torch, the optional `[openvino]`
+  extra): the engine's OpenVINO IR (ENGINE/openvino/, bf16 or NNCF int8 on AMX / AVX512-BF16 / VNNI),
+  when the export measured it faster than ONNX Runtime at cosine >= 0.999 (manifest "vision_cpu").
+  Without the openvino package, or on a CPU that lacks the ISA the variant needs, the engine falls
+  back to its ONNX Runtime graph with a one-line notice on stderr.
 * "torch" (`TorchVision`): the reference model's modules on a GPU, temporal pooling through
   `valley_rt.kernels.temporal_pool` (its dispatch picks the fused Triton kernel on CUDA and the torch
   reference on CPU) and the projector. Mean and importance pool the raw features before the projector
@@ -37,7 +42,8 @@ from valley_rt.errors import EngineError, ValleyError
 if TYPE_CHECKING:
     import torch
 
-VISION_BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt", "torch", "reference")
+VISION_BACKENDS = ("onnx-cpu", "openvino-cpu", "onnx-cuda", "onnx-tensorrt", "torch", "reference")
+ENGINE_BACKENDS = ("onnx-cpu", "openvino-cpu", "onnx-cuda", "onnx-tensorrt")
 VISION_ENV = "VALLEY_RT_VISION"  # override of the dispatch, e.g. onnx-cpu on a GPU machine
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -93,7 +99,7 @@ class OnnxVision:
         from valley_rt.engine_format import load_manifest
 
         manifest = manifest or load_manifest(engine_dir, verify=verify)
-        name = pick_vision("engine", device=device, gpu=manifest.get("gpu"))
+        name = pick_vision("engine", device=device, gpu=manifest.get("gpu"), cpu=manifest.get("vision_cpu"))
         return open_engine_vision(engine_dir, manifest, name, threads=threads)
 
     def preprocess(self, frames) -> np.ndarray:
@@ -258,15 +264,40 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def engine_cpu_backend(cpu: dict | None, *, notice=None) -> str:
+    """The CPU vision backend for an engine whose manifest "vision_cpu" entry is `cpu`: openvino-cpu
+    when the export chose OpenVINO, the package imports and this CPU has the ISA the chosen variant
+    needs (`openvino_vision.variant_suits`); else onnx-cpu, with one line to `notice` (default:
+    stderr) saying why, when OpenVINO had been chosen."""
+    from valley_rt.backends.openvino_vision import openvino_available, variant_suits
+    from valley_rt.cpu import isa_class
+
+    if not cpu or cpu.get("backend") != "openvino":
+        return "onnx-cpu"
+    say = notice or (lambda line: print(line, file=sys.stderr))
+    variant, isa = cpu.get("variant", "?"), isa_class()
+    if not openvino_available():
+        say(f"valley-rt: this engine's fastest CPU vision graph is OpenVINO {variant}, but openvino is not "
+            f"installed (pip install 'valley-rt[openvino]'); using its ONNX Runtime graph")
+        return "onnx-cpu"
+    if not variant_suits(variant, isa):
+        say(f"valley-rt: this engine's OpenVINO {variant} vision graph was chosen on a {cpu.get('isa')} CPU; "
+            f"this CPU is {isa}, without the matrix units it needs; using the ONNX Runtime graph")
+        return "onnx-cpu"
+    return "openvino-cpu"
+
+
 def pick_vision(kind: str, *, device: str = "auto", reference: bool = False, gpu: dict | None = None,
-                backend: str | None = None) -> str:
+                backend: str | None = None, cpu: dict | None = None) -> str:
     """The one dispatch point for the vision stage (and so for the whole path: the LLM follows it).
 
-    kind: "engine" (an exported folder) or "checkpoint". device: "auto" / "cpu" / "cuda". gpu: an
-    engine manifest's "gpu" entry. backend: explicit choice, else $VALLEY_RT_VISION, else:
-      engine:     cpu -> onnx-cpu; auto / cuda -> the GPU graph when the engine has one and ONNX Runtime
-                  has its provider, else onnx-cpu (cuda also runs the LLM in CUDA graphs, so it needs
-                  torch to see a GPU).
+    kind: "engine" (an exported folder) or "checkpoint". device: "auto" / "cpu" / "cuda". gpu, cpu:
+    an engine manifest's "gpu" and "vision_cpu" entries. backend: explicit choice, else
+    $VALLEY_RT_VISION, else:
+      engine:     cpu -> the CPU graph (`engine_cpu_backend`: openvino-cpu when the export chose it and
+                  this machine can run it, else onnx-cpu); auto / cuda -> the GPU graph when the engine
+                  has one and ONNX Runtime has its provider, else the CPU graph (cuda also runs the LLM
+                  in CUDA graphs, so it needs torch to see a GPU).
       checkpoint: reference -> reference; cuda (or auto with a CUDA GPU) -> torch;
                   otherwise onnx-cpu, i.e. the checkpoint must first be exported to an engine.
     """
@@ -281,18 +312,18 @@ def pick_vision(kind: str, *, device: str = "auto", reference: bool = False, gpu
         if choice not in VISION_BACKENDS:
             raise ValleyError(f"vision backend must be one of {', '.join(VISION_BACKENDS)} "
                               f"(argument or ${VISION_ENV}), got {choice!r}")
-        if kind == "engine" and not choice.startswith("onnx"):
+        if kind == "engine" and choice not in ENGINE_BACKENDS:
             raise EngineError(f"vision backend {choice}: needs a checkpoint folder, this is an engine folder")
         return choice
     if reference:
         return "reference"
     if kind == "engine":
         if device == "cpu":
-            return "onnx-cpu"
+            return engine_cpu_backend(cpu)
         if device == "cuda" and not torch_cuda_available():  # the engine's LLM runs in CUDA graphs (llm_cuda)
             raise EngineError("--device cuda: torch sees no CUDA GPU on this machine")
         # the GPU vision graph when the engine has one and ONNX Runtime its provider, else the CPU graph
-        return engine_gpu_backend(gpu) or "onnx-cpu"
+        return engine_gpu_backend(gpu) or engine_cpu_backend(cpu)
     if device == "cpu":
         return "onnx-cpu"
     cuda = torch_cuda_available()
@@ -301,8 +332,8 @@ def pick_vision(kind: str, *, device: str = "auto", reference: bool = False, gpu
     return "torch" if cuda else "onnx-cpu"
 
 
-def open_engine_vision(engine_dir: str | Path, manifest: dict, name: str, *, threads: int | None = None) -> "OnnxVision":
-    """The engine's vision graph for backend `name` (onnx-cpu / onnx-cuda / onnx-tensorrt)."""
+def open_engine_vision(engine_dir: str | Path, manifest: dict, name: str, *, threads: int | None = None):
+    """The engine's vision graph for backend `name` (onnx-cpu / openvino-cpu / onnx-cuda / onnx-tensorrt)."""
     from valley_rt.backends.ort_session import gpu_providers
 
     engine_dir = Path(engine_dir)
@@ -319,6 +350,15 @@ def open_engine_vision(engine_dir: str | Path, manifest: dict, name: str, *, thr
         vision = OnnxVision(artifact_path(engine_dir, gpu["vision"], where="gpu.vision"), cfg, threads=threads,
                             providers=gpu_providers(None, crop))
         vision.name = "onnxruntime-cuda-fp16"
+    elif name == "openvino-cpu":
+        from valley_rt.backends.openvino_vision import OpenVinoVision
+
+        cpu = manifest.get("vision_cpu") or {}
+        if cpu.get("backend") != "openvino" or not cpu.get("file"):
+            raise EngineError(f"{engine_dir / 'manifest.json'}: vision backend openvino-cpu, but this engine has "
+                              f"no OpenVINO vision graph (export it with openvino installed)")
+        vision = OpenVinoVision(artifact_path(engine_dir, cpu["file"], where="vision_cpu.file"), cfg,
+                                variant=cpu.get("variant", "fp32"), threads=threads)
     elif name == "onnx-cpu":
         vision = OnnxVision(artifact_path(engine_dir, manifest.get("files", {}).get("vision", VISION_FILE),
                                           where="files.vision"), cfg, threads=threads)
