@@ -361,6 +361,7 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
            calib: Optional[Path] = typer.Option(None, help="Valley instruction JSON for GPTQ calibration + held-out gate."),
            calib_samples: int = typer.Option(64, help="Records drawn from --calib: 3/4 calibrate, 1/4 score the gate."),
            gpu: str = typer.Option("auto", help="Also build fp16 CUDA/TensorRT vision graphs: auto, yes or no."),
+           gptq_stream: str = typer.Option("auto", help="GPTQ one decoder layer at a time: auto (LLMs of 2B+ parameters), yes or no."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an engine folder already at OUT (nothing else is replaced)."),
            keep_failed_gate: bool = typer.Option(False, "--keep-failed-gate",
                                                  help="Keep a GPTQ LLM that fails the accuracy gate (figures still recorded)."),
@@ -373,7 +374,7 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
                           "--keep-failed-gate to keep a GPTQ LLM that fails the accuracy gate")
     m = export_engine(ckpt, out, precision=precision, quant=quant, bits=bits, group_size=group_size,
                       desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, overwrite=overwrite,
-                      keep_failed_gate=keep_failed_gate, gpu=gpu)
+                      keep_failed_gate=keep_failed_gate, gpu=gpu, gptq_stream=gptq_stream)
     emit_json({"engine": str(out), "precision": m["precision"], "export_s": m["export_s"],
                "vision_parity": m["parity"]["vision"].get("parity"), "llm": m["parity"]["llm"]})
 
