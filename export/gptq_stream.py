@@ -50,6 +50,7 @@ HESSIAN_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "sel
               "mlp.down_proj": "mlp_mid"}
 NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 MARKER = "valley_gptq.json"
+SUB_BLOCK = 32  # columns updated eagerly inside a group; the rest of the group gets one matmul per sub-block
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,13 +106,16 @@ def gptq_linear(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, g
         hinv1 = hinv[i1:i2, i1:i2]
         scale, zero = _group_params(w1.t(), maxq, sym)
         scales[g], zeros[g] = scale, zero.long()
-        for i in range(gs):
-            row = w1[i]
-            code = torch.clamp(torch.round(row / scale) + zero, 0, maxq)
-            q[i1 + i] = code.long()
-            err = (row - scale * (code - zero)) / hinv1[i, i]
-            w1[i:].sub_(hinv1[i, i:, None] * err[None, :])
-            err1[i] = err
+        for j1 in range(0, gs, SUB_BLOCK):  # sub-blocks: the per-column update touches SUB_BLOCK rows, not gs
+            j2 = min(j1 + SUB_BLOCK, gs)
+            for i in range(j1, j2):
+                row = w1[i]
+                code = torch.clamp(torch.round(row / scale) + zero, 0, maxq)
+                q[i1 + i] = code.long()
+                err = (row - scale * (code - zero)) / hinv1[i, i]
+                w1[i:j2].sub_(hinv1[i, i:j2, None] * err[None, :])
+                err1[i] = err
+            w1[j2:].sub_(hinv1[j1:j2, j2:].t() @ err1[j1:j2])
         wt[i2:].sub_(hinv[i1:i2, i2:].t() @ err1)
     return GPTQLinear(q=q, zeros=zeros, scales=scales, g_idx=torch.arange(in_f) // gs, bits=bits, group_size=gs)
 
