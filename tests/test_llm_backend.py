@@ -397,3 +397,22 @@ def test_prefill_policy_rejects_unknown_values(hf_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv(PREFILL_ENV, "bf16")
     with pytest.raises(EngineError, match="expected auto, int8 or int4"):
         OnnxLLM(path.parent)
+
+
+def test_prefill_policy_auto_skips_a_prompt_graph_too_big_for_ram(monkeypatch):
+    """auto: the W8A8 prompt graph is loaded on AMX CPUs only when its weights fit a share of the RAM
+    (a 7B's 6.6 GB int8 copy beside the 3.6 GB int4 one is not loaded on a 24 GB machine)."""
+    from valley_rt.backends import llm_onnx
+
+    monkeypatch.delenv(llm_onnx.PREFILL_ENV, raising=False)
+    monkeypatch.setattr(llm_onnx, "cpu_has_int8_matrix_units", lambda: True)
+    monkeypatch.setattr(llm_onnx, "total_memory_bytes", lambda: 24 * 2**30)
+    assert llm_onnx.prefill_policy(1 * 2**30)
+    assert not llm_onnx.prefill_policy(int(6.6 * 2**30))
+    monkeypatch.setenv(llm_onnx.PREFILL_ENV, "int8")
+    assert llm_onnx.prefill_policy(int(6.6 * 2**30))
+    monkeypatch.setenv(llm_onnx.PREFILL_ENV, "int4")
+    assert not llm_onnx.prefill_policy(1)
+    monkeypatch.setattr(llm_onnx, "cpu_has_int8_matrix_units", lambda: False)
+    monkeypatch.delenv(llm_onnx.PREFILL_ENV)
+    assert not llm_onnx.prefill_policy(1)

@@ -47,14 +47,42 @@ def cpu_has_int8_matrix_units() -> bool:
     return False
 
 
-def prefill_policy() -> bool:
+PREFILL_MEMORY_SHARE = 0.25  # "auto" loads the prompt graph only when its weights fit this share of RAM
+
+
+def total_memory_bytes() -> int | None:
+    """MemTotal from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def prefill_policy(graph_bytes: int = 0) -> bool:
     """Whether to load and use an engine's W8A8 prompt graph. "auto": on CPUs with AMX-INT8, where it
-    measured ~10x MatMulNBits' prompt rate (docs/cpu_latency.md). Elsewhere MatMulNBits' own int8 path
-    already uses the VNNI dot products the QGEMM would, and the second graph would only cost memory."""
+    measured ~10x MatMulNBits' prompt rate (docs/cpu_latency.md), and only when its int8 weights
+    (graph_bytes, held resident beside the int4 ones) fit PREFILL_MEMORY_SHARE of the machine's RAM:
+    a 7B's 6.6 GB prompt graph would more than double the int4 engine's memory (docs/real_size.md).
+    Elsewhere MatMulNBits' own int8 path already uses the VNNI dot products the QGEMM would, and the
+    second graph would only cost memory. "int8" loads it whatever its size; "int4" never does."""
     choice = os.environ.get(PREFILL_ENV, "auto")
     if choice not in ("auto", "int8", "int4"):
         raise EngineError(f"{PREFILL_ENV}={choice!r}: expected auto, int8 or int4")
-    return choice == "int8" or (choice == "auto" and cpu_has_int8_matrix_units())
+    if choice != "auto":
+        return choice == "int8"
+    total = total_memory_bytes()
+    fits = total is None or graph_bytes <= PREFILL_MEMORY_SHARE * total
+    return cpu_has_int8_matrix_units() and fits
+
+
+def _graph_bytes(model_file: Path) -> int:
+    """A graph's size on disk with its external data file (`<name>.data`)."""
+    data = model_file.with_name(model_file.name + ".data")
+    return sum(f.stat().st_size for f in (model_file, data) if f.is_file())
 
 
 class OnnxLLM:
@@ -94,7 +122,7 @@ class OnnxLLM:
         self._binding = self._bind_static(ort, self.session)
         self.prefill_session = None  # the W8A8 prompt graph, when the engine has one and the policy says so
         prefill = self.meta.get("prefill") or {}
-        if prefill.get("file") and path.suffix != ".onnx" and prefill_policy():
+        if prefill.get("file") and path.suffix != ".onnx" and prefill_policy(_graph_bytes(folder / prefill["file"])):
             self.prefill_session = ort.InferenceSession(str(folder / prefill["file"]),
                                                         sess_options=session_options(threads, spinning),
                                                         providers=["CPUExecutionProvider"])
