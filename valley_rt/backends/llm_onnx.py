@@ -1,8 +1,9 @@
 """The fast LLM backend: the whole LLaMA decoder as one ONNX Runtime session (int4 MatMulNBits).
 
-The graph comes from `valley_rt.export.llm_onnx`. The KV cache is one preallocated max-length
-buffer per layer and per K/V, bound through IOBinding as both GroupQueryAttention's past input and
-its present output (the op writes the new rows in place), so a decode step copies nothing but the
+The graph comes from `valley_rt.export.llm_onnx`. The KV cache is one buffer per layer and per K/V
+(KV_START_SLOTS rows at first, doubled when a prompt needs more, up to max_context), bound through
+IOBinding as both GroupQueryAttention's past input and its present output (the op writes the new
+rows in place), so a decode step copies nothing but the
 [1, 1, H] embedding in and the [V] logits out. `truncate` is free: the cache length is just the
 `seqlens_k` / `total_sequence_length` we pass next time, rows past it are never read. Embeddings
 and logits are NumPy float32 arrays (no torch on this path).
@@ -31,6 +32,7 @@ from valley_rt.engine_format import LLM_EMBED_FILE, LLM_FORMAT_VERSION, LLM_META
 from valley_rt.errors import EngineError
 
 
+KV_START_SLOTS = 512  # KV cache rows allocated at load; grown (doubled) on demand up to max_context
 PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph
 PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
 
@@ -115,9 +117,9 @@ class OnnxLLM:
         self.embed_table = np.load(folder / LLM_EMBED_FILE, mmap_mode="r")  # [V, H], rows read on demand
         self.session = ort.InferenceSession(str(model_file), sess_options=session_options(threads, spinning),
                                             providers=["CPUExecutionProvider"])
-        kv_shape = (1, int(shape["num_kv_heads"]), self.max_context, int(self.meta["cache_head_dim"]))
-        self.kv_bytes_per_token = 2 * self.num_layers * kv_shape[1] * kv_shape[3] * 4  # K and V, fp32
-        self._cache = [np.zeros(kv_shape, np.float32) for _ in range(2 * self.num_layers)]
+        self._kv_heads, self._head_dim = int(shape["num_kv_heads"]), int(self.meta["cache_head_dim"])
+        self.kv_bytes_per_token = 2 * self.num_layers * self._kv_heads * self._head_dim * 4  # K and V, fp32
+        self._cache = self._new_cache(min(KV_START_SLOTS, self.max_context))
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
         self._binding = self._bind_static(ort, self.session)
         self.prefill_session = None  # the W8A8 prompt graph, when the engine has one and the policy says so
@@ -130,6 +132,31 @@ class OnnxLLM:
             self.name += "+w8a8-prefill"
         self._pos = 0
         self.load_s = time.perf_counter() - t0
+
+    def _new_cache(self, slots: int) -> list[np.ndarray]:
+        return [np.zeros((1, self._kv_heads, slots, self._head_dim), np.float32) for _ in range(2 * self.num_layers)]
+
+    @property
+    def cache_slots(self) -> int:
+        """Token rows the KV cache holds now (it grows towards max_context as prompts need)."""
+        return self._cache[0].shape[2]
+
+    def _ensure_slots(self, total: int) -> None:
+        """Grow the KV cache to hold `total` tokens: double it (at least), copy the rows in use, rebind.
+        GroupQueryAttention writes all of its present buffer's rows, so a max_context cache allocated up
+        front would be resident in full (4 GB at 7B for 4096 tokens) whatever the prompt's length."""
+        if total <= self.cache_slots:
+            return
+        import onnxruntime as ort
+
+        slots = min(self.max_context, max(total, 2 * self.cache_slots))
+        grown = self._new_cache(slots)
+        for new, old in zip(grown, self._cache):
+            new[:, :, :self._pos] = old[:, :, :self._pos]
+        self._cache = grown
+        self._binding = self._bind_static(ort, self.session)
+        if self.prefill_session is not None:
+            self._prefill_binding = self._bind_static(ort, self.prefill_session)
 
     def _bind_static(self, ort, session):
         """Bind what never changes: each layer's K/V buffer as past input AND present output."""
@@ -160,6 +187,7 @@ class OnnxLLM:
         total = self._pos + s
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
+        self._ensure_slots(total)
         session, b = self.session, self._binding
         if self.prefill_session is not None and s >= PREFILL_MIN_TOKENS:
             session, b = self.prefill_session, self._prefill_binding
@@ -197,14 +225,15 @@ class OnnxLLM:
 
     def fork(self) -> "OnnxLLM":
         """Another KV cache over the same session, weights and embedding table: a second conversation
-        slot costs kv_bytes_per_token * max_context bytes, not a second copy of the model. Slots may
-        run one after another on one thread (the server interleaves their decode steps); calling one
-        session from several threads at once is left to ONNX Runtime's own thread safety."""
+        slot costs kv_bytes_per_token * its cache rows (at most max_context), not a second copy of the
+        model. Slots may run one after another on one thread (the server interleaves their decode
+        steps); calling one session from several threads at once is left to ONNX Runtime's own thread
+        safety."""
         import onnxruntime as ort
 
         other = object.__new__(OnnxLLM)
         other.__dict__.update(self.__dict__)
-        other._cache = [np.zeros_like(c) for c in self._cache]
+        other._cache = other._new_cache(min(KV_START_SLOTS, self.max_context))
         other._logits = np.zeros_like(self._logits)
         other._binding = other._bind_static(ort, other.session)
         if other.prefill_session is not None:
