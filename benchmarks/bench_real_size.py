@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,10 +38,10 @@ VIDEO = REPO.parent / "shared" / "videos" / "snowmobile.mp4"
 GOALS_GB = {"convert": 16, "export": 16, "ask": 6}
 
 
-def timed(cmd: list[str], log: Path) -> dict:
+def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run cmd under /usr/bin/time -v; its wall time, peak RSS and exit status (stderr kept in log)."""
     t0 = time.time()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     log.write_text(p.stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
     out = {"cmd": " ".join(cmd[1:] if cmd[0] == sys.executable else cmd), "rc": p.returncode,
@@ -62,6 +63,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/valley-rt-real"))
     ap.add_argument("--steps", default="make,convert,export,ask")
     ap.add_argument("--tokens", type=int, default=32, help="answer length for ask (eos and stop strings off)")
+    ap.add_argument("--prefill", choices=("auto", "int8", "int4"), default=None,
+                    help="VALLEY_RT_PREFILL for ask (the W8A8 prompt graph: auto, int8 always, int4 never); "
+                         "recorded as stage ask-prefill-<choice>")
     ap.add_argument("--drop-original", action="store_true", help="delete WORK/ckpt after convert")
     ap.add_argument("--cleanup", action="store_true", help="delete WORK at the end")
     ap.add_argument("--out", type=Path, default=None)
@@ -112,12 +116,16 @@ def main() -> int:
         cmd = [py, str(REPO / "benchmarks" / "bench_ask.py"), "--child", "fast", "--model", str(eng),
                "--video", str(VIDEO), "--question", "What happens in this video?", "--tokens", str(args.tokens),
                "--t0", repr(time.time())]
-        r = timed(cmd, work / "ask.log")
+        env = None
+        if args.prefill:
+            env = {**os.environ, "VALLEY_RT_PREFILL": args.prefill}
+        r = timed(cmd, work / "ask.log", env=env)
         if r["rc"] == 0:
             child = json.loads(r["stdout_tail"])
             r.update({k: child[k] for k in ("load_ms", "ttft_ms", "prefill_ms", "vision_ms", "decode_tokens_per_s",
                                             "tokens_in", "tokens_out", "backends") if k in child})
-        record("ask", r)
+        r["prefill_policy"] = args.prefill or os.environ.get("VALLEY_RT_PREFILL", "auto")
+        record("ask" if not args.prefill else f"ask-prefill-{args.prefill}", r)
     if args.cleanup:  # only what this benchmark wrote; WORK itself goes when nothing else is left in it
         for p in (ckpt, conv, eng, *work.glob("*.log"), work / MARKER):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -32,7 +32,8 @@ from valley_rt.errors import EngineError
 def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bits: int = 4,
                   group_size: int = 128, desc_act: bool = False, sym: bool = True, calib=None,
                   calib_samples: int = 64, overwrite: bool = False, keep_failed_gate: bool = False,
-                  gpu: str = "auto", cpu_vision: str = "auto", source_hashes: dict[str, str] | None = None) -> dict:
+                  gpu: str = "auto", cpu_vision: str = "auto", source_hashes: dict[str, str] | None = None,
+                  gptq_stream: str = "auto") -> dict:
     """Export checkpoint folder `ckpt` into engine folder `out`; returns the manifest written.
 
     precision: the vision engine on CPU — "auto" (int8 if faster and cosine >= 0.999 per token, else
@@ -48,6 +49,9 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     ONNX Runtime's graph and the fastest at cosine >= 0.999 per token is kept), "openvino" (the fastest
     accurate OpenVINO variant, always; fails without the extra) or "onnxruntime". The ONNX Runtime graph
     is always written: the fallback on machines without openvino.
+    gptq_stream: "auto" (LLMs of GPTQ_STREAM_MIN_PARAMS or more), "yes" or "no": GPTQ one decoder layer at a
+    time (export/gptq_stream.py: the LLM is never whole in memory, the gate scores perplexity and
+    next-token agreement) instead of GPTQModel on the whole model (which also scores greedy answers).
     """
     from valley_rt.checkpoint import load_checkpoint, read_config
     from valley_rt.export.manifest import atomic_folder, write_manifest, write_verified_stamp
@@ -78,15 +82,16 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
 
     check_target(out, kind="engine", sources=(ckpt, calib), overwrite=overwrite)  # before hashing the source
     _check_quant_shape(cfg, quant, bits, group_size)
+    stream = quant == "gptq" and _gptq_streams(cfg, gptq_stream, desc_act)
     t_start = time.perf_counter()
     # Every checkpoint file is read once for its sha256 (the engine's and the LLM's source ids derive from
     # it); source_hashes: engine_format.file_hashes(ckpt), when the caller already has them.
     hashes = source_hashes if source_hashes is not None else file_hashes(ckpt)
     source = {"name": ckpt.resolve().name, "sha256": folder_digest(hashes)}  # no machine's path in a shipped folder
     with atomic_folder(out, overwrite=overwrite, sources=(ckpt, calib)) as work:
-        # rtn4/none read the LLM straight from ckpt/llm one layer at a time (export_llm_onnx); only GPTQ's
-        # calibration and gate need the whole reference model in memory.
-        model = load_checkpoint(ckpt, llm=quant == "gptq")
+        # rtn4/none read the LLM straight from ckpt/llm one layer at a time (export_llm_onnx), and so does
+        # streamed GPTQ; only GPTQModel's calibration and gate need the whole reference model in memory.
+        model = load_checkpoint(ckpt, llm=quant == "gptq" and not stream)
         with tempfile.TemporaryDirectory(dir=work, prefix=".raw-") as tmp:
             raw = export_raw(model, Path(tmp) / "raw.onnx")  # one trace for the CPU and the GPU graphs
             try:
@@ -104,7 +109,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
         llm = _export_llm(ckpt, work / LLM_DIR, model=model, quant=quant, bits=bits, group_size=group_size,
                           desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples,
                           llm_sha256=folder_digest(hashes, under="llm/"),
-                          keep_failed_gate=keep_failed_gate)
+                          keep_failed_gate=keep_failed_gate, stream=stream)
         del model
         _copy_tokenizer(ckpt / "llm", work / TOKENIZER_DIR)
         manifest = write_manifest(
@@ -141,6 +146,35 @@ def _cpu_vision(model, raw: Path, work: Path, cpu_vision: str, ort_precision: st
         raise EngineError(f"vision export: {e}") from None
 
 
+GPTQ_STREAM_MIN_PARAMS = 2_000_000_000  # gptq_stream="auto": a 7B's fp32 reference (27 GB) is not loaded
+
+
+def _gptq_streams(cfg, choice: str, desc_act: bool) -> bool:
+    """Whether GPTQ runs layer by layer (export/gptq_stream.py)."""
+    if choice not in ("auto", "yes", "no"):
+        raise EngineError(f"--gptq-stream must be auto, yes or no, got {choice!r}")
+    if choice == "auto":
+        from valley_rt.model import build_model
+
+        params = sum(p.numel() for p in build_model(cfg, device="meta").llm.parameters())
+        return params >= GPTQ_STREAM_MIN_PARAMS and not desc_act
+    if choice == "yes" and desc_act:
+        raise EngineError("--gptq-stream yes does not support --desc-act (act-order): use --gptq-stream no")
+    return choice == "yes"
+
+
+def _load_input_embeddings(model, ckpt: Path) -> None:
+    """Give a model whose LLM is on the meta device its token embedding table (fp32), so prompts can be
+    embedded (and visual tokens spliced in) without loading the decoder."""
+    from valley_rt.shards import TensorIndex, weight_files
+
+    files, _ = weight_files(ckpt / "llm")
+    index = TensorIndex(ckpt / "llm", files=files)
+    table = index.get("model.embed_tokens.weight").float()
+    index.close()
+    model.llm.model.embed_tokens.weight = torch.nn.Parameter(table, requires_grad=False)
+
+
 def _check_quant_shape(cfg, quant: str, bits: int, group_size: int) -> None:
     """Refuse, before any work, int4/GPTQ settings the LLM's shapes cannot take: every quantized linear's
     input width (hidden_size, intermediate_size) must split into whole groups."""
@@ -172,7 +206,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 # -- the LLM half ---------------------------------------------------------------------------------
 def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_size: int, desc_act: bool,
                 calib, calib_samples: int, keep_failed_gate: bool, sym: bool = True,
-                llm_sha256: str | None = None) -> dict:
+                llm_sha256: str | None = None, stream: bool = False) -> dict:
     """ckpt/llm -> out/ (llm_onnx format). gptq: GPTQModel on multimodal calibration, gated, then repacked.
 
     Returns {"quant": str, "figures": dict} for the manifest.
@@ -186,6 +220,8 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
 
     from valley_rt.export import gptq
 
+    if stream:
+        _load_input_embeddings(model, ckpt)
     examples = calibration_examples(model, ckpt, calib, limit=calib_samples)
     held_out = examples[::4]  # every 4th example scores the quantized LLM; the rest calibrate it
     train = [ex for i, ex in enumerate(examples) if i % 4]
@@ -193,6 +229,9 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
         raise EngineError(f"{calib}: {len(examples)} usable examples; GPTQ needs at least 2 "
                           f"(calibration + held out)")
     settings = gptq.GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym)
+    if stream:
+        return _export_llm_streamed(ckpt, out, train=train, held_out=held_out, settings=settings,
+                                    keep_failed_gate=keep_failed_gate)
     calibrations = {
         # what the LLM really sees: text embeddings with the video's visual tokens spliced in
         "multimodal": [{"inputs_embeds": e["inputs_embeds"]} for e in train],
@@ -221,6 +260,30 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
             raise EngineError("GPTQ accuracy gate failed: " + "; ".join(failed) + " (--keep-failed-gate keeps it)")
         export_llm_onnx(qdir, out, quant="gptq", group_size=group_size)
     return {"quant": f"gptq{bits}-g{group_size}{'-act' if desc_act else ''}", "figures": figures}
+
+
+def _export_llm_streamed(ckpt: Path, out: Path, *, train: list[dict], held_out: list[dict], settings,
+                         keep_failed_gate: bool) -> dict:
+    """GPTQ one decoder layer at a time on the multimodal calibration (what the LLM really sees), gated on
+    the held-out perplexity and next-token agreement, then repacked into the ONNX graph."""
+    from valley_rt.export import gptq
+    from valley_rt.export.gptq_stream import quantize_llm_streamed
+    from valley_rt.export.llm_onnx import export_llm_onnx
+
+    with tempfile.TemporaryDirectory(prefix=".gptq-", dir=out.parent.parent) as tmp:
+        report = quantize_llm_streamed(ckpt / "llm", Path(tmp) / "multimodal",
+                                       calibration=[{"inputs_embeds": e["inputs_embeds"]} for e in train],
+                                       held_out=held_out, settings=settings)
+        figures = dict(report.figures, calibration="multimodal", streamed=True, calibration_examples=len(train),
+                       calibration_tokens=report.tokens, held_out_examples=len(held_out),
+                       seconds_per_layer=[round(s, 2) for s in report.seconds_per_layer])
+        failed = gptq.gate(figures)
+        figures["gate"] = "passed" if not failed else ("kept despite: " + "; ".join(failed))
+        if failed and not keep_failed_gate:
+            raise EngineError("GPTQ accuracy gate failed: " + "; ".join(failed) + " (--keep-failed-gate keeps it)")
+        export_llm_onnx(report.out_dir, out, quant="gptq", group_size=settings.group_size)
+    s = settings
+    return {"quant": f"gptq{s.bits}-g{s.group_size}", "figures": figures}
 
 
 @torch.no_grad()

@@ -322,7 +322,17 @@ def perplexity(model_or_backend, examples: Sequence[dict]) -> float:
 
 
 def compare_quantized(ref_model, quant_model, examples: Sequence[dict]) -> dict:
-    """Quantized vs reference on held-out examples, over the labelled positions.
+    """Quantized vs reference on held-out examples, over the labelled positions (`figures_from_logits`)."""
+    pairs = []
+    for ex in examples:
+        lr, targets = _label_logits(ref_model, ex)
+        lq, _ = _label_logits(quant_model, ex)
+        pairs.append((lr, lq, targets))
+    return figures_from_logits(pairs)
+
+
+def figures_from_logits(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict:
+    """pairs: (reference logits [N, V], quantized logits [N, V], targets [N]) per example.
 
     Returns ppl_ref, ppl_quant, ppl_delta (relative: +0.03 = 3 % worse), ppl_delta_pct, sqnr_db
     (10 log10 of logit power over error power), cosine (mean per-position logit cosine), agreement
@@ -331,9 +341,8 @@ def compare_quantized(ref_model, quant_model, examples: Sequence[dict]) -> dict:
     ce = torch.nn.functional.cross_entropy
     nll_r = nll_q = sig = err = cos = 0.0
     agree = count = 0
-    for ex in examples:
-        lr, targets = _label_logits(ref_model, ex)
-        lq, _ = _label_logits(quant_model, ex)
+    for lr, lq, targets in pairs:
+        lr, lq = lr.float(), lq.float()
         nll_r += float(ce(lr, targets, reduction="sum"))
         nll_q += float(ce(lq, targets, reduction="sum"))
         sig += float(lr.double().pow(2).sum())

@@ -460,3 +460,43 @@ def test_a_process_that_exits_during_the_background_load_waits_for_it(hf_dirs, t
                        env={**os.environ, "VALLEY_RT_PREFILL": "int8"})
     assert p.returncode == 0 and "terminate" not in p.stderr, p.stderr[-500:]
     assert "worker alive at exit: False" in p.stdout, p.stdout
+
+
+def test_prefill_policy_auto_skips_a_prompt_graph_too_big_for_ram(monkeypatch):
+    """auto: the W8A8 prompt graph is loaded on AMX CPUs only when its weights fit a share of the RAM
+    (a 7B's 6.6 GB int8 copy beside the 3.6 GB int4 one is not loaded on a 24 GB machine)."""
+    from valley_rt.backends import llm_onnx
+
+    monkeypatch.delenv(llm_onnx.PREFILL_ENV, raising=False)
+    monkeypatch.setattr(llm_onnx, "cpu_has_int8_matrix_units", lambda: True)
+    monkeypatch.setattr(llm_onnx, "total_memory_bytes", lambda: 24 * 2**30)
+    assert llm_onnx.prefill_policy(1 * 2**30)
+    assert not llm_onnx.prefill_policy(int(6.6 * 2**30))
+    monkeypatch.setenv(llm_onnx.PREFILL_ENV, "int8")
+    assert llm_onnx.prefill_policy(int(6.6 * 2**30))
+    monkeypatch.setenv(llm_onnx.PREFILL_ENV, "int4")
+    assert not llm_onnx.prefill_policy(1)
+    monkeypatch.setattr(llm_onnx, "cpu_has_int8_matrix_units", lambda: False)
+    monkeypatch.delenv(llm_onnx.PREFILL_ENV)
+    assert not llm_onnx.prefill_policy(1)
+
+
+def test_kv_cache_grows_on_demand_with_the_same_logits(hf_dirs, tmp_path, monkeypatch):
+    """The KV cache starts at KV_START_SLOTS rows and grows (rows in use copied, buffers rebound) as the
+    context needs: the logits equal those of a cache that never had to grow, and a fork starts small."""
+    from valley_rt.backends import llm_onnx
+
+    path = export_llm_onnx(hf_dirs["hd8"], tmp_path, quant="rtn4", group_size=32, prefill="none")
+    roomy = OnnxLLM(path.parent)
+    monkeypatch.setattr(llm_onnx, "KV_START_SLOTS", 4)
+    small = OnnxLLM(path.parent)
+    assert small.cache_slots == 4 and roomy.cache_slots > 16
+    ids = list(range(3, 13))
+    runs = []
+    for llm in (roomy, small):
+        out = [llm.prefill(llm.embed(ids[:3])), llm.prefill(llm.embed(ids[3:]))]  # 3 rows, then 10: grows
+        out += [llm.decode(t) for t in (5, 6, 7, 8, 9, 10, 11)]  # 17 rows: grows again
+        runs.append(np.stack(out))
+    assert small.cache_slots >= 17
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+    assert small.fork().cache_slots == 4

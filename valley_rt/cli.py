@@ -364,6 +364,7 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
            cpu_vision: str = typer.Option("auto", "--cpu-vision",
                                           help="Vision runtime on this CPU: auto (OpenVINO bf16/int8 when installed and faster "
                                                "at cosine >= 0.999, chosen from the CPU's ISA), openvino or onnxruntime."),
+           gptq_stream: str = typer.Option("auto", help="GPTQ one decoder layer at a time: auto (LLMs of 2B+ parameters), yes or no."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an engine folder already at OUT (nothing else is replaced)."),
            keep_failed_gate: bool = typer.Option(False, "--keep-failed-gate",
                                                  help="Keep a GPTQ LLM that fails the accuracy gate (figures still recorded)."),
@@ -376,7 +377,8 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
                           "--keep-failed-gate to keep a GPTQ LLM that fails the accuracy gate")
     m = export_engine(ckpt, out, precision=precision, quant=quant, bits=bits, group_size=group_size,
                       desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, overwrite=overwrite,
-                      keep_failed_gate=keep_failed_gate, gpu=gpu, cpu_vision=cpu_vision)
+                      keep_failed_gate=keep_failed_gate, gpu=gpu, cpu_vision=cpu_vision,
+                      gptq_stream=gptq_stream)
     emit_json({"engine": str(out), "precision": m["precision"], "vision_cpu": m["vision_cpu"], "export_s": m["export_s"],
                "vision_parity": m["parity"]["vision"].get("parity"), "llm": m["parity"]["llm"]})
 

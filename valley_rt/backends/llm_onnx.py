@@ -1,8 +1,9 @@
 """The fast LLM backend: the whole LLaMA decoder as one ONNX Runtime session (int4 MatMulNBits).
 
-The graph comes from `valley_rt.export.llm_onnx`. The KV cache is one preallocated max-length
-buffer per layer and per K/V, bound through IOBinding as both GroupQueryAttention's past input and
-its present output (the op writes the new rows in place), so a decode step copies nothing but the
+The graph comes from `valley_rt.export.llm_onnx`. The KV cache is one buffer per layer and per K/V
+(KV_START_SLOTS rows at first, doubled when a prompt needs more, up to max_context), bound through
+IOBinding as both GroupQueryAttention's past input and its present output (the op writes the new
+rows in place), so a decode step copies nothing but the
 [1, 1, H] embedding in and the [V] logits out. `truncate` is free: the cache length is just the
 `seqlens_k` / `total_sequence_length` we pass next time, rows past it are never read. Embeddings
 and logits are NumPy float32 arrays (no torch on this path).
@@ -39,6 +40,7 @@ from valley_rt.engine_format import LLM_EMBED_FILE, LLM_FORMAT_VERSION, LLM_META
 from valley_rt.errors import EngineError
 
 
+KV_START_SLOTS = 512  # KV cache rows allocated at load; grown (doubled) on demand up to max_context
 PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph
 PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
 LOAD_ENV = "VALLEY_RT_LLM_LOAD"  # "background" (default): the prompt graph opens on a worker thread; "eager"
@@ -56,14 +58,42 @@ def cpu_has_int8_matrix_units() -> bool:
     return False
 
 
-def prefill_policy() -> bool:
+PREFILL_MEMORY_SHARE = 0.25  # "auto" loads the prompt graph only when its weights fit this share of RAM
+
+
+def total_memory_bytes() -> int | None:
+    """MemTotal from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def prefill_policy(graph_bytes: int = 0) -> bool:
     """Whether to load and use an engine's W8A8 prompt graph. "auto": on CPUs with AMX-INT8, where it
-    measured ~10x MatMulNBits' prompt rate (docs/cpu_latency.md). Elsewhere MatMulNBits' own int8 path
-    already uses the VNNI dot products the QGEMM would, and the second graph would only cost memory."""
+    measured ~10x MatMulNBits' prompt rate (docs/cpu_latency.md), and only when its int8 weights
+    (graph_bytes, held resident beside the int4 ones) fit PREFILL_MEMORY_SHARE of the machine's RAM:
+    a 7B's 6.6 GB prompt graph would more than double the int4 engine's memory (docs/real_size.md).
+    Elsewhere MatMulNBits' own int8 path already uses the VNNI dot products the QGEMM would, and the
+    second graph would only cost memory. "int8" loads it whatever its size; "int4" never does."""
     choice = os.environ.get(PREFILL_ENV, "auto")
     if choice not in ("auto", "int8", "int4"):
         raise EngineError(f"{PREFILL_ENV}={choice!r}: expected auto, int8 or int4")
-    return choice == "int8" or (choice == "auto" and cpu_has_int8_matrix_units())
+    if choice != "auto":
+        return choice == "int8"
+    total = total_memory_bytes()
+    fits = total is None or graph_bytes <= PREFILL_MEMORY_SHARE * total
+    return cpu_has_int8_matrix_units() and fits
+
+
+def _graph_bytes(model_file: Path) -> int:
+    """A graph's size on disk with its external data file (`<name>.data`)."""
+    data = model_file.with_name(model_file.name + ".data")
+    return sum(f.stat().st_size for f in (model_file, data) if f.is_file())
 
 
 def background_load_policy() -> bool:
@@ -106,9 +136,9 @@ class OnnxLLM:
         self.weight_bytes_per_token = int(self.meta["weight_bytes_per_token"])
 
         self.embed_table = np.load(folder / LLM_EMBED_FILE, mmap_mode="r")  # [V, H], rows read on demand
-        kv_shape = (1, int(shape["num_kv_heads"]), self.max_context, int(self.meta["cache_head_dim"]))
-        self.kv_bytes_per_token = 2 * self.num_layers * kv_shape[1] * kv_shape[3] * 4  # K and V, fp32
-        self._cache = [np.zeros(kv_shape, np.float32) for _ in range(2 * self.num_layers)]
+        self._kv_heads, self._head_dim = int(shape["num_kv_heads"]), int(self.meta["cache_head_dim"])
+        self.kv_bytes_per_token = 2 * self.num_layers * self._kv_heads * self._head_dim * 4  # K and V, fp32
+        self._cache = self._new_cache(min(KV_START_SLOTS, self.max_context))
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
         self._model_file = model_file
         self._session_options = (threads, spinning)
@@ -116,7 +146,7 @@ class OnnxLLM:
         self.prefill_session = None  # the W8A8 prompt graph, once opened
         self._prefill_file = None  # ... when the engine has one and the policy says so
         prefill = self.meta.get("prefill") or {}
-        if prefill.get("file") and path.suffix != ".onnx" and prefill_policy():
+        if prefill.get("file") and path.suffix != ".onnx" and prefill_policy(_graph_bytes(folder / prefill["file"])):
             self._prefill_file = folder / prefill["file"]
             if not self._prefill_file.is_file():
                 raise EngineError(f"{self._prefill_file}: the prompt graph named in {meta_file} is missing; "
@@ -169,6 +199,32 @@ class OnnxLLM:
         self._open_sessions()
         self.load_wait_s += time.perf_counter() - t0
 
+    def _new_cache(self, slots: int) -> list[np.ndarray]:
+        return [np.zeros((1, self._kv_heads, slots, self._head_dim), np.float32) for _ in range(2 * self.num_layers)]
+
+    @property
+    def cache_slots(self) -> int:
+        """Token rows the KV cache holds now (it grows towards max_context as prompts need)."""
+        return self._cache[0].shape[2]
+
+    def _ensure_slots(self, total: int) -> None:
+        """Grow the KV cache to hold `total` tokens: double it (at least), copy the rows in use, rebind.
+        GroupQueryAttention writes all of its present buffer's rows, so a max_context cache allocated up
+        front would be resident in full (4 GB at 7B for 4096 tokens) whatever the prompt's length."""
+        if total <= self.cache_slots:
+            return
+        import onnxruntime as ort
+
+        slots = min(self.max_context, max(total, 2 * self.cache_slots))
+        grown = self._new_cache(slots)
+        for new, old in zip(grown, self._cache):
+            new[:, :, :self._pos] = old[:, :, :self._pos]
+        self._cache = grown
+        if self.session is not None:  # a session still deferred binds the cache when it opens
+            self._binding = self._bind_static(ort, self.session)
+        if self.prefill_session is not None:
+            self._prefill_binding = self._bind_static(ort, self.prefill_session)
+
     def _bind_static(self, ort, session):
         """Bind what never changes: each layer's K/V buffer as past input AND present output."""
         b = session.io_binding()
@@ -200,6 +256,7 @@ class OnnxLLM:
         total = self._pos + s
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
+        self._ensure_slots(total)
         prompt_graph = self._prefill_file is not None and s >= PREFILL_MIN_TOKENS
         if prompt_graph:
             self._run_graph(self.prefill_session, self._prefill_binding, x, total)
@@ -249,15 +306,16 @@ class OnnxLLM:
 
     def fork(self) -> "OnnxLLM":
         """Another KV cache over the same session, weights and embedding table: a second conversation
-        slot costs kv_bytes_per_token * max_context bytes, not a second copy of the model. Slots may
-        run one after another on one thread (the server interleaves their decode steps); calling one
-        session from several threads at once is left to ONNX Runtime's own thread safety."""
+        slot costs kv_bytes_per_token * its cache rows (at most max_context), not a second copy of the
+        model. Slots may run one after another on one thread (the server interleaves their decode
+        steps); calling one session from several threads at once is left to ONNX Runtime's own thread
+        safety."""
         import onnxruntime as ort
 
         self.wait_loaded()
         other = object.__new__(OnnxLLM)
         other.__dict__.update(self.__dict__)
-        other._cache = [np.zeros_like(c) for c in self._cache]
+        other._cache = other._new_cache(min(KV_START_SLOTS, self.max_context))
         other._logits = np.zeros_like(self._logits)
         other._binding = other._bind_static(ort, other.session)
         if other.prefill_session is not None:
