@@ -23,7 +23,7 @@ import pytest
 
 from valley_rt.errors import ValleyError
 from valley_rt.generate import SamplingParams
-from valley_rt.runtime import ASSETS, DEMO_CHECKPOINT, load
+from valley_rt.runtime import ASSETS, DEMO_CHECKPOINT, DEMO_ENGINE, load
 
 MEMORY = 0.1  # vLLM's KV-cache share of RAM on its CPU build
 QUESTIONS = ["What happens in the video?", "Which direction does the blue circle move?",
@@ -76,6 +76,33 @@ def test_remote_server_down_is_a_clean_error():
         client.generate_from_embeds(embeds, tokenizer=None, params=SamplingParams(max_new_tokens=4))
     with pytest.raises(ValleyError, match="http://"):
         RemoteVllmLLM("127.0.0.1:8000", DEMO_CHECKPOINT / "llm")
+
+
+def test_llm_folder_picks_what_vllm_can_load(tmp_path):
+    """Checkpoint: its llm/. Engine: its GPTQ folder unless act-order in groups (vLLM refuses it),
+    then the source checkpoint's llm/ if the manifest names one, else a clear error."""
+    import shutil
+
+    from valley_rt.backends.llm_vllm import llm_folder
+
+    assert llm_folder(DEMO_CHECKPOINT) == DEMO_CHECKPOINT / "llm"
+    engine = tmp_path / "engine"
+    gptq = engine / "llm" / "gptq"
+    gptq.mkdir(parents=True)
+    config = json.loads((DEMO_CHECKPOINT / "llm" / "config.json").read_text())
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+    manifest = {"files": {"llm": "llm/", "gptq": "llm/gptq/"}, "source": {"name": "demo"}}
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    assert llm_folder(engine) == gptq
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {**qc, "desc_act": True}}))
+    with pytest.raises(ValleyError, match="desc_act=True"):
+        llm_folder(engine)
+    (engine / "manifest.json").write_text(json.dumps({**manifest, "source": {"path": str(DEMO_CHECKPOINT)}}))
+    assert llm_folder(engine) == DEMO_CHECKPOINT / "llm"
+    shutil.rmtree(gptq)
+    with pytest.raises(ValleyError, match="--quant gptq"):
+        llm_folder(DEMO_ENGINE)  # rtn4, no GPTQ folder, no source path
 
 
 def test_cli_llm_url_down_exits_2():

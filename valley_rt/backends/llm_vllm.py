@@ -409,17 +409,31 @@ class RemoteVllmLLM(_RequestLevel):
 
 # -- where the LLM folder is -----------------------------------------------------------------------
 def llm_folder(source: str | Path) -> Path:
-    """The HF LLM folder of a checkpoint (`CKPT/llm`) or of an engine's source checkpoint."""
+    """The folder vLLM loads for a checkpoint or an engine.
+
+    A checkpoint: its HF LLM folder (`CKPT/llm`). An engine: its standard GPTQ folder
+    (`ENGINE/llm/gptq/`, kept by `export --quant gptq`) when vLLM can load it (not act-order in groups,
+    which vLLM refuses), so that vLLM runs the engine's own quantized LLM; else the LLM folder of the
+    engine's source checkpoint when the manifest names one that is still on disk."""
     path = Path(source)
     if (path / "llm" / "config.json").is_file():
         return path / "llm"
     manifest = path / "manifest.json"
     if manifest.is_file():
-        src = json.loads(manifest.read_text()).get("source", {}).get("path")
+        m = json.loads(manifest.read_text())
+        gptq = path / m.get("files", {}).get("gptq", "llm/gptq/")
+        why = ""
+        if (gptq / "config.json").is_file():
+            qc = json.loads((gptq / "config.json").read_text()).get("quantization_config", {})
+            if not (qc.get("desc_act") and qc.get("group_size", -1) != -1):
+                return gptq
+            why = f" ({gptq} is GPTQ with desc_act=True in groups, which vLLM refuses)"
+        src = m.get("source", {}).get("path")
         if src and (Path(src) / "llm" / "config.json").is_file():
             return Path(src) / "llm"
-    raise ValleyError(f"{path}: no HF LLM folder for vLLM (a checkpoint's llm/ with config.json); "
-                      f"load the checkpoint folder instead of the engine")
+        raise ValleyError(f"{path}: no folder vLLM can load{why}: an engine exported with --quant gptq "
+                          f"(without --desc-act) has one; else load the checkpoint folder instead of the engine")
+    raise ValleyError(f"{path}: no HF LLM folder for vLLM (a checkpoint's llm/ with config.json)")
 
 
 def serve_command(llm_dir: str | Path, *, port: int, host: str = "127.0.0.1", memory: float = 0.15,
