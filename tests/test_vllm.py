@@ -25,7 +25,7 @@ from valley_rt.errors import ValleyError
 from valley_rt.generate import SamplingParams
 from valley_rt.runtime import ASSETS, DEMO_CHECKPOINT, DEMO_ENGINE, load
 
-MEMORY = 0.05  # vLLM's KV-cache share of RAM on its CPU build (it refuses to start when less is free)
+MEMORY = 0.05  # vLLM's share of RAM on its CPU build: weights + KV cache (it refuses to start when less is free)
 QUESTIONS = ["What happens in the video?", "Which direction does the blue circle move?",
              "How many objects are there at the start?", "Describe each scene of the video in one sentence."]
 

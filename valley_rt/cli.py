@@ -399,7 +399,7 @@ def serve(model: Optional[Path] = typer.Argument(None, help="Engine or checkpoin
           log_level: str = typer.Option("info", help="uvicorn log level."),
           llm: str = typer.Option("builtin", "--llm", help="builtin, or vllm: the LLM in an in-process vLLM engine (docs/vllm.md)."),
           llm_url: Optional[str] = typer.Option(None, "--llm-url", help="A `vllm serve --enable-prompt-embeds` server (implies --llm vllm)."),
-          vllm_memory: float = typer.Option(0.15, help="With --llm vllm: vLLM's gpu_memory_utilization (on its CPU build, the share of RAM for the KV cache)."),
+          vllm_memory: float = typer.Option(0.15, help="With --llm vllm: vLLM's gpu_memory_utilization (on its CPU build, the share of RAM for weights, activations and KV cache)."),
           vllm_dtype: str = typer.Option("float32", help="With --llm vllm: the LLM's dtype in vLLM (float32 keeps greedy answers equal to the reference; bfloat16 is faster).")) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions with video_url parts)."""
     from valley_rt.serve import serve as run

@@ -186,8 +186,8 @@ class VllmLLM(_RequestLevel):
     blocking, `agenerate` streams token-id deltas to asyncio callers (a server). vLLM spawns its engine
     core process, so a script that builds one needs the `if __name__ == "__main__":` guard.
 
-    memory: vLLM's `gpu_memory_utilization`, on its CPU build the fraction of RAM reserved for the KV
-    cache. dtype float32 keeps greedy answers equal to the fp32 reference; an NVIDIA deployment would
+    memory: vLLM's `gpu_memory_utilization`, on its CPU build the fraction of RAM for the weights,
+    activations and KV cache together (the KV cache gets what is left: it must exceed the weights). dtype float32 keeps greedy answers equal to the fp32 reference; an NVIDIA deployment would
     pick float16/bfloat16 (or a GPTQ folder)."""
 
     def __init__(self, llm_dir: str | Path, *, tokenizer=None, memory: float = 0.15, dtype: str = "float32",
