@@ -338,7 +338,7 @@ def plot(result: dict, png: Path) -> None:
         ax.plot(xs, [lv["tokens_per_s"] for lv in run["levels"]], marker="o",
                 label={"builtin": "built-in (int4 ONNX, interleaved)", "vllm": "vLLM (in process, batched)"}.get(name, name))
     ax.set_xscale("log", base=2)
-    ax.set_xticks([lv["concurrency"] for lv in next(iter(result["backends"].values()))["levels"]])
+    ax.set_xticks(sorted({lv["concurrency"] for run in result["backends"].values() for lv in run["levels"]}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("aggregate output tokens/s")
