@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from valley_rt.engine_format import LLM_DIR, TOKENIZER_DIR, VISION_FILE, file_hashes, folder_digest
+
+GPTQ_DIR = "gptq"  # ENGINE/llm/gptq/: the standard GPTQ folder a --quant gptq export keeps
 from valley_rt.errors import EngineError
 
 
@@ -117,7 +119,8 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
             precision={"vision": vision.precision, "llm": llm["quant"]},
             parity={"vision": vision.figures, "llm": llm.get("figures", {})},
             extra={"gpu": gpu_entry, "vision_cpu": vision_cpu, "export_s": round(time.perf_counter() - t_start, 2),
-                   "files": {"vision": VISION_FILE, "llm": f"{LLM_DIR}/", "tokenizer": f"{TOKENIZER_DIR}/"}})
+                   "files": {"vision": VISION_FILE, "llm": f"{LLM_DIR}/", "tokenizer": f"{TOKENIZER_DIR}/",
+                             **({"gptq": f"{LLM_DIR}/{GPTQ_DIR}/"} if (work / LLM_DIR / GPTQ_DIR).is_dir() else {})}})
         write_verified_stamp(work)  # every file was just hashed: the first load need not read them again
     return manifest
 
@@ -259,6 +262,12 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
         if failed and not keep_failed_gate:
             raise EngineError("GPTQ accuracy gate failed: " + "; ".join(failed) + " (--keep-failed-gate keeps it)")
         export_llm_onnx(qdir, out, quant="gptq", group_size=group_size)
+        # The standard GPTQ folder itself (config.json with quantization_config, qweight / qzeros /
+        # scales / g_idx safetensors, the checkpoint's tokenizer with its added tokens) stays in the
+        # engine, hashed by the manifest like every file, for loaders that take GPTQ as it is
+        # (vLLM's GPTQ-Marlin on NVIDIA, GPTQModel, transformers; docs/vllm.md). It costs the int4
+        # weights a second time on disk.
+        shutil.move(str(qdir), str(out / GPTQ_DIR))
     return {"quant": f"gptq{bits}-g{group_size}{'-act' if desc_act else ''}", "figures": figures}
 
 

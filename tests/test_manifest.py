@@ -334,6 +334,29 @@ def test_export_engine_gptq_multimodal_calibration(checkpoint, tmp_path, shared_
     assert {"ppl_delta", "agreement", "answer_agreement", "em_ref", "em_quant", "sqnr_db", "gate"} <= set(llm)
     assert "llm/llm.onnx" in m["artifacts"] and mf.load_manifest(out) == m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json", "engine"]  # GPTQ scratch removed
+    # the standard GPTQ folder stays in the engine, hashed like every file
+    gdir = out / "llm" / "gptq"
+    assert m["files"]["gptq"] == "llm/gptq/" and "llm/gptq/model.safetensors" in m["artifacts"]
+    assert "llm/gptq/config.json" in m["artifacts"] and "llm/gptq/tokenizer.json" in m["artifacts"]
+    config = json.loads((gdir / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["desc_act"]) == (4, 32, False)
+    from safetensors import safe_open
+
+    with safe_open(str(gdir / "model.safetensors"), framework="pt") as st:
+        names = set(st.keys())
+    proj = "model.layers.0.self_attn.q_proj"
+    assert {f"{proj}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx")} <= names
+    from transformers import AutoTokenizer
+
+    from valley_rt.config import SPECIAL_TOKENS
+
+    tok = AutoTokenizer.from_pretrained(gdir)
+    vocab = config["vocab_size"]  # the six Valley tokens are the last ids, as in the checkpoint
+    assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(vocab - 6, vocab))
+    (gdir / "config.json").write_text("{}")  # a changed byte in it fails the engine's verification
+    with pytest.raises(EngineError):
+        mf.load_manifest(out)
 
 
 def test_export_gptq_needs_calibration(checkpoint, tmp_path):

@@ -23,9 +23,9 @@ import pytest
 
 from valley_rt.errors import ValleyError
 from valley_rt.generate import SamplingParams
-from valley_rt.runtime import ASSETS, DEMO_CHECKPOINT, load
+from valley_rt.runtime import ASSETS, DEMO_CHECKPOINT, DEMO_ENGINE, load
 
-MEMORY = 0.1  # vLLM's KV-cache share of RAM on its CPU build
+MEMORY = 0.05  # vLLM's share of RAM on its CPU build: weights + KV cache (it refuses to start when less is free)
 QUESTIONS = ["What happens in the video?", "Which direction does the blue circle move?",
              "How many objects are there at the start?", "Describe each scene of the video in one sentence."]
 
@@ -78,6 +78,33 @@ def test_remote_server_down_is_a_clean_error():
         RemoteVllmLLM("127.0.0.1:8000", DEMO_CHECKPOINT / "llm")
 
 
+def test_llm_folder_picks_what_vllm_can_load(tmp_path):
+    """Checkpoint: its llm/. Engine: its GPTQ folder unless act-order in groups (vLLM refuses it),
+    then the source checkpoint's llm/ if the manifest names one, else a clear error."""
+    import shutil
+
+    from valley_rt.backends.llm_vllm import llm_folder
+
+    assert llm_folder(DEMO_CHECKPOINT) == DEMO_CHECKPOINT / "llm"
+    engine = tmp_path / "engine"
+    gptq = engine / "llm" / "gptq"
+    gptq.mkdir(parents=True)
+    config = json.loads((DEMO_CHECKPOINT / "llm" / "config.json").read_text())
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+    manifest = {"files": {"llm": "llm/", "gptq": "llm/gptq/"}, "source": {"name": "demo"}}
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    assert llm_folder(engine) == gptq
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {**qc, "desc_act": True}}))
+    with pytest.raises(ValleyError, match="desc_act=True"):
+        llm_folder(engine)
+    (engine / "manifest.json").write_text(json.dumps({**manifest, "source": {"path": str(DEMO_CHECKPOINT)}}))
+    assert llm_folder(engine) == DEMO_CHECKPOINT / "llm"
+    shutil.rmtree(gptq)
+    with pytest.raises(ValleyError, match="--quant gptq"):
+        llm_folder(DEMO_ENGINE)  # rtn4, no GPTQ folder, no source path
+
+
 def test_cli_llm_url_down_exits_2():
     clip = sorted((ASSETS / "clips").glob("*.mp4"))[0]
     r = subprocess.run([sys.executable, "-m", "valley_rt", "ask", str(clip), "What happens?", "--model",
@@ -87,34 +114,109 @@ def test_cli_llm_url_down_exits_2():
     assert r.stderr.startswith("error: ") and "vLLM server" in r.stderr and "Traceback" not in r.stderr
 
 
-# -- vLLM in process, then `vllm serve` -------------------------------------------------------------
-@needs_vllm
-def test_inprocess_greedy_equals_reference(reference):
-    ref, cases, answers = reference
-    valley = load(DEMO_CHECKPOINT, reference=True, llm="vllm", llm_options={"memory": MEMORY})
+# -- vLLM in process (behind `valley-rt serve --llm vllm`), then `vllm serve` ------------------------
+CLIPS = ASSETS / "clips"
+
+
+def test_serve_llm_url_down_is_503(tmp_path):
+    """A `valley-rt serve --llm-url` front end whose vLLM is down starts, stays healthy, and answers each
+    request (plain or streaming) with a 503 OpenAI error object, not a 200 or a 400."""
+    import httpx
+    from openai import APIStatusError
+
+    proc, url = start_front(tmp_path, "front", "--llm-url", f"http://127.0.0.1:{free_port()}")
     try:
-        assert valley.backends["llm"].startswith("vllm")
-        assert_same_answers(valley, cases, answers)
-        # seeded sampling repeats; stop strings and max_new_tokens end answers as the built-in loop does
-        ctx, q = cases[0]
-        p = SamplingParams(max_new_tokens=40, temperature=1.0, top_p=0.9, top_k=20, seed=7)
-        assert valley.ask(ctx, q, params=p).answer == valley.ask(ctx, q, params=p).answer
-        short = valley.ask(ctx, q, params=SamplingParams(max_new_tokens=3))
-        assert (short.tokens_out, short.stop_reason) == (3, "length")
-        # concurrent requests (batched by vLLM) give the same greedy tokens
-        embeds = [ref._embeds(*_prompt(ref, c, q)) for c, q in cases]
-        results = [None] * len(embeds)
-
-        def run(i):
-            results[i] = valley.llm.generate_from_embeds(embeds[i], tokenizer=ref.tokenizer,
-                                                         params=SamplingParams(max_new_tokens=256))
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(embeds))]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        assert [r.token_ids for r in results] == [_ids(ref, c, q) for c, q in cases]
+        _wait_ready(url, proc)
+        clip = sorted(CLIPS.glob("*.mp4"))[0]
+        for stream in (False, True):
+            with pytest.raises(APIStatusError) as down:
+                ask_openai(url, clip, QUESTIONS[0], stream=stream)
+            assert down.value.status_code == 503, stream
+            assert down.value.body["code"] == "llm_unavailable" and down.value.body["type"] == "server_error"
+            assert "vLLM server" in down.value.body["message"]
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
     finally:
-        valley.llm.close()
+        stop_proc(proc)
+
+
+@pytest.fixture(scope="module")
+def engine_cases(reference):
+    """The server's vision is the demo engine's: the fp32 reference LLM's answers on the engine's
+    visual tokens are what `valley-rt serve --llm vllm` must give."""
+    ref = reference[0]
+    engine = load(None)
+    clips = sorted(CLIPS.glob("*.mp4"))[:2]
+    contexts = {c: engine.encode_video(c) for c in clips}
+    cases = [(c, q) for c in clips for q in QUESTIONS[:3]] + [(clips[0], QUESTIONS[3])]
+    return [(c, q, ref.ask(contexts[c], q)) for c, q in cases]
+
+
+def start_front(tmp_path: Path, name: str, *args: str):
+    """A real `valley-rt serve` process on a free port (demo engine, file:// URLs under the clips)."""
+    port = free_port()
+    log = (tmp_path / f"{name}.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "valley_rt", "serve", "--port", str(port), "--allowed-media-path",
+                             str(CLIPS), "--log-level", "warning", *args], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_proc(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def messages(clip: Path, q: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{clip}"}},
+                                         {"type": "text", "text": q}]}]
+
+
+def ask_openai(url: str, clip: Path, q: str, **kw):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    return client.chat.completions.create(model="valley-rt-demo", messages=messages(clip, q), **kw)
+
+
+def assert_served_like_reference(url: str, cases) -> None:
+    """All the cases at once (vLLM batches them): each answer is the reference's."""
+    got = [None] * len(cases)
+
+    def run(i):
+        got[i] = ask_openai(url, cases[i][0], cases[i][1], max_tokens=256).choices[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for (clip, q, want), choice in zip(cases, got):
+        assert choice is not None, q
+        assert choice.message.content == want.answer, q
+        assert choice.finish_reason == ("length" if want.stop_reason == "length" else "stop"), q
+
+
+@needs_vllm
+def test_serve_inprocess_vllm_equals_reference(engine_cases, tmp_path):
+    """`valley-rt serve --llm vllm`: a real server on a socket, the openai client, greedy answers equal
+    to the fp32 reference's (sent concurrently: batched by vLLM); streaming never shows "###"; seeded
+    sampling repeats; max_tokens ends with "length"; a stop string ends the answer."""
+    proc, url = start_front(tmp_path, "serve-vllm", "--llm", "vllm", "--vllm-memory", str(MEMORY))
+    try:
+        _wait_ready(url, proc)
+        assert_served_like_reference(url, engine_cases)
+        clip, q, want = engine_cases[0]
+        pieces = [c.choices[0].delta.content or "" for c in ask_openai(url, clip, q, stream=True) if c.choices]
+        assert "".join(pieces) == want.answer and "###" not in "".join(pieces)
+        p = {"temperature": 1.0, "top_p": 0.9, "seed": 7, "max_tokens": 40, "extra_body": {"top_k": 20}}
+        assert ask_openai(url, clip, q, **p).choices[0].message.content == \
+            ask_openai(url, clip, q, **p).choices[0].message.content
+        short = ask_openai(url, clip, q, max_tokens=3)
+        assert (short.usage.completion_tokens, short.choices[0].finish_reason) == (3, "length")
+        word = want.answer.split()[2]
+        cut = ask_openai(url, clip, q, stop=[word]).choices[0].message.content
+        assert word not in cut and want.answer.startswith(cut.rstrip()), (word, cut)
+    finally:
+        stop_proc(proc)
 
 
 def _prompt(ref, ctx, q):
@@ -125,18 +227,15 @@ def _prompt(ref, ctx, q):
     return ids, ctx
 
 
-def _ids(ref, ctx, q):
-    """The reference's answer token ids for one question (batch 1, fresh cache)."""
-    from valley_rt.generate import generate
-
-    ref.llm.reset()
-    out = generate(ref.llm, ref.tokenizer, ref._embeds(*_prompt(ref, ctx, q)), params=SamplingParams(max_new_tokens=256))
-    ref.llm.reset()
-    return out.token_ids
-
-
 @needs_vllm
-def test_remote_serve_parity_death_and_recovery(reference, tmp_path):
+def test_remote_serve_two_front_ends_death_and_recovery(reference, engine_cases, tmp_path):
+    """One `vllm serve`, front ends against it: the runtime (`load(..., llm_url=)`), the CLI and two
+    `valley-rt serve --llm-url` servers. Started while vLLM is down they answer 503 error objects, then
+    the reference's answers once it is up; vLLM killed mid-answer gives 502 (an error object in the
+    stream after its 200), then 503 again."""
+    import httpx
+    from openai import APIStatusError
+
     from valley_rt.backends.llm_vllm import RemoteVllmLLM, VllmFailedError, VllmUnavailableError, serve_command
 
     ref, cases, answers = reference
@@ -144,43 +243,93 @@ def test_remote_serve_parity_death_and_recovery(reference, tmp_path):
     url = f"http://127.0.0.1:{port}"
     front = load(DEMO_CHECKPOINT, reference=True, llm_url=url)  # the server is not up yet
     ctx, q = cases[0]
-    with pytest.raises(VllmUnavailableError):
-        front.ask(ctx, q)
-    cmd = serve_command(DEMO_CHECKPOINT / "llm", port=port, memory=MEMORY, python=sys.executable)
-    proc = subprocess.Popen(cmd, stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    (a, a_url), (b, b_url) = start_front(tmp_path, "front-a", "--llm-url", url), \
+        start_front(tmp_path, "front-b", "--llm-url", url)
+    proc = None
     try:
+        with pytest.raises(VllmUnavailableError):
+            front.ask(ctx, q)
+        _wait_ready(a_url, a)
+        clip = engine_cases[0][0]
+        for stream in (False, True):  # a stream too: the error comes before the 200
+            with pytest.raises(APIStatusError) as down:
+                ask_openai(a_url, clip, q, stream=stream)
+            assert down.value.status_code == 503 and down.value.body["code"] == "llm_unavailable"
+        cmd = serve_command(DEMO_CHECKPOINT / "llm", port=port, memory=MEMORY, python=sys.executable)
+        proc = subprocess.Popen(cmd, stdout=(tmp_path / "vllm.log").open("w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
         _wait_ready(url, proc)
+        _wait_ready(b_url, b)
         assert_same_answers(front, cases, answers)  # the same front end recovered once vLLM came up
-        second = load(DEMO_CHECKPOINT, reference=True, llm_url=url)  # two front ends, one vLLM
-        assert_same_answers(second, cases[:2], answers[:2])
+        # both servers at once against the one vLLM (front end A recovered too)
+        errors = []
+        both = [threading.Thread(target=_record, args=(errors, assert_served_like_reference, u, engine_cases))
+                for u in (a_url, b_url)]
+        [t.start() for t in both]
+        [t.join() for t in both]
+        assert not errors, errors
         # CLI through the server
-        clip = sorted((ASSETS / "clips").glob("*.mp4"))[0]
-        r = subprocess.run([sys.executable, "-m", "valley_rt", "ask", str(clip), QUESTIONS[0], "--model",
-                            str(DEMO_CHECKPOINT), "--reference", "--llm-url", url, "--json"],
+        r = subprocess.run([sys.executable, "-m", "valley_rt", "ask", str(clip), QUESTIONS[0],
+                            "--model", str(DEMO_CHECKPOINT), "--reference", "--llm-url", url, "--json"],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["answers"][0]["answer"] == answers[0].answer
-        # the server dies mid-answer: a clean error, then "down" until it is back
+        # vLLM dies mid-answer while the runtime client, a streaming and a plain request are generating
         client = RemoteVllmLLM(url, DEMO_CHECKPOINT / "llm", tokenizer=ref.tokenizer)
         embeds = ref._embeds(*_prompt(ref, ctx, q))
-        seen = []
+        long = client.max_context - len(embeds)
+        seen, outcome = [], {}
 
-        def on_text(s):
-            seen.append(s)
-            if len(seen) == 3:
-                os.killpg(proc.pid, signal.SIGKILL)
+        def direct():
+            try:
+                client.generate_from_embeds(embeds, params=SamplingParams(max_new_tokens=long), stop=(),
+                                            eos_token_id=-1, on_text=seen.append)
+            except Exception as e:
+                outcome["direct"] = e
 
-        with pytest.raises(VllmFailedError, match="mid-answer"):
-            client.generate_from_embeds(embeds, params=SamplingParams(max_new_tokens=client.max_context - len(embeds)), on_text=on_text,
-                                        stop=(), eos_token_id=-1)
+        def plain():
+            try:
+                ask_openai(b_url, clip, q, max_tokens=long, extra_body={"ignore_eos": True})
+            except Exception as e:
+                outcome["plain"] = e
+
+        workers = [threading.Thread(target=direct), threading.Thread(target=plain)]
+        [t.start() for t in workers]
+        t_sent = time.monotonic()
+        body = {"model": "valley-rt-demo", "messages": messages(clip, q), "stream": True, "max_tokens": long,
+                "ignore_eos": True}
+        lines = []
+        with httpx.stream("POST", f"{a_url}/v1/chat/completions", json=body, timeout=600) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                if len(lines) == 3:
+                    while len(seen) < 3 or time.monotonic() - t_sent < 1.0:
+                        time.sleep(0.05)
+                    os.killpg(proc.pid, signal.SIGKILL)
+        [t.join(120) for t in workers]
+        assert lines[-1] == "[DONE]" and json.loads(lines[-2])["error"]["code"] == "llm_failed", lines[-3:]
+        assert isinstance(outcome.get("direct"), VllmFailedError), outcome
+        assert isinstance(outcome.get("plain"), APIStatusError) and outcome["plain"].status_code == 502, outcome
         proc.wait(30)
         with pytest.raises(VllmUnavailableError):
             front.ask(ctx, q)
+        with pytest.raises(APIStatusError) as down:
+            ask_openai(a_url, clip, q)
+        assert down.value.status_code == 503
+        assert httpx.get(f"{a_url}/health").status_code == 200  # the front end itself is fine
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        for p in (a, b, proc):
+            if p is not None:
+                stop_proc(p)
+
+
+def _record(errors: list, fn, *args) -> None:
+    try:
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001 - reported by the test's thread
+        errors.append(e)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 1200) -> None:

@@ -391,7 +391,7 @@ def serve(model: Optional[Path] = typer.Argument(None, help="Engine or checkpoin
           served_model_name: str = typer.Option("valley-rt-demo", help="Model id for /v1/models and requests."),
           allowed_media_path: Optional[Path] = typer.Option(None, help="Serve file:// URLs under this folder only (default: refuse file://)."),
           max_queue: int = typer.Option(64, help="Requests waiting beyond those generating; more get 429."),
-          kv_slots: int = typer.Option(4, help="Requests generating at once (one KV cache each), interleaved token by token."),
+          kv_slots: Optional[int] = typer.Option(None, help="Requests generating at once (one KV cache each), interleaved token by token (default 4); with --llm vllm, requests handed to vLLM at once (default 32)."),
           encoder_cache_mb: float = typer.Option(256.0, help="Encoder cache (LRU of encoded videos) size in MiB."),
           max_body_mb: float = typer.Option(96.0, help="Largest request body in MiB."),
           max_video_mb: float = typer.Option(64.0, help="Largest video (or frame list) in MiB."),
@@ -401,11 +401,17 @@ def serve(model: Optional[Path] = typer.Argument(None, help="Engine or checkpoin
           default_max_tokens: int = typer.Option(256, help="Answer cap when a request gives no max_tokens."),
           media_timeout_s: float = typer.Option(10.0, help="Timeout of an http(s) media download."),
           threads: int = typer.Option(2, help="ONNX Runtime threads per session."),
-          log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
+          log_level: str = typer.Option("info", help="uvicorn log level."),
+          llm: str = typer.Option("builtin", "--llm", help="builtin, or vllm: the LLM in an in-process vLLM engine (docs/vllm.md)."),
+          llm_url: Optional[str] = typer.Option(None, "--llm-url", help="A `vllm serve --enable-prompt-embeds` server (implies --llm vllm)."),
+          vllm_memory: float = typer.Option(0.15, help="With --llm vllm: vLLM's gpu_memory_utilization (on its CPU build, the share of RAM for weights, activations and KV cache)."),
+          vllm_dtype: str = typer.Option("float32", help="With --llm vllm: the LLM's dtype in vLLM (float32 keeps greedy answers equal to the reference; bfloat16 is faster).")) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions with video_url parts)."""
     from valley_rt.serve import serve as run
 
+    options = {"memory": vllm_memory, "dtype": vllm_dtype} if llm_url is None else None
     run(model, host=host, port=port, threads=threads, log_level=log_level, model_name=served_model_name,
+        llm=llm, llm_url=llm_url, llm_options=options,
         allowed_media_path=allowed_media_path, max_queue=max_queue, kv_slots=kv_slots,
         encoder_cache_mb=encoder_cache_mb, max_body_mb=max_body_mb, max_video_mb=max_video_mb,
         max_duration_s=max_duration_s, max_frames=max_frames, max_prompt_tokens=max_prompt_tokens,

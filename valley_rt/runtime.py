@@ -432,6 +432,7 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
     if llm_url is not None:
         llm = "vllm"
     t0 = time.perf_counter()
+    llm_source = DEMO_CHECKPOINT if path is None else Path(path)  # where vLLM finds the HF LLM folder
     if path is None:
         demo_on_gpu = reference or (device != "cpu" and torch_cuda_available())
         path = DEMO_CHECKPOINT if demo_on_gpu else demo_engine(exporter)
@@ -463,10 +464,11 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
                                   f"exporter=valley_rt.export.cache.ensure_engine (valley_rt.load does)")
             path = Path(exporter(path))
             manifest = load_manifest(path, verify=True)
-        valley = _load_engine(path, manifest, vision=choice, threads=threads, cuda=device == "cuda")
+        valley = _load_engine(path, manifest, vision=choice, threads=threads, cuda=device == "cuda",
+                              with_llm=llm != "vllm")  # vLLM replaces it: its int4 graph is not loaded
     if llm == "vllm":
-        _use_vllm(valley, source, url=llm_url, **(llm_options or {}))
-    if valley.kind in ("engine", "engine-cuda"):
+        _use_vllm(valley, llm_source, url=llm_url, **(llm_options or {}))
+    if valley.kind in ("engine", "engine-cuda") and llm_url is None:  # a remote vLLM may not be up yet
         _warm_up(valley)
     valley.load_ms = (time.perf_counter() - t0) * 1e3
     return valley
@@ -529,10 +531,11 @@ def _warm_up(valley: Valley) -> None:
 
 
 def _load_engine(path: Path, manifest: dict, *, vision: str = "onnx-cpu", threads: int | None,
-                 cuda: bool = False) -> Valley:
+                 cuda: bool = False, with_llm: bool = True) -> Valley:
     """cuda=True: the LLM's int4 weights are read back from llm.onnx into the CUDA-graphs backend
     (backends/llm_cuda.py); the vision graph stays on ONNX Runtime (an engine holds no torch vision
-    weights), on the GPU when the engine has a GPU graph and onnxruntime-gpu is there."""
+    weights), on the GPU when the engine has a GPU graph and onnxruntime-gpu is there.
+    with_llm=False: no LLM backend (llm None), for a caller that puts vLLM in its place."""
     from valley_rt.backends.llm_onnx import OnnxLLM, background_load_policy
 
     try:
@@ -542,7 +545,9 @@ def _load_engine(path: Path, manifest: dict, *, vision: str = "onnx-cpu", thread
     files = manifest.get("files", {})
     vision_backend = open_engine_vision(path, manifest, vision, threads=threads)
     llm_dir = artifact_path(path, files.get("llm", "llm/"), where="files.llm")
-    if cuda:
+    if not with_llm:
+        llm = None
+    elif cuda:
         from valley_rt.backends.llm_cuda import CudaLLM
 
         llm = CudaLLM.from_engine(llm_dir, device="cuda")

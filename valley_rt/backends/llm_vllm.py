@@ -186,8 +186,8 @@ class VllmLLM(_RequestLevel):
     blocking, `agenerate` streams token-id deltas to asyncio callers (a server). vLLM spawns its engine
     core process, so a script that builds one needs the `if __name__ == "__main__":` guard.
 
-    memory: vLLM's `gpu_memory_utilization`, on its CPU build the fraction of RAM reserved for the KV
-    cache. dtype float32 keeps greedy answers equal to the fp32 reference; an NVIDIA deployment would
+    memory: vLLM's `gpu_memory_utilization`, on its CPU build the fraction of RAM for the weights,
+    activations and KV cache together (the KV cache gets what is left: it must exceed the weights). dtype float32 keeps greedy answers equal to the fp32 reference; an NVIDIA deployment would
     pick float16/bfloat16 (or a GPTQ folder)."""
 
     def __init__(self, llm_dir: str | Path, *, tokenizer=None, memory: float = 0.15, dtype: str = "float32",
@@ -409,17 +409,31 @@ class RemoteVllmLLM(_RequestLevel):
 
 # -- where the LLM folder is -----------------------------------------------------------------------
 def llm_folder(source: str | Path) -> Path:
-    """The HF LLM folder of a checkpoint (`CKPT/llm`) or of an engine's source checkpoint."""
+    """The folder vLLM loads for a checkpoint or an engine.
+
+    A checkpoint: its HF LLM folder (`CKPT/llm`). An engine: its standard GPTQ folder
+    (`ENGINE/llm/gptq/`, kept by `export --quant gptq`) when vLLM can load it (not act-order in groups,
+    which vLLM refuses), so that vLLM runs the engine's own quantized LLM; else the LLM folder of the
+    engine's source checkpoint when the manifest names one that is still on disk."""
     path = Path(source)
     if (path / "llm" / "config.json").is_file():
         return path / "llm"
     manifest = path / "manifest.json"
     if manifest.is_file():
-        src = json.loads(manifest.read_text()).get("source", {}).get("path")
+        m = json.loads(manifest.read_text())
+        gptq = path / m.get("files", {}).get("gptq", "llm/gptq/")
+        why = ""
+        if (gptq / "config.json").is_file():
+            qc = json.loads((gptq / "config.json").read_text()).get("quantization_config", {})
+            if not (qc.get("desc_act") and qc.get("group_size", -1) != -1):
+                return gptq
+            why = f" ({gptq} is GPTQ with desc_act=True in groups, which vLLM refuses)"
+        src = m.get("source", {}).get("path")
         if src and (Path(src) / "llm" / "config.json").is_file():
             return Path(src) / "llm"
-    raise ValleyError(f"{path}: no HF LLM folder for vLLM (a checkpoint's llm/ with config.json); "
-                      f"load the checkpoint folder instead of the engine")
+        raise ValleyError(f"{path}: no folder vLLM can load{why}: an engine exported with --quant gptq "
+                          f"(without --desc-act) has one; else load the checkpoint folder instead of the engine")
+    raise ValleyError(f"{path}: no HF LLM folder for vLLM (a checkpoint's llm/ with config.json)")
 
 
 def serve_command(llm_dir: str | Path, *, port: int, host: str = "127.0.0.1", memory: float = 0.15,

@@ -139,7 +139,8 @@ def build_app(engine: ServeEngine, settings: Settings | None = None) -> FastAPI:
         c = await engine.generate(req, engine.admit())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(engine, c, settings.model_name, include_usage),
+            events = await started(engine.events(c))
+            return StreamingResponse(stream(events, settings.model_name, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await complete(engine, c, request, settings.model_name)
 
@@ -207,9 +208,27 @@ async def complete(engine: ServeEngine, c: Completion, request: Request, model: 
                                           finish_reason=finish_reason(out))]).model_dump(exclude_none=True)
 
 
-async def stream(engine: ServeEngine, c: Completion, model: str, include_usage: bool):
-    """SSE chunks in the OpenAI format; the last is `data: [DONE]`. An error after the 200 is sent goes
-    out as an error object in the stream (as vLLM does)."""
+async def started(events):
+    """The generation's events, its first one awaited before the response starts: an error before the
+    first token (an LLM server that is down: 503) gets its own HTTP status and error object instead of
+    a 200 followed by an error in the stream. The first event comes with the first token (or the end)."""
+    first = await anext(events)
+
+    async def chained():
+        try:
+            yield first
+            async for item in events:
+                yield item
+        finally:
+            await events.aclose()  # cancels the generation when the client went away
+
+    return chained()
+
+
+async def stream(events, model: str, include_usage: bool):
+    """SSE chunks in the OpenAI format from a generation's events (`started`); the last is
+    `data: [DONE]`. An error after the 200 is sent goes out as an error object in the stream (as vLLM
+    does)."""
     cid, created = completion_id(), int(time.time())
 
     def chunk(delta: Delta, finish=None, usage_=None, choices=True) -> str:
@@ -218,7 +237,7 @@ async def stream(engine: ServeEngine, c: Completion, model: str, include_usage: 
         return f"data: {obj.model_dump_json(exclude_none=True)}\n\n"
 
     try:
-        async for kind, item in engine.events(c):
+        async for kind, item in events:
             if kind == "first":  # the role chunk goes out with the first token: a client's TTFT is real
                 yield chunk(Delta(role="assistant", content=""))
             elif kind == "text":

@@ -231,3 +231,83 @@ class InterleavedLLM:
         slot.job, slot.tracker, slot.t_first = None, None, 0.0
         slot.last_used = time.monotonic()
         job.on_done(out)
+
+
+class VllmService:
+    """The server's LLM on vLLM (backends/llm_vllm.py: an in-process engine or a remote `vllm serve`).
+
+    vLLM batches the requests it holds (continuous batching, paged KV cache, its own prefix cache), so
+    this service only hands jobs over: up to `slots` at once, each on a worker thread blocked in the
+    backend's `generate_from_embeds` (thread-safe for both backends); more wait in the pool's queue.
+    Stop strings, eos and the streamed text go through the built-in text tracker, as with
+    InterleavedLLM. A vLLM that is down becomes a 503 for the client, one that fails mid-answer a 502
+    (OpenAI error objects); a remote front end recovers as soon as its vLLM server answers again.
+    `cached_tokens` is reported as 0: vLLM's prefix-cache hits are not visible through either API."""
+
+    def __init__(self, backend, tokenizer, *, slots: int = 32):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.slots = int(slots)
+        self.max_context = int(backend.max_context)
+        self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="valley-vllm")
+        self._lock = threading.Lock()
+        self._active = 0
+        self._waiting = 0
+        self._closing = False
+
+    def submit(self, job: GenJob) -> None:
+        if self._closing:
+            raise RuntimeError("the LLM service is closed")
+        with self._lock:
+            self._waiting += 1
+        self._pool.submit(self._run, job)
+
+    def close(self) -> None:
+        """Finish the submitted jobs, then stop the workers (the backend is closed by its owner)."""
+        self._closing = True
+        self._pool.shutdown(wait=True)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"active": self._active, "waiting": self._waiting}
+
+    def _run(self, job: GenJob) -> None:
+        with self._lock:
+            self._waiting -= 1
+            self._active += 1
+        try:
+            if job.cancelled:
+                outcome = GenOutcome("", [], "cancelled", len(job.ids), 0, 0.0, 0.0)
+            else:
+                outcome = self._generate(job)
+        except BaseException as e:  # reported to the request's client; the service keeps going
+            outcome = vllm_api_error(e)
+        finally:
+            with self._lock:
+                self._active -= 1
+        job.on_done(outcome)
+
+    def _generate(self, job: GenJob) -> GenOutcome:
+        r = self.backend.generate_from_embeds(
+            job.embeds, tokenizer=self.tokenizer, params=job.params, stop=job.stop, on_text=job.on_text,
+            eos_token_id=-1 if job.eos_token_id is None else job.eos_token_id,
+            on_first_token=job.on_first_token, cancelled=lambda: job.cancelled)
+        reason = {"eos": "stop", "stop_string": "stop"}.get(r.stop_reason, r.stop_reason)
+        return GenOutcome(text=r.text, token_ids=list(r.token_ids), finish_reason=reason,
+                          prompt_tokens=len(job.ids), cached_tokens=0, prefill_ms=r.first_token_ms,
+                          decode_tokens_per_s=r.decode_tokens_per_s)
+
+
+def vllm_api_error(e: BaseException) -> BaseException:
+    """vLLM down -> 503, vLLM failed mid-answer -> 502 (OpenAI "server_error" objects); anything else
+    as it is (a ValleyError about the request stays a 4xx)."""
+    from valley_rt.backends.llm_vllm import VllmFailedError, VllmUnavailableError
+    from valley_rt.serve.media import APIError
+
+    if isinstance(e, VllmUnavailableError):
+        return APIError(str(e), status=503, type="server_error", code="llm_unavailable")
+    if isinstance(e, VllmFailedError):
+        return APIError(str(e), status=502, type="server_error", code="llm_failed")
+    return e
