@@ -495,7 +495,7 @@ def run_peers(args, hf_dir: Path) -> None:
     def rnd(d):
         return {k: (round(x, 4) if isinstance(x, float) else x) for k, x in d.items()}
 
-    result = {"bench": f"llm_peers_{shape}", "hardware": hw, "threads": args.threads,
+    result = {"bench": f"llm_peers_{shape}_h{H}x{L}", "hardware": hw, "threads": args.threads,
               "load_avg_start": round(load0, 2), "load_avg_end": round(load1, 2), "read_bw_gb_s": round(bw, 2),
               "model": {"dir": str(hf_dir), "params_b": round(n_params / 1e9, 3), "layers": L, "hidden": H,
                         "vocab": V, "weights": "as given (random in the bench checkpoints)"},
