@@ -191,7 +191,7 @@ def main() -> None:
                     help="--peers: llama.cpp's source tree (convert_hf_to_gguf.py); omit to skip llama.cpp")
     ap.add_argument("--vllm-python", default=None, help="--peers: the python of vLLM's CPU environment; omit to skip")
     ap.add_argument("--vllm-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--vllm-memory", type=float, default=0.05, help="vLLM gpu_memory_utilization (RAM share on CPU)")
+    ap.add_argument("--vllm-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization (RAM share on CPU)")
     ap.add_argument("--quality-tokens", type=int, default=128, help="--peers: held-out tokens for the quality figures")
     ap.add_argument("--save", type=Path, default=None, help="--peers: also write the JSON result here")
     args = ap.parse_args()

@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--memory", type=float, default=0.05,
+    ap.add_argument("--memory", type=float, default=0.3,
                     help="gpu_memory_utilization: on the CPU build, the fraction of RAM reserved for the KV cache")
     args = ap.parse_args()
     # vLLM's CPU worker binds its OpenMP threads to these cores (the same count valley-rt and llama.cpp get)
