@@ -7,6 +7,16 @@ bytes each decoded token must stream (weights + the KV cache read so far). Print
 with one JSON line.
 
     python benchmarks/bench_llm.py [--prompt 300] [--new 64] [--threads 2] [--cache /tmp/valley_bench]
+
+With --peers, the same run sets valley-rt's int4 engine beside its peers on one HF LLaMA folder
+(--llm; default the random 1.1B above): llama.cpp (llama-cpp-python, GGUF Q4_0 and Q4_K_M made by
+llama.cpp's own converter and quantizer) and vLLM's CPU build at batch 1 (a separate process in its own
+environment). Same prompt, same answer length, same threads. Prompt-processing and decode tokens/s,
+the decode's share of the read roofline measured in the same run, and each quantized model's quality
+against the fp32 model on the same held-out tokens (llm_peers.py). docs/peers.md has the build recipe.
+
+    python benchmarks/bench_llm.py --peers --llm /path/llm --llama-cpp-src /path/llama.cpp \
+        [--vllm-python /work/vllm-env/bin/python] [--save benchmarks/results/bench_llm_peers_1b.json]
 """
 
 from __future__ import annotations
@@ -175,8 +185,21 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/valley_bench"))
     ap.add_argument("--lm-head", default="int8", choices=["int8", "int4", "fp32"])
     ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="fewer for a quick smoke run")
+    ap.add_argument("--peers", action="store_true", help="valley-rt int4 beside llama.cpp and vLLM (llm_peers.py)")
+    ap.add_argument("--llm", type=Path, default=None, help="--peers: an HF LLaMA folder (default: the random 1.1B)")
+    ap.add_argument("--llama-cpp-src", type=Path, default=None,
+                    help="--peers: llama.cpp's source tree (convert_hf_to_gguf.py); omit to skip llama.cpp")
+    ap.add_argument("--vllm-python", default=None, help="--peers: the python of vLLM's CPU environment; omit to skip")
+    ap.add_argument("--vllm-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--vllm-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization (RAM share on CPU)")
+    ap.add_argument("--quality-tokens", type=int, default=128, help="--peers: held-out tokens for the quality figures")
+    ap.add_argument("--save", type=Path, default=None, help="--peers: also write the JSON result here")
     args = ap.parse_args()
     SHAPE["num_hidden_layers"] = args.layers
+    if args.peers:
+        hf_dir = args.llm or build_random_llama(args.cache / "llama1b_random")
+        run_peers(args, hf_dir)
+        return
 
     from valley_rt.backends.llm_onnx import OnnxLLM
     from valley_rt.export.llm_onnx import FORMAT_VERSION, export_llm_onnx
@@ -284,6 +307,208 @@ def main() -> None:
                   "speedup_ge_3x": speedup >= 3},
     }
     print(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------------- --peers
+
+class _LlamaCppSteps:
+    """llama-cpp-python's context as a decode backend (position, decode) for paired_roofline."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    @property
+    def position(self) -> int:
+        return self.llm.n_tokens
+
+    def decode(self, token_id: int):
+        self.llm.eval([token_id])
+
+
+def _rates(prefill_s: float, steps: list[float], n_prompt: int, bytes_at, bw: float) -> dict:
+    """Prompt and decode rates; GB/s and roofline on the median-step basis and over the whole answer."""
+    step = float(np.median(steps))
+    mean_bytes = float(np.mean([bytes_at(i) for i in range(len(steps))]))
+    decode = len(steps) / sum(steps)
+    return {"prefill_s": prefill_s, "prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": decode,
+            "step_tok_s": 1 / step, "mb_per_token": mean_bytes / 1e6, "gb_s": mean_bytes / step / 1e9,
+            "roofline_pct": 100 * mean_bytes / step / 1e9 / bw, "roofline_pct_mean": 100 * mean_bytes * decode / 1e9 / bw}
+
+
+def _bench_valley(onnx_dir: Path, prompt: list[int], answer: list[int], qids: list[int], threads: int):
+    """valley-rt's engine as the runtime opens it (the W8A8 prompt graph where the CPU has AMX-INT8)."""
+    from valley_rt.backends.llm_onnx import OnnxLLM
+
+    llm = OnnxLLM(onnx_dir, threads=threads)
+    llm.warm_up()
+    llm.prefill(llm.embed(prompt[:64]))  # the prompt graph's first run, as llama.cpp's warm-up below
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.prefill(llm.embed(prompt))
+    prefill_s = time.perf_counter() - t0
+    steps = []
+    for tok in answer:
+        t = time.perf_counter()
+        llm.decode(tok)
+        steps.append(time.perf_counter() - t)
+    paired = paired_roofline(llm, llm.weight_bytes_per_token, llm.kv_bytes_per_token, threads, n=16)
+    llm.reset()
+    logits = np.stack([llm.decode(t) for t in qids])  # the int4 decode graph at every position
+    out = {"prefill_s": prefill_s, "steps": steps, "paired": paired, "path": llm.name,
+           "weight_bytes": llm.weight_bytes_per_token, "kv_bytes": llm.kv_bytes_per_token}
+    del llm
+    return out, logits
+
+
+def _bench_gguf(path: Path, prompt: list[int], answer: list[int], threads: int, kv_bytes: int):
+    from llama_cpp import Llama
+    from llm_peers import gguf_bytes_per_token
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + len(answer) + 64, n_batch=512, n_ubatch=512,
+                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+    llm.eval(prompt[:64])  # warm-up
+    llm.eval(answer[:2])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - t0
+    steps = []
+    for tok in answer:
+        t = time.perf_counter()
+        llm.eval([tok])
+        steps.append(time.perf_counter() - t)
+    weight_bytes = gguf_bytes_per_token(path)
+    paired = paired_roofline(_LlamaCppSteps(llm), weight_bytes, kv_bytes, threads, n=16)
+    llm.close()
+    return {"prefill_s": prefill_s, "steps": steps, "paired": paired, "weight_bytes": weight_bytes,
+            "kv_bytes": kv_bytes, "file_mb": path.stat().st_size / 1e6}
+
+
+def run_peers(args, hf_dir: Path) -> None:
+    import llm_peers
+    from valley_rt.export.llm_onnx import FORMAT_VERSION, export_llm_onnx
+
+    hw = hardware()
+    load0 = os.getloadavg()[0]
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    L, H, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    kvh, hd = cfg["num_key_value_heads"], cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    n_params = V * H * 2 + L * (H * (H + 2 * kvh * hd) + H * H + 3 * H * cfg["intermediate_size"])
+    shape = f"{n_params / 1e9:.1f}B"
+    name = hf_dir.parent.name if hf_dir.name == "llm" else hf_dir.name
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, V, (args.prompt,), generator=gen).tolist()
+    answer = torch.randint(3, V, (args.new,), generator=gen).tolist()
+    qids = [1] + torch.randint(3, V, (args.quality_tokens - 1,), generator=torch.Generator().manual_seed(2)).tolist()
+    bws = [read_bandwidth_gbs(args.threads)]
+    print(f"hardware: {hw['cpu']} ({hw['cpu_kind']}; {' '.join(hw['isa'])}), {hw['cores']} cores; "
+          f"threads {args.threads}; load average {load0:.1f}", flush=True)
+    print(f"model: {hf_dir} ({shape}, {L} layers, hidden {H}, vocab {V}), prompt {args.prompt} tokens, "
+          f"answer {args.new} tokens, quality on {args.quality_tokens} held-out tokens", flush=True)
+
+    t0 = time.perf_counter()
+    ref_logits = llm_peers.fp32_logits(hf_dir, qids, args.threads)
+    print(f"fp32 reference logits: {time.perf_counter() - t0:.1f} s", flush=True)
+    runs, quality = {}, {"fp32": llm_peers.quality(ref_logits, ref_logits)}
+
+    onnx_dir = args.cache / f"{name}_rtn4_int8"
+    meta = onnx_dir / "llm_onnx.json"
+    t0 = time.perf_counter()
+    if not meta.is_file() or json.loads(meta.read_text()).get("format_version") != FORMAT_VERSION:
+        export_llm_onnx(hf_dir, onnx_dir, quant="rtn4", lm_head="int8")
+    print(f"valley-rt export: {time.perf_counter() - t0:.1f} s (~0 = cached)", flush=True)
+    r, logits = _bench_valley(onnx_dir, prompt, answer, qids, args.threads)
+    runs["valley_rt_int4"], quality["valley_rt_int4"] = r, llm_peers.quality(ref_logits, logits)
+    bws.append(read_bandwidth_gbs(args.threads))
+    print(f"valley-rt ({r['path']}): prefill {args.prompt / r['prefill_s']:.1f} tok/s, decode "
+          f"{args.new / sum(r['steps']):.2f} tok/s", flush=True)
+
+    llama_info = None
+    if args.llama_cpp_src:
+        llama_info = llm_peers.llama_cpp_info()
+        t0 = time.perf_counter()
+        ggufs = llm_peers.make_ggufs(hf_dir, args.cache / f"{name}_gguf", args.llama_cpp_src, args.threads)
+        print(f"llama.cpp GGUF convert + quantize: {time.perf_counter() - t0:.1f} s (~0 = cached)", flush=True)
+        kv_f16 = 2 * L * kvh * hd * 2  # llama.cpp's default KV cache is f16
+        for q, path in ggufs.items():
+            key = f"llama_cpp_{q.lower()}"
+            runs[key] = _bench_gguf(path, prompt, answer, args.threads, kv_f16)
+            quality[key] = llm_peers.quality(ref_logits, llm_peers.llama_cpp_logits(path, qids, args.threads))
+            bws.append(read_bandwidth_gbs(args.threads))
+            print(f"llama.cpp {q}: prefill {args.prompt / runs[key]['prefill_s']:.1f} tok/s, decode "
+                  f"{args.new / sum(runs[key]['steps']):.2f} tok/s", flush=True)
+
+    bw = max(bws)
+    rows = {}
+    for key, r in runs.items():
+        rows[key] = _rates(r["prefill_s"], r["steps"], args.prompt,
+                           lambda i, r=r: r["weight_bytes"] + r["kv_bytes"] * (args.prompt + i), bw)
+        rows[key]["paired_roofline_pct"] = 100 * r["paired"]
+        rows[key]["weight_mb"] = r["weight_bytes"] / 1e6
+    vllm = None
+    if args.vllm_python:
+        vllm = llm_peers.bench_vllm(args.vllm_python, hf_dir, prompt, args.new, args.threads, args.vllm_dtype,
+                                    args.vllm_memory, args.cache)
+        print(f"vLLM: {vllm}", flush=True)
+    load1 = os.getloadavg()[0]
+
+    print(f"\nread bandwidth {bw:.1f} GB/s (best of {len(bws)} samples); load average {load0:.1f} -> {load1:.1f}")
+    if llama_info:
+        print(f"llama-cpp-python {llama_info['version']}: {llama_info['system_info']}")
+    head = (f"{'path':<20} {'prefill tok/s':>13} {'decode tok/s':>12} {'1/median step':>13} {'MB/token':>9} "
+            f"{'GB/s':>6} {'roofline':>8} {'paired':>7} {'KL nats':>8} {'ppl/fp32':>8} {'top1':>5}")
+    print(head)
+    print("-" * len(head))
+    for key, r in rows.items():
+        qq = quality[key]
+        print(f"{key:<20} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.2f} {r['step_tok_s']:>13.2f} "
+              f"{r['mb_per_token']:>9.0f} {r['gb_s']:>6.2f} {r['roofline_pct']:>7.0f}% {r['paired_roofline_pct']:>6.0f}% "
+              f"{qq['kl_nats']:>8.4f} {qq['ppl_vs_fp32_text'] / qq['ppl_fp32_floor']:>8.4f} {qq['top1_agree']:>5.2f}")
+    if vllm and "error" not in vllm:
+        print(f"{'vllm_cpu_' + args.vllm_dtype:<20} {vllm['prefill_tok_s']:>13.1f} {vllm['decode_tok_s']:>12.2f} "
+              f"(engine start {vllm['engine_start_s']:.0f} s)")
+    print(f"fp32 floor: perplexity {quality['fp32']['ppl_fp32_floor']:.1f} on text distributed as the fp32 model says")
+
+    v = rows["valley_rt_int4"]
+    ratios, goals = {}, {"roofline_ge_70pct": max(v["roofline_pct"], v["paired_roofline_pct"]) >= 70}
+    if "llama_cpp_q4_0" in rows:
+        q0 = rows["llama_cpp_q4_0"]
+        ratios.update({"decode_vs_llama_q4_0": v["decode_tok_s"] / q0["decode_tok_s"],
+                       "step_vs_llama_q4_0": v["step_tok_s"] / q0["step_tok_s"],
+                       "prefill_vs_llama_q4_0": v["prefill_tok_s"] / q0["prefill_tok_s"],
+                       "kl_vs_llama_q4_0": quality["valley_rt_int4"]["kl_nats"] / quality["llama_cpp_q4_0"]["kl_nats"]})
+        goals.update({"decode_ge_llama_q4_0": ratios["step_vs_llama_q4_0"] >= 1 and ratios["decode_vs_llama_q4_0"] >= 1,
+                      "prefill_ge_llama_q4_0": ratios["prefill_vs_llama_q4_0"] >= 1,
+                      "quality_ge_llama_q4_0": ratios["kl_vs_llama_q4_0"] <= 1})
+    if "llama_cpp_q4_k_m" in rows:
+        km = rows["llama_cpp_q4_k_m"]
+        ratios.update({"decode_vs_llama_q4_k_m": v["decode_tok_s"] / km["decode_tok_s"],
+                       "prefill_vs_llama_q4_k_m": v["prefill_tok_s"] / km["prefill_tok_s"],
+                       "kl_vs_llama_q4_k_m": quality["valley_rt_int4"]["kl_nats"] / quality["llama_cpp_q4_k_m"]["kl_nats"]})
+    if vllm and "error" not in vllm:
+        ratios.update({"decode_vs_vllm": v["decode_tok_s"] / vllm["decode_tok_s"],
+                       "prefill_vs_vllm": v["prefill_tok_s"] / vllm["prefill_tok_s"]})
+    print("ratios (valley-rt / peer; KL: lower is better): "
+          + ", ".join(f"{k} {x:.2f}" for k, x in ratios.items()))
+    print("goals: " + ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in goals.items()))
+
+    def rnd(d):
+        return {k: (round(x, 4) if isinstance(x, float) else x) for k, x in d.items()}
+
+    result = {"bench": f"llm_peers_{shape}_h{H}x{L}", "hardware": hw, "threads": args.threads,
+              "load_avg_start": round(load0, 2), "load_avg_end": round(load1, 2), "read_bw_gb_s": round(bw, 2),
+              "model": {"dir": str(hf_dir), "params_b": round(n_params / 1e9, 3), "layers": L, "hidden": H,
+                        "vocab": V, "weights": "as given (random in the bench checkpoints)"},
+              "prompt_tokens": args.prompt, "new_tokens": args.new, "quality_tokens": args.quality_tokens,
+              "llama_cpp": llama_info, **{k: rnd({**r, **{f"q_{a}": b for a, b in quality[k].items()}})
+                                          for k, r in rows.items()},
+              "fp32_ppl_floor": round(quality["fp32"]["ppl_fp32_floor"], 3),
+              "vllm": vllm, "ratios": rnd(ratios), "goals": goals}
+    line = json.dumps(result)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(line + "\n")
+    print(line)
 
 
 if __name__ == "__main__":
