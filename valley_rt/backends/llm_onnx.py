@@ -43,7 +43,7 @@ from valley_rt.errors import EngineError
 KV_START_SLOTS = 512  # KV cache rows allocated at load; grown (doubled) on demand up to max_context
 PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph
 PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
-LOAD_ENV = "VALLEY_RT_LLM_LOAD"  # "background" (default): the prompt graph opens on a worker thread; "eager"
+LOAD_ENV = "VALLEY_RT_LLM_LOAD"  # "background" (default): both LLM graphs open on a worker thread; "eager"
 
 
 def cpu_has_int8_matrix_units() -> bool:
@@ -110,8 +110,9 @@ class OnnxLLM:
 
     def __init__(self, path, *, threads: int | None = None, spinning: bool = True, max_context: int | None = None,
                  defer_load: bool = False):
-        """defer_load: leave the prompt graph's session for `load_rest_in_background` (or the first
-        run that needs it) instead of opening it here; the caller then also warms up in the background."""
+        """defer_load: open neither graph's session here (the int4 decode graph, the W8A8 prompt graph)
+        but in `load_rest_in_background` or the first run that needs them; the caller then also warms
+        up in the background."""
         import onnxruntime as ort
 
         t0 = time.perf_counter()
