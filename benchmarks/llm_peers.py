@@ -172,27 +172,6 @@ def gguf_bytes_per_token(path: Path) -> int:
     return int(sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight"))
 
 
-def bench_llama_cpp(path: Path, prompt: list[int], answer: list[int], threads: int) -> dict:
-    """Prompt processing (one eval of the whole prompt, batch 512) and decode (one token per eval)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=len(prompt) + len(answer) + 16, n_batch=512, n_ubatch=512,
-                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
-    llm.eval(prompt[:16])  # warm-up
-    llm.eval(answer[:2])
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    prefill_s = time.perf_counter() - t0
-    steps = []
-    for tok in answer:
-        t = time.perf_counter()
-        llm.eval([tok])
-        steps.append(time.perf_counter() - t)
-    llm.close()
-    return {"prefill_s": prefill_s, "steps": steps}
-
-
 def llama_cpp_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
     from llama_cpp import Llama
 
