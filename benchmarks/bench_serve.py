@@ -64,21 +64,12 @@ def rss_mb(pid: int) -> float:
 
 def rss_tree_mb(pid: int) -> float:
     """RSS of a process and all its descendants (vLLM runs its engine core in a child process)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
         try:
             total += rss_mb(p)
         except OSError:
             continue
-        todo += children.get(p, [])
     return total
 
 
