@@ -70,13 +70,18 @@ def test_verified_stamp_skips_rehash_until_a_file_changes(engine, tmp_path, monk
     assert [h for h in hashed if h != ef.MANIFEST] == []
     # a flipped byte (size kept, mtime put back) still moves ctime: re-hashed and refused
     f = engine / "vision.onnx"
+    _flip_a_byte_keeping_mtime(f)
+    with pytest.raises(EngineError, match="modified after export"):
+        ef.load_manifest(engine)
+
+
+def _flip_a_byte_keeping_mtime(f) -> None:
+    """Tamper with f as a careful attacker would: same size, the old mtime put back."""
     st = f.stat()
     data = bytearray(f.read_bytes())
     data[10] ^= 0x01
     f.write_bytes(bytes(data))
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(EngineError, match="modified after export"):
-        ef.load_manifest(engine)
 
 
 def test_tampering_in_the_stamps_own_tick_is_caught(engine, tmp_path, monkeypatch):
@@ -84,11 +89,7 @@ def test_tampering_in_the_stamps_own_tick_is_caught(engine, tmp_path, monkeypatc
     monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
     ef.load_manifest(engine)
     f = engine / "vision.onnx"
-    st = f.stat()
-    data = bytearray(f.read_bytes())
-    data[10] ^= 0x01
-    f.write_bytes(bytes(data))
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _flip_a_byte_keeping_mtime(f)
     with pytest.raises(EngineError, match="modified after export"):
         ef.load_manifest(engine)
 
