@@ -456,3 +456,57 @@ def test_a_damaged_cached_engine_is_rebuilt_and_locks_do_not_pile_up(ckpt, tmp_p
     with pytest.raises(EngineError, match="remove that folder and run again"):
         load(ckpt)
     assert (engine / "notes.txt").read_text() == "not valley-rt's"
+
+
+def test_the_system_prompts_kv_rows_are_stored_and_reused_across_loads(tmp_path, monkeypatch):
+    """The text before the first visual token is prefilled on its own and its KV rows are stored per
+    machine; a later load copies them instead of prefilling, and answers as without the store. A damaged
+    entry, another system prompt or another engine file is a miss, never a wrong cache."""
+    import valley_rt.runtime as rt
+
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(rt, "PREFIX_MIN_FLOPS", 0)  # the demo's prefix is far below the real threshold
+    store = tmp_path / "cache" / "prefix-kv"
+    engine = tmp_path / "engine"
+    shutil.copytree(rt.DEMO_ENGINE, engine)
+    video = DEMO_CLIPS / "s4_00000.mp4"
+    question = "Which way does the green square move?"
+
+    def ask(system=None):
+        valley = rt.load(engine)  # the demo's load warms up with a whole question: a first miss is stored there
+        ans = valley.ask(video, question, params=DEMO_GREEDY, system=system)
+        return valley, ans
+
+    valley, first = ask()
+    assert (valley.prefix_store.misses, valley.prefix_store.hits) == (1, 1)  # warm-up: computed; ask: copied
+    entries = sorted(store.glob("*.npy"))
+    assert len(entries) == 1
+    rows = np.load(entries[0])
+    prefix = rows.shape[2]
+    assert 0 < prefix < first.tokens_in - valley.cfg.num_patches
+    assert first.timings["prefix_tokens_stored"] == prefix
+    assert first.tokens_prefilled == first.tokens_in - prefix
+    assert np.array_equal(valley.llm.read_prefix(prefix), rows)
+    assert first.answer == "right"
+
+    monkeypatch.setenv("VALLEY_RT_PREFIX_CACHE", "off")  # the whole prompt prefilled at once: same answer
+    off_valley, off = ask()
+    assert off_valley.prefix_store is None and off.tokens_prefilled == off.tokens_in and off.answer == first.answer
+    monkeypatch.delenv("VALLEY_RT_PREFIX_CACHE")
+
+    raw = bytearray(entries[0].read_bytes())  # damaged: ignored, prefilled again, stored again
+    raw[-4:] = b"\x00\x00\xc0\x7f"
+    entries[0].write_bytes(bytes(raw))
+    valley, again = ask()
+    assert (valley.prefix_store.misses, valley.prefix_store.hits) == (1, 1)
+    assert again.answer == first.answer and np.array_equal(np.load(entries[0]), rows)
+
+    valley, other = ask(system="You are a terse assistant.")  # another prefix: another entry
+    assert (valley.prefix_store.misses, valley.prefix_store.hits) == (1, 1)  # warm-up: the default one, stored
+    assert other.timings["prefix_tokens_stored"] == 0
+    assert len(list(store.glob("*.npy"))) == 2
+
+    llm_file = engine / "llm" / "llm.onnx"  # the graph file rewritten (same bytes, new ctime): a miss
+    llm_file.write_bytes(llm_file.read_bytes())
+    valley, _ = ask()
+    assert valley.prefix_store.misses == 1 and len(list(store.glob("*.npy"))) == 3

@@ -253,9 +253,14 @@ def load_manifest(engine_dir: str | Path, *, verify: bool = True) -> dict[str, A
 RACY_NS = 2_000_000_000  # files changed within 2 s of the stamp are re-hashed: timestamp ticks are coarse
 
 
+def cache_root() -> Path:
+    """The user cache: $VALLEY_RT_CACHE, else ~/.cache/valley-rt (stamps, ORT's optimized graphs, prefix KV)."""
+    return Path(os.environ.get("VALLEY_RT_CACHE") or Path.home() / ".cache" / "valley-rt")
+
+
 def stamp_dir() -> Path:
     """Where stamps live: $VALLEY_RT_CACHE/verified (default ~/.cache/valley-rt/verified)."""
-    return Path(os.environ.get("VALLEY_RT_CACHE", Path.home() / ".cache" / "valley-rt")) / "verified"
+    return cache_root() / "verified"
 
 
 def _stamp_path(engine_dir: Path) -> Path:

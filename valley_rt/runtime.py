@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from valley_rt.backends.prefix_kv import PREFIX_MIN_FLOPS, PrefixStore, prefix_store_enabled
 from valley_rt.backends.vision import open_engine_vision, pick_vision, torch_cuda_available
 from valley_rt.config import ValleyConfig
 from valley_rt.engine_format import MANIFEST, artifact_path, load_manifest
@@ -199,6 +200,8 @@ class Valley:
         self._cached_ids: list[int] = []  # token ids whose keys/values are in the LLM's cache
         self._cached_video: VideoContext | None = None  # the video whose tokens those placeholders hold
         self.load_ms = 0.0
+        self.prefix_store = None  # a backends.prefix_kv.PrefixStore: the system prompt's KV rows, per machine
+        self._prefix_prefilled = 0  # tokens the last _system_prefix prefilled (not copied)
         self.max_frames = cfg.temporal.max_frames if cfg.temporal.mode == "transformer" else 64
 
     def reset(self) -> None:
@@ -283,6 +286,9 @@ class Valley:
         if self._cached_video is not ctx:
             common = min(common, ids.index(self.cfg.tokens.im_start) if self.cfg.tokens.im_start in ids else len(ids))
         common = min(common, len(ids) - 1, self.llm.position)  # at least one token to prefill
+        stored = 0  # prompt tokens whose KV rows came from the prefix store
+        if self.prefix_store is not None:
+            common, stored = self._system_prefix(ids, common)
         if common < self.llm.position:
             self.llm.truncate(common)
         embeds = self._embeds(ids, ctx)[common:]
@@ -304,10 +310,34 @@ class Valley:
                         "first_token_ms": result.first_token_ms,
                         "generate_ms": result.timings.get("total_ms", 0.0),
                         "decode_tokens_per_s": result.decode_tokens_per_s})
+        timings["prefix_tokens_stored"] = stored
         ans = Answer(question=question, answer=clean_answer(result.text), tokens_in=len(ids),
-                     tokens_prefilled=len(ids) - common, tokens_out=len(answer_ids),
+                     tokens_prefilled=len(ids) - common + self._prefix_prefilled, tokens_out=len(answer_ids),
                      stop_reason=result.stop_reason, timings=timings, backends=self.backends)
         return ans, answer_ids
+
+    def _system_prefix(self, ids: list[int], common: int) -> tuple[int, int]:
+        """Make the KV cache hold the prompt's text before its first visual token (the system prompt and
+        the first turn's opening), from the prefix store or by prefilling that prefix on its own, and
+        store it when it was not there (backends/prefix_kv.py). Returns (common, stored): the tokens the
+        cache now holds of `ids`, and how many of them were copied from the store."""
+        self._prefix_prefilled = 0
+        im_start = self.cfg.tokens.im_start
+        n = ids.index(im_start) if im_start in ids else 0
+        llm = self.cfg.llm
+        if common >= n or n * 2 * 12 * llm.num_layers * llm.hidden_size**2 < PREFIX_MIN_FLOPS:
+            return common, 0
+        prefix, shape = ids[:n], self.llm.prefix_shape(n)
+        rows = self.prefix_store.get(prefix, shape)
+        if rows is not None:
+            self.llm.write_prefix(rows)
+        else:  # prefilled alone, so that these rows and a stored copy are the same rows
+            self.llm.truncate(0)
+            self.llm.prefill(self.llm.embed(prefix))
+            self._prefix_prefilled = n
+            self.prefix_store.put(prefix, self.llm.read_prefix(n))
+        self._cached_ids, self._cached_video = list(prefix), None
+        return n, 0 if rows is None else n
 
     def ask(self, video, question: str, *, params: SamplingParams | None = None, system: str | None = None,
             on_text: Callable[[str], None] | None = None, frames: int | None = None,
@@ -559,8 +589,11 @@ def _load_engine(path: Path, manifest: dict, *, vision: str = "onnx-cpu", thread
         if llm.has_prefill_graph:
             llm.name += "+w8a8-prefill"
     tok = open_tokenizer(artifact_path(path, files.get("tokenizer", "tokenizer/"), where="files.tokenizer"))
-    return Valley(cfg=cfg, tokenizer=tok, vision=vision_backend, llm=llm, source=str(path),
-                  kind="engine-cuda" if cuda else "engine")
+    valley = Valley(cfg=cfg, tokenizer=tok, vision=vision_backend, llm=llm, source=str(path),
+                    kind="engine-cuda" if cuda else "engine")
+    if isinstance(llm, OnnxLLM) and prefix_store_enabled():
+        valley.prefix_store = PrefixStore(llm.prefix_identity())
+    return valley
 
 
 def _load_reference(path: Path) -> Valley:

@@ -297,6 +297,44 @@ class OnnxLLM:
         self._run_graph(self.session, self._binding, x, 4)
         self._run_graph(self.session, self._binding, x[:, :1], 5)
 
+    # ------------------------------------------------------------------ prefix rows (backends/prefix_kv.py)
+
+    def prefix_identity(self) -> list:
+        """What a stored prefix's rows depend on besides its tokens: the graphs that compute them (by
+        stat: any rewrite changes ctime), ONNX Runtime's version and the CPU's flags (kernels differ)."""
+        import onnxruntime as ort
+
+        from valley_rt.cpu import cpu_flags
+
+        stats = []
+        for f in (self._model_file, self._prefill_file):
+            if f is not None:
+                st = f.stat()
+                stats.append([str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
+        return ["onnx-llm", LLM_FORMAT_VERSION, stats, ort.__version__, sorted(cpu_flags()), PREFILL_MIN_TOKENS]
+
+    def prefix_shape(self, tokens: int) -> tuple[int, int, int, int]:
+        return (2 * self.num_layers, self._kv_heads, tokens, self._head_dim)
+
+    def read_prefix(self, tokens: int) -> np.ndarray:
+        """A copy of the cache's first `tokens` rows: [2 * layers, kv_heads, tokens, head_dim] float32."""
+        if not 0 < tokens <= self._pos:
+            raise ValueError(f"read {tokens} prefix rows from a cache of {self._pos} tokens")
+        return np.stack([c[0, :, :tokens] for c in self._cache])
+
+    def write_prefix(self, rows: np.ndarray) -> None:
+        """Put stored prefix rows (read_prefix's layout) at the start of the cache; position = their count."""
+        tokens = rows.shape[2]
+        if tuple(rows.shape) != self.prefix_shape(tokens) or tokens > self.max_context:
+            raise ValueError(f"prefix rows of shape {list(rows.shape)} do not fit this LLM's cache")
+        if self._loader is not None:  # the worker's warm-up writes the cache's first rows
+            self.wait_loaded()
+        self._pos = 0
+        self._ensure_slots(tokens)
+        for c, r in zip(self._cache, rows):
+            c[0, :, :tokens] = r
+        self._pos = tokens
+
     def truncate(self, position: int) -> None:
         if not 0 <= position <= self._pos:
             raise ValueError(f"truncate to {position} outside the cache of {self._pos} tokens")

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from valley_rt.engine_format import MAX_FRAMES, MIN_FRAMES, OPT_FRAMES, VISION_INPUT
+from valley_rt.engine_format import MAX_FRAMES, MIN_FRAMES, OPT_FRAMES, VISION_INPUT, cache_root
 from valley_rt.errors import EngineError
 
 
@@ -130,7 +130,7 @@ def _optimized_folder(path: Path, opts) -> Path:
         flags = next((line for line in f if line.startswith("flags")), "")
     key = json.dumps([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, ort.__version__,
                       int(opts.graph_optimization_level), flags])
-    root = Path(os.environ.get("VALLEY_RT_CACHE") or Path.home() / ".cache" / "valley-rt") / OPTIMIZED_DIR
+    root = cache_root() / OPTIMIZED_DIR
     root.mkdir(parents=True, exist_ok=True)
     return root / hashlib.sha256(key.encode()).hexdigest()[:32]
 
