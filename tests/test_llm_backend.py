@@ -414,12 +414,31 @@ def test_deferred_load_opens_both_graphs_on_a_worker_and_gives_the_same_logits(t
     eager = OnnxLLM(path.parent)
     lazy = OnnxLLM(path.parent, defer_load=True)
     assert lazy.session is None and lazy.prefill_session is None and lazy.has_prefill_graph
+    # The worker opens the prompt graph first; hold it before the int4 graph: a prompt runs meanwhile
+    # (and grows the KV cache, which the int4 graph must then be bound to), and the first decode step waits.
+    import threading
+
+    import valley_rt.backends.llm_onnx as llm_onnx
+
+    monkeypatch.setattr(llm_onnx, "KV_START_SLOTS", 16)
+    lazy = OnnxLLM(path.parent, defer_load=True)
+    gate, opened = threading.Event(), OnnxLLM._open_sessions
+
+    def held(self, which=("prefill_session", "session")):
+        if which == ("session",):
+            assert gate.wait(60)
+        return opened(self, which)
+
+    monkeypatch.setattr(OnnxLLM, "_open_sessions", held)
     lazy.load_rest_in_background()
     ids = [3 + (5 * i) % 990 for i in range(PREFILL_MIN_TOKENS + 9)]
     np.testing.assert_array_equal(lazy.prefill(lazy.embed(ids)), eager.prefill(eager.embed(ids)))
-    assert lazy.prefill_session is not None and lazy._loader is None and lazy.position == len(ids)
+    assert lazy.prefill_session is not None and lazy.session is None and lazy.position == len(ids)
+    assert lazy.cache_slots >= len(ids) > 16
+    gate.set()
     for tok in (5, 6):
         np.testing.assert_array_equal(lazy.decode(tok), eager.decode(tok))
+    assert lazy._loader is None and lazy.session is not None
     # No worker started: the first run opens what is deferred itself.
     plain = OnnxLLM(path.parent, defer_load=True)
     np.testing.assert_array_equal(plain.prefill(plain.embed(ids)), lazy.fork().prefill(lazy.embed(ids)))

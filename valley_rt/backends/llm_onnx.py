@@ -19,9 +19,11 @@ continues from the prompt graph's cache.
 Opening the two graphs is most of an engine's load time: ONNX Runtime repacks every weight for its
 kernels (int4 blocks for MatMulNBits, int8 panels for the GEMM) and hashes the packed bytes, on one
 thread: ~1.6 GB at 1.1B (docs/cpu_latency.md). With `defer_load=True` neither is opened in
-`__init__`; `load_rest_in_background()` opens both and warms the decode graph on a worker thread
-while the caller reads and encodes a video, and the first run waits for that thread. The CPU work is
-the same; it leaves the load path and overlaps what the caller does before its first prompt.
+`__init__`; `load_rest_in_background()` opens both and warms the decode graph (on a private scratch
+cache) on a worker thread while the caller reads and encodes a video. The prompt graph opens first: a
+first prompt waits only for it and runs while the int4 graph is still opening, and the first decode
+step waits for the rest. The CPU work is the same; it leaves the load path and overlaps what the
+caller does before its first prompt.
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ class OnnxLLM:
                                   "re-export the engine")
             self.name += "+w8a8-prefill"
         self._loader: _Loader | None = None  # the worker finishing the load, while it runs
+        self._cache_lock = threading.Lock()  # binding a session vs. growing the cache (loader vs caller)
         self.background_load_s = 0.0  # the worker's own time, once joined
         self.load_wait_s = 0.0  # time runs spent waiting for the worker or opening deferred sessions
         self.defer_load = defer_load
@@ -167,11 +170,16 @@ class OnnxLLM:
         """Whether prompts of PREFILL_MIN_TOKENS or more run on the W8A8 graph (opened or deferred)."""
         return self._prefill_file is not None
 
-    def _open_sessions(self) -> None:
-        """Create whichever of the two sessions is not open yet, each bound to the shared KV cache."""
+    def _open_sessions(self, which: tuple[str, ...] = ("prefill_session", "session")) -> None:
+        """Create whichever of the two sessions named in `which` is not open yet (the prompt graph
+        first: a prompt needs it before any decode step needs the int4 graph), each bound to the shared
+        KV cache. The binding is made under the cache lock: the caller's thread may grow the cache
+        while this one (the background loader) opens a session."""
         import onnxruntime as ort
 
-        for file, attr in ((self._model_file, "session"), (self._prefill_file, "prefill_session")):
+        files = {"session": self._model_file, "prefill_session": self._prefill_file}
+        for attr in which:
+            file = files[attr]
             if file is None or getattr(self, attr) is not None:
                 continue
             try:
@@ -180,8 +188,9 @@ class OnnxLLM:
             except Exception as e:  # ORT's own exception types: a damaged or foreign graph file
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise EngineError(f"{file}: ONNX Runtime cannot open it ({first_line}); re-export the engine") from None
-            setattr(self, "_binding" if attr == "session" else "_prefill_binding", self._bind_static(ort, session))
-            setattr(self, attr, session)
+            with self._cache_lock:
+                setattr(self, "_binding" if attr == "session" else "_prefill_binding", self._bind_static(ort, session))
+                setattr(self, attr, session)
 
     def load_rest_in_background(self, warm: bool = True) -> None:
         """Open the deferred sessions, then warm the decode graph when `warm` (see `warm_up`), on a
@@ -198,6 +207,22 @@ class OnnxLLM:
             loader.join()
             self.background_load_s = loader.seconds
         self._open_sessions()
+        self.load_wait_s += time.perf_counter() - t0
+
+    def _wait_prompt_graph(self) -> None:
+        """Block until the prompt graph is open (the loader opens it first; the int4 graph may still be
+        opening), or the whole load when the loader failed."""
+        loader = self._loader
+        if loader is None or self.prefill_session is not None:
+            if self.prefill_session is None:
+                self._open_sessions(("prefill_session",))
+            return
+        t0 = time.perf_counter()
+        loader.prompt_graph_ready.wait()
+        if loader.error is not None or self.prefill_session is None:
+            self.load_wait_s += time.perf_counter() - t0
+            self.wait_loaded()
+            return
         self.load_wait_s += time.perf_counter() - t0
 
     def _new_cache(self, slots: int) -> list[np.ndarray]:
@@ -220,21 +245,24 @@ class OnnxLLM:
         grown = self._new_cache(slots)
         for new, old in zip(grown, self._cache):
             new[:, :, :self._pos] = old[:, :, :self._pos]
-        self._cache = grown
-        if self.session is not None:  # a session still deferred binds the cache when it opens
-            self._binding = self._bind_static(ort, self.session)
-        if self.prefill_session is not None:
-            self._prefill_binding = self._bind_static(ort, self.prefill_session)
+        with self._cache_lock:  # a session the loader opens now binds the grown cache
+            self._cache = grown
+            if self.session is not None:  # a session still deferred binds the cache when it opens
+                self._binding = self._bind_static(ort, self.session)
+            if self.prefill_session is not None:
+                self._prefill_binding = self._bind_static(ort, self.prefill_session)
 
-    def _bind_static(self, ort, session):
-        """Bind what never changes: each layer's K/V buffer as past input AND present output."""
+    def _bind_static(self, ort, session, cache: list[np.ndarray] | None = None, logits: np.ndarray | None = None):
+        """Bind what never changes: each layer's K/V buffer (of `cache`, default the LLM's own) as past
+        input AND present output, and the logits buffer."""
+        cache = self._cache if cache is None else cache
         b = session.io_binding()
         for i in range(self.num_layers):
             for j, kind in enumerate(("key", "value")):
-                ov = ort.OrtValue.ortvalue_from_numpy(self._cache[2 * i + j])  # shares the numpy memory
+                ov = ort.OrtValue.ortvalue_from_numpy(cache[2 * i + j])  # shares the numpy memory
                 b.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
                 b.bind_ortvalue_output(f"present.{i}.{kind}", ov)
-        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits if logits is None else logits))
         return b
 
     # ------------------------------------------------------------------------------ LLMBackend
@@ -251,14 +279,16 @@ class OnnxLLM:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """x: [1, S, H] float32 appended after the cache -> last-position logits [V]."""
-        if self._loader is not None or self.session is None:
-            self.wait_loaded()
         s = x.shape[1]
+        prompt_graph = self._prefill_file is not None and s >= PREFILL_MIN_TOKENS
+        if prompt_graph:
+            self._wait_prompt_graph()  # the int4 graph may go on opening meanwhile
+        elif self._loader is not None or self.session is None:
+            self.wait_loaded()
         total = self._pos + s
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
         self._ensure_slots(total)
-        prompt_graph = self._prefill_file is not None and s >= PREFILL_MIN_TOKENS
         if prompt_graph:
             self._run_graph(self.prefill_session, self._prefill_binding, x, total)
         else:
@@ -290,12 +320,15 @@ class OnnxLLM:
         self.reset()
 
     def _warm_decode_graph(self) -> None:
-        """4 prompt tokens then 1 decode step through the int4 graph into cache rows 0-4, leaving the
-        position alone (the background loader runs this on a fresh cache, position 0: rows at or past
-        the position are overwritten before they are read)."""
+        """4 prompt tokens then 1 decode step through the int4 graph, into a private 8-row cache and
+        logits buffer: the background loader runs this while the caller may be prefilling a prompt
+        into the LLM's own cache through the prompt graph."""
+        import onnxruntime as ort
+
+        binding = self._bind_static(ort, self.session, cache=self._new_cache(8), logits=np.zeros_like(self._logits))
         x = np.asarray(self.embed_table[[1] * 4], dtype=np.float32)[None]  # [1, 4, H]
-        self._run_graph(self.session, self._binding, x, 4)
-        self._run_graph(self.session, self._binding, x[:, :1], 5)
+        self._run_graph(self.session, binding, x, 4)
+        self._run_graph(self.session, binding, x[:, :1], 5)
 
     # ------------------------------------------------------------------ prefix rows (backends/prefix_kv.py)
 
@@ -327,8 +360,6 @@ class OnnxLLM:
         tokens = rows.shape[2]
         if tuple(rows.shape) != self.prefix_shape(tokens) or tokens > self.max_context:
             raise ValueError(f"prefix rows of shape {list(rows.shape)} do not fit this LLM's cache")
-        if self._loader is not None:  # the worker's warm-up writes the cache's first rows
-            self.wait_loaded()
         self._pos = 0
         self._ensure_slots(tokens)
         for c, r in zip(self._cache, rows):
@@ -355,6 +386,7 @@ class OnnxLLM:
         other = object.__new__(OnnxLLM)
         other.__dict__.update(self.__dict__)
         other._cache = other._new_cache(min(KV_START_SLOTS, self.max_context))
+        other._cache_lock = threading.Lock()
         other._logits = np.zeros_like(self._logits)
         other._binding = other._bind_static(ort, other.session)
         if other.prefill_session is not None:
@@ -372,13 +404,18 @@ class _Loader:
     def __init__(self, llm: OnnxLLM, warm: bool):
         self.error: BaseException | None = None
         self.seconds = 0.0
+        self.prompt_graph_ready = threading.Event()  # set once the prompt graph is open (or the load failed)
         self._thread = threading.Thread(target=self._work, args=(llm, warm), name="valley-rt-llm-load")
         self._thread.start()
 
     def _work(self, llm: OnnxLLM, warm: bool) -> None:
         t0 = time.perf_counter()
         try:
-            llm._open_sessions()
+            try:
+                llm._open_sessions(("prefill_session",))  # a first prompt can run while the int4 graph opens
+            finally:
+                self.prompt_graph_ready.set()
+            llm._open_sessions(("session",))
             if warm:
                 llm._warm_decode_graph()
         except BaseException as e:  # handed to the thread that waits
