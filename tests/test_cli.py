@@ -71,3 +71,23 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     (tmp_path / "engine" / "manifest.json").write_text("{not json")
     assert_one_line_error(run("ask", SHARED / "videos" / "snowmobile.mp4", "hi", "--model", tmp_path / "engine"),
                           "manifest.json", "not valid JSON")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["ask", "--bogus"], "No such option: --bogus"),
+    (["ask", "a.mp4", "q", "extra"], "unexpected extra argument"),
+    (["ask", "--frames", "x", "a.mp4", "q"], "Invalid value for '--frames'"),
+    (["export"], "Missing argument 'ckpt'"),
+    (["serve", "--port", "abc"], "Invalid value for '--port'"),
+    (["nosuchcommand"], "No such command 'nosuchcommand'"),
+])
+def test_a_command_line_usage_error_is_one_error_line(args, needle):
+    """What click reports as a usage error (unknown option, extra or missing argument, a value of the wrong
+    type, an unknown command) is one `error:` line naming the command's --help, exit 2, no usage panel."""
+    p = run(*args)
+    assert_one_line_error(p, needle, "--help")
+
+
+def test_help_and_version_still_exit_zero():
+    assert run("ask", "--help").returncode == 0
+    assert run("--version").stdout.startswith("valley-rt ")

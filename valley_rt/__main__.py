@@ -1,3 +1,3 @@
-from valley_rt.cli import app
+from valley_rt.cli import main
 
-app(prog_name="valley-rt")
+main()

@@ -365,6 +365,9 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
                                           help="Vision runtime on this CPU: auto (OpenVINO bf16/int8 when installed and faster "
                                                "at cosine >= 0.999, chosen from the CPU's ISA), openvino or onnxruntime."),
            gptq_stream: str = typer.Option("auto", help="GPTQ one decoder layer at a time: auto (LLMs of 2B+ parameters), yes or no."),
+           gptq_folder: bool = typer.Option(False, "--gptq-folder",
+                                            help="With --quant rtn4: also keep the int4 weights as a standard GPTQ folder "
+                                                 "(ENGINE/llm/gptq/, for vLLM; --quant gptq always keeps it)."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an engine folder already at OUT (nothing else is replaced)."),
            keep_failed_gate: bool = typer.Option(False, "--keep-failed-gate",
                                                  help="Keep a GPTQ LLM that fails the accuracy gate (figures still recorded)."),
@@ -378,7 +381,7 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
     m = export_engine(ckpt, out, precision=precision, quant=quant, bits=bits, group_size=group_size,
                       desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, overwrite=overwrite,
                       keep_failed_gate=keep_failed_gate, gpu=gpu, cpu_vision=cpu_vision,
-                      gptq_stream=gptq_stream)
+                      gptq_stream=gptq_stream, gptq_folder=gptq_folder)
     emit_json({"engine": str(out), "precision": m["precision"], "vision_cpu": m["vision_cpu"], "export_s": m["export_s"],
                "vision_parity": m["parity"]["vision"].get("parity"), "llm": m["parity"]["llm"]})
 
@@ -416,3 +419,27 @@ def serve(model: Optional[Path] = typer.Argument(None, help="Engine or checkpoin
         encoder_cache_mb=encoder_cache_mb, max_body_mb=max_body_mb, max_video_mb=max_video_mb,
         max_duration_s=max_duration_s, max_frames=max_frames, max_prompt_tokens=max_prompt_tokens,
         default_max_tokens=default_max_tokens, media_timeout_s=media_timeout_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `valley-rt` command: the typer app, with a command-line usage error (an unknown option, a
+    missing or extra argument, a value of the wrong type) reported as one `error:` line and exit 2, like
+    every other bad input, instead of click's boxed usage panel."""
+    try:  # typer >= 0.2x vendors click under typer._click; older ones use click itself
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+
+    try:
+        rc = app(args=argv, prog_name="valley-rt", standalone_mode=False)
+    except UsageError as e:
+        if e.ctx is not None and not (argv if argv is not None else sys.argv[1:]):  # bare `valley-rt`: its help
+            print(e.ctx.get_help())
+            sys.exit(2)
+        where = f"valley-rt {e.ctx.info_name}" if e.ctx is not None and e.ctx.parent is not None else "valley-rt"
+        print(f"error: {e.format_message()} (see `{where} --help`)", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C at a prompt
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
