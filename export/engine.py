@@ -35,7 +35,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
                   group_size: int = 128, desc_act: bool = False, sym: bool = True, calib=None,
                   calib_samples: int = 64, overwrite: bool = False, keep_failed_gate: bool = False,
                   gpu: str = "auto", cpu_vision: str = "auto", source_hashes: dict[str, str] | None = None,
-                  gptq_stream: str = "auto") -> dict:
+                  gptq_stream: str = "auto", gptq_folder: bool = False) -> dict:
     """Export checkpoint folder `ckpt` into engine folder `out`; returns the manifest written.
 
     precision: the vision engine on CPU — "auto" (int8 if faster and cosine >= 0.999 per token, else
@@ -54,6 +54,8 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     gptq_stream: "auto" (LLMs of GPTQ_STREAM_MIN_PARAMS or more), "yes" or "no": GPTQ one decoder layer at a
     time (export/gptq_stream.py: the LLM is never whole in memory, the gate scores perplexity and
     next-token agreement) instead of GPTQModel on the whole model (which also scores greedy answers).
+    gptq_folder: with quant "rtn4", also write the standard GPTQ folder of the same int4 weights
+    (`ENGINE/llm/gptq/`, as a gptq export always keeps) for loaders that take GPTQ as it is (vLLM).
     """
     from valley_rt.checkpoint import load_checkpoint, read_config
     from valley_rt.export.manifest import atomic_folder, write_manifest, write_verified_stamp
@@ -63,6 +65,9 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     ckpt, out = Path(ckpt), Path(out)
     if quant not in QUANTS:
         raise EngineError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if gptq_folder and quant == "none":
+        raise EngineError("--gptq-folder keeps int4 weights as a GPTQ folder: it needs --quant rtn4 (or gptq, which "
+                          "always keeps one)")
     if quant == "gptq" and calib is None:
         raise EngineError("--quant gptq needs --calib DATA (a Valley instruction JSON whose videos are calibration "
                           "and held-out inputs); or pass --quant rtn4 / none")
@@ -112,6 +117,10 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
                           desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples,
                           llm_sha256=folder_digest(hashes, under="llm/"),
                           keep_failed_gate=keep_failed_gate, stream=stream)
+        if gptq_folder and quant == "rtn4":
+            from valley_rt.export.llm_onnx import write_rtn_gptq_folder
+
+            write_rtn_gptq_folder(ckpt / "llm", work / LLM_DIR / GPTQ_DIR, group_size=group_size)
         del model
         _copy_tokenizer(ckpt / "llm", work / TOKENIZER_DIR)
         manifest = write_manifest(

@@ -109,3 +109,31 @@ def test_a_g_idx_of_the_wrong_length_is_one_error():
         GPTQLinear.from_checkpoint(torch.zeros(1, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
                                    torch.ones(1, 8, dtype=torch.float16), torch.zeros(4, dtype=torch.int32),
                                    bits=4, group_size=-1, zeros_stored_minus_one=True)
+
+
+def test_an_rtn4_gptq_folder_holds_the_engines_int4_weights(tmp_path):
+    """write_rtn_gptq_folder: a standard GPTQ folder (asymmetric, v1 zero points) whose dequantized weights
+    are the rtn4 graph's (the same codes and zero points; scales rounded to fp16, as GPTQ stores them),
+    read back by valley-rt's GPTQ reader; the other tensors stay, in fp16."""
+    import json
+
+    from valley_rt.export.gptq import load_gptq_as_torch
+    from valley_rt.export.llm_onnx import _Tensors, quantize_rtn, write_rtn_gptq_folder
+    from valley_rt.runtime import DEMO_CHECKPOINT
+
+    src = DEMO_CHECKPOINT / "llm"
+    out = write_rtn_gptq_folder(src, tmp_path / "gptq", group_size=32)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["sym"] is False and qc["desc_act"] is False and qc["group_size"] == 32
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    model = load_gptq_as_torch(out)
+    fp = _Tensors(src)
+    key = "model.layers.1.mlp.down_proj"
+    w = fp.get(key + ".weight").float()
+    lin = quantize_rtn(w.T, bits=4, group_size=32)
+    expected = (lin.scales.half().float()[lin.g_idx] * (lin.q - lin.zeros[lin.g_idx]).float()).T
+    got = model.get_submodule(key).weight.float()
+    assert torch.equal(got, expected)
+    assert 0 < (got - w).abs().max() < 0.2 * w.abs().max()  # quantized, not a copy
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(model.get_parameter(norm).float(), fp.get(norm).half().float())
