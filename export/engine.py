@@ -54,8 +54,9 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     gptq_stream: "auto" (LLMs of GPTQ_STREAM_MIN_PARAMS or more), "yes" or "no": GPTQ one decoder layer at a
     time (export/gptq_stream.py: the LLM is never whole in memory, the gate scores perplexity and
     next-token agreement) instead of GPTQModel on the whole model (which also scores greedy answers).
-    gptq_folder: with quant "rtn4", also write the standard GPTQ folder of the same int4 weights
-    (`ENGINE/llm/gptq/`, as a gptq export always keeps) for loaders that take GPTQ as it is (vLLM).
+    gptq_folder: with quant "rtn4", quantize symmetrically into the standard GPTQ folder
+    (`ENGINE/llm/gptq/`, as a gptq export always keeps) and build the LLM graph from it, for loaders
+    that take GPTQ as it is (vLLM, which refuses asymmetric GPTQ): both serve the same int4 weights.
     """
     from valley_rt.checkpoint import load_checkpoint, read_config
     from valley_rt.export.manifest import atomic_folder, write_manifest, write_verified_stamp
@@ -116,11 +117,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
         llm = _export_llm(ckpt, work / LLM_DIR, model=model, quant=quant, bits=bits, group_size=group_size,
                           desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples,
                           llm_sha256=folder_digest(hashes, under="llm/"),
-                          keep_failed_gate=keep_failed_gate, stream=stream)
-        if gptq_folder and quant == "rtn4":
-            from valley_rt.export.llm_onnx import write_rtn_gptq_folder
-
-            write_rtn_gptq_folder(ckpt / "llm", work / LLM_DIR / GPTQ_DIR, group_size=group_size)
+                          keep_failed_gate=keep_failed_gate, stream=stream, gptq_folder=gptq_folder)
         del model
         _copy_tokenizer(ckpt / "llm", work / TOKENIZER_DIR)
         manifest = write_manifest(
@@ -218,13 +215,21 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 # -- the LLM half ---------------------------------------------------------------------------------
 def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_size: int, desc_act: bool,
                 calib, calib_samples: int, keep_failed_gate: bool, sym: bool = True,
-                llm_sha256: str | None = None, stream: bool = False) -> dict:
+                llm_sha256: str | None = None, stream: bool = False, gptq_folder: bool = False) -> dict:
     """ckpt/llm -> out/ (llm_onnx format). gptq: GPTQModel on multimodal calibration, gated, then repacked.
 
     Returns {"quant": str, "figures": dict} for the manifest.
     """
     from valley_rt.export.llm_onnx import export_llm_onnx
 
+    if quant == "rtn4" and gptq_folder:
+        # Round-to-nearest written as a standard GPTQ folder (symmetric: vLLM's GPTQ loader takes no
+        # other), and the graph built from that folder as a GPTQ export's is: both hold the same weights.
+        from valley_rt.export.llm_onnx import write_rtn_gptq_folder
+
+        qdir = write_rtn_gptq_folder(ckpt / "llm", out / GPTQ_DIR, group_size=group_size, sym=True)
+        export_llm_onnx(qdir, out, quant="gptq", group_size=group_size, source_sha256=llm_sha256)
+        return {"quant": f"rtn4-g{group_size}-sym", "figures": {"method": "rtn4", "sym": True, "gptq_folder": True}}
     if quant != "gptq":
         export_llm_onnx(ckpt / "llm", out, quant=quant, group_size=group_size, source_sha256=llm_sha256)
         label = "fp32" if quant == "none" else f"rtn4-g{group_size}"  # rtn4 is always 4-bit

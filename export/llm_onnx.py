@@ -655,13 +655,13 @@ def iter_linear_names(shape: LlamaShape) -> Iterator[str]:
 GPTQ_SHARD_BYTES = 2 << 30  # model-XXXXX-of-YYYYY.safetensors shards of about this size
 
 
-def write_rtn_gptq_folder(src_dir, out_dir, *, bits: int = 4, group_size: int = 128) -> Path:
+def write_rtn_gptq_folder(src_dir, out_dir, *, bits: int = 4, group_size: int = 128, sym: bool = True) -> Path:
     """The standard GPTQ folder (as GPTQModel writes it: config.json with `quantization_config`,
     `qweight / qzeros / scales / g_idx` per linear, checkpoint_format "gptq") of an fp HF LLaMA folder
-    quantized round-to-nearest, asymmetric, with the codes and zero points `quant="rtn4"` puts in the
-    engine's graph (scales rounded to fp16, as GPTQ stores them): vLLM (its CPU WNA16 kernel; GPTQ-Marlin on NVIDIA),
-    GPTQModel and transformers then serve an rtn4 engine's own int4 weights. Embeddings, norms and
-    the lm_head stay fp16. Reads and writes one tensor at a time (shards of GPTQ_SHARD_BYTES)."""
+    quantized round-to-nearest (`quantize_rtn`; scales stored in fp16, as GPTQ stores them). Symmetric
+    by default: vLLM's GPTQ loader (its CPU WNA16 kernel; GPTQ-Marlin on NVIDIA) refuses asymmetric
+    GPTQ. Embeddings, norms and the lm_head stay fp16. Reads one tensor at a time; writes shards of
+    about GPTQ_SHARD_BYTES."""
     from safetensors.torch import save_file
 
     from valley_rt.export.gptq_format import to_gptq_checkpoint
@@ -677,7 +677,7 @@ def write_rtn_gptq_folder(src_dir, out_dir, *, bits: int = 4, group_size: int = 
     for key in tensors.index.keys():
         prefix = key.rsplit(".", 1)[0]
         if prefix in linears and key.endswith(".weight"):
-            lin = quantize_rtn(tensors.get(key).float().T, bits=bits, group_size=group_size)
+            lin = quantize_rtn(tensors.get(key).float().T, bits=bits, group_size=group_size, sym=sym)
             parts = {f"{prefix}.{k}": v.contiguous() for k, v in to_gptq_checkpoint(lin).items()}
         else:
             parts = {key: tensors.get(key).half().contiguous()}
@@ -696,9 +696,9 @@ def write_rtn_gptq_folder(src_dir, out_dir, *, bits: int = 4, group_size: int = 
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
     cfg["torch_dtype"] = "float16"
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False,
-                                  "sym": False, "lm_head": False, "checkpoint_format": "gptq",
+                                  "sym": sym, "lm_head": False, "checkpoint_format": "gptq",
                                   "true_sequential": True, "damp_percent": 0.0,
-                                  "meta": {"quantizer": "valley-rt round-to-nearest (rtn4)"}}
+                                  "meta": {"quantizer": "valley-rt round-to-nearest"}}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in src.iterdir():  # tokenizer and generation config
         if f.is_file() and f.suffix in (".json", ".model", ".txt") and f.name != "config.json" \

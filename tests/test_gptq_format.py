@@ -111,29 +111,40 @@ def test_a_g_idx_of_the_wrong_length_is_one_error():
                                    bits=4, group_size=-1, zeros_stored_minus_one=True)
 
 
-def test_an_rtn4_gptq_folder_holds_the_engines_int4_weights(tmp_path):
-    """write_rtn_gptq_folder: a standard GPTQ folder (asymmetric, v1 zero points) whose dequantized weights
-    are the rtn4 graph's (the same codes and zero points; scales rounded to fp16, as GPTQ stores them),
-    read back by valley-rt's GPTQ reader; the other tensors stay, in fp16."""
+def test_an_rtn4_gptq_folder_and_the_engine_built_from_it_hold_the_same_weights(tmp_path):
+    """export --quant rtn4 --gptq-folder: round-to-nearest written as a standard GPTQ folder (symmetric,
+    v1 zero points: what vLLM loads), read back by valley-rt's GPTQ reader as quantize_rtn's weights
+    with fp16 scales; the other tensors stay, in fp16; the engine's LLM graph is built from that folder
+    (MatMulNBits holds the same dequantized weights)."""
     import json
 
+    from valley_rt.export.engine import _export_llm
     from valley_rt.export.gptq import load_gptq_as_torch
     from valley_rt.export.llm_onnx import _Tensors, quantize_rtn, write_rtn_gptq_folder
     from valley_rt.runtime import DEMO_CHECKPOINT
 
     src = DEMO_CHECKPOINT / "llm"
-    out = write_rtn_gptq_folder(src, tmp_path / "gptq", group_size=32)
+    asym = write_rtn_gptq_folder(src, tmp_path / "asym", group_size=32, sym=False)
+    assert json.loads((asym / "config.json").read_text())["quantization_config"]["sym"] is False
+    entry = _export_llm(DEMO_CHECKPOINT, tmp_path / "llm", model=None, quant="rtn4", bits=4, group_size=32,
+                        desc_act=False, calib=None, calib_samples=0, keep_failed_gate=False, gptq_folder=True)
+    assert entry["quant"] == "rtn4-g32-sym"
+    out = tmp_path / "llm" / "gptq"
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "gptq" and qc["sym"] is False and qc["desc_act"] is False and qc["group_size"] == 32
+    assert qc["quant_method"] == "gptq" and qc["sym"] is True and qc["desc_act"] is False and qc["group_size"] == 32
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     model = load_gptq_as_torch(out)
     fp = _Tensors(src)
     key = "model.layers.1.mlp.down_proj"
     w = fp.get(key + ".weight").float()
-    lin = quantize_rtn(w.T, bits=4, group_size=32)
-    expected = (lin.scales.half().float()[lin.g_idx] * (lin.q - lin.zeros[lin.g_idx]).float()).T
-    got = model.get_submodule(key).weight.float()
-    assert torch.equal(got, expected)
-    assert 0 < (got - w).abs().max() < 0.2 * w.abs().max()  # quantized, not a copy
+    for folder, sym in ((out, True), (asym, False)):
+        lin = quantize_rtn(w.T, bits=4, group_size=32, sym=sym)
+        expected = (lin.scales.half().float()[lin.g_idx] * (lin.q - lin.zeros[lin.g_idx]).float()).T
+        got = load_gptq_as_torch(folder).get_submodule(key).weight.float()
+        assert torch.equal(got, expected)
+        assert 0 < (got - w).abs().max() < 0.2 * w.abs().max()  # quantized, not a copy
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.equal(model.get_parameter(norm).float(), fp.get(norm).half().float())
+    # the graph was built from that folder (the GPTQ reader), not from the fp weights
+    meta = json.loads((tmp_path / "llm" / "llm_onnx.json").read_text())
+    assert meta["quant"]["quant"] == "gptq" and meta["quant"]["sym"] is True and meta["quant"]["group_size"] == 32

@@ -366,8 +366,9 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
                                                "at cosine >= 0.999, chosen from the CPU's ISA), openvino or onnxruntime."),
            gptq_stream: str = typer.Option("auto", help="GPTQ one decoder layer at a time: auto (LLMs of 2B+ parameters), yes or no."),
            gptq_folder: bool = typer.Option(False, "--gptq-folder",
-                                            help="With --quant rtn4: also keep the int4 weights as a standard GPTQ folder "
-                                                 "(ENGINE/llm/gptq/, for vLLM; --quant gptq always keeps it)."),
+                                            help="With --quant rtn4: quantize symmetrically into a standard GPTQ folder "
+                                                 "(ENGINE/llm/gptq/, for vLLM) and build the LLM graph from it; "
+                                                 "--quant gptq always keeps one."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an engine folder already at OUT (nothing else is replaced)."),
            keep_failed_gate: bool = typer.Option(False, "--keep-failed-gate",
                                                  help="Keep a GPTQ LLM that fails the accuracy gate (figures still recorded)."),
