@@ -427,9 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     missing or extra argument, a value of the wrong type) reported as one `error:` line and exit 2, like
     every other bad input, instead of click's boxed usage panel."""
     try:  # typer >= 0.2x vendors click under typer._click; older ones use click itself
-        from typer._click.exceptions import UsageError
+        from typer._click.exceptions import ClickException, UsageError
     except ImportError:
-        from click.exceptions import UsageError
+        from click.exceptions import ClickException, UsageError
 
     try:
         rc = app(args=argv, prog_name="valley-rt", standalone_mode=False)
@@ -439,6 +439,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         where = f"valley-rt {e.ctx.info_name}" if e.ctx is not None and e.ctx.parent is not None else "valley-rt"
         print(f"error: {e.format_message()} (see `{where} --help`)", file=sys.stderr)
+        sys.exit(2)
+    except ClickException as e:  # e.g. a file argument click could not open
+        print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:  # Ctrl-C at a prompt
         print("error: interrupted", file=sys.stderr)
