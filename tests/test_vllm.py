@@ -278,37 +278,73 @@ def test_remote_serve_two_front_ends_death_and_recovery(reference, engine_cases,
         client = RemoteVllmLLM(url, DEMO_CHECKPOINT / "llm", tokenizer=ref.tokenizer)
         embeds = ref._embeds(*_prompt(ref, ctx, q))
         long = client.max_context - len(embeds)
-        seen, outcome = [], {}
 
-        def direct():
+        def kill_mid_answer():
+            """The three requests against a throttled vLLM, killed once the stream's first token is out;
+            returns the stream's data lines and what the other two ended with."""
+            outcome, throttling = {}, threading.Event()
+
+            def direct():
+                try:
+                    client.generate_from_embeds(embeds, params=SamplingParams(max_new_tokens=long), stop=(),
+                                                eos_token_id=-1, on_text=lambda _: None)
+                    outcome["direct"] = "finished"  # a fast machine can finish the answer before the kill
+                except Exception as e:
+                    outcome["direct"] = e
+
+            def plain():
+                try:
+                    ask_openai(b_url, clip, q, max_tokens=long, extra_body={"ignore_eos": True})
+                    outcome["plain"] = "finished"
+                except Exception as e:
+                    outcome["plain"] = e
+
+            def throttle():  # vLLM at ~10 % of its speed: the tiny demo LLM can finish hundreds of tokens
+                try:         # before the first of them crosses the front end
+                    while not throttling.is_set():
+                        os.killpg(proc.pid, signal.SIGSTOP)
+                        time.sleep(0.045)
+                        os.killpg(proc.pid, signal.SIGCONT)
+                        time.sleep(0.005)
+                except ProcessLookupError:  # killed
+                    pass
+
+            workers = [threading.Thread(target=direct), threading.Thread(target=plain)]
+            slow = threading.Thread(target=throttle)
+            slow.start()
+            [t.start() for t in workers]
+            body = {"model": "valley-rt-demo", "messages": messages(clip, q), "stream": True, "max_tokens": long,
+                    "ignore_eos": True}
+            lines = []
             try:
-                client.generate_from_embeds(embeds, params=SamplingParams(max_new_tokens=long), stop=(),
-                                            eos_token_id=-1, on_text=seen.append)
-                outcome["direct"] = "finished"  # a fast machine can finish the answer before the kill
-            except Exception as e:
-                outcome["direct"] = e
+                with httpx.stream("POST", f"{a_url}/v1/chat/completions", json=body, timeout=600) as resp:
+                    assert resp.status_code == 200
+                    for line in resp.iter_lines():
+                        if line.startswith("data: "):
+                            lines.append(line[6:])
+                        if len(lines) == 1:  # the first token is out, hundreds are to come: kill vLLM now
+                            os.killpg(proc.pid, signal.SIGKILL)
+                            throttling.set()
+            finally:
+                throttling.set()
+                slow.join(10)
+                [t.join(120) for t in workers]
+            return lines, outcome
 
-        def plain():
-            try:
-                ask_openai(b_url, clip, q, max_tokens=long, extra_body={"ignore_eos": True})
-                outcome["plain"] = "finished"
-            except Exception as e:
-                outcome["plain"] = e
-
-        workers = [threading.Thread(target=direct), threading.Thread(target=plain)]
-        [t.start() for t in workers]
-        body = {"model": "valley-rt-demo", "messages": messages(clip, q), "stream": True, "max_tokens": long,
-                "ignore_eos": True}
-        lines = []
-        with httpx.stream("POST", f"{a_url}/v1/chat/completions", json=body, timeout=600) as resp:
-            assert resp.status_code == 200
-            for line in resp.iter_lines():
-                if line.startswith("data: "):
-                    lines.append(line[6:])
-                if len(lines) == 3:  # this stream is mid-answer: kill vLLM now
-                    os.killpg(proc.pid, signal.SIGKILL)
-        [t.join(120) for t in workers]
-        assert lines[-1] == "[DONE]" and json.loads(lines[-2])["error"]["code"] == "llm_failed", lines[-3:]
+        for attempt in range(3):
+            lines, outcome = kill_mid_answer()
+            assert lines[-1] == "[DONE]", lines[-3:]
+            end = json.loads(lines[-2])
+            if "error" in end:
+                break
+            # vLLM had written the whole answer before the kill landed: the stream is a complete answer;
+            # start vLLM again and kill it earlier in the next answer
+            assert end["choices"][0]["finish_reason"] == "length" and len(lines) > 3, lines[-3:]
+            proc.wait(30)
+            proc = subprocess.Popen(cmd, stdout=(tmp_path / f"vllm{attempt + 1}.log").open("w"),
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            _wait_ready(url, proc)
+        assert end.get("error", {}).get("code") == "llm_failed", (attempt, lines[-3:])
         # The other two may have finished first on a fast machine (the demo answers in under a second),
         # or not reached vLLM yet; either way each ends cleanly: an answer, or the clean error of a vLLM
         # that died mid-answer (VllmFailedError, 502) or is down (VllmUnavailableError, 503).
