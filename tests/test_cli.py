@@ -91,3 +91,11 @@ def test_a_command_line_usage_error_is_one_error_line(args, needle):
 def test_help_and_version_still_exit_zero():
     assert run("ask", "--help").returncode == 0
     assert run("--version").stdout.startswith("valley-rt ")
+
+
+def test_gptq_folder_needs_int4_weights(tmp_path):
+    from valley_rt.runtime import DEMO_CHECKPOINT
+
+    p = run("export", DEMO_CHECKPOINT, "--out", tmp_path / "engine", "--quant", "none", "--gptq-folder")
+    assert_one_line_error(p, "--gptq-folder", "--quant rtn4")
+    assert not (tmp_path / "engine").exists()
