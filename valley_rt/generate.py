@@ -111,8 +111,10 @@ def sample(logits, params: SamplingParams, generator: np.random.Generator | None
     logits = np.asarray(logits, dtype=np.float32).reshape(-1)  # [V]
     if params.temperature == 0.0:
         return int(np.argmax(logits))
-    # float64 and shifted by the max first: a tiny temperature would overflow the scaled logits to inf
-    logits = (logits.astype(np.float64) - logits.max()) / params.temperature
+    # float64 and shifted by the max first: the max maps to 0 and the rest to <= 0, so a tiny temperature
+    # can only send the others to -inf (probability 0: greedy), never the max to inf
+    with np.errstate(over="ignore"):
+        logits = (logits.astype(np.float64) - logits.max()) / params.temperature
     if 0 < params.top_k < logits.size:
         kth = np.partition(logits, -params.top_k)[-params.top_k]
         logits = np.where(logits < kth, -np.inf, logits)
