@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 from valley_rt.config import ValleyConfig
-from valley_rt.engine_format import file_hashes, folder_digest, hash_folder, load_manifest
+from valley_rt.engine_format import cache_root, file_hashes, folder_digest, hash_folder, load_manifest
 from valley_rt.errors import EngineError
 
 
 def cache_dir() -> Path:
     """The user cache (VALLEY_RT_CACHE, else ~/.cache/valley-rt); EngineError when it cannot be a folder."""
-    root = Path(os.environ.get("VALLEY_RT_CACHE") or Path.home() / ".cache" / "valley-rt")
+    root = cache_root()
     try:
         for p in (root, *root.parents):  # the nearest existing part must be a folder
             if p.exists():

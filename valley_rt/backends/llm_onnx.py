@@ -50,14 +50,9 @@ LOAD_ENV = "VALLEY_RT_LLM_LOAD"  # "background" (default): both LLM graphs open 
 
 def cpu_has_int8_matrix_units() -> bool:
     """AMX-INT8 tiles, as the kernel reports them (Linux /proc/cpuinfo flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_int8" in line.split()
-    except OSError:
-        pass
-    return False
+    from valley_rt.cpu import cpu_flags
+
+    return "amx_int8" in cpu_flags()
 
 
 PREFILL_MEMORY_SHARE = 0.25  # "auto" loads the prompt graph only when its weights fit this share of RAM

@@ -124,12 +124,11 @@ def optimized_cpu_session(path: str | Path, opts) -> tuple[object, str]:
 def _optimized_folder(path: Path, opts) -> Path:
     import onnxruntime as ort
 
+    from valley_rt.cpu import cpu_flags
+
     st = path.stat()
-    flags = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        flags = next((line for line in f if line.startswith("flags")), "")
     key = json.dumps([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, ort.__version__,
-                      int(opts.graph_optimization_level), flags])
+                      int(opts.graph_optimization_level), sorted(cpu_flags())])
     root = cache_root() / OPTIMIZED_DIR
     root.mkdir(parents=True, exist_ok=True)
     return root / hashlib.sha256(key.encode()).hexdigest()[:32]
