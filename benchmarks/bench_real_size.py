@@ -31,7 +31,7 @@ from pathlib import Path
 
 from common import hardware  # benchmarks/common.py (this script's folder is on sys.path)
 from valley_rt.errors import ValleyError
-from valley_rt.outdir import MARKER, claim_folder
+from valley_rt.outdir import MARKER, claim_folder, is_checkpoint, is_engine
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = REPO.parent / "shared" / "videos" / "snowmobile.mp4"
@@ -54,6 +54,26 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 
 def disk_gb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30, 2) if path.exists() else 0.0
+
+
+MADE = {"original", "base", "clip", "valley-rt"}  # what make_real_checkpoint.py writes under its OUT
+LOGS = ("make.log", "convert.log", "export.log", "ask.log")  # the stages' logs, in WORK
+
+
+def made_checkpoint(folder: Path) -> bool:
+    """A folder make_real_checkpoint.py wrote (complete or cut short): only the entries it makes."""
+    return folder.is_dir() and not folder.is_symlink() and {p.name for p in folder.iterdir()} <= MADE
+
+
+def remove_own(folder: Path, ours, what: str) -> None:
+    """Remove WORK/<stage> before its stage writes it again, or at --cleanup: only when it is what that
+    stage writes (`ours`); anything else in its place is refused, never deleted."""
+    if not os.path.lexists(folder):
+        return
+    if not ours(folder):
+        raise ValleyError(f"{folder}: not {what} this benchmark wrote (other files are in it); move it away "
+                          f"or pass another --work")
+    shutil.rmtree(folder)
 
 
 def main() -> int:
@@ -91,21 +111,21 @@ def main() -> int:
             print(r.get("stderr_tail", ""), file=sys.stderr)
 
     if "make" in steps:
-        shutil.rmtree(ckpt, ignore_errors=True)
+        remove_own(ckpt, made_checkpoint, "a random checkpoint")
         cmd = [py, str(REPO / "benchmarks" / "make_real_checkpoint.py"), str(ckpt), "--preset", args.preset]
         r = timed(cmd + (["--layers", str(args.layers)] if args.layers else []), work / "make.log")
         r["disk_gb"] = disk_gb(ckpt)
         record("make", r)
     if "convert" in steps:
-        shutil.rmtree(conv, ignore_errors=True)
+        remove_own(conv, is_checkpoint, "a converted checkpoint")
         r = timed(cli + ["convert", str(ckpt / "original"), str(conv), "--vision-tower", str(ckpt / "clip")],
                   work / "convert.log")
         r["disk_gb"] = disk_gb(conv)
         record("convert", r)
         if args.drop_original and r["rc"] == 0:
-            shutil.rmtree(ckpt)
+            remove_own(ckpt, made_checkpoint, "a random checkpoint")
     if "export" in steps:
-        shutil.rmtree(eng, ignore_errors=True)
+        remove_own(eng, is_engine, "an engine")
         r = timed(cli + ["export", str(conv), "-o", str(eng), "--quant", "rtn4", "--gpu", "no"], work / "export.log")
         r["disk_gb"] = disk_gb(eng)
         if (eng / "manifest.json").is_file():
@@ -127,8 +147,11 @@ def main() -> int:
         r["prefill_policy"] = args.prefill or os.environ.get("VALLEY_RT_PREFILL", "auto")
         record("ask" if not args.prefill else f"ask-prefill-{args.prefill}", r)
     if args.cleanup:  # only what this benchmark wrote; WORK itself goes when nothing else is left in it
-        for p in (ckpt, conv, eng, *work.glob("*.log"), work / MARKER):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        remove_own(ckpt, made_checkpoint, "a random checkpoint")
+        remove_own(conv, is_checkpoint, "a converted checkpoint")
+        remove_own(eng, is_engine, "an engine")
+        for p in (*(work / name for name in LOGS), work / MARKER):
+            p.unlink(missing_ok=True)
         if not any(work.iterdir()):
             work.rmdir()
     print(json.dumps({"bench": "real_size", "preset": name,

@@ -1,5 +1,6 @@
 """The benchmark scripts' own logic: reproduce_demo's per-file comparison (and the recorded hashes of the
-bundled demo), the demo question bench_ask asks, and bench_video's equal number of runs per side."""
+bundled demo), the demo question bench_ask asks, bench_video's equal number of runs per side, and what
+bench_real_size may remove."""
 
 import json
 import sys
@@ -15,10 +16,11 @@ def bench():
     """benchmarks/ on sys.path for the duration of this module (its scripts import each other that way)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_ask
+    import bench_real_size
     import bench_video
     import reproduce_demo
 
-    yield {"ask": bench_ask, "video": bench_video, "repro": reproduce_demo}
+    yield {"ask": bench_ask, "video": bench_video, "repro": reproduce_demo, "real_size": bench_real_size}
     sys.path.remove(str(REPO / "benchmarks"))
 
 
@@ -81,3 +83,40 @@ def test_smoke_recipe_reproduces_bit_for_bit(bench, tmp_path, capsys):
                        "--threads", "1"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["bit_for_bit"] and "llm/model.safetensors" in line["identical"]
+
+
+def test_bench_real_size_removes_only_what_its_stages_wrote(bench, tmp_path):
+    """WORK/ckpt, WORK/converted and WORK/engine are replaced only when they hold what make_real_checkpoint,
+    convert and export write; a folder with anything else in it is refused and left as it was."""
+    from valley_rt.errors import ValleyError
+    from valley_rt.outdir import is_checkpoint, is_engine
+    from valley_rt.runtime import DEMO_ENGINE
+
+    rs = bench["real_size"]
+    made = tmp_path / "ckpt"
+    (made / "original").mkdir(parents=True)
+    (made / "clip").mkdir()
+    rs.remove_own(made, rs.made_checkpoint, "a random checkpoint")
+    assert not made.exists()
+    rs.remove_own(made, rs.made_checkpoint, "a random checkpoint")  # nothing there: nothing to do
+    (made / "original").mkdir(parents=True)
+    (made / "notes.txt").write_text("mine")
+    with pytest.raises(ValleyError, match="not a random checkpoint this benchmark wrote"):
+        rs.remove_own(made, rs.made_checkpoint, "a random checkpoint")
+    assert (made / "notes.txt").read_text() == "mine"
+    user = tmp_path / "converted"
+    user.mkdir()
+    (user / "valley.json").write_text("{}")
+    with pytest.raises(ValleyError):
+        rs.remove_own(user, is_checkpoint, "a converted checkpoint")
+    assert (user / "valley.json").is_file()
+    engine = tmp_path / "engine"
+    import shutil
+
+    shutil.copytree(DEMO_ENGINE, engine)
+    (engine / "extra.txt").write_text("mine")  # not listed in the manifest: not an engine any more
+    with pytest.raises(ValleyError):
+        rs.remove_own(engine, is_engine, "an engine")
+    (engine / "extra.txt").unlink()
+    rs.remove_own(engine, is_engine, "an engine")
+    assert not engine.exists()
