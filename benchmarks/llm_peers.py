@@ -133,7 +133,8 @@ def _converter_view(hf_dir: Path, view: Path) -> Path:
 
 def make_ggufs(hf_dir: Path, out: Path, src: Path, threads: int, base: str = "f16") -> dict[str, Path]:
     """llama.cpp's converter (HF -> GGUF `base`) then its quantizer (-> Q4_0, Q4_K_M); cached in `out`.
-    The unquantized intermediate is deleted once both quantized files exist (a 7B's f16 GGUF is 13.5 GB)."""
+    The unquantized intermediate this call converted is deleted once both quantized files exist (a 7B's
+    f16 GGUF is 13.5 GB); one that was already there is left."""
     out.mkdir(parents=True, exist_ok=True)
     files = {q: out / f"model-{q}.gguf" for q in LLAMA_CPP_QUANTS}
     if all(f.is_file() for f in files.values()):
@@ -143,7 +144,8 @@ def make_ggufs(hf_dir: Path, out: Path, src: Path, threads: int, base: str = "f1
         raise SystemExit(f"error: {converter}: llama.cpp's converter not found (--llama-cpp-src: the llama.cpp "
                          "source, e.g. vendor/llama.cpp of llama-cpp-python's sdist; see docs/peers.md)")
     inter = out / f"model-{base}.gguf"
-    if not inter.is_file():
+    converted = not inter.is_file()  # only a file this call writes is deleted below
+    if converted:
         view = _converter_view(hf_dir, out / "hf-view")
         subprocess.run([sys.executable, str(converter), str(view), "--outfile", str(inter), "--outtype", base],
                        check=True, stdout=subprocess.DEVNULL)
@@ -161,7 +163,8 @@ def make_ggufs(hf_dir: Path, out: Path, src: Path, threads: int, base: str = "f1
         if rc != 0:
             raise SystemExit(f"error: llama_model_quantize {q} returned {rc}")
         tmp.rename(f)
-    inter.unlink()
+    if converted:
+        inter.unlink()
     return files
 
 
