@@ -411,17 +411,16 @@ def test_deferred_load_opens_both_graphs_on_a_worker_and_gives_the_same_logits(t
     write_tiny_gptq(tiny_llama("hd8", seed=5), gdir, group_size=32, desc_act=False)
     path = export_llm_onnx(gdir, tmp_path / "engine", quant="gptq")
     monkeypatch.setenv(PREFILL_ENV, "int8")
-    eager = OnnxLLM(path.parent)
-    lazy = OnnxLLM(path.parent, defer_load=True)
-    assert lazy.session is None and lazy.prefill_session is None and lazy.has_prefill_graph
-    # The worker opens the prompt graph first; hold it before the int4 graph: a prompt runs meanwhile
-    # (and grows the KV cache, which the int4 graph must then be bound to), and the first decode step waits.
     import threading
 
     import valley_rt.backends.llm_onnx as llm_onnx
 
-    monkeypatch.setattr(llm_onnx, "KV_START_SLOTS", 16)
+    eager = OnnxLLM(path.parent)
+    monkeypatch.setattr(llm_onnx, "KV_START_SLOTS", 16)  # the prompt below grows the lazy engine's cache
     lazy = OnnxLLM(path.parent, defer_load=True)
+    assert lazy.session is None and lazy.prefill_session is None and lazy.has_prefill_graph
+    # The worker opens the prompt graph first; hold it before the int4 graph: a prompt runs meanwhile
+    # (and grows the KV cache, which the int4 graph must then be bound to), and the first decode step waits.
     gate, opened = threading.Event(), OnnxLLM._open_sessions
 
     def held(self, which=("prefill_session", "session")):
