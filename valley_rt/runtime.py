@@ -324,8 +324,7 @@ class Valley:
         self._prefix_prefilled = 0
         im_start = self.cfg.tokens.im_start
         n = ids.index(im_start) if im_start in ids else 0
-        llm = self.cfg.llm
-        if common >= n or n * 2 * 12 * llm.num_layers * llm.hidden_size**2 < PREFIX_MIN_FLOPS:
+        if common >= n or prompt_flops(self.cfg, n) < PREFIX_MIN_FLOPS:
             return common, 0
         prefix, shape = ids[:n], self.llm.prefix_shape(n)
         rows = self.prefix_store.get(prefix, shape)
@@ -521,6 +520,11 @@ def _use_vllm(valley: Valley, source: Path, *, url: str | None = None, **options
     valley._cached_ids, valley._cached_video = [], None
 
 
+def prompt_flops(cfg: ValleyConfig, tokens: int) -> float:
+    """Roughly what prefilling `tokens` positions costs the LLM: 2 FLOP per weight, 12 H^2 weights a layer."""
+    return 2 * tokens * cfg.llm.num_layers * 12 * cfg.llm.hidden_size**2
+
+
 def _warm_up(valley: Valley) -> None:
     """Pay one-time costs during load instead of in the first answer's latency: PyAV/FFmpeg's decoder
     and pixel-format converter set-up (~50 ms on the first frame a process decodes), PIL's resampling
@@ -544,9 +548,7 @@ def _warm_up(valley: Valley) -> None:
     # (kernel and thread-pool set-up) are per session, not per prompt length. Then a short prompt and a
     # decode step (OnnxLLM.warm_up), and the tokenizer on the question, are enough.
     t, n, d = valley.cfg.sampling.num_frames, valley.cfg.num_patches, valley.llm.hidden_size
-    llm = valley.cfg.llm
-    prompt_flops = 2 * (n + t) * llm.num_layers * 12 * llm.hidden_size**2  # 12 H^2: a LLaMA layer's weights, roughly
-    if prompt_flops < WARM_PROMPT_MAX_FLOPS or not hasattr(valley.llm, "warm_up"):
+    if prompt_flops(valley.cfg, n + t) < WARM_PROMPT_MAX_FLOPS or not hasattr(valley.llm, "warm_up"):
         blank = VideoContext(path="<warm-up>", frames=np.zeros((t, 1, 1, 3), np.uint8), indices=list(range(t)),
                              timestamps=[0.0] * t, visual=(np.zeros((n, d), np.float32), np.zeros((t, d), np.float32)),
                              timings={})
