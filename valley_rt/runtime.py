@@ -465,7 +465,7 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
     if path is None:
         demo_on_gpu = reference or (device != "cpu" and torch_cuda_available())
         path = DEMO_CHECKPOINT if demo_on_gpu else demo_engine(exporter)
-    path = source = Path(path)  # source: the folder asked for (path may become its exported engine)
+    path = Path(path)
     if (path / MANIFEST).is_file():
         if reference:
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
