@@ -110,7 +110,7 @@ class OnnxLLM:
         """defer_load: open neither graph's session here (the int4 decode graph, the W8A8 prompt graph)
         but in `load_rest_in_background` or the first run that needs them; the caller then also warms
         up in the background."""
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (a missing onnxruntime fails here, at load, not in the worker thread)
 
         t0 = time.perf_counter()
         path = Path(path)
