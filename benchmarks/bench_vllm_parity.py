@@ -103,10 +103,11 @@ def compare(name, prompts, ref_answers, answers):
 
 
 def start_server(llm_dir: Path, port: int, memory: float, log: Path) -> subprocess.Popen:
-    from valley_rt.backends.llm_vllm import serve_command
+    from valley_rt.backends.llm_vllm import serve_command, serve_env
 
     cmd = serve_command(llm_dir, port=port, memory=memory, python=sys.executable)
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **serve_env()})
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> float:

@@ -122,6 +122,31 @@ def test_vllm_dtype_auto_follows_the_folder(tmp_path):
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
 
 
+def test_vllm_cpu_threads_on_every_core_of_a_small_machine(monkeypatch):
+    """vLLM's CPU build keeps one core for its scheduler by default: on 2 cores its model would run on one
+    thread. A single-rank engine on a CPU-only machine with few cores gets every core; a user's own
+    binding, parallel ranks, a GPU or a big machine keep vLLM's choice."""
+    import torch
+
+    from valley_rt.backends import llm_vllm
+    from valley_rt.backends.llm_vllm import CPU_BIND_ENV, FEW_CORES, cpu_thread_binding, serve_env
+
+    monkeypatch.delenv(CPU_BIND_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("valley_rt.cpu.one_cpu_per_core", lambda: [0, 2])
+    assert cpu_thread_binding() == "0,2" and serve_env() == {CPU_BIND_ENV: "0,2"}
+    assert cpu_thread_binding(ranks=2) is None and serve_env(ranks=2) == {}
+    monkeypatch.setattr("valley_rt.cpu.one_cpu_per_core", lambda: list(range(FEW_CORES + 1)))
+    assert cpu_thread_binding() is None
+    monkeypatch.setattr("valley_rt.cpu.one_cpu_per_core", lambda: [0, 1])
+    monkeypatch.setenv(CPU_BIND_ENV, "1")
+    assert cpu_thread_binding() is None and serve_env() == {}
+    monkeypatch.delenv(CPU_BIND_ENV)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_thread_binding() is None
+    assert llm_vllm.os.environ.get(CPU_BIND_ENV) is None
+
+
 def test_cli_llm_url_down_exits_2():
     clip = sorted((ASSETS / "clips").glob("*.mp4"))[0]
     r = subprocess.run([sys.executable, "-m", "valley_rt", "ask", str(clip), "What happens?", "--model",
@@ -253,7 +278,8 @@ def test_remote_serve_two_front_ends_death_and_recovery(reference, engine_cases,
     import httpx
     from openai import APIStatusError
 
-    from valley_rt.backends.llm_vllm import RemoteVllmLLM, VllmFailedError, VllmUnavailableError, serve_command
+    from valley_rt.backends.llm_vllm import (RemoteVllmLLM, VllmFailedError, VllmUnavailableError, serve_command,
+                                              serve_env)
 
     ref, cases, answers = reference
     port = free_port()
@@ -274,7 +300,7 @@ def test_remote_serve_two_front_ends_death_and_recovery(reference, engine_cases,
             assert down.value.status_code == 503 and down.value.body["code"] == "llm_unavailable"
         cmd = serve_command(DEMO_CHECKPOINT / "llm", port=port, memory=MEMORY, python=sys.executable)
         proc = subprocess.Popen(cmd, stdout=(tmp_path / "vllm.log").open("w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, **serve_env()})
         _wait_ready(url, proc)
         _wait_ready(b_url, b)
         assert_same_answers(front, cases, answers)  # the same front end recovered once vLLM came up
@@ -359,7 +385,7 @@ def test_remote_serve_two_front_ends_death_and_recovery(reference, engine_cases,
             assert end["choices"][0]["finish_reason"] == "length" and len(lines) > 3, lines[-3:]
             proc.wait(30)
             proc = subprocess.Popen(cmd, stdout=(tmp_path / f"vllm{attempt + 1}.log").open("w"),
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **serve_env()})
             _wait_ready(url, proc)
         assert end.get("error", {}).get("code") == "llm_failed", (attempt, lines[-3:])
         # The other two may have finished first on a fast machine (the demo answers in under a second),

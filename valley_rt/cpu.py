@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 
 @functools.cache
@@ -41,6 +42,22 @@ def _physical_cores() -> int | None:
         elif key == "core id":
             cores.add((phys, value.strip()))
     return len(cores) or None
+
+
+def one_cpu_per_core(sysfs: Path = Path("/sys/devices/system/cpu")) -> list[int]:
+    """The logical CPUs this process may run on, one per physical core (the lowest-numbered sibling of
+    each core, from Linux's sysfs topology); every allowed CPU where the topology cannot be read."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    picked, seen = [], set()
+    for cpu in allowed:
+        try:
+            siblings = (sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip()
+        except OSError:
+            return allowed
+        if siblings not in seen:
+            seen.add(siblings)
+            picked.append(cpu)
+    return picked
 
 
 # -- what the CPU's matrix units can do ------------------------------------------------------------------

@@ -26,6 +26,7 @@ import base64
 import io
 import itertools
 import json
+import os
 import queue
 import threading
 import time
@@ -63,6 +64,27 @@ def vllm_dtype(folder: Path, dtype: str = "auto") -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if read_llm_config(folder).get("quantization_config") else "float32"
+
+
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU build: the CPUs its model threads run on
+FEW_CORES = 4  # at or below this many physical cores, valley-rt gives vLLM's model threads all of them
+
+
+def cpu_thread_binding(ranks: int = 1) -> str | None:
+    """The VLLM_CPU_OMP_THREADS_BIND value for an in-process engine, or None to leave vLLM's own choice.
+
+    Left to "auto", vLLM's CPU build runs each rank's model threads on one CPU per physical core and
+    keeps one core per rank free for its scheduler process. On a machine with few cores that is a
+    large share of the compute: on 2 cores vLLM decodes on one thread while valley-rt's built-in
+    backend uses both. So for a single rank (no tensor / pipeline parallelism) on a CPU-only machine
+    with at most FEW_CORES cores, the model's threads get one CPU on every core this process may run
+    on. A value the user set always wins, and bigger machines keep vLLM's default."""
+    if os.environ.get(CPU_BIND_ENV) or ranks != 1 or torch.cuda.is_available():
+        return None
+    from valley_rt.cpu import one_cpu_per_core
+
+    cpus = one_cpu_per_core()
+    return ",".join(map(str, cpus)) if len(cpus) <= FEW_CORES else None
 
 
 def as_tensor(embeds) -> torch.Tensor:
@@ -218,12 +240,19 @@ class VllmLLM(_RequestLevel):
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
         self._thread.start()
         self._ids = itertools.count()
+        ranks = int(engine_kwargs.get("tensor_parallel_size", 1)) * int(engine_kwargs.get("pipeline_parallel_size", 1))
+        self.cpu_binding = cpu_thread_binding(ranks)  # None: vLLM's own (or the user's) thread binding
         t0 = time.perf_counter()
         try:
+            if self.cpu_binding is not None:  # read by the engine core process vLLM spawns now
+                os.environ[CPU_BIND_ENV] = self.cpu_binding
             self.engine = self._call(self._start(AsyncLLM, args))
         except Exception as e:
             self._stop_loop()
             raise VllmUnavailableError(f"the vLLM engine did not start on {llm_dir}: {e}") from e
+        finally:
+            if self.cpu_binding is not None:
+                os.environ.pop(CPU_BIND_ENV, None)
         self.start_s = time.perf_counter() - t0
         self.name = f"vllm-{dtype}"
 
@@ -454,6 +483,13 @@ def llm_folder(source: str | Path) -> Path:
         raise ValleyError(f"{path}: no folder vLLM can load{why}: an engine exported with --quant gptq "
                           f"(without --desc-act) has one; else load the checkpoint folder instead of the engine")
     raise ValleyError(f"{path}: no HF LLM folder for vLLM (a checkpoint's llm/ with config.json)")
+
+
+def serve_env(ranks: int = 1) -> dict[str, str]:
+    """Environment for a `vllm serve` started on this machine (`serve_command`): on a CPU-only machine
+    with few cores, its model threads on every core (`cpu_thread_binding`); empty otherwise."""
+    binding = cpu_thread_binding(ranks)
+    return {} if binding is None else {CPU_BIND_ENV: binding}
 
 
 def serve_command(llm_dir: str | Path, *, port: int, host: str = "127.0.0.1", memory: float = 0.15,
