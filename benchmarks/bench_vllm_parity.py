@@ -27,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 
 def cpu_info() -> str:
     model, flags = platform.processor(), set()
@@ -71,7 +73,9 @@ def reference_answers(ref, prompts, params):
         ref.llm.reset()
         ids = res.token_ids
         with torch.inference_mode():
-            x = torch.cat([p["embeds"], ref.llm.embed(ids[:-1])]) if len(ids) > 1 else p["embeds"]
+            x = torch.as_tensor(np.asarray(p["embeds"], np.float32))  # the runtime's embeddings are NumPy
+            if len(ids) > 1:
+                x = torch.cat([x, torch.as_tensor(np.asarray(ref.llm.embed(ids[:-1]), np.float32))])
             logits = ref.llm.model(inputs_embeds=x[None]).logits[0, -len(ids):].float()  # [n, V]
         top2 = logits.topk(2, dim=-1).values
         out.append({"ids": ids, "text": res.text, "margins": (top2[:, 0] - top2[:, 1]).tolist()})
