@@ -294,6 +294,14 @@ def serve_run(args, llm: str, work, questions, root: Path) -> dict:
             "server_exit_code_after_sigterm": rc}
 
 
+def vllm_binding() -> str:
+    """The CPUs the server's in-process vLLM runs its model threads on (backends/llm_vllm.cpu_thread_binding)."""
+    from valley_rt.backends.llm_vllm import CPU_BIND_ENV, cpu_thread_binding
+
+    binding = cpu_thread_binding()
+    return binding if binding is not None else os.environ.get(CPU_BIND_ENV, "vLLM's own (auto)")
+
+
 def print_levels(name: str, levels: list[dict]) -> None:
     print(f"{name}\n{'conc':>4} {'n':>4} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'TTFT p50':>9} "
           f"{'TTFT p95':>9} {'err':>4}")
@@ -392,8 +400,10 @@ def main() -> None:
         "server": {"kv_slots": args.kv_slots, "threads": args.threads, "max_tokens": args.max_tokens,
                    "warmup_requests": args.warmup or len(work), "cache_run": args.cache_run,
                    "ignore_eos": args.ignore_eos, "vllm": {"dtype": args.vllm_dtype, "memory": args.vllm_memory,
-                                                           "slots": args.vllm_slots} if "vllm" in llms else None},
-        "note": "shared machine: other agents' jobs ran at the same time (see load_avg_1min per level)",
+                                                           "slots": args.vllm_slots, "cpu_binding": vllm_binding()}
+                   if "vllm" in llms else None},
+        "note": ("load_avg_1min (per level, and its max): the 1-minute load average as each level ended; the "
+                 "benchmark's own server and clients count in it, anything above that was other work on the machine"),
         "load_avg_1min_max": max(loads), "wall_s": round(time.perf_counter() - t0, 1),
     }
     if len(runs) == 1:
