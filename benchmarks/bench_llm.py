@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--vllm-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--vllm-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization (RAM share on CPU)")
     ap.add_argument("--quality-tokens", type=int, default=128, help="--peers: held-out tokens for the quality figures")
+    ap.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
+                    help="--peers: valley-rt's int4 group size (`valley-rt export --group-size`)")
     ap.add_argument("--save", type=Path, default=None, help="--peers: also write the JSON result here")
     args = ap.parse_args()
     SHAPE["num_hidden_layers"] = args.layers
@@ -303,7 +305,7 @@ def main() -> None:
         "cold_start_s": round(cold["import_and_load_s"], 3), "session_load_s": round(cold["load_s"], 3),
         "logit_cosine_vs_dequant": round(cos_fq, 5), "logit_cosine_vs_fp32": round(cos, 5),
         "greedy_prefix_match": same,
-        "goals": {"roofline_ge_60pct": max(rows[1]["roofline_pct"], rows[1]["paired_roofline_pct"]) >= 60,
+        "goals": {"roofline_ge_60pct": rows[1]["roofline_pct"] >= 60,  # best read sample (see run_peers)
                   "speedup_ge_3x": speedup >= 3},
     }
     print(json.dumps(result))
@@ -411,11 +413,11 @@ def run_peers(args, hf_dir: Path) -> None:
     print(f"fp32 reference logits: {time.perf_counter() - t0:.1f} s", flush=True)
     runs, quality = {}, {"fp32": llm_peers.quality(ref_logits, ref_logits)}
 
-    onnx_dir = args.cache / f"{name}_rtn4_int8"
+    onnx_dir = args.cache / (f"{name}_rtn4_int8" if args.group_size == 128 else f"{name}_rtn4_g{args.group_size}_int8")
     meta = onnx_dir / "llm_onnx.json"
     t0 = time.perf_counter()
     if not meta.is_file() or json.loads(meta.read_text()).get("format_version") != FORMAT_VERSION:
-        export_llm_onnx(hf_dir, onnx_dir, quant="rtn4", lm_head="int8")
+        export_llm_onnx(hf_dir, onnx_dir, quant="rtn4", lm_head="int8", group_size=args.group_size)
     print(f"valley-rt export: {time.perf_counter() - t0:.1f} s (~0 = cached)", flush=True)
     r, logits = _bench_valley(onnx_dir, prompt, answer, qids, args.threads)
     runs["valley_rt_int4"], quality["valley_rt_int4"] = r, llm_peers.quality(ref_logits, logits)
@@ -470,7 +472,9 @@ def run_peers(args, hf_dir: Path) -> None:
     print(f"fp32 floor: perplexity {quality['fp32']['ppl_fp32_floor']:.1f} on text distributed as the fp32 model says")
 
     v = rows["valley_rt_int4"]
-    ratios, goals = {}, {"roofline_ge_70pct": max(v["roofline_pct"], v["paired_roofline_pct"]) >= 70}
+    # The goal is judged against the best read-bandwidth sample of the run: the paired figure's yardstick
+    # (one 256 MiB sum right after each step) can read below what the decode itself streams (over 100 %).
+    ratios, goals = {}, {"roofline_ge_70pct": v["roofline_pct"] >= 70}
     if "llama_cpp_q4_0" in rows:
         q0 = rows["llama_cpp_q4_0"]
         ratios.update({"decode_vs_llama_q4_0": v["decode_tok_s"] / q0["decode_tok_s"],
@@ -500,6 +504,7 @@ def run_peers(args, hf_dir: Path) -> None:
               "model": {"dir": str(hf_dir), "params_b": round(n_params / 1e9, 3), "layers": L, "hidden": H,
                         "vocab": V, "weights": "as given (random in the bench checkpoints)"},
               "prompt_tokens": args.prompt, "new_tokens": args.new, "quality_tokens": args.quality_tokens,
+              "valley_rt_quant": f"rtn4 asymmetric, group {args.group_size}, int8 lm_head",
               "llama_cpp": llama_info, **{k: rnd({**r, **{f"q_{a}": b for a, b in quality[k].items()}})
                                           for k, r in rows.items()},
               "fp32_ppl_floor": round(quality["fp32"]["ppl_fp32_floor"], 3),
