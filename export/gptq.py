@@ -38,7 +38,7 @@ import torch
 
 from valley_rt.checkpoint import TEXT_FILES
 from valley_rt.errors import CheckpointError, DataError
-from valley_rt.export.gptq_format import FORMATS, GPTQLinear
+from valley_rt.export.gptq_format import FORMATS, OUTPUT_MARKER, GPTQLinear, check_replaceable, remove_earlier_output
 
 EMBED_KEY = "model.embed_tokens.weight"
 
@@ -168,9 +168,7 @@ def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSet
     src_config = json.loads((llm_dir / "config.json").read_text())
     vocab, hidden = int(src_config["vocab_size"]), int(src_config["hidden_size"])
     kind = _check_calibration(calibration, vocab, hidden, int(src_config.get("max_position_embeddings", 2048)))
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "valley_gptq.json").is_file():
-        raise CheckpointError(f"{out_dir}: expected a new folder or an earlier GPTQ output to replace, "
-                              f"found other files")
+    check_replaceable(out_dir)
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(8, os.cpu_count() or 1))))
     from gptqmodel import GPTQModel, QuantizeConfig  # ~6 s import: only here
@@ -196,8 +194,7 @@ def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSet
     # batch 1 and no concatenation: each example keeps its own length (and its placeholder intact).
     with tempfile.TemporaryDirectory(prefix="valley-gptq-logs-") as logs, _gptqmodel_logs_in(Path(logs)):
         qmodel.quantize(rows, batch_size=1, calibration_concat_size=None, calibration_data_min_length=1)
-    if out_dir.exists():  # replace only a folder this function wrote
-        shutil.rmtree(out_dir)
+    remove_earlier_output(out_dir)
     qmodel.save(str(out_dir))
 
     # config.json = the source config + quantization_config; tokenizer files = the source's, verbatim.
@@ -209,7 +206,7 @@ def quantize_llm(llm_dir, out_dir, *, calibration: list[dict], settings: GPTQSet
     for name in TEXT_FILES:  # verbatim: GPTQModel's own save may rewrite pad-token settings
         if (llm_dir / name).is_file():
             shutil.copy2(llm_dir / name, out_dir / name)
-    (out_dir / "valley_gptq.json").write_text(json.dumps(
+    (out_dir / OUTPUT_MARKER).write_text(json.dumps(
         {"settings": asdict(settings), "calibration": kind, "examples": len(calibration),
          "tokens": int(sum(int(torch.as_tensor(ex.get("input_ids", ex.get("inputs_embeds"))).shape[0])
                            for ex in calibration))}, indent=2) + "\n")

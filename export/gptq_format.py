@@ -18,13 +18,32 @@ the tests) goes through `GPTQLinear.from_checkpoint`, so there is one reader to 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from valley_rt.errors import CheckpointError
 
 FORMATS = ("gptq", "gptq_v2")  # checkpoint_format values: v1 stores zeros minus one, v2 as they are
+OUTPUT_MARKER = "valley_gptq.json"  # written into every GPTQ folder valley-rt's quantizers make
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """A quantizer may write `out_dir` only when it does not exist, is empty, or is an earlier output of
+    valley-rt's quantizers (it holds OUTPUT_MARKER); anything else is refused, never replaced."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / OUTPUT_MARKER).is_file():
+        raise CheckpointError(f"{out_dir}: expected a new folder or an earlier GPTQ output to replace, "
+                              "found other files")
+
+
+def remove_earlier_output(out_dir: Path) -> None:
+    """Clear `out_dir` before a quantizer writes it: checked again here, since the quantization run
+    between the caller's first check and this point can take hours."""
+    check_replaceable(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

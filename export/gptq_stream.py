@@ -40,7 +40,8 @@ import torch
 
 from valley_rt.checkpoint import TEXT_FILES
 from valley_rt.errors import CheckpointError, DataError
-from valley_rt.export.gptq_format import GPTQLinear, to_gptq_checkpoint
+from valley_rt.export.gptq_format import (OUTPUT_MARKER, GPTQLinear, check_replaceable, remove_earlier_output,
+                                          to_gptq_checkpoint)
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -49,7 +50,6 @@ HESSIAN_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "sel
               "self_attn.o_proj": "attn_out", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in",
               "mlp.down_proj": "mlp_mid"}
 NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
-MARKER = "valley_gptq.json"
 SUB_BLOCK = 32  # columns updated eagerly inside a group; the rest of the group gets one matmul per sub-block
 
 
@@ -249,8 +249,7 @@ def quantize_llm_streamed(llm_dir, out_dir, *, calibration: list[dict], held_out
     src_cfg = json.loads((llm_dir / "config.json").read_text())
     if src_cfg.get("quantization_config"):
         raise CheckpointError(f"{llm_dir}/config.json: already quantized; expected fp weights")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
-        raise CheckpointError(f"{out_dir}: expected a new folder or an earlier GPTQ output to replace, found other files")
+    check_replaceable(out_dir)
     held_out = held_out or []
     config = _llama_config(src_cfg)
     _check_examples(calibration, held_out, config.hidden_size, config.max_position_embeddings)
@@ -309,8 +308,7 @@ def quantize_llm_streamed(llm_dir, out_dir, *, calibration: list[dict], held_out
             return current.pop(name)
         return tensors.get(name)
 
-    if out_dir.exists():  # only an earlier output of this module or gptq.quantize_llm (checked above)
-        shutil.rmtree(out_dir)
+    remove_earlier_output(out_dir)
     write_sharded(out_dir, entries, produce, max_shard_bytes=2 * 2**30)
 
     if held_out:
@@ -323,7 +321,7 @@ def quantize_llm_streamed(llm_dir, out_dir, *, calibration: list[dict], held_out
     for name in TEXT_FILES:
         if (llm_dir / name).is_file():
             shutil.copy2(llm_dir / name, out_dir / name)
-    (out_dir / MARKER).write_text(json.dumps(
+    (out_dir / OUTPUT_MARKER).write_text(json.dumps(
         {"settings": asdict(settings), "calibration": "embeds", "examples": len(calib), "tokens": tokens,
          "streamed": True, "layers": n_layers, "of_layers": config.num_hidden_layers,
          "seconds_per_layer": [round(s, 2) for s in report.seconds_per_layer]}, indent=2) + "\n")

@@ -7,6 +7,7 @@ field above) and 15 (the largest 4-bit field)."""
 import pytest
 import torch
 
+from valley_rt.errors import CheckpointError
 from valley_rt.export.gptq_format import GPTQLinear, to_gptq_checkpoint, unpack_int32
 
 IN, OUT, GS = 64, 32, 16
@@ -103,8 +104,6 @@ def test_reader_of_v2_and_writer_match_gptqmodel(gptqmodel_v1, bits):
 
 
 def test_a_g_idx_of_the_wrong_length_is_one_error():
-    from valley_rt.errors import CheckpointError
-
     with pytest.raises(CheckpointError, match="g_idx expected 8 entries, got 4"):
         GPTQLinear.from_checkpoint(torch.zeros(1, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
                                    torch.ones(1, 8, dtype=torch.float16), torch.zeros(4, dtype=torch.int32),
@@ -148,3 +147,27 @@ def test_an_rtn4_gptq_folder_and_the_engine_built_from_it_hold_the_same_weights(
     # the graph was built from that folder (the GPTQ reader), not from the fp weights
     meta = json.loads((tmp_path / "llm" / "llm_onnx.json").read_text())
     assert meta["quant"]["quant"] == "gptq" and meta["quant"]["sym"] is True and meta["quant"]["group_size"] == 32
+
+
+def test_remove_earlier_output_only_removes_a_quantizer_output(tmp_path):
+    """The check runs again at removal time (a quantization can take hours): a folder that gained other
+    files meanwhile is refused and kept; an earlier output (its marker) or an empty folder is cleared."""
+    from valley_rt.export.gptq_format import OUTPUT_MARKER, remove_earlier_output
+
+    mine = tmp_path / "earlier"
+    mine.mkdir()
+    (mine / OUTPUT_MARKER).write_text("{}")
+    (mine / "model.safetensors").write_bytes(b"x")
+    remove_earlier_output(mine)
+    assert not mine.exists()
+    theirs = tmp_path / "user"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="found other files"):
+        remove_earlier_output(theirs)
+    assert (theirs / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    remove_earlier_output(empty)
+    remove_earlier_output(tmp_path / "missing")  # nothing there: nothing to do
+    assert not empty.exists()
