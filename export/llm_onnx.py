@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -664,6 +665,7 @@ def write_rtn_gptq_folder(src_dir, out_dir, *, bits: int = 4, group_size: int = 
     about GPTQ_SHARD_BYTES."""
     from safetensors.torch import save_file
 
+    from valley_rt.checkpoint import TEXT_FILES
     from valley_rt.export.gptq_format import to_gptq_checkpoint
 
     src, out = Path(src_dir), Path(out_dir)
@@ -700,8 +702,7 @@ def write_rtn_gptq_folder(src_dir, out_dir, *, bits: int = 4, group_size: int = 
                                   "true_sequential": True, "damp_percent": 0.0,
                                   "meta": {"quantizer": "valley-rt round-to-nearest"}}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in src.iterdir():  # tokenizer and generation config
-        if f.is_file() and f.suffix in (".json", ".model", ".txt") and f.name != "config.json" \
-                and not f.name.endswith(".safetensors.index.json"):
-            (out / f.name).write_bytes(f.read_bytes())
+    for name in TEXT_FILES:  # the tokenizer and generation config, verbatim (as gptq.quantize_llm keeps them)
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
     return out
