@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,9 +101,10 @@ print(json.dumps({"mb": total / 2**20, "packages": sorted(seen)}))
 
 
 def make_core_venv(path: Path) -> float:
-    """A fresh venv with `pip install REPO`; returns the install's wall seconds (venv creation excluded)."""
+    """A fresh venv at `path` (a new folder in this run's temporary directory) with `pip install REPO`;
+    returns the install's wall seconds (venv creation excluded)."""
     if path.exists():
-        shutil.rmtree(path)
+        raise SystemExit(f"error: {path}: expected a new folder for the core venv")
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
     t0 = time.perf_counter()
     subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", str(REPO)], check=True)
