@@ -108,16 +108,16 @@ def test_llm_folder_picks_what_vllm_can_load(tmp_path):
 def test_vllm_dtype_auto_follows_the_folder(tmp_path):
     """auto: float32 for an fp LLM folder (greedy answers equal the reference's), bfloat16 for a GPTQ
     folder (vLLM's GPTQ kernels refuse float32); an explicit dtype is kept; `vllm serve`'s command too."""
-    from valley_rt.backends.llm_vllm import serve_command, vllm_dtype
+    from valley_rt.backends.llm_vllm import read_llm_config, serve_command, vllm_dtype
 
     gptq = tmp_path / "gptq"
     gptq.mkdir()
     config = json.loads((DEMO_CHECKPOINT / "llm" / "config.json").read_text())
     qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
     (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
-    assert vllm_dtype(DEMO_CHECKPOINT / "llm") == "float32"
-    assert vllm_dtype(gptq) == "bfloat16"
-    assert vllm_dtype(gptq, "float16") == "float16"
+    assert vllm_dtype(read_llm_config(DEMO_CHECKPOINT / "llm")) == "float32"
+    assert vllm_dtype(read_llm_config(gptq)) == "bfloat16"
+    assert vllm_dtype(read_llm_config(gptq), "float16") == "float16"
     cmd = serve_command(gptq, port=8001)
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
 

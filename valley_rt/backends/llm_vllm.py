@@ -57,13 +57,14 @@ def read_llm_config(folder: Path) -> dict:
     return json.loads(cfg_file.read_text())
 
 
-def vllm_dtype(folder: Path, dtype: str = "auto") -> str:
-    """The dtype vLLM runs `folder` in: "auto" is float32 for an fp LLM folder (greedy answers equal to
-    the fp32 reference) and bfloat16 for a quantized one (vLLM's GPTQ kernels take float16 / bfloat16
-    activations only, and its CPU build's int4 path runs on AMX in bfloat16); anything else as given."""
+def vllm_dtype(cfg: dict, dtype: str = "auto") -> str:
+    """The dtype vLLM runs an LLM folder in, from its config.json (`read_llm_config`): "auto" is float32
+    for an fp LLM folder (greedy answers equal to the fp32 reference) and bfloat16 for a quantized one
+    (vLLM's GPTQ kernels take float16 / bfloat16 activations only, and its CPU build's int4 path runs on
+    AMX in bfloat16); anything else as given."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if read_llm_config(folder).get("quantization_config") else "float32"
+    return "bfloat16" if cfg.get("quantization_config") else "float32"
 
 
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU build: the CPUs its model threads run on
@@ -232,7 +233,7 @@ class VllmLLM(_RequestLevel):
         llm_dir = Path(llm_dir)
         cfg = read_llm_config(llm_dir)
         super().__init__(llm_dir, load_embed_table(llm_dir), cfg.get("max_position_embeddings", 2048), tokenizer)
-        dtype = vllm_dtype(llm_dir, dtype)
+        dtype = vllm_dtype(cfg, dtype)
         args = AsyncEngineArgs(model=str(llm_dir), enable_prompt_embeds=True, dtype=dtype,
                                gpu_memory_utilization=memory, max_model_len=self.max_context,
                                max_num_seqs=max_num_seqs, disable_log_stats=True, **engine_kwargs)
@@ -499,7 +500,8 @@ def serve_command(llm_dir: str | Path, *, port: int, host: str = "127.0.0.1", me
     the CPU build (distribution `vllm-cpu`) fails looking up the version of a distribution named
     `vllm`. Add vLLM's own options for sharding (--tensor-parallel-size, --pipeline-parallel-size,
     --distributed-executor-backend ray) on a real deployment."""
-    max_len = read_llm_config(Path(llm_dir)).get("max_position_embeddings", 2048)
+    cfg = read_llm_config(Path(llm_dir))
+    max_len = cfg.get("max_position_embeddings", 2048)
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(llm_dir), "--enable-prompt-embeds",
-            "--dtype", vllm_dtype(Path(llm_dir), dtype), "--host", host, "--port", str(port), "--gpu-memory-utilization", str(memory),
+            "--dtype", vllm_dtype(cfg, dtype), "--host", host, "--port", str(port), "--gpu-memory-utilization", str(memory),
             "--max-model-len", str(max_len), "--disable-log-stats"]
