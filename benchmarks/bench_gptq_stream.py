@@ -26,6 +26,7 @@ import torch
 from common import hardware  # benchmarks/common.py (this script's folder is on sys.path)
 from valley_rt.export.gptq import GPTQSettings
 from valley_rt.export.gptq_stream import project_total, quantize_llm_streamed
+from valley_rt.progress import Progress
 from valley_rt.shards import TensorIndex, weight_files
 
 
@@ -60,7 +61,8 @@ def main() -> int:
     index.close()
     t0 = time.perf_counter()
     report = quantize_llm_streamed(args.llm, args.out, calibration=calibration, held_out=held_out,
-                                   settings=GPTQSettings(group_size=args.group_size), layers=args.layers)
+                                   settings=GPTQSettings(group_size=args.group_size), layers=args.layers,
+                                   progress=Progress("gptq-stream", every_s=0))
     wall = time.perf_counter() - t0
     total_layers = int(cfg["num_hidden_layers"])
     result = {

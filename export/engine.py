@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from valley_rt.engine_format import LLM_DIR, TOKENIZER_DIR, VISION_FILE, file_hashes, folder_digest
+from valley_rt.engine_format import LLM_DIR, TOKENIZER_DIR, VISION_FILE, file_hashes, folder_bytes, folder_digest
+from valley_rt.errors import EngineError
+from valley_rt.progress import Progress, or_silent
 
 GPTQ_DIR = "gptq"  # ENGINE/llm/gptq/: the standard GPTQ folder a --quant gptq export keeps
-from valley_rt.errors import EngineError
 
 
 
@@ -35,7 +36,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
                   group_size: int = 128, desc_act: bool = False, sym: bool = True, calib=None,
                   calib_samples: int = 64, overwrite: bool = False, keep_failed_gate: bool = False,
                   gpu: str = "auto", cpu_vision: str = "auto", source_hashes: dict[str, str] | None = None,
-                  gptq_stream: str = "auto", gptq_folder: bool = False) -> dict:
+                  gptq_stream: str = "auto", gptq_folder: bool = False, progress: Progress | None = None) -> dict:
     """Export checkpoint folder `ckpt` into engine folder `out`; returns the manifest written.
 
     precision: the vision engine on CPU — "auto" (int8 if faster and cosine >= 0.999 per token, else
@@ -57,6 +58,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     gptq_folder: with quant "rtn4", quantize symmetrically into the standard GPTQ folder
     (`ENGINE/llm/gptq/`, as a gptq export always keeps) and build the LLM graph from it, for loaders
     that take GPTQ as it is (vLLM, which refuses asymmetric GPTQ): both serve the same int4 weights.
+    progress: a line per stage, and counted stages (decoder layers, calibration clips) with an estimate.
     """
     from valley_rt.checkpoint import load_checkpoint, read_config
     from valley_rt.export.manifest import atomic_folder, write_manifest, write_verified_stamp
@@ -91,9 +93,12 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
     check_target(out, kind="engine", sources=(ckpt, calib), overwrite=overwrite)  # before hashing the source
     _check_quant_shape(cfg, quant, bits, group_size)
     stream = quant == "gptq" and _gptq_streams(cfg, gptq_stream, desc_act)
+    progress = or_silent(progress)
     t_start = time.perf_counter()
     # Every checkpoint file is read once for its sha256 (the engine's and the LLM's source ids derive from
     # it); source_hashes: engine_format.file_hashes(ckpt), when the caller already has them.
+    if source_hashes is None:
+        progress.stage(f"hashing the checkpoint ({folder_bytes(ckpt) / 2**30:.1f} GB)")
     hashes = source_hashes if source_hashes is not None else file_hashes(ckpt)
     source = {"name": ckpt.resolve().name, "sha256": folder_digest(hashes)}  # no machine's path in a shipped folder
     with atomic_folder(out, overwrite=overwrite, sources=(ckpt, calib)) as work:
@@ -101,25 +106,30 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
         # streamed GPTQ; only GPTQModel's calibration and gate need the whole reference model in memory.
         model = load_checkpoint(ckpt, llm=quant == "gptq" and not stream)
         with tempfile.TemporaryDirectory(dir=work, prefix=".raw-") as tmp:
+            progress.stage("vision: tracing the ONNX graph")
             raw = export_raw(model, Path(tmp) / "raw.onnx")  # one trace for the CPU and the GPU graphs
+            progress.stage(f"vision: the {precision} CPU graph, its parity and timing")
             try:
                 vision = export_vision(model, work, precision=precision, name=VISION_FILE, raw=raw)
             except ValueError as e:  # the accuracy bar of the requested precision
                 raise EngineError(f"{ckpt}: vision export: {e}") from None
-            vision_cpu = _cpu_vision(model, raw, work, cpu_vision, vision.precision)
+            vision_cpu = _cpu_vision(model, raw, work, cpu_vision, vision.precision, progress)
             if "ms" in vision_cpu:
                 vision.figures["export_s"]["openvino"] = sum(vision_cpu["export_s"].values())
             gpu_entry = None
             if not no_gpu:
+                progress.stage("vision: the fp16 CUDA / TensorRT graphs")
                 t0 = time.perf_counter()
                 gpu_entry = tensorrt.export_gpu(model, raw, work)
                 vision.figures["export_s"]["gpu"] = time.perf_counter() - t0
         llm = _export_llm(ckpt, work / LLM_DIR, model=model, quant=quant, bits=bits, group_size=group_size,
                           desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples,
                           llm_sha256=folder_digest(hashes, under="llm/"),
-                          keep_failed_gate=keep_failed_gate, stream=stream, gptq_folder=gptq_folder)
+                          keep_failed_gate=keep_failed_gate, stream=stream, gptq_folder=gptq_folder,
+                          progress=progress)
         del model
         _copy_tokenizer(ckpt / "llm", work / TOKENIZER_DIR)
+        progress.stage(f"manifest: hashing the engine ({folder_bytes(work) / 2**30:.1f} GB)")
         manifest = write_manifest(
             work, config=cfg.to_dict(), source=source,
             precision={"vision": vision.precision, "llm": llm["quant"]},
@@ -128,10 +138,11 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
                    "files": {"vision": VISION_FILE, "llm": f"{LLM_DIR}/", "tokenizer": f"{TOKENIZER_DIR}/",
                              **({"gptq": f"{LLM_DIR}/{GPTQ_DIR}/"} if (work / LLM_DIR / GPTQ_DIR).is_dir() else {})}})
         write_verified_stamp(work)  # every file was just hashed: the first load need not read them again
+    progress.done()
     return manifest
 
 
-def _cpu_vision(model, raw: Path, work: Path, cpu_vision: str, ort_precision: str) -> dict:
+def _cpu_vision(model, raw: Path, work: Path, cpu_vision: str, ort_precision: str, progress: Progress) -> dict:
     """The manifest's "vision_cpu" entry: OpenVINO measured against ONNX Runtime on this CPU when
     cpu_vision asks for it (see export_engine), else ONNX Runtime with the reason recorded."""
     from valley_rt.cpu import isa_class
@@ -148,6 +159,7 @@ def _cpu_vision(model, raw: Path, work: Path, cpu_vision: str, ort_precision: st
                f"{openvino_vision.AUTO_MIN_FRAME_FLOPS / 1e9:g}: not measured")
     if why:
         return {"backend": "onnxruntime", "variant": ort_precision, "isa": isa, "decision": why}
+    progress.stage(f"vision: OpenVINO variants for this CPU ({isa}), timed against ONNX Runtime")
     try:
         return openvino_vision.choose_cpu_vision(model, raw, work, ort_path=work / VISION_FILE,
                                                  ort_precision=ort_precision, isa=isa, force=cpu_vision == "openvino")
@@ -215,23 +227,27 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 # -- the LLM half ---------------------------------------------------------------------------------
 def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_size: int, desc_act: bool,
                 calib, calib_samples: int, keep_failed_gate: bool, sym: bool = True,
-                llm_sha256: str | None = None, stream: bool = False, gptq_folder: bool = False) -> dict:
+                llm_sha256: str | None = None, stream: bool = False, gptq_folder: bool = False,
+                progress: Progress | None = None) -> dict:
     """ckpt/llm -> out/ (llm_onnx format). gptq: GPTQModel on multimodal calibration, gated, then repacked.
 
     Returns {"quant": str, "figures": dict} for the manifest.
     """
     from valley_rt.export.llm_onnx import export_llm_onnx
 
+    progress = or_silent(progress)
     if quant == "rtn4" and gptq_folder:
         # Round-to-nearest written as a standard GPTQ folder (symmetric: vLLM's GPTQ loader takes no
         # other), and the graph built from that folder as a GPTQ export's is: both hold the same weights.
         from valley_rt.export.llm_onnx import write_rtn_gptq_folder
 
+        progress.stage("LLM: round-to-nearest int4 into a GPTQ folder")
         qdir = write_rtn_gptq_folder(ckpt / "llm", out / GPTQ_DIR, group_size=group_size, sym=True)
-        export_llm_onnx(qdir, out, quant="gptq", group_size=group_size, source_sha256=llm_sha256)
+        export_llm_onnx(qdir, out, quant="gptq", group_size=group_size, source_sha256=llm_sha256, progress=progress)
         return {"quant": f"rtn4-g{group_size}-sym", "figures": {"method": "rtn4", "sym": True, "gptq_folder": True}}
     if quant != "gptq":
-        export_llm_onnx(ckpt / "llm", out, quant=quant, group_size=group_size, source_sha256=llm_sha256)
+        export_llm_onnx(ckpt / "llm", out, quant=quant, group_size=group_size, source_sha256=llm_sha256,
+                        progress=progress)
         label = "fp32" if quant == "none" else f"rtn4-g{group_size}"  # rtn4 is always 4-bit
         return {"quant": label, "figures": {"method": quant}}
 
@@ -239,7 +255,7 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
 
     if stream:
         _load_input_embeddings(model, ckpt)
-    examples = calibration_examples(model, ckpt, calib, limit=calib_samples)
+    examples = calibration_examples(model, ckpt, calib, limit=calib_samples, progress=progress)
     held_out = examples[::4]  # every 4th example scores the quantized LLM; the rest calibrate it
     train = [ex for i, ex in enumerate(examples) if i % 4]
     if not train or not held_out:
@@ -248,7 +264,7 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
     settings = gptq.GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym)
     if stream:
         return _export_llm_streamed(ckpt, out, train=train, held_out=held_out, settings=settings,
-                                    keep_failed_gate=keep_failed_gate)
+                                    keep_failed_gate=keep_failed_gate, progress=progress)
     calibrations = {
         # what the LLM really sees: text embeddings with the video's visual tokens spliced in
         "multimodal": [{"inputs_embeds": e["inputs_embeds"]} for e in train],
@@ -259,6 +275,7 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
     with tempfile.TemporaryDirectory(prefix=".gptq-", dir=out.parent.parent) as tmp:
         tried = {}
         for kind, calibration in calibrations.items():
+            progress.stage(f"LLM: GPTQModel on the {kind} calibration ({len(calibration)} prompts), then scored")
             qdir = Path(tmp) / kind
             gptq.quantize_llm(ckpt / "llm", qdir, calibration=calibration, settings=settings)
             qmodel = gptq.load_gptq_as_torch(qdir)
@@ -275,7 +292,7 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
         figures["gate"] = "passed" if not failed else ("kept despite: " + "; ".join(failed))
         if failed and not keep_failed_gate:
             raise EngineError("GPTQ accuracy gate failed: " + "; ".join(failed) + " (--keep-failed-gate keeps it)")
-        export_llm_onnx(qdir, out, quant="gptq", group_size=group_size)
+        export_llm_onnx(qdir, out, quant="gptq", group_size=group_size, progress=progress)
         # The standard GPTQ folder itself (config.json with quantization_config, qweight / qzeros /
         # scales / g_idx safetensors, the checkpoint's tokenizer with its added tokens) stays in the
         # engine, hashed by the manifest like every file, for loaders that take GPTQ as it is
@@ -286,7 +303,7 @@ def _export_llm(ckpt: Path, out: Path, *, model, quant: str, bits: int, group_si
 
 
 def _export_llm_streamed(ckpt: Path, out: Path, *, train: list[dict], held_out: list[dict], settings,
-                         keep_failed_gate: bool) -> dict:
+                         keep_failed_gate: bool, progress: Progress) -> dict:
     """GPTQ one decoder layer at a time on the multimodal calibration (what the LLM really sees), gated on
     the held-out perplexity and next-token agreement, then repacked into the ONNX graph."""
     from valley_rt.export import gptq
@@ -296,7 +313,7 @@ def _export_llm_streamed(ckpt: Path, out: Path, *, train: list[dict], held_out: 
     with tempfile.TemporaryDirectory(prefix=".gptq-", dir=out.parent.parent) as tmp:
         report = quantize_llm_streamed(ckpt / "llm", Path(tmp) / "multimodal",
                                        calibration=[{"inputs_embeds": e["inputs_embeds"]} for e in train],
-                                       held_out=held_out, settings=settings)
+                                       held_out=held_out, settings=settings, progress=progress)
         figures = dict(report.figures, calibration="multimodal", streamed=True, calibration_examples=len(train),
                        calibration_tokens=report.tokens, held_out_examples=len(held_out),
                        seconds_per_layer=[round(s, 2) for s in report.seconds_per_layer])
@@ -304,13 +321,14 @@ def _export_llm_streamed(ckpt: Path, out: Path, *, train: list[dict], held_out: 
         figures["gate"] = "passed" if not failed else ("kept despite: " + "; ".join(failed))
         if failed and not keep_failed_gate:
             raise EngineError("GPTQ accuracy gate failed: " + "; ".join(failed) + " (--keep-failed-gate keeps it)")
-        export_llm_onnx(report.out_dir, out, quant="gptq", group_size=settings.group_size)
+        export_llm_onnx(report.out_dir, out, quant="gptq", group_size=settings.group_size, progress=progress)
     s = settings
     return {"quant": f"gptq{s.bits}-g{s.group_size}", "figures": figures}
 
 
 @torch.no_grad()
-def calibration_examples(model, ckpt: Path, data, *, limit: int = 32, seed: int = 0) -> list[dict]:
+def calibration_examples(model, ckpt: Path, data, *, limit: int = 32, seed: int = 0,
+                         progress: Progress | None = None) -> list[dict]:
     """Valley instruction records -> [{"inputs_embeds" [S, H], "labels" [S]}]: what the LLM really sees,
     text embeddings with the video's visual tokens spliced in (text-only calibration loses accuracy).
     Records whose video cannot be read or whose prompt exceeds the LLM's context are skipped."""
@@ -327,7 +345,11 @@ def calibration_examples(model, ckpt: Path, data, *, limit: int = 32, seed: int 
     visual = {cfg.tokens.im_patch, cfg.tokens.vi_frame, cfg.tokens.im_start, cfg.tokens.im_end,
               cfg.tokens.vi_start, cfg.tokens.vi_end}
     examples = []
-    for rec in records[:limit]:
+    progress = or_silent(progress)
+    records = records[:limit]
+    progress.stage(f"GPTQ calibration: encoding {len(records)} clips", total=len(records), unit="clips")
+    for done, rec in enumerate(records):
+        progress.advance(done)  # the clips finished so far
         try:
             frames = read_video(rec.video, num_frames=cfg.sampling.num_frames).frames
         except (DataError, VideoError):
@@ -340,6 +362,7 @@ def calibration_examples(model, ckpt: Path, data, *, limit: int = 32, seed: int 
         embeds = model.embed_inputs(torch.tensor(ids)[None], pixels[None])[0]  # [S, H]
         examples.append({"inputs_embeds": embeds, "labels": torch.tensor(labels),
                          "text_ids": torch.tensor([t for t in ids if t not in visual])})
+    progress.advance(len(records))
     return examples
 
 

@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from valley_rt.checkpoint import TEXT_FILES
 from valley_rt.errors import CheckpointError, DataError
 from valley_rt.export.gptq_format import (OUTPUT_MARKER, GPTQLinear, check_replaceable, remove_earlier_output,
                                           to_gptq_checkpoint)
+from valley_rt.progress import Progress, or_silent
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -222,20 +220,17 @@ def _check_examples(calibration: list[dict], held_out: list[dict], hidden: int, 
                 raise DataError(f"GPTQ {kind} example {i}: length expected in [2, {max_pos}], got {x.shape[0]}")
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def quantize_llm_streamed(llm_dir, out_dir, *, calibration: list[dict], held_out: list[dict] | None = None,
                           settings=None, layers: int | None = None,
-                          progress: Callable[[str], None] | None = _log) -> StreamReport:
+                          progress: Progress | None = None) -> StreamReport:
     """Quantize the HF LLaMA folder `llm_dir` with GPTQ, one decoder layer at a time, into a standard
     GPTQ folder `out_dir` (the same layout and config as `gptq.quantize_llm` writes).
 
     calibration / held_out: [{"inputs_embeds": [S, H]}] (held-out ones also "labels" [S]: the positions
     the figures score). settings: gptq.GPTQSettings (desc_act is not supported here).
     layers: quantize only the first `layers` decoder layers and write a folder whose config says so (a
-    measurement of a model's per-layer cost; the result is a shorter model). progress: stage + ETA lines.
+    measurement of a model's per-layer cost; the result is a shorter model). progress: a line per layer
+    with the estimate of what is left (valley_rt.progress).
     """
     from valley_rt.export.gptq import GPTQSettings, figures_from_logits
     from valley_rt.shards import TensorIndex, weight_files, write_sharded
@@ -256,7 +251,7 @@ def quantize_llm_streamed(llm_dir, out_dir, *, calibration: list[dict], held_out
     n_layers = config.num_hidden_layers if layers is None else min(int(layers), config.num_hidden_layers)
     files, _ = weight_files(llm_dir)
     tensors = TensorIndex(llm_dir, files=files)  # every header checked here, before any long work
-    say = progress or (lambda _m: None)
+    progress = or_silent(progress)
 
     calib = [ex["inputs_embeds"].detach().float() for ex in calibration]
     ref = [ex["inputs_embeds"].detach().float() for ex in held_out]
@@ -265,7 +260,8 @@ def quantize_llm_streamed(llm_dir, out_dir, *, calibration: list[dict], held_out
     tokens = sum(x.shape[0] for x in calib)
     report = StreamReport(out_dir=out_dir, layers=n_layers, examples=len(calib), tokens=tokens)
     bits, gs = settings.bits, settings.group_size
-    t_start = time.perf_counter()
+    progress.stage(f"GPTQ, one decoder layer at a time ({len(calib)} prompts, {tokens} tokens)", total=n_layers,
+                   unit="layers")
 
     def layer_tensors(i: int) -> dict[str, torch.Tensor]:
         nonlocal calib, ref, quant
@@ -290,9 +286,7 @@ def quantize_llm_streamed(llm_dir, out_dir, *, calibration: list[dict], held_out
             stored[f"model.layers.{i}.{k}"] = tensors.get(f"model.layers.{i}.{k}")
         report.seconds_per_layer.append(time.perf_counter() - t0)
         done = len(report.seconds_per_layer)
-        per = (time.perf_counter() - t_start) / done
-        say(f"gptq-stream: layer {done}/{n_layers} in {report.seconds_per_layer[-1]:.1f} s "
-            f"({len(calib)} prompts, {tokens} tokens); ETA {per * (n_layers - done):.0f} s")
+        progress.advance(done)
         return stored
 
     entries = _output_entries(config, tensors, n_layers, bits, gs)

@@ -61,6 +61,7 @@ from valley_rt.engine_format import LlamaShape, head_columns  # noqa: F401  (Lla
 from valley_rt.errors import CheckpointError
 from valley_rt.export.gptq_format import GPTQLinear
 from valley_rt.export.manifest import hash_folder
+from valley_rt.progress import Progress, or_silent
 
 PREFILL_FILE = "llm_prefill.onnx"  # optional W8A8 prompt graph (same inputs, outputs and KV cache)
 PREFILL_DATA_FILE = "llm_prefill.onnx.data"
@@ -474,7 +475,8 @@ def _layer_linears(src: _WeightSource, shape: LlamaShape, i: int) -> dict[str, l
 
 
 def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 4,
-                int8_linears: bool = False, data_file=None) -> tuple[onnx.ModelProto, int]:
+                int8_linears: bool = False, data_file=None,
+                progress: Progress | None = None) -> tuple[onnx.ModelProto, int]:
     """The whole decoder as one ONNX model; returns it and the weight bytes streamed per token.
 
     int8_linears=True builds the prompt graph: the same inputs, outputs, KV cache and ops, except that
@@ -542,6 +544,8 @@ def build_graph(src: _WeightSource, shape: LlamaShape, *, accuracy_level: int = 
         silu = g.op("QuickGelu", [gate], domain="com.microsoft", alpha=1.0)[0]  # x * sigmoid(1.0 * x) = silu
         act = g.op("Mul", [silu, up])[0]
         x = g.linear(act, w["down"][0], f"{p}.mlp.down_proj", int8=True)
+        if progress is not None:
+            progress.advance(i + 1)
 
     # Only the last position needs logits: slice before the final norm and the vocabulary GEMV.
     starts, ends, axes = (g.const(n, np.array(v, np.int64), streamed=False)
@@ -586,13 +590,14 @@ def _read_settings(src: Path, cfg: dict, quant: str, lm_head: str, group_size: i
 
 def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | None = None,
                     group_size: int = 128, accuracy_level: int = 4, prefill: str | None = None,
-                    source_sha256: str | None = None) -> Path:
+                    source_sha256: str | None = None, progress: Progress | None = None) -> Path:
     """Convert an HF LLaMA folder (GPTQ or fp) into `out_dir/llm.onnx` (+ .data, embedding table, meta).
 
     quant: "gptq" (the folder holds GPTQ weights), "rtn4" (int4 round-to-nearest of fp weights) or
     "none" (fp32). lm_head: "int8" (default with int4 layers), "int4" or "fp32" (default with none).
     prefill: "int8" (default with int4 layers) also writes `llm_prefill.onnx`, the W8A8 prompt graph
     the runtime uses for long prompts on CPUs with int8 matrix units; "none" (default with fp32) does not.
+    progress: a line per stage and per few layers, with an estimate (valley_rt.progress).
     Returns the path of the .onnx file.
     """
     src, out = Path(src_dir), Path(out_dir)
@@ -615,13 +620,19 @@ def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | Non
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / MODEL_FILE, out / DATA_FILE, out / PREFILL_FILE, out / PREFILL_DATA_FILE):
         stale.unlink(missing_ok=True)
+    progress = or_silent(progress)
+    progress.stage(f"LLM graph: {settings.bits}-bit decode graph" if quant != "none" else "LLM graph: fp32",
+                   total=shape.num_layers, unit="layers")
     with open(out / DATA_FILE, "wb") as data:  # weights go here layer by layer; the graph stays small
-        model, weight_bytes = build_graph(source, shape, accuracy_level=accuracy_level, data_file=data)
+        model, weight_bytes = build_graph(source, shape, accuracy_level=accuracy_level, data_file=data,
+                                          progress=progress)
     onnx.save_model(model, str(out / MODEL_FILE))
     del model
     if prefill == "int8":  # the weights are read and quantized again: export time, not memory
+        progress.stage("LLM graph: W8A8 prompt graph", total=shape.num_layers, unit="layers")
         with open(out / PREFILL_DATA_FILE, "wb") as data:
-            model, _ = build_graph(source, shape, accuracy_level=accuracy_level, int8_linears=True, data_file=data)
+            model, _ = build_graph(source, shape, accuracy_level=accuracy_level, int8_linears=True, data_file=data,
+                                   progress=progress)
         onnx.save_model(model, str(out / PREFILL_FILE))
         del model
     embed = source.t.get("model.embed_tokens.weight")

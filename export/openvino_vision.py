@@ -13,8 +13,10 @@ cosine >= 0.999 per token against the PyTorch reference on held-out crops (`onnx
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,8 +49,9 @@ def quantize_int8(raw: str | Path, dst: str | Path, calibration: list[np.ndarray
 
     model = ov.convert_model(str(raw))
     dataset = nncf.Dataset(calibration, lambda crops: {VISION_INPUT: crops})
-    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(calibration), fast_bias_correction=True)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout carries the command's JSON
+        quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(calibration), fast_bias_correction=True)
     return save_ir(quantized, dst)
 
 

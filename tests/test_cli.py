@@ -60,6 +60,12 @@ def test_convert_and_info_on_checkpoint(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     info = json.loads(run("info", tmp_path / "ck").stdout)
     assert info["config"]["temporal"]["mode"] == "transformer"
+    # progress on stderr: the stage, then the bytes written (the last line at 100 %)
+    err = p.stderr.splitlines()
+    assert err[0].startswith("convert: writing ") and " tensors" in err[0], p.stderr
+    assert err[-1].startswith("convert: writing ") and "GB (100 %)" in err[-1], p.stderr
+    quiet = run("convert", SHARED / "fixtures/original_valley/model_transformer", tmp_path / "ck2", "--no-progress")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path):

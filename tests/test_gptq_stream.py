@@ -3,6 +3,7 @@ the same algorithm, GPTQ beats round-to-nearest on output error, the folder is a
 (load_gptq_as_torch, the ONNX repacker), the held-out figures equal compare_quantized's on whole models,
 and bad input is refused before work."""
 
+import io
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from valley_rt.errors import CheckpointError, DataError
 from valley_rt.export.gptq import GPTQSettings, compare_quantized, load_gptq_as_torch
 from valley_rt.export.gptq_stream import (HESSIAN_OF, LINEARS, gptq_linear, project_total,
                                           quantize_llm_streamed)
+from valley_rt.progress import Progress
 
 VOCAB, HIDDEN, INTER, LAYERS, GROUP = 500, 128, 256, 3, 32
 
@@ -86,10 +88,10 @@ def streamed(llm_dir, tmp_path_factory):
     settings = GPTQSettings(group_size=GROUP)
     calibration = _examples(llm_dir, 4, 40, seed=1)
     held_out = _examples(llm_dir, 2, 32, seed=2, labelled=True)
-    lines = []
+    log = io.StringIO()
     report = quantize_llm_streamed(llm_dir, out, calibration=calibration, held_out=held_out, settings=settings,
-                                   progress=lines.append)
-    return out, report, calibration, held_out, settings, lines
+                                   progress=Progress("gptq", stream=log, every_s=0))
+    return out, report, calibration, held_out, settings, log.getvalue().splitlines()
 
 
 def test_streamed_equals_whole_model(llm_dir, streamed):
@@ -115,7 +117,10 @@ def test_streamed_equals_whole_model(llm_dir, streamed):
     # same algorithm on the same activations: codes agree but for float summation-order ties
     assert mismatched <= 1e-3 * total, f"{mismatched} of {total} codes differ"
     assert len(report.seconds_per_layer) == LAYERS
-    assert len(lines) == LAYERS and "ETA" in lines[-1]
+    # a stage line, then one line per layer: an estimate while layers are left, none after the last
+    assert len(lines) == 1 + LAYERS and lines[0].startswith("gptq: GPTQ, one decoder layer at a time")
+    assert "about" in lines[1] and "left" in lines[1] and lines[-1].startswith("gptq: GPTQ") and \
+        f"{LAYERS}/{LAYERS} layers (100 %)" in lines[-1] and "left" not in lines[-1]
 
 
 def test_gptq_beats_rtn_on_output_error():

@@ -286,6 +286,13 @@ def test_export_cli_writes_engine(checkpoint, tmp_path):
     assert summary["precision"] == {"vision": "int8", "llm": "rtn4-g32"}
     assert summary["vision_parity"]["int8"]["pooled"]["min_cosine"] >= 0.999
     assert mf.load_manifest(out)["precision"] == summary["precision"]
+    # stdout is the JSON summary alone; stderr names each stage, the layer loops counted to the end
+    stages = [line for line in res.stderr.splitlines() if line.startswith("export: ")]
+    for needle in ("export: hashing the checkpoint", "export: vision: tracing the ONNX graph",
+                   "export: LLM graph: 4-bit decode graph", "export: LLM graph: W8A8 prompt graph",
+                   "export: manifest: hashing the engine", "export: done in "):
+        assert any(line.startswith(needle) for line in stages), (needle, res.stderr)
+    assert any("layers (100 %)" in line for line in stages), res.stderr
 
 
 def test_interrupted_export_leaves_no_loadable_folder(checkpoint, tmp_path):

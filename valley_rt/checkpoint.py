@@ -27,7 +27,8 @@ from valley_rt.config import (SPECIAL_TOKENS, LLMConfig, PreprocessConfig, Tempo
                               ValleyConfig, VisionConfig, preset, PRESETS)
 from valley_rt.errors import CheckpointError
 from valley_rt.model import ValleyModel, build_model, parameter_counts, restore_buffers
-from valley_rt.shards import TensorIndex, write_sharded
+from valley_rt.progress import Progress, or_silent
+from valley_rt.shards import TensorIndex, nbytes, write_sharded
 
 FORMAT = "valley-rt"
 VERSION = 1
@@ -330,7 +331,7 @@ SHARD_BYTES = 2 * 2**30  # the converted LLM's shard size (a tensor bigger than 
 
 def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None,
                      vision_tower_dir: str | Path | None = None, overwrite: bool = False, dtype: str = "auto",
-                     max_shard_bytes: int = SHARD_BYTES) -> Path:
+                     max_shard_bytes: int = SHARD_BYTES, progress: Progress | None = None) -> Path:
     """Convert an original Valley checkpoint folder into a valley-rt checkpoint, one tensor at a time.
 
     Every input file's header is read and checked first (missing or wrong shards, truncated files, names
@@ -344,6 +345,7 @@ def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir:
     is computed in fp32). dtype: "auto" keeps each tensor's stored floating dtype, or "fp32"/"fp16"/"bf16".
     overwrite: replace a valley-rt checkpoint already at out_dir. Any other existing, non-empty out_dir,
     and one equal to, inside or containing an input folder, is refused (valley_rt.outdir).
+    progress: stage lines and the bytes written so far, with an estimate (valley_rt.progress).
     """
     from transformers import AutoTokenizer
 
@@ -379,13 +381,19 @@ def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir:
             return stored
         return stored if dtype == "auto" else DTYPES[dtype]
 
+    written = 0
+
     def produce(k: str) -> torch.Tensor:
+        nonlocal written
         t = src.get(names[k])
         if k in base_names:  # delta + base, in fp32, over the base's extent (added vocabulary rows kept)
             t, b = t.float(), base.get(base_names[k]).float()
             t[tuple(slice(0, s) for s in b.shape)] += b
             del b
-        return t.to(out_dtype(k))
+        t = t.to(out_dtype(k))
+        written += t.numel() * t.element_size()
+        progress.advance(written)
+        return t
 
     # tensors in the order they are stored, so each source shard is read once, front to back
     order = sorted(names, key=lambda k: (src.files.index(src[names[k]].file), src[names[k]].start))
@@ -399,16 +407,21 @@ def convert_original(*, original_dir: str | Path, out_dir: str | Path, base_dir:
         return out
 
     llm_dtype = out_dtype("llm.model.embed_tokens.weight")
+    extras = [e for e in entries("", strip=False) if e[0].startswith(("mm_projector.", "temporal."))]
+    vision, llm = entries("vision_tower.", True), entries("llm.", True)
+    total = sum(nbytes(shape, dt) for _, shape, dt in extras + vision + llm)
+    progress = or_silent(progress)
+    progress.stage(f"writing {len(extras + vision + llm)} tensors" + (" (delta + base)" if base is not None else ""),
+                   total=total, unit="GB")
     with atomic_folder(out_dir, kind="checkpoint", sources=sources, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION,
                                                    "config": cfg.to_dict()}, indent=2) + "\n")
-        extras = [e for e in entries("", strip=False) if e[0].startswith(("mm_projector.", "temporal."))]
         write_sharded(tmp, extras, produce, max_shard_bytes=2**62, name=EXTRA_WEIGHTS.removesuffix(".safetensors"),
                       metadata={})
-        write_sharded(tmp / "vision_tower", entries("vision_tower.", True), lambda n: produce("vision_tower." + n),
+        write_sharded(tmp / "vision_tower", vision, lambda n: produce("vision_tower." + n),
                       max_shard_bytes=2**62)
         _save_hf_config(model.vision_tower, tmp / "vision_tower", llm_dtype)
-        write_sharded(tmp / "llm", entries("llm.", True), lambda n: produce("llm." + n),
+        write_sharded(tmp / "llm", llm, lambda n: produce("llm." + n),
                       max_shard_bytes=max_shard_bytes)
         _save_hf_config(model.llm, tmp / "llm", llm_dtype)
         for name in TOKENIZER_FILES:

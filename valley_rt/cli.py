@@ -142,12 +142,14 @@ def convert(original_dir: Path = typer.Argument(..., help="Original Valley check
                 None, help="CLIP vision folder, when the original does not carry the tower in its weights."),
             dtype: str = typer.Option("auto", help="Stored dtype: auto (as in the original), fp32, fp16 or bf16."),
             overwrite: bool = typer.Option(False, "--overwrite",
-                                           help="Replace a valley-rt checkpoint already at OUT_DIR (nothing else is replaced).")) -> None:
+                                           help="Replace a valley-rt checkpoint already at OUT_DIR (nothing else is replaced)."),
+            progress: bool = typer.Option(True, "--progress/--no-progress", help="Stage and estimate lines on stderr.")) -> None:
     """Convert an original Valley checkpoint into the valley-rt format."""
     from valley_rt.checkpoint import convert_original
+    from valley_rt.progress import Progress
 
     convert_original(original_dir=original_dir, out_dir=out_dir, base_dir=base, vision_tower_dir=vision_tower,
-                     overwrite=overwrite, dtype=dtype)
+                     overwrite=overwrite, dtype=dtype, progress=Progress("convert" if progress else None))
     typer.echo(f"wrote {out_dir}")
 
 
@@ -380,9 +382,11 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an engine folder already at OUT (nothing else is replaced)."),
            keep_failed_gate: bool = typer.Option(False, "--keep-failed-gate",
                                                  help="Keep a GPTQ LLM that fails the accuracy gate (figures still recorded)."),
+           progress: bool = typer.Option(True, "--progress/--no-progress", help="Stage and estimate lines on stderr."),
            force: bool = typer.Option(False, "--force", hidden=True, help="Removed: use --overwrite / --keep-failed-gate.")) -> None:
     """Export a checkpoint into an engine folder: ONNX vision graph, LLM, tokenizer, manifest.json."""
     from valley_rt.export.engine import export_engine
+    from valley_rt.progress import Progress
 
     if force:
         raise ValleyError("--force is gone: pass --overwrite to replace an engine folder at --out, and/or "
@@ -390,7 +394,8 @@ def export(ckpt: Path = typer.Argument(..., help="valley-rt checkpoint folder.")
     m = export_engine(ckpt, out, precision=precision, quant=quant, bits=bits, group_size=group_size,
                       desc_act=desc_act, sym=sym, calib=calib, calib_samples=calib_samples, overwrite=overwrite,
                       keep_failed_gate=keep_failed_gate, gpu=gpu, cpu_vision=cpu_vision,
-                      gptq_stream=gptq_stream, gptq_folder=gptq_folder)
+                      gptq_stream=gptq_stream, gptq_folder=gptq_folder,
+                      progress=Progress("export" if progress else None))
     emit_json({"engine": str(out), "precision": m["precision"], "vision_cpu": m["vision_cpu"], "export_s": m["export_s"],
                "vision_parity": m["parity"]["vision"].get("parity"), "llm": m["parity"]["llm"]})
 

@@ -148,6 +148,11 @@ def list_files(folder: str | Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
+def folder_bytes(folder: str | Path) -> int:
+    """The size of every regular file under folder (what file_hashes reads)."""
+    return sum((Path(folder) / rel).stat().st_size for rel in list_files(folder))
+
+
 def file_hashes(folder: str | Path) -> dict[str, str]:
     """Each regular file's sha256 under folder, by sorted POSIX relative path (one read of every byte)."""
     return {rel: sha256_file(Path(folder) / rel) for rel in list_files(folder)}
