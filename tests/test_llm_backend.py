@@ -518,3 +518,76 @@ def test_kv_cache_grows_on_demand_with_the_same_logits(hf_dirs, tmp_path, monkey
     assert small.cache_slots >= 17
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5, atol=1e-5)
     assert small.fork().cache_slots == 4
+
+
+def test_append_chunks_bound_the_materialized_attention_scratch():
+    from valley_rt.backends.llm_onnx import append_chunks
+
+    assert append_chunks(554, 0, 32, "flash") == [554]
+    assert append_chunks(1, 4000, 32, "materialized") == [1]
+    assert append_chunks(554, 0, 32, "materialized") == [554]  # 32 x 554 x 554 x 4 B = 39 MB: one run
+    for s, past in ((4096, 0), (3000, 1000), (700, 3000), (10_000, 0)):
+        chunks = append_chunks(s, past, 32, "materialized")
+        assert sum(chunks) == s and max(chunks) - min(chunks) <= 1
+        assert 32 * max(chunks) * (past + s) * 4 <= 256 * 2**20
+
+
+def test_gqa_kernels_agree_and_a_chunked_prompt_equals_one_run(hf_dirs, tmp_path, monkeypatch):
+    """ONNX Runtime's two CPU GroupQueryAttention kernels (flash; scores materialized) give the same
+    logits to fp32 rounding, and a prompt split into chunks (a small scratch budget) gives the logits
+    and the cache of one run, so decoding continues alike. On the int4 graph to 1e-4; on the W8A8
+    prompt graph by cosine, since its per-token int8 activations turn a last-bit difference into a
+    whole quantization step now and then. Which kernel a session got shows in ORT's variable at its
+    creation: checked too."""
+    from valley_rt.backends import llm_onnx
+
+    path = export_llm_onnx(hf_dirs["hd32"], tmp_path, quant="rtn4", group_size=32)
+    seen = []
+    real = llm_onnx.session_options
+
+    def spy(*args):
+        seen.append(os.environ.get(llm_onnx.ORT_GQA_FLASH_OFF))
+        return real(*args)
+
+    monkeypatch.setattr(llm_onnx, "session_options", spy)
+    ids = list(range(3, 100))  # >= PREFILL_MIN_TOKENS: the prompt graph when the engine's is loaded
+    chunks = llm_onnx.append_chunks
+    assert len(chunks(len(ids), 0, 4, "materialized", 20000)) > 1  # the budget below splits the prompt
+    for prefill in ("int4", "int8"):
+        monkeypatch.setenv("VALLEY_RT_PREFILL", prefill)
+        runs = {}
+        for kernel, scratch in (("flash", None), ("materialized", None), ("materialized", 20000)):
+            monkeypatch.setenv("VALLEY_RT_GQA", kernel)
+            monkeypatch.setattr(llm_onnx, "append_chunks",
+                                lambda s, past, heads, k, b=scratch or llm_onnx.ATTN_SCRATCH_BYTES: chunks(s, past, heads, k, b))
+            seen.clear()
+            llm = OnnxLLM(path.parent)
+            assert llm.gqa_kernel == kernel and llm.has_prefill_graph == (prefill == "int8")
+            assert seen == [None if kernel == "flash" else "1"] * (2 if prefill == "int8" else 1)
+            out = [llm.prefill(llm.embed(ids))] + [llm.decode(t) for t in (5, 6, 7)]
+            runs[(kernel, scratch)] = np.stack(out)
+        assert os.environ.get(llm_onnx.ORT_GQA_FLASH_OFF) is None  # restored after each creation
+        flash, whole, chunked = runs[("flash", None)], runs[("materialized", None)], runs[("materialized", 20000)]
+        if prefill == "int4":
+            np.testing.assert_allclose(whole, flash, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+        else:
+            for a, b in ((whole, flash), (chunked, whole)):
+                assert min(_cos(x, y) for x, y in zip(a, b)) > 0.999
+
+
+def test_gqa_kernel_policy(monkeypatch):
+    from valley_rt.backends.llm_onnx import gqa_kernel_policy
+
+    monkeypatch.delenv("ORT_GQA_DISABLE_FLASH_ATTENTION", raising=False)
+    monkeypatch.delenv("VALLEY_RT_GQA", raising=False)
+    assert gqa_kernel_policy() == "materialized"
+    monkeypatch.setenv("VALLEY_RT_GQA", "flash")
+    assert gqa_kernel_policy() == "flash"
+    monkeypatch.setenv("VALLEY_RT_GQA", "fast")
+    with pytest.raises(EngineError, match="VALLEY_RT_GQA"):
+        gqa_kernel_policy()
+    monkeypatch.setenv("ORT_GQA_DISABLE_FLASH_ATTENTION", "0")  # the user's own ORT setting decides
+    assert gqa_kernel_policy() == "flash"
+    monkeypatch.setenv("ORT_GQA_DISABLE_FLASH_ATTENTION", "1")
+    assert gqa_kernel_policy() == "materialized"
