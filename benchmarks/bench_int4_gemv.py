@@ -4,11 +4,12 @@ read bandwidth measured in the same run.
 A decode step is memory bound: it multiplies one row by every weight, so its speed is the rate at
 which the int4 weights stream from memory. This times MatMulNBits (the engine's decode kernel) on
 `--layers` decoder layers' linears of a shape (bench-1b: qkv 2048x2560, o 2048x2048, gate|up
-2048x11264, down 5632x2048; far more bytes than the caches hold), for each group size and
+2048x11264, down 5632x2048; by default enough layers for 2.5x the last-level cache: on a CPU with a
+300 MiB L3, six bench-1b layers (141 MB) stream from the cache, not memory), for each group size and
 accuracy level asked (4: int8 activations, VNNI dot products, the engine's setting; 0: fp32), and
 prints GB/s and the fraction of the read roofline (`common.read_bandwidth_gbs`, same threads).
 
-    python benchmarks/bench_int4_gemv.py [--layers 6] [--groups 128,64,32] [--levels 4,0] [--threads 2]
+    python benchmarks/bench_int4_gemv.py [--layers N] [--groups 128,64,32] [--levels 4,0] [--threads 2]
 
 Ends with one JSON line (hardware included).
 """
@@ -25,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from common import hardware, read_bandwidth_gbs  # noqa: E402  (benchmarks/common.py)
+from common import hardware, last_level_cache_bytes, read_bandwidth_gbs  # noqa: E402  (benchmarks/common.py)
 
 SHAPES = {"bench-1b": [(2048, 2560), (2048, 2048), (2048, 11264), (5632, 2048)],  # (K, N) per layer
           "valley2-7b": [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]}
@@ -77,16 +78,20 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="bench-1b")
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=None, help="default: 2.5x the last-level cache, at least 6")
     ap.add_argument("--groups", default="128,64,32")
     ap.add_argument("--levels", default="4,0", help="MatMulNBits accuracy levels (4: int8 compute; 0: fp32)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.layers is None:  # int4 bytes of one layer at group 128: K x N / 2 plus the scales
+        layer = sum(k * n // 2 + k * n // 128 * 5 for k, n in SHAPES[args.shape])
+        args.layers = max(6, -(-int(2.5 * last_level_cache_bytes()) // layer))
     hw = hardware()
     print(f"# {hw['cpu']} ({hw['cpu_kind']}), ISA {', '.join(hw['isa'])}; {args.threads} threads; "
           f"load average {hw['load_avg_1min']}", flush=True)
     roof = read_bandwidth_gbs(args.threads)
-    print(f"# read bandwidth (roofline): {roof:.1f} GB/s", flush=True)
+    print(f"# read bandwidth (roofline): {roof:.1f} GB/s; {args.layers} layers, last-level cache "
+          f"{hw['last_level_cache_mb']} MB", flush=True)
     torch.manual_seed(0)
     rows = []
     for group in (int(g) for g in args.groups.split(",")):

@@ -46,6 +46,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache cpu0 reports (sysfs; 0 where unknown). Some of the machines here have a
+    300 MiB L3: a working set "far larger than the caches" has to be sized from it."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        digits = size[:-1] if size[-1:] in "KMG" else size
+        if digits.isdigit():
+            best = max(best, int(digits) * unit)
+    return best
+
+
 def hardware() -> dict:
     cpu = "unknown"
     try:
@@ -62,18 +78,21 @@ def hardware() -> dict:
     flags = cpu_flags()
     return {"cpu": cpu, "cpu_kind": cpu_kind(), "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count(),
             "gpu": gpu, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+            "python": platform.python_version(), "load_avg_1min": round(os.getloadavg()[0], 2),
+            "last_level_cache_mb": round(last_level_cache_bytes() / 2**20)}
 
 
-def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+def read_bandwidth_gbs(threads: int, gib: float | None = None, repeats: int = 5) -> float:
     """Best-of-n streaming read of a buffer far larger than the caches (torch sum, `threads` threads):
-    the roofline a memory-bound decode step is measured against."""
+    the roofline a memory-bound decode step is measured against. gib: the buffer, by default 1 GiB or
+    4x the last-level cache, whichever is larger."""
     import time
 
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    size = int(gib * 2**30) if gib else max(2**30, 4 * last_level_cache_bytes())
+    x = torch.ones(size // 4, dtype=torch.float32)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
