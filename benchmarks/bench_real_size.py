@@ -3,11 +3,13 @@
     python benchmarks/bench_real_size.py --preset valley2-7b              # make, convert, export, ask
     python benchmarks/bench_real_size.py --preset valley2-7b --layers 2   # the same shapes, 2 LLM layers
     python benchmarks/bench_real_size.py --steps export,ask               # reuse what WORK already holds
+    python benchmarks/bench_real_size.py --steps export,ask --quant gptq --calib data.json --calib-samples 16
 
 Stages (each a fresh process; peak RSS is that process's maximum resident set, as `time -v` reports):
     make     benchmarks/make_real_checkpoint.py: random fp16 weights in the original layout, 10 GiB shards
     convert  valley-rt convert WORK/ckpt/original WORK/converted --vision-tower WORK/ckpt/clip
-    export   valley-rt export WORK/converted -o WORK/engine --quant rtn4 --gpu no
+    export   valley-rt export WORK/converted -o WORK/engine --quant rtn4 --gpu no; with --quant gptq --calib
+             DATA, streamed GPTQ on DATA's clips instead (stage export-gptq)
     ask      the runtime on the engine (benchmarks/bench_ask.py's fast child): load time, TTFT at the real
              token layout (256 + T visual tokens, 8 frames), decode tokens/s over a fixed answer length
 
@@ -86,10 +88,17 @@ def main() -> int:
     ap.add_argument("--prefill", choices=("auto", "int8", "int4"), default=None,
                     help="VALLEY_RT_PREFILL for ask (the W8A8 prompt graph: auto, int8 always, int4 never); "
                          "recorded as stage ask-prefill-<choice>")
+    ap.add_argument("--quant", choices=("rtn4", "gptq"), default="rtn4",
+                    help="export's LLM quantization; gptq (streamed, layer by layer) needs --calib and is recorded "
+                         "as stage export-gptq")
+    ap.add_argument("--calib", type=Path, default=None, help="Valley instruction JSON for --quant gptq")
+    ap.add_argument("--calib-samples", type=int, default=16, help="records drawn from --calib (3/4 calibrate)")
     ap.add_argument("--drop-original", action="store_true", help="delete WORK/ckpt after convert")
     ap.add_argument("--cleanup", action="store_true", help="delete WORK at the end")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.quant == "gptq" and args.calib is None:
+        ap.error("--quant gptq needs --calib DATA")
     name = args.preset + (f"-{args.layers}layers" if args.layers else "")
     out_file = args.out or REPO / "benchmarks" / "results" / f"real_size_{name}.json"
     result = json.loads(out_file.read_text()) if out_file.is_file() else {}
@@ -126,12 +135,16 @@ def main() -> int:
             remove_own(ckpt, made_checkpoint, "a random checkpoint")
     if "export" in steps:
         remove_own(eng, is_engine, "an engine")
-        r = timed(cli + ["export", str(conv), "-o", str(eng), "--quant", "rtn4", "--gpu", "no"], work / "export.log")
+        quant = ["--quant", "rtn4"] if args.quant == "rtn4" else \
+            ["--quant", "gptq", "--calib", str(args.calib), "--calib-samples", str(args.calib_samples)]
+        r = timed(cli + ["export", str(conv), "-o", str(eng), *quant, "--gpu", "no"], work / "export.log")
         r["disk_gb"] = disk_gb(eng)
         if (eng / "manifest.json").is_file():
             m = json.loads((eng / "manifest.json").read_text())
             r["precision"] = m.get("precision")
-        record("export", r)
+            if args.quant == "gptq":  # the gate's figures, the calibration's size, the per-layer times
+                r["gptq"] = m["parity"]["llm"]
+        record("export" if args.quant == "rtn4" else "export-gptq", r)
     if "ask" in steps:
         cmd = [py, str(REPO / "benchmarks" / "bench_ask.py"), "--child", "fast", "--model", str(eng),
                "--video", str(VIDEO), "--question", "What happens in this video?", "--tokens", str(args.tokens),
