@@ -93,6 +93,9 @@ def main() -> int:
                          "as stage export-gptq")
     ap.add_argument("--calib", type=Path, default=None, help="Valley instruction JSON for --quant gptq")
     ap.add_argument("--calib-samples", type=int, default=16, help="records drawn from --calib (3/4 calibrate)")
+    ap.add_argument("--keep-failed-gate", action="store_true",
+                    help="export --keep-failed-gate: random weights give near-flat logits, whose next-token "
+                         "agreement misses the GPTQ gate; the figures are recorded either way")
     ap.add_argument("--drop-original", action="store_true", help="delete WORK/ckpt after convert")
     ap.add_argument("--cleanup", action="store_true", help="delete WORK at the end")
     ap.add_argument("--out", type=Path, default=None)
@@ -136,7 +139,8 @@ def main() -> int:
     if "export" in steps:
         remove_own(eng, is_engine, "an engine")
         quant = ["--quant", "rtn4"] if args.quant == "rtn4" else \
-            ["--quant", "gptq", "--calib", str(args.calib), "--calib-samples", str(args.calib_samples)]
+            ["--quant", "gptq", "--calib", str(args.calib), "--calib-samples", str(args.calib_samples),
+             *(["--keep-failed-gate"] if args.keep_failed_gate else [])]
         r = timed(cli + ["export", str(conv), "-o", str(eng), *quant, "--gpu", "no"], work / "export.log")
         r["disk_gb"] = disk_gb(eng)
         if (eng / "manifest.json").is_file():
