@@ -1,6 +1,6 @@
 """The benchmark scripts' own logic: reproduce_demo's per-file comparison (and the recorded hashes of the
-bundled demo), the demo question bench_ask asks, bench_video's equal number of runs per side, and what
-bench_real_size may remove."""
+bundled demo), the demo question bench_ask asks, bench_video's equal number of runs per side, what
+bench_real_size may remove, and bench_gqa's float64 attention (both ORT kernels must match it)."""
 
 import json
 import sys
@@ -16,11 +16,13 @@ def bench():
     """benchmarks/ on sys.path for the duration of this module (its scripts import each other that way)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_ask
+    import bench_gqa
     import bench_real_size
     import bench_video
     import reproduce_demo
 
-    yield {"ask": bench_ask, "video": bench_video, "repro": reproduce_demo, "real_size": bench_real_size}
+    yield {"ask": bench_ask, "video": bench_video, "repro": reproduce_demo, "real_size": bench_real_size,
+           "gqa": bench_gqa}
     sys.path.remove(str(REPO / "benchmarks"))
 
 
@@ -120,3 +122,15 @@ def test_bench_real_size_removes_only_what_its_stages_wrote(bench, tmp_path):
     (engine / "extra.txt").unlink()
     rs.remove_own(engine, is_engine, "an engine")
     assert not engine.exists()
+
+
+def test_bench_gqa_kernels_match_its_float64_attention(bench, capsys, monkeypatch):
+    """Both GroupQueryAttention kernels, on a small shape, against the benchmark's own NumPy reference
+    (rotary, causal mask over cached + new rows, grouped heads): a wrong reference or binding fails."""
+    monkeypatch.setattr(sys, "argv", ["bench_gqa.py", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+                                      "--head-size", "16", "--repeat", "1", "--rounds", "1", "--threads", "1"])
+    assert bench["gqa"].main() == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["append"], r["cached"]) for r in result["rows"]] == bench["gqa"].CASES
+    for row in result["rows"]:
+        assert row["flash_max_err_vs_fp64"] < 1e-4 and row["materialized_max_err_vs_fp64"] < 1e-4, row
