@@ -108,7 +108,7 @@ def export_engine(ckpt, out, *, precision: str = "auto", quant: str = "gptq", bi
         with tempfile.TemporaryDirectory(dir=work, prefix=".raw-") as tmp:
             progress.stage("vision: tracing the ONNX graph")
             raw = export_raw(model, Path(tmp) / "raw.onnx")  # one trace for the CPU and the GPU graphs
-            progress.stage(f"vision: the {precision} CPU graph, its parity and timing")
+            progress.stage(f"vision: the CPU graph ({precision}), its parity and timing")
             try:
                 vision = export_vision(model, work, precision=precision, name=VISION_FILE, raw=raw)
             except ValueError as e:  # the accuracy bar of the requested precision

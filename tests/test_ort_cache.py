@@ -89,3 +89,27 @@ def test_the_cache_can_be_turned_off(vision, tmp_path, monkeypatch):
     monkeypatch.setenv(OPTIMIZED_CACHE_ENV, "maybe")
     with pytest.raises(EngineError, match="expected on or off"):
         optimized_cpu_session(vision, _opts())
+
+
+def test_the_vision_session_does_not_spin_unless_asked(vision, monkeypatch):
+    """Vision's threads do not spin between ops (VALLEY_RT_VISION_SPIN=on makes them), on the session that
+    writes the optimized graph and on the one that opens it from the cache alike."""
+    from valley_rt.backends import ort_session
+    from valley_rt.errors import EngineError
+
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(path, sess_options=None, providers=None):
+        seen.append(sess_options.get_session_config_entry("session.intra_op.allow_spinning"))
+        return real(path, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    ort_session.vision_session(vision)  # written
+    ort_session.vision_session(vision)  # cached
+    monkeypatch.setenv("VALLEY_RT_VISION_SPIN", "on")
+    ort_session.vision_session(vision)
+    assert seen == ["0", "0", "1"]
+    monkeypatch.setenv("VALLEY_RT_VISION_SPIN", "yes")
+    with pytest.raises(EngineError, match="VALLEY_RT_VISION_SPIN"):
+        ort_session.vision_session(vision)

@@ -38,8 +38,19 @@ def llm_session_options(threads: int | None = None, spinning: bool = True):
     # The graph is already fused by construction; basic optimizations (constant folding, dead-node
     # removal) are all that is left to do and keep session creation fast.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry(SPIN_KEY, "1" if spinning else "0")
     return so
+
+
+SPIN_KEY = "session.intra_op.allow_spinning"
+VISION_SPIN_ENV = "VALLEY_RT_VISION_SPIN"  # "off" (default) or "on": the vision session's threads spin between ops
+
+
+def vision_spinning() -> bool:
+    choice = os.environ.get(VISION_SPIN_ENV, "off")
+    if choice not in ("on", "off"):
+        raise EngineError(f"{VISION_SPIN_ENV}={choice!r}: expected on or off")
+    return choice == "on"
 
 
 def vision_session(path: str | Path, *, threads: int | None = None, providers: list | None = None):
@@ -54,6 +65,9 @@ def vision_session(path: str | Path, *, threads: int | None = None, providers: l
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # A few hundred large ops: spinning between them saves little, and where the LLM graphs open on a
+    # worker thread at the same time (the first question) spinning threads take its cores.
+    opts.add_session_config_entry(SPIN_KEY, "1" if vision_spinning() else "0")
     if not providers or list(providers) == ["CPUExecutionProvider"]:
         return optimized_cpu_session(path, opts)[0]
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -142,6 +156,8 @@ def _copy_options(opts):
     for name in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "log_severity_level",
                  "execution_mode"):
         setattr(out, name, getattr(opts, name))
+    with contextlib.suppress(Exception):  # ORT raises its own error for an entry never set
+        out.add_session_config_entry(SPIN_KEY, opts.get_session_config_entry(SPIN_KEY))
     return out
 
 
