@@ -28,7 +28,7 @@ caller does before its first prompt.
 Attention runs in ONNX Runtime's CPU GroupQueryAttention, which has two kernels: a tiled online-softmax
 ("flash") one, ORT's default, and one that materializes each head's [S, T] scores in fp32 and runs the
 two products on MLAS' SGEMM. `gqa_kernel_policy` picks the second by default: it ran a 554-token
-prompt's attention 2-2.5x faster on an AMX Xeon, and decode steps about as fast (benchmarks/bench_gqa.py,
+prompt's attention 2x faster on an AMX Xeon, and decode steps about as fast (benchmarks/bench_gqa.py,
 docs/cpu_latency.md). Its scratch grows with S x T, so a long append runs in chunks whose scores fit
 ATTN_SCRATCH_BYTES.
 """
