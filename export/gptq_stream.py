@@ -33,6 +33,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 import torch
 
 from valley_rt.checkpoint import TEXT_FILES

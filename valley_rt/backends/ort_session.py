@@ -23,6 +23,10 @@ from valley_rt.engine_format import MAX_FRAMES, MIN_FRAMES, OPT_FRAMES, VISION_I
 from valley_rt.errors import EngineError
 
 
+SPIN_KEY = "session.intra_op.allow_spinning"
+VISION_SPIN_ENV = "VALLEY_RT_VISION_SPIN"  # "off" (default) or "on": the vision session's threads spin between ops
+
+
 def llm_session_options(threads: int | None = None, spinning: bool = True):
     """ORT options for batch-1 decoding: a fixed thread pool (None: one thread per physical core);
     spinning threads cut the wake-up latency between the ~10 ops of each layer (turn off when sharing
@@ -42,11 +46,8 @@ def llm_session_options(threads: int | None = None, spinning: bool = True):
     return so
 
 
-SPIN_KEY = "session.intra_op.allow_spinning"
-VISION_SPIN_ENV = "VALLEY_RT_VISION_SPIN"  # "off" (default) or "on": the vision session's threads spin between ops
-
-
 def vision_spinning() -> bool:
+    """$VALLEY_RT_VISION_SPIN: whether the vision session's intra-op threads spin between ops."""
     choice = os.environ.get(VISION_SPIN_ENV, "off")
     if choice not in ("on", "off"):
         raise EngineError(f"{VISION_SPIN_ENV}={choice!r}: expected on or off")
