@@ -12,6 +12,7 @@ Stages (each a fresh process; peak RSS is that process's maximum resident set, a
              DATA, streamed GPTQ on DATA's clips instead (stage export-gptq)
     ask      the runtime on the engine (benchmarks/bench_ask.py's fast child): load time, TTFT at the real
              token layout (256 + T visual tokens, 8 frames), decode tokens/s over a fixed answer length
+             (stage ask-gptq when WORK/engine holds a GPTQ LLM)
 
 --drop-original deletes WORK/ckpt (which this script wrote) once convert has finished, for disks that
 cannot hold the original and the converted checkpoint at once. Results: benchmarks/results/
@@ -162,7 +163,10 @@ def main() -> int:
             r.update({k: child[k] for k in ("load_ms", "ttft_ms", "prefill_ms", "vision_ms", "decode_tokens_per_s",
                                             "tokens_in", "tokens_out", "backends") if k in child})
         r["prefill_policy"] = args.prefill or os.environ.get("VALLEY_RT_PREFILL", "auto")
-        record("ask" if not args.prefill else f"ask-prefill-{args.prefill}", r)
+        manifest = eng / "manifest.json"
+        llm = json.loads(manifest.read_text())["precision"]["llm"] if manifest.is_file() else ""
+        stage = "ask" + ("-gptq" if llm.startswith("gptq") else "")  # the rtn4 engine's figures stay under "ask"
+        record(stage if not args.prefill else f"{stage}-prefill-{args.prefill}", r)
     if args.cleanup:  # only what this benchmark wrote; WORK itself goes when nothing else is left in it
         remove_own(ckpt, made_checkpoint, "a random checkpoint")
         remove_own(conv, is_checkpoint, "a converted checkpoint")
