@@ -339,12 +339,10 @@ class OnnxLLM:
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
         self._ensure_slots(total)
+        session, binding = (self.prefill_session, self._prefill_binding) if prompt_graph else (self.session, self._binding)
         done = 0
         for n in append_chunks(s, self._pos, self._num_heads, self.gqa_kernel):
-            if prompt_graph:
-                self._run_graph(self.prefill_session, self._prefill_binding, x[:, done:done + n], self._pos + done + n)
-            else:
-                self._run_graph(self.session, self._binding, x[:, done:done + n], self._pos + done + n)
+            self._run_graph(session, binding, x[:, done:done + n], self._pos + done + n)
             done += n
         self._pos = total
         return self._logits[0, 0].copy()  # [V]; the buffer is reused next step
