@@ -62,17 +62,22 @@ def graph(layers: int, heads: int, kv_heads: int, head_size: int, max_len: int) 
 
 
 def session(model: bytes, kernel: str, threads: int):
-    """A session whose GQA kernels are `kernel`: ORT reads the variable while it builds them."""
+    """A session whose GQA kernels are `kernel`, whatever the caller's environment says: ORT reads the
+    variable while it builds them; the caller's value is put back afterwards."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    name = "ORT_GQA_DISABLE_FLASH_ATTENTION"
+    before = os.environ.pop(name, None)
     if kernel == "materialized":
-        os.environ["ORT_GQA_DISABLE_FLASH_ATTENTION"] = "1"
+        os.environ[name] = "1"
     try:
         return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     finally:
-        os.environ.pop("ORT_GQA_DISABLE_FLASH_ATTENTION", None)
+        os.environ.pop(name, None)
+        if before is not None:
+            os.environ[name] = before
 
 
 def run_case(sess, layers: int, kv_heads: int, head_size: int, max_len: int, qkv: np.ndarray, past: int,
