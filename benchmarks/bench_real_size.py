@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from common import hardware  # benchmarks/common.py (this script's folder is on sys.path)
+from valley_rt.engine_format import folder_bytes
 from valley_rt.errors import ValleyError
 from valley_rt.outdir import MARKER, claim_folder, is_checkpoint, is_engine
 
@@ -56,7 +57,7 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 
 
 def disk_gb(path: Path) -> float:
-    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30, 2) if path.exists() else 0.0
+    return round(folder_bytes(path) / 2**30, 2) if path.exists() else 0.0
 
 
 MADE = {"original", "base", "clip", "valley-rt"}  # what make_real_checkpoint.py writes under its OUT
