@@ -77,6 +77,49 @@ EXTERNAL_MIN_BYTES = 1024  # initializers at least this big live in DATA_FILE, s
 # ------------------------------------------------------------------------------------------- GPTQ tensors
 
 
+RTN_CLIP_RATIOS = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8)  # group ranges tried by rtn_scales; 1.0 = min-max
+RTN_SEARCH_MIN_GROUP = 64  # smaller groups, and codes wider than 4 bits, keep min-max
+RTN_SEARCH_MAX_QMAX = 15
+
+
+def rtn_scales(wg: torch.Tensor, *, dim: int, qmax: int, sym: bool = False,
+               ratios: tuple[float, ...] = RTN_CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scale and zero point (a float holding an integer) of each group of wg, a group
+    being wg's values along `dim`, for codes 0..qmax. A group's range (always holding 0) is shrunk by
+    each of `ratios` in turn and the one with the least squared rounding error over the group is kept
+    (min-max, ratio 1.0, wins ties): clipping the few outermost values buys a finer step for all the
+    others. At 4 bits this leaves ~10 % less squared error than min-max in groups of 128 and takes ~10 %
+    off the int4 model's KL divergence from fp32 in groups of 64 and 128 (docs/peers.md); in groups of
+    32 the extremes are milder and the gain is nil, so groups under RTN_SEARCH_MIN_GROUP and codes of
+    more than 4 bits keep min-max. Symmetric: zero point (qmax + 1) / 2 and codes -(qmax + 1) / 2 ..
+    qmax / 2 around it."""
+    if wg.shape[dim] < RTN_SEARCH_MIN_GROUP or qmax > RTN_SEARCH_MAX_QMAX:
+        ratios = (1.0,)
+    lo, hi = wg.amin(dim).clamp(max=0), wg.amax(dim).clamp(min=0)
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    err = torch.empty_like(wg) if len(ratios) > 1 else None
+    for r in ratios:
+        if sym:
+            scales = (2 * torch.maximum(-lo, hi) * r / qmax).clamp(min=1e-8)
+            zeros = torch.full_like(scales, float((qmax + 1) // 2))
+        else:
+            scales = ((hi - lo) * r / qmax).clamp(min=1e-8)
+            zeros = torch.round(-lo * r / scales).clamp_(0, qmax)
+        if err is None:
+            return scales, zeros
+        s, z = scales.unsqueeze(dim), zeros.unsqueeze(dim)
+        torch.div(wg, s, out=err).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s).sub_(wg)  # dequantized - w
+        sq = err.square_().sum(dim)
+        if best is None:
+            best = (sq, scales, zeros)
+        else:
+            better = sq < best[0]
+            best = (torch.where(better, sq, best[0]), torch.where(better, scales, best[1]),
+                    torch.where(better, zeros, best[2]))
+    assert best is not None
+    return best[1], best[2]
+
+
 def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int, sym: bool = False,
                  g_idx: torch.Tensor | None = None) -> GPTQLinear:
     """Round-to-nearest quantization of w [in, out] (float) into GPTQ form. `g_idx` (optional, a
@@ -93,13 +136,8 @@ def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int, sym: bool = Fal
     identity = bool(torch.equal(perm, torch.arange(k)))
     wg = (w if identity else w[perm]).view(k // group_size, group_size, n)  # [G, gs, N], a group's rows together
     qmax = (1 << bits) - 1
-    lo, hi = wg.amin(1).clamp(max=0), wg.amax(1).clamp(min=0)  # [G, N]; the range always holds 0
-    if sym:
-        scales = (2 * torch.maximum(-lo, hi) / qmax).clamp(min=1e-8)
-        zeros = torch.full_like(scales, (qmax + 1) // 2, dtype=torch.int64)
-    else:
-        scales = ((hi - lo) / qmax).clamp(min=1e-8)
-        zeros = torch.round(-lo / scales).to(torch.int64).clamp(0, qmax)
+    scales, zeros = rtn_scales(wg, dim=1, qmax=qmax, sym=sym)  # [G, N]
+    zeros = zeros.to(torch.int64)
     qg = wg.div(scales[:, None]).round_().add_(zeros[:, None]).clamp_(0, qmax).to(torch.int64)  # [G, gs, N]
     if identity:
         q = qg.view(k, n)
@@ -229,9 +267,7 @@ def rtn_matmul_nbits(w: torch.Tensor, *, bits: int, group_size: int, name: str =
     bs = _block_size_for(group_size, k)
     qmax = (1 << bits) - 1
     wg = w.float().view(n, k // group_size, group_size)  # [N, G, gs]
-    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [N, G]; the range always holds 0
-    scales = ((hi - lo) / qmax).clamp(min=1e-8)
-    zeros = torch.round(-lo / scales).clamp_(0, qmax)
+    scales, zeros = rtn_scales(wg, dim=-1, qmax=qmax)  # [N, G]
     q = wg.div(scales[..., None]).round_().add_(zeros[..., None]).clamp_(0, qmax).to(torch.uint8)
     del wg
     per_group = group_size // bs  # MatMulNBits blocks per group: each repeats its group's scale and zero

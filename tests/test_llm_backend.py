@@ -114,6 +114,50 @@ def test_matmul_nbits_equals_plain_torch_dequant(bits, group_size, act_order):
     assert cos > 0.999
 
 
+def _group_sq_err(wg, scales, zeros, qmax):
+    """Squared rounding error per group of wg [N, G, gs] at the given [N, G] scales and zero points."""
+    q = wg.div(scales[..., None]).round().add(zeros[..., None]).clamp(0, qmax)
+    return ((q - zeros[..., None]) * scales[..., None] - wg).pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_rtn_range_search_never_loses_to_min_max(sym):
+    """rtn_scales keeps, per group, the shrunk range with the least squared rounding error, min-max
+    among the candidates: no group may end worse than min-max, and on heavy-tailed weights in groups
+    of 128 the total must drop clearly (~9 % here)."""
+    from valley_rt.export.llm_onnx import rtn_scales
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 1024, generator=gen) / torch.rand(64, 1024, generator=gen).add(0.2).sqrt()  # heavy tails
+    wg = w.view(64, 8, 128)
+    s1, z1 = rtn_scales(wg, dim=-1, qmax=15, sym=sym, ratios=(1.0,))
+    s, z = rtn_scales(wg, dim=-1, qmax=15, sym=sym)
+    plain, searched = _group_sq_err(wg, s1, z1, 15), _group_sq_err(wg, s, z, 15)
+    assert (searched <= plain * (1 + 1e-6)).all()
+    assert searched.sum() < 0.95 * plain.sum()
+    assert (s < s1).any() and (z == z.round()).all() and z.min() >= 0 and z.max() <= 15
+    # one far outlier: clipping it buys a finer step for the other 127 values
+    g = torch.randn(1, 1, 128, generator=gen) * 0.01
+    g[0, 0, 5] = 0.2
+    s_out, _ = rtn_scales(g, dim=-1, qmax=15, sym=sym)
+    s_mm, _ = rtn_scales(g, dim=-1, qmax=15, sym=sym, ratios=(1.0,))
+    assert s_out.item() < 0.99 * s_mm.item()
+
+
+def test_rtn_small_groups_keep_min_max():
+    """Groups under RTN_SEARCH_MIN_GROUP are min-max: the search gains nothing measurable there
+    (docs/peers.md), so their bytes stay as they were."""
+    from valley_rt.export.llm_onnx import rtn_scales
+
+    qmax = 15
+    wg = torch.randn(16, 4, 32, generator=torch.Generator().manual_seed(32))
+    wg[0, 0, 0] = 50.0  # an outlier the search would clip
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    s, z = rtn_scales(wg, dim=-1, qmax=qmax)
+    torch.testing.assert_close(s, ((hi - lo) / qmax).clamp(min=1e-8), rtol=0, atol=0)
+    torch.testing.assert_close(z, torch.round(-lo / s).clamp(0, qmax), rtol=0, atol=0)
+
+
 def test_bad_grouping_is_rejected():
     lin = quantize_rtn(torch.randn(64, 8), bits=4, group_size=32)
     lin.g_idx = torch.zeros(64, dtype=torch.int64)  # one group of 64 rows with group_size 32
