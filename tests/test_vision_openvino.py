@@ -140,6 +140,36 @@ def test_nncf_int8_graph_holds_int8_weights(tiny_graphs):
     assert len(int8_consts) >= 4
 
 
+@needs_openvino
+def test_nncf_int8_keeps_patch_embedding_and_projector_in_float(tiny_graphs):
+    """float_scope: the patch-embedding convolution and the projector's MatMuls read unquantized
+    inputs in the int8 graph, while the encoder's MatMuls read FakeQuantize outputs; an unknown
+    setting is refused before any work."""
+    import openvino as ovr
+
+    from valley_rt.export import openvino_vision as ovv
+
+    _, _, irs = tiny_graphs
+    model = ovr.Core().read_model(str(irs["int8"]))
+    kept = set(ovv.float_scope(model))
+    assert any("mm_projector" in n for n in kept) and any(
+        op.get_type_name() == "Convolution" and op.get_friendly_name() in kept for op in model.get_ops())
+
+    def quantized_input(op) -> bool:
+        node = op.input_value(0).get_node()
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "FakeQuantize"
+
+    linears = [op for op in model.get_ops() if op.get_type_name() in ("MatMul", "Convolution")]
+    for op in linears:
+        if op.get_friendly_name() in kept:
+            assert not quantized_input(op), op.get_friendly_name()
+    assert sum(quantized_input(op) for op in linears if op.get_friendly_name() not in kept) >= 4
+    with pytest.raises(ValueError, match="int8 setting 'fast'"):
+        ovv.quantize_int8("unused.onnx", "unused.xml", [], setting="fast")
+
+
 def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, **(env or {})))
@@ -183,6 +213,7 @@ def test_engine_with_openvino_vision_answers_without_torch_and_falls_back(tmp_pa
     """Export the demo checkpoint with --cpu-vision openvino: the manifest records the variant and the
     ISA, the engine answers through OpenVINO with no torch imported; with openvino blocked the same
     engine answers through ONNX Runtime after one notice line, with the same visual tokens to 0.999."""
+    from valley_rt.export import openvino_vision as ovv
     from valley_rt.export.engine import export_engine
 
     out = tmp_path / "engine"
@@ -191,6 +222,9 @@ def test_engine_with_openvino_vision_answers_without_torch_and_falls_back(tmp_pa
     assert cpu["backend"] == "openvino" and cpu["variant"] in CANDIDATES[isa_class()] and cpu["isa"] == isa_class()
     assert (out / "openvino" / "vision.xml").is_file() and "openvino/vision.bin" in m["artifacts"]
     assert cpu["min_cosine"][f"openvino-{cpu['variant']}"] >= 0.999
+    tried = cpu["int8_settings"]  # NNCF settings in order until one passes the bar
+    assert list(tried) == list(ovv.INT8_SETTINGS[:len(tried)]) and tried
+    assert all(c < 0.999 for c in list(tried.values())[:-1])
 
     code = (
         "import json, sys\n"
