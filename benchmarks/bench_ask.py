@@ -124,13 +124,16 @@ def child_reference(args) -> dict:
 # `ask` on a new engine. "fast-no-prefix": the whole prompt prefilled at once (VALLEY_RT_PREFIX_CACHE=off).
 # "fast-gqa-flash": ONNX Runtime's default (flash) GroupQueryAttention kernel (VALLEY_RT_GQA=flash).
 # "fast-vision-spin": the vision session's threads spin between ops (VALLEY_RT_VISION_SPIN=on).
+# "fast-vision-ort": the engine's ONNX Runtime vision graph even where its manifest chose OpenVINO
+# (VALLEY_RT_VISION=onnx-cpu).
 FRESH = "<a new folder per run>"
 SIDES = {"reference": ("reference", {}), "fast": ("fast", {}),
          "fast-eager-load": ("fast", {"VALLEY_RT_LLM_LOAD": "eager", "VALLEY_RT_ORT_CACHE": "off"}),
          "fast-first-run": ("fast", {"VALLEY_RT_CACHE": FRESH}),
          "fast-no-prefix": ("fast", {"VALLEY_RT_PREFIX_CACHE": "off"}),
          "fast-gqa-flash": ("fast", {"VALLEY_RT_GQA": "flash"}),
-         "fast-vision-spin": ("fast", {"VALLEY_RT_VISION_SPIN": "on"})}
+         "fast-vision-spin": ("fast", {"VALLEY_RT_VISION_SPIN": "on"}),
+         "fast-vision-ort": ("fast", {"VALLEY_RT_VISION": "onnx-cpu"})}
 
 
 def run_side(side: str, model: Path, video: Path, question: str, tokens: int, env: dict | None = None) -> dict:
