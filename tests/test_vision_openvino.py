@@ -170,6 +170,44 @@ def test_nncf_int8_keeps_patch_embedding_and_projector_in_float(tiny_graphs):
         ovv.quantize_int8("unused.onnx", "unused.xml", [], setting="fast")
 
 
+@needs_openvino
+def test_compiled_graph_cache_is_per_machine_and_can_be_off(tiny_graphs, tmp_path, monkeypatch):
+    """cache=True (the engine's load) compiles through OpenVINO's model cache under $VALLEY_RT_CACHE/
+    openvino: the first load writes a compiled blob, the next reads it and gives the same outputs
+    bit for bit; VALLEY_RT_OV_CACHE=off and an unusable cache folder compile from the IR, writing
+    nothing; cache=False (the export's timing runs) never writes."""
+    from valley_rt.backends import openvino_vision as bov
+    from valley_rt.export import onnx_vision as ov
+
+    model, _, irs = tiny_graphs
+    crops = ov.sample_crops(model.cfg, 4, seed=5)
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(bov.CACHE_ENV, raising=False)
+    plain = bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2).encode(crops)
+    assert not (tmp_path / "cache").exists()
+    first = bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2, cache=True).encode(crops)
+    blobs = sorted((tmp_path / "cache" / "openvino").glob("*.blob"))
+    assert len(blobs) == 1 and blobs[0].stat().st_size > 0
+    stamp = blobs[0].stat().st_mtime_ns
+    again = bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2, cache=True).encode(crops)
+    assert sorted((tmp_path / "cache" / "openvino").glob("*.blob")) == blobs and blobs[0].stat().st_mtime_ns == stamp
+    for a, b, c in zip(plain, first, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(b, c)
+
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "off"))
+    monkeypatch.setenv(bov.CACHE_ENV, "off")
+    assert bov.compiled_cache_dir() is None
+    bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2, cache=True)
+    assert not (tmp_path / "off").exists()
+    monkeypatch.delenv(bov.CACHE_ENV)
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "a-file"))
+    assert bov.compiled_cache_dir() is None
+    out = bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2, cache=True).encode(crops)
+    np.testing.assert_array_equal(out[0], plain[0])
+
+
 def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, **(env or {})))

@@ -358,7 +358,7 @@ def open_engine_vision(engine_dir: str | Path, manifest: dict, name: str, *, thr
             raise EngineError(f"{engine_dir / 'manifest.json'}: vision backend openvino-cpu, but this engine has "
                               f"no OpenVINO vision graph (export it with openvino installed)")
         vision = OpenVinoVision(artifact_path(engine_dir, cpu["file"], where="vision_cpu.file"), cfg,
-                                variant=cpu.get("variant", "fp32"), threads=threads)
+                                variant=cpu.get("variant", "fp32"), threads=threads, cache=True)
     elif name == "onnx-cpu":
         vision = OnnxVision(artifact_path(engine_dir, manifest.get("files", {}).get("vision", VISION_FILE),
                                           where="files.vision"), cfg, threads=threads)
