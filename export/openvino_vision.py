@@ -16,6 +16,7 @@ only at cosine >= 0.999 per token against the PyTorch reference on held-out crop
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -76,11 +77,17 @@ def quantize_int8(raw: str | Path, dst: str | Path, calibration: list[np.ndarray
     advanced = None
     if setting == "no-smoothquant":
         advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
-    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout carries the command's JSON
-        quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(calibration), fast_bias_correction=True,
-                                  ignored_scope=nncf.IgnoredScope(names=float_scope(model)),
-                                  advanced_parameters=advanced)
+    log = logging.getLogger("nncf")
+    level = log.level
+    log.setLevel(logging.WARNING)  # its INFO lines (one per op left in float) are not the export's progress
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout carries the command's JSON
+            quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(calibration), fast_bias_correction=True,
+                                      ignored_scope=nncf.IgnoredScope(names=float_scope(model)),
+                                      advanced_parameters=advanced)
+    finally:
+        log.setLevel(level)
     return save_ir(quantized, dst)
 
 
