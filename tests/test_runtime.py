@@ -510,3 +510,28 @@ def test_the_system_prompts_kv_rows_are_stored_and_reused_across_loads(tmp_path,
     llm_file.write_bytes(llm_file.read_bytes())
     valley, _ = ask()
     assert valley.prefix_store.misses == 1 and len(list(store.glob("*.npy"))) == 3
+
+
+def test_a_large_models_llm_graphs_start_opening_before_the_vision_graph(tmp_path, monkeypatch):
+    """Where the warm-up is a short prompt (large models), the LLM graphs' background load starts before
+    the vision graph is opened, so that the load's own single-threaded steps and ONNX Runtime's weight
+    repacking share the two cores; the answers are those of the usual load. Forced on the demo engine by
+    treating its warm-up prompt as expensive."""
+    import valley_rt.runtime as rt
+    from valley_rt.backends.llm_onnx import OnnxLLM
+
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
+    video, question = DEMO_CLIPS / "s4_00000.mp4", "Which way does the green square move?"
+    usual = rt.load(rt.DEMO_ENGINE).ask(video, question, params=DEMO_GREEDY)
+
+    order = []
+    start, open_vision = OnnxLLM.load_rest_in_background, rt.open_engine_vision
+    monkeypatch.setattr(rt, "WARM_PROMPT_MAX_FLOPS", 0)
+    monkeypatch.setattr(OnnxLLM, "load_rest_in_background",
+                        lambda self, *a, **k: (order.append("llm" if self._loader is None else "llm again"),
+                                               start(self, *a, **k))[1])
+    monkeypatch.setattr(rt, "open_engine_vision", lambda *a, **k: (order.append("vision"), open_vision(*a, **k))[1])
+    valley = rt.load(rt.DEMO_ENGINE)
+    assert order[:2] == ["llm", "vision"] and "llm" not in order[2:]
+    answer = valley.ask(video, question, params=DEMO_GREEDY)
+    assert answer.answer == usual.answer == "right" and answer.tokens_out == usual.tokens_out
