@@ -66,9 +66,41 @@ def test_a_damaged_cache_is_rebuilt_and_a_changed_source_gets_a_new_entry(vision
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime set back; ctime still moves
     assert optimized_cpu_session(vision, _opts())[1] == "rebuilt"
     assert optimized_cpu_session(vision, _opts())[1] == "cached"
-    vision.write_bytes(vision.read_bytes())  # the source rewritten: another key, the old entry stays valid
+    vision.write_bytes(vision.read_bytes())  # the source rewritten: another key; the old entry can never match again
     assert optimized_cpu_session(vision, _opts())[1] == "written"
-    assert len(_folders(tmp_path)) == 2
+    (new,) = _folders(tmp_path)
+    assert new != folder
+
+
+def test_writing_an_entry_prunes_dead_and_unused_ones_and_nothing_else(vision, tmp_path):
+    """A new entry removes entries whose source is gone or that went unused for UNUSED_DAYS; an entry
+    whose source is alive and recently used stays, and so does a folder valley-rt did not write."""
+    from valley_rt.engine_format import UNUSED_DAYS
+
+    other = tmp_path / "other.onnx"
+    shutil.copyfile(vision, other)
+    gone = tmp_path / "gone.onnx"
+    shutil.copyfile(vision, gone)
+    old = tmp_path / "old.onnx"
+    shutil.copyfile(vision, old)
+    for path in (other, gone, old):
+        optimized_cpu_session(path, _opts())
+    stamps = {json.loads((f / "stamp.json").read_text())["source"]["path"]: f for f in _folders(tmp_path)}
+    assert set(stamps) == {str(p.resolve()) for p in (other, gone, old)}
+    gone.unlink()
+    old_stamp = stamps[str(old.resolve())] / "stamp.json"
+    stale = os.stat(old_stamp).st_mtime - (UNUSED_DAYS + 1) * 86400
+    os.utime(old_stamp, (stale, stale))
+    foreign = tmp_path / "cache" / OPTIMIZED_DIR / "not-ours"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's file")
+    assert optimized_cpu_session(vision, _opts())[1] == "written"
+    left = set(_folders(tmp_path))
+    assert stamps[str(other.resolve())] in left and foreign in left and (foreign / "notes.txt").is_file()
+    assert stamps[str(gone.resolve())] not in left and stamps[str(old.resolve())] not in left
+    assert len(left) == 3  # other, foreign and the new entry
+    optimized_cpu_session(other, _opts())  # a cached hit marks its entry used
+    assert os.stat(stamps[str(other.resolve())] / "stamp.json").st_mtime > stale + UNUSED_DAYS * 86400
 
 
 def test_an_unusable_cache_folder_means_the_plain_session(vision, tmp_path, monkeypatch):

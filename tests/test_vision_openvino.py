@@ -186,14 +186,28 @@ def test_compiled_graph_cache_is_per_machine_and_can_be_off(tiny_graphs, tmp_pat
     plain = bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2).encode(crops)
     assert not (tmp_path / "cache").exists()
     first = bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2, cache=True).encode(crops)
-    blobs = sorted((tmp_path / "cache" / "openvino").glob("*.blob"))
+    root = tmp_path / "cache" / "openvino"
+    blobs = sorted(root.glob("*/*.blob"))
     assert len(blobs) == 1 and blobs[0].stat().st_size > 0
+    assert json.loads((blobs[0].parent / bov.CACHE_MARKER).read_text())["source"]["path"] == str(Path(irs["int8"]).resolve())
     stamp = blobs[0].stat().st_mtime_ns
     again = bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2, cache=True).encode(crops)
-    assert sorted((tmp_path / "cache" / "openvino").glob("*.blob")) == blobs and blobs[0].stat().st_mtime_ns == stamp
+    assert sorted(root.glob("*/*.blob")) == blobs and blobs[0].stat().st_mtime_ns == stamp
     for a, b, c in zip(plain, first, again):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(b, c)
+
+    # an IR rewritten in place (a re-export): a new entry, and the old one, which can never match again, goes
+    ir = tmp_path / "ir"
+    ir.mkdir()
+    for suffix in (".xml", ".bin"):
+        (ir / f"vision{suffix}").write_bytes(Path(irs["int8"]).with_suffix(suffix).read_bytes())
+    bov.OpenVinoVision(ir / "vision.xml", model.cfg, variant="int8", threads=2, cache=True)
+    assert len(list(root.glob("*/*.blob"))) == 2
+    (ir / "vision.xml").write_bytes((ir / "vision.xml").read_bytes())
+    bov.OpenVinoVision(ir / "vision.xml", model.cfg, variant="int8", threads=2, cache=True)
+    entries = sorted(root.glob("*/*.blob"))
+    assert len(entries) == 2 and blobs[0] in entries  # the first IR's entry stays: its file is unchanged
 
     monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "off"))
     monkeypatch.setenv(bov.CACHE_ENV, "off")

@@ -263,6 +263,55 @@ def cache_root() -> Path:
     return Path(os.environ.get("VALLEY_RT_CACHE") or Path.home() / ".cache" / "valley-rt")
 
 
+# Entries of the user cache derived from one engine file (ORT's optimized vision graph, OpenVINO's
+# compiled one) are folders holding a marker file: JSON with {"source": {"path", "stat"}} (the file
+# they were derived from, as it was), whose mtime is the entry's last use. A new entry prunes the
+# others: an entry whose source is gone or rewritten can never be used again (its key held the old
+# stat), and one no load has used for UNUSED_DAYS is stale (another ONNX Runtime version, another CPU).
+UNUSED_DAYS = 30
+
+
+def source_record(path: Path) -> dict:
+    """What a cache entry derived from `path` records of it (see `prune_cache_entries`)."""
+    return {"path": str(Path(path).resolve()), "stat": _stat(Path(path))}
+
+
+def touch_entry(marker: Path) -> None:
+    """Mark a cache entry used now (its marker's mtime); a cache that cannot be written stays as it is."""
+    with contextlib.suppress(OSError):
+        os.utime(marker)
+
+
+def prune_cache_entries(root: Path, marker: str, *, keep: Path | None = None) -> list[Path]:
+    """Remove the entry folders under `root` whose `marker` names a source that is gone or rewritten, or
+    that were not used for UNUSED_DAYS; returns them. Only folders holding `marker` (what valley-rt wrote)
+    are touched; folders being written (*.tmp), `keep` and anything unreadable are left alone."""
+    import shutil
+
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = [e for e in root.iterdir() if e.is_dir() and not e.name.endswith(".tmp") and e != keep]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            record = json.loads((entry / marker).read_text()).get("source")
+            used = (entry / marker).stat().st_mtime
+        except (OSError, ValueError, AttributeError):
+            continue
+        gone = False
+        if isinstance(record, dict) and "path" in record:
+            try:
+                gone = _stat(Path(record["path"])) != record.get("stat")
+            except OSError:
+                gone = True
+        if gone or now - used > UNUSED_DAYS * 86400:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def stamp_dir() -> Path:
     """Where stamps live: $VALLEY_RT_CACHE/verified (default ~/.cache/valley-rt/verified)."""
     return cache_root() / "verified"

@@ -13,20 +13,24 @@ keeps them in fp32. The hint the export measured is stored in the manifest ("vis
 
 Compiling an IR for the CPU plugin (its transformations and weight layouts; ~2.2-2.7 s for the int8
 ViT-L/14 on 2 cores) is done once per machine: the engine's graph is compiled with OpenVINO's own
-model cache in $VALLEY_RT_CACHE/openvino (OpenVINO keys it by the model, the device and the settings,
-and recompiles on any change), and a later load reads the compiled blob (~0.3-0.5 s).
+model cache in $VALLEY_RT_CACHE/openvino/<key of the IR file's stat>/ (inside, OpenVINO keys its blob
+by the model, the device and the settings), and a later load reads the compiled blob (~0.3-0.5 s).
+A new entry prunes those whose IR is gone or rewritten (`engine_format.prune_cache_entries`).
 `VALLEY_RT_OV_CACHE=off` compiles from the IR every time; an unusable cache folder does the same.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from valley_rt.config import ValleyConfig
-from valley_rt.engine_format import VISION_INPUT, VISION_OUTPUTS, cache_root
+from valley_rt.engine_format import (VISION_INPUT, VISION_OUTPUTS, cache_root, prune_cache_entries, source_record,
+                                     touch_entry)
 from valley_rt.errors import EngineError
 
 HINTS = ("f32", "bf16")
@@ -66,16 +70,31 @@ def variant_suits(variant: str, isa: str) -> bool:
 
 
 CACHE_ENV = "VALLEY_RT_OV_CACHE"  # "on" (default) or "off": compile the IR at every load
+CACHE_DIR, CACHE_MARKER = "openvino", "source.json"  # $VALLEY_RT_CACHE/openvino/<key>/source.json
 
 
-def compiled_cache_dir() -> Path | None:
-    """Where OpenVINO keeps compiled vision graphs ($VALLEY_RT_CACHE/openvino), or None when the cache
-    is off or the folder cannot be made."""
+def compiled_cache_dir(path: str | Path | None = None) -> Path | None:
+    """The folder where OpenVINO keeps the compiled form of the IR at `path` (the cache root without
+    one), or None when the cache is off or the folder cannot be made. A new folder records its IR and
+    prunes the entries of IRs that are gone or rewritten; a used one is marked used."""
     if os.environ.get(CACHE_ENV, "on").lower() == "off":
         return None
-    folder = cache_root() / "openvino"
+    root = cache_root() / CACHE_DIR
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        if path is None:
+            return root if os.access(root, os.W_OK) else None
+        record = source_record(Path(path))
+        folder = root / hashlib.sha256(json.dumps(record).encode()).hexdigest()[:32]
+        marker = folder / CACHE_MARKER
+        if marker.is_file():
+            touch_entry(marker)
+        else:
+            folder.mkdir(exist_ok=True)
+            tmp = folder / f"{CACHE_MARKER}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps({"source": record}))
+            os.replace(tmp, marker)
+            prune_cache_entries(root, CACHE_MARKER, keep=folder)
     except OSError:
         return None
     return folder if os.access(folder, os.W_OK) else None
@@ -98,7 +117,7 @@ def compile_vision(path: str | Path, *, hint: str = "f32", threads: int | None =
         "INFERENCE_PRECISION_HINT": hint,
         "ENABLE_CPU_PINNING": False,
     }
-    folder = compiled_cache_dir() if cache else None
+    folder = compiled_cache_dir(path) if cache else None
     core = ov.Core()
     if folder is not None:
         # from the path, so that a cache hit skips reading the IR as well as compiling it

@@ -19,7 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from valley_rt.engine_format import MAX_FRAMES, MIN_FRAMES, OPT_FRAMES, VISION_INPUT, cache_root
+from valley_rt.engine_format import (MAX_FRAMES, MIN_FRAMES, OPT_FRAMES, VISION_INPUT, cache_root,
+                                     prune_cache_entries, source_record, touch_entry)
 from valley_rt.errors import EngineError
 
 
@@ -90,7 +91,9 @@ def optimized_cpu_session(path: str | Path, opts) -> tuple[object, str]:
     version, the optimization level and the CPU's flags, because an ENABLE_ALL graph may carry kernels
     and layouts chosen for this CPU. The saved files are stamped (stat + sha256) when written; a cache
     whose files changed since, or that ORT cannot open, is rebuilt from the source. ViT-L/14: 1.5 s to
-    create the session from the source, 0.9 s from the cache (docs/cpu_latency.md).
+    create the session from the source, 0.9 s from the cache (docs/cpu_latency.md). The stamp names the
+    source; writing an entry prunes those whose source is gone or rewritten, or that went unused for
+    `engine_format.UNUSED_DAYS` (`prune_cache_entries`).
 
     Returns (session, how): how is "cached", "written", "rebuilt" or "uncached" (no usable cache folder,
     or VALLEY_RT_ORT_CACHE=off: the plain session)."""
@@ -113,8 +116,9 @@ def optimized_cpu_session(path: str | Path, opts) -> tuple[object, str]:
             cached = _copy_options(opts)
             cached.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
-                return ort.InferenceSession(str(folder / OPTIMIZED_MODEL), sess_options=cached,
-                                            providers=providers), "cached"
+                session = ort.InferenceSession(str(folder / OPTIMIZED_MODEL), sess_options=cached, providers=providers)
+                touch_entry(folder / OPTIMIZED_STAMP)
+                return session, "cached"
             except Exception:  # ORT's own exception types: a cache file ORT cannot read; rebuild it
                 pass
         how = "rebuilt"
@@ -130,9 +134,10 @@ def optimized_cpu_session(path: str | Path, opts) -> tuple[object, str]:
     saving.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     session = ort.InferenceSession(str(path), sess_options=saving, providers=providers)
     with contextlib.suppress(OSError):  # a cache that cannot be written costs only the next load's optimization
-        _write_stamp(tmp)
+        _write_stamp(tmp, source=path)
         os.replace(tmp, folder)
     shutil.rmtree(tmp, ignore_errors=True)
+    prune_cache_entries(folder.parent, OPTIMIZED_STAMP, keep=folder)
     return session, how
 
 
@@ -175,10 +180,11 @@ def _stat(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def _write_stamp(folder: Path) -> None:
+def _write_stamp(folder: Path, source: Path) -> None:
     files = [p.name for p in sorted(folder.iterdir())]
     stamp = {"written_ns": time.time_ns(), "files": {n: {"stat": _stat(folder / n), "sha256": _file_digest(folder / n)}
-                                                     for n in files}}
+                                                     for n in files},
+             "source": source_record(source)}
     (folder / OPTIMIZED_STAMP).write_text(json.dumps(stamp))
 
 
@@ -202,7 +208,7 @@ def _stamp_holds(folder: Path) -> bool:
         if rehashed:
             with contextlib.suppress(OSError):
                 tmp = folder / f"{OPTIMIZED_STAMP}.{os.getpid()}.tmp"
-                tmp.write_text(json.dumps({"written_ns": time.time_ns(), "files": files}))
+                tmp.write_text(json.dumps({**stamp, "written_ns": time.time_ns(), "files": files}))
                 os.replace(tmp, folder / OPTIMIZED_STAMP)
         return True
     except (OSError, ValueError, KeyError, TypeError):
