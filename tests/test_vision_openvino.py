@@ -211,13 +211,13 @@ def test_compiled_graph_cache_is_per_machine_and_can_be_off(tiny_graphs, tmp_pat
 
     monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "off"))
     monkeypatch.setenv(bov.CACHE_ENV, "off")
-    assert bov.compiled_cache_dir() is None
+    assert bov.compiled_cache_dir(irs["int8"]) is None
     bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2, cache=True)
     assert not (tmp_path / "off").exists()
     monkeypatch.delenv(bov.CACHE_ENV)
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "a-file"))
-    assert bov.compiled_cache_dir() is None
+    assert bov.compiled_cache_dir(irs["int8"]) is None
     out = bov.OpenVinoVision(irs["int8"], model.cfg, variant="int8", threads=2, cache=True).encode(crops)
     np.testing.assert_array_equal(out[0], plain[0])
 

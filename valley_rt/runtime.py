@@ -525,7 +525,7 @@ def prompt_flops(cfg: ValleyConfig, tokens: int) -> float:
     return 2 * tokens * cfg.llm.num_layers * 12 * cfg.llm.hidden_size**2
 
 
-def _warms_in_short(cfg: ValleyConfig, llm) -> bool:
+def _warms_with_short_prompt(cfg: ValleyConfig, llm) -> bool:
     """Whether `_warm_up` warms the LLM with a short prompt (OnnxLLM.warm_up, or its background load)
     rather than a whole blank question: when that question's prompt is expensive."""
     tokens = cfg.sampling.num_frames + cfg.num_patches
@@ -555,7 +555,7 @@ def _warm_up(valley: Valley) -> None:
     # (kernel and thread-pool set-up) are per session, not per prompt length. Then a short prompt and a
     # decode step (OnnxLLM.warm_up), and the tokenizer on the question, are enough.
     t, n, d = valley.cfg.sampling.num_frames, valley.cfg.num_patches, valley.llm.hidden_size
-    if not _warms_in_short(valley.cfg, valley.llm):
+    if not _warms_with_short_prompt(valley.cfg, valley.llm):
         blank = VideoContext(path="<warm-up>", frames=np.zeros((t, 1, 1, 3), np.uint8), indices=list(range(t)),
                              timestamps=[0.0] * t, visual=(np.zeros((n, d), np.float32), np.zeros((t, d), np.float32)),
                              timings={})
@@ -596,7 +596,7 @@ def _load_engine(path: Path, manifest: dict, *, vision: str = "onnx-cpu", thread
         llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"
         if llm.has_prefill_graph:
             llm.name += "+w8a8-prefill"
-        if deferred and _warms_in_short(cfg, llm):
+        if deferred and _warms_with_short_prompt(cfg, llm):
             # Opening the LLM graphs (ONNX Runtime repacks every weight) is one worker thread's work; started
             # here, it runs on the core the rest of the load (vision graph, tokenizer, PyAV), one thread,
             # leaves idle. `_warm_up` would start it otherwise.

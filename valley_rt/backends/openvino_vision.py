@@ -73,17 +73,15 @@ CACHE_ENV = "VALLEY_RT_OV_CACHE"  # "on" (default) or "off": compile the IR at e
 CACHE_DIR, CACHE_MARKER = "openvino", "source.json"  # $VALLEY_RT_CACHE/openvino/<key>/source.json
 
 
-def compiled_cache_dir(path: str | Path | None = None) -> Path | None:
-    """The folder where OpenVINO keeps the compiled form of the IR at `path` (the cache root without
-    one), or None when the cache is off or the folder cannot be made. A new folder records its IR and
-    prunes the entries of IRs that are gone or rewritten; a used one is marked used."""
+def compiled_cache_dir(path: str | Path) -> Path | None:
+    """The folder where OpenVINO keeps the compiled form of the IR at `path`, or None when the cache is
+    off or the folder cannot be made. A new folder records its IR and prunes the entries of IRs that
+    are gone or rewritten; a used one is marked used."""
     if os.environ.get(CACHE_ENV, "on").lower() == "off":
         return None
     root = cache_root() / CACHE_DIR
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if path is None:
-            return root if os.access(root, os.W_OK) else None
         record = source_record(Path(path))
         folder = root / hashlib.sha256(json.dumps(record).encode()).hexdigest()[:32]
         marker = folder / CACHE_MARKER
