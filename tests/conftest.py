@@ -1,9 +1,19 @@
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The suite's user cache (verified stamps, optimized graphs, exported engines, prefix KV rows) lives in a
+# folder of its own, removed at exit, unless VALLEY_RT_CACHE names one: the tests export hundreds of
+# throw-away engines, whose cache entries do not belong in the user's ~/.cache/valley-rt.
+if not os.environ.get("VALLEY_RT_CACHE"):
+    os.environ["VALLEY_RT_CACHE"] = tempfile.mkdtemp(prefix="valley-rt-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["VALLEY_RT_CACHE"], ignore_errors=True)
 
 
 def _has_cuda() -> bool:
