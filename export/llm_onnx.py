@@ -255,11 +255,14 @@ def quantize_int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scales
 
 
-def rtn_matmul_nbits(w: torch.Tensor, *, bits: int, group_size: int, name: str = "weight") -> NBitsWeight:
+def rtn_matmul_nbits(w: torch.Tensor, *, bits: int, group_size: int, name: str = "weight",
+                     ranges: tuple[torch.Tensor, torch.Tensor] | None = None, keep: dict | None = None) -> NBitsWeight:
     """Round-to-nearest (asymmetric) of w [out, in] as checkpoints store it, straight into MatMulNBits
     layout: the same bytes as to_matmul_nbits(quantize_rtn(w.T, bits, group_size)), which it is tested
     against, without the transposes and int64 intermediates (2.4x faster on a 4096x11008 linear: a
-    7B's rtn4 LLM export is bound by this). Groups run along `in`, i.e. along each row of w."""
+    7B's rtn4 LLM export is bound by this). Groups run along `in`, i.e. along each row of w.
+    ranges: the [N, G] scales and zero points `rtn_scales` chose for this w before (else they are
+    chosen now); keep: a dict that receives them under "ranges"."""
     n, k = w.shape
     if k % group_size:
         raise CheckpointError(f"{name}: group size {group_size} does not divide in_features {k} "
@@ -267,7 +270,9 @@ def rtn_matmul_nbits(w: torch.Tensor, *, bits: int, group_size: int, name: str =
     bs = _block_size_for(group_size, k)
     qmax = (1 << bits) - 1
     wg = w.float().view(n, k // group_size, group_size)  # [N, G, gs]
-    scales, zeros = rtn_scales(wg, dim=-1, qmax=qmax)  # [N, G]
+    scales, zeros = ranges if ranges is not None else rtn_scales(wg, dim=-1, qmax=qmax)  # [N, G]
+    if keep is not None:
+        keep["ranges"] = (scales, zeros)
     q = wg.div(scales[..., None]).round_().add_(zeros[..., None]).clamp_(0, qmax).to(torch.uint8)
     del wg
     per_group = group_size // bs  # MatMulNBits blocks per group: each repeats its group's scale and zero
@@ -322,9 +327,13 @@ class QuantSettings:
 class _WeightSource:
     """Reads linears from an HF folder as either fp32 [in, out] arrays or NBitsWeight."""
 
-    def __init__(self, folder: Path, settings: QuantSettings):
+    def __init__(self, folder: Path, settings: QuantSettings, *, passes: int = 1):
         self.t = _Tensors(folder)
         self.s = settings
+        # rtn4 read in two passes (the int4 graph, then the W8A8 one from the same int4 weights): the
+        # first keeps each linear's searched ranges (5 bytes a group, ~250 MB at 7B) and the second
+        # reuses them instead of searching again
+        self._ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if passes > 1 else None
 
     def linear(self, prefix: str) -> np.ndarray | NBitsWeight:
         s = self.s
@@ -335,7 +344,18 @@ class _WeightSource:
                 bits=s.bits, group_size=s.group_size, zeros_stored_minus_one=s.zeros_stored_minus_one)
             return to_matmul_nbits(lin)
         if s.quant == "rtn4":
-            return rtn_matmul_nbits(self.t.get(prefix + ".weight"), bits=4, group_size=s.group_size, name=prefix)
+            w = self.t.get(prefix + ".weight")
+            if self._ranges is None:
+                return rtn_matmul_nbits(w, bits=4, group_size=s.group_size, name=prefix)
+            kept = self._ranges.pop(prefix, None)
+            if kept is not None:  # the second pass: the first one's ranges
+                return rtn_matmul_nbits(w, bits=4, group_size=s.group_size, name=prefix,
+                                        ranges=(kept[0], kept[1].float()))
+            keep: dict = {}
+            nb = rtn_matmul_nbits(w, bits=4, group_size=s.group_size, name=prefix, keep=keep)
+            scales, zeros = keep["ranges"]
+            self._ranges[prefix] = (scales, zeros.to(torch.uint8))
+            return nb
         return self.t.get(prefix + ".weight").float().T.contiguous().numpy()  # [out, in] -> [in, out]
 
     def lm_head(self, shape: LlamaShape) -> np.ndarray | NBitsWeight:
@@ -651,7 +671,7 @@ def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | Non
     if prefill not in PREFILLS or (prefill == "int8" and quant == "none"):
         raise ValueError(f"prefill must be one of {PREFILLS} ('int8' needs int4 layers), got {prefill!r}")
     settings = _read_settings(src, cfg, quant, lm_head, group_size)
-    source = _WeightSource(src, settings)
+    source = _WeightSource(src, settings, passes=2 if prefill == "int8" else 1)
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / MODEL_FILE, out / DATA_FILE, out / PREFILL_FILE, out / PREFILL_DATA_FILE):
@@ -664,7 +684,7 @@ def export_llm_onnx(src_dir, out_dir, *, quant: str = "gptq", lm_head: str | Non
                                           progress=progress)
     onnx.save_model(model, str(out / MODEL_FILE))
     del model
-    if prefill == "int8":  # the weights are read and quantized again: export time, not memory
+    if prefill == "int8":  # the weights are read again, at the ranges the first pass searched
         progress.stage("LLM graph: W8A8 prompt graph", total=shape.num_layers, unit="layers")
         with open(out / PREFILL_DATA_FILE, "wb") as data:
             model, _ = build_graph(source, shape, accuracy_level=accuracy_level, int8_linears=True, data_file=data,

@@ -158,6 +158,26 @@ def test_rtn_small_groups_keep_min_max():
     torch.testing.assert_close(z, torch.round(-lo / s).clamp(0, qmax), rtol=0, atol=0)
 
 
+def test_the_second_rtn_pass_reuses_the_first_ones_ranges(hf_dirs, monkeypatch):
+    """export's two passes over rtn4 weights (int4 graph, then the W8A8 graph) pack the same bytes; the
+    second takes the ranges the first searched instead of searching again."""
+    import valley_rt.export.llm_onnx as lo
+
+    calls = []
+    search = lo.rtn_scales
+    monkeypatch.setattr(lo, "rtn_scales", lambda *a, **k: (calls.append(1), search(*a, **k))[1])
+    settings = lo.QuantSettings(quant="rtn4", lm_head="int8", bits=4, group_size=64)
+    two = lo._WeightSource(hf_dirs["hd32"], settings, passes=2)
+    one = lo._WeightSource(hf_dirs["hd32"], settings)
+    name = "model.layers.1.mlp.down_proj"
+    first, second, plain = two.linear(name), two.linear(name), one.linear(name)
+    assert len(calls) == 2  # the two-pass source searched once, the one-pass source once
+    for field in ("b", "scales", "zero_points"):
+        assert np.array_equal(getattr(first, field), getattr(second, field)), field
+        assert np.array_equal(getattr(first, field), getattr(plain, field)), field
+    assert name not in two._ranges  # handed over, not held for the rest of the export
+
+
 def test_bad_grouping_is_rejected():
     lin = quantize_rtn(torch.randn(64, 8), bits=4, group_size=32)
     lin.g_idx = torch.zeros(64, dtype=torch.int64)  # one group of 64 rows with group_size 32
