@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,7 +274,7 @@ UNUSED_DAYS = 30
 
 def source_record(path: Path) -> dict:
     """What a cache entry derived from `path` records of it (see `prune_cache_entries`)."""
-    return {"path": str(Path(path).resolve()), "stat": _stat(Path(path))}
+    return {"path": str(Path(path).resolve()), "stat": file_stat(Path(path))}
 
 
 def touch_entry(marker: Path) -> None:
@@ -286,8 +287,6 @@ def prune_cache_entries(root: Path, marker: str, *, keep: Path | None = None) ->
     """Remove the entry folders under `root` whose `marker` names a source that is gone or rewritten, or
     that were not used for UNUSED_DAYS; returns them. Only folders holding `marker` (what valley-rt wrote)
     are touched; folders being written (*.tmp), `keep` and anything unreadable are left alone."""
-    import shutil
-
     removed: list[Path] = []
     now = time.time()
     try:
@@ -303,7 +302,7 @@ def prune_cache_entries(root: Path, marker: str, *, keep: Path | None = None) ->
         gone = False
         if isinstance(record, dict) and "path" in record:
             try:
-                gone = _stat(Path(record["path"])) != record.get("stat")
+                gone = file_stat(Path(record["path"])) != record.get("stat")
             except OSError:
                 gone = True
         if gone or now - used > UNUSED_DAYS * 86400:
@@ -321,7 +320,8 @@ def _stamp_path(engine_dir: Path) -> Path:
     return stamp_dir() / (sha256_file(engine_dir / MANIFEST)[:32] + ".json")
 
 
-def _stat(path: Path) -> list[int]:
+def file_stat(path: Path) -> list[int]:
+    """What says a file changed: size, mtime, ctime, inode, device (any write moves ctime)."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
@@ -332,7 +332,7 @@ def write_verified_stamp(engine_dir: str | Path) -> None:
     written only costs the next load a full verification, so OSError is not raised."""
     engine_dir = Path(engine_dir)
     manifest = json.loads((engine_dir / MANIFEST).read_text())
-    stamp = {"written_ns": time.time_ns(), "files": {rel: _stat(engine_dir / rel) for rel in manifest["artifacts"]}}
+    stamp = {"written_ns": time.time_ns(), "files": {rel: file_stat(engine_dir / rel) for rel in manifest["artifacts"]}}
     with contextlib.suppress(OSError):
         path = _stamp_path(engine_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,7 +351,7 @@ def _stamped_unchanged(engine_dir: Path) -> set[str]:
     trusted = set()
     for rel, recorded in files.items():
         with contextlib.suppress(OSError):
-            now = _stat(engine_dir / rel)
+            now = file_stat(engine_dir / rel)
             if now == recorded and now[2] + RACY_NS < written:
                 trusted.add(rel)
     return trusted

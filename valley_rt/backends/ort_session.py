@@ -19,8 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from valley_rt.engine_format import (MAX_FRAMES, MIN_FRAMES, OPT_FRAMES, VISION_INPUT, cache_root,
-                                     prune_cache_entries, source_record, touch_entry)
+from valley_rt.engine_format import (MAX_FRAMES, MIN_FRAMES, OPT_FRAMES, RACY_NS, VISION_INPUT, cache_root,
+                                     file_stat, prune_cache_entries, sha256_file, source_record, touch_entry)
 from valley_rt.errors import EngineError
 
 
@@ -78,7 +78,6 @@ def vision_session(path: str | Path, *, threads: int | None = None, providers: l
 # -- ORT's optimized graph, kept per machine ---------------------------------------------------------
 OPTIMIZED_DIR = "ort-optimized"  # under $VALLEY_RT_CACHE
 OPTIMIZED_MODEL, OPTIMIZED_DATA, OPTIMIZED_STAMP = "model.onnx", "model.onnx.data", "stamp.json"
-RACY_NS = 2_000_000_000  # cache files changed within 2 s of their stamp are re-hashed (coarse timestamp ticks)
 OPTIMIZED_CACHE_ENV = "VALLEY_RT_ORT_CACHE"  # "on" (default) or "off": always optimize at session creation
 
 
@@ -167,23 +166,10 @@ def _copy_options(opts):
     return out
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _stat(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-
 def _write_stamp(folder: Path, source: Path) -> None:
     files = [p.name for p in sorted(folder.iterdir())]
-    stamp = {"written_ns": time.time_ns(), "files": {n: {"stat": _stat(folder / n), "sha256": _file_digest(folder / n)}
-                                                     for n in files},
+    stamp = {"written_ns": time.time_ns(),
+             "files": {n: {"stat": file_stat(folder / n), "sha256": sha256_file(folder / n)} for n in files},
              "source": source_record(source)}
     (folder / OPTIMIZED_STAMP).write_text(json.dumps(stamp))
 
@@ -199,10 +185,10 @@ def _stamp_holds(folder: Path) -> bool:
             return False
         rehashed = False
         for name, entry in files.items():
-            now = _stat(folder / name)
+            now = file_stat(folder / name)
             if now == entry["stat"] and now[2] + RACY_NS < written:
                 continue
-            if now[0] != entry["stat"][0] or _file_digest(folder / name) != entry["sha256"]:
+            if now[0] != entry["stat"][0] or sha256_file(folder / name) != entry["sha256"]:
                 return False
             entry["stat"], rehashed = now, True
         if rehashed:
