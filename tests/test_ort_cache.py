@@ -72,6 +72,18 @@ def test_a_damaged_cache_is_rebuilt_and_a_changed_source_gets_a_new_entry(vision
     assert new != folder
 
 
+def test_a_folder_at_the_entrys_name_that_valley_rt_did_not_write_is_left_alone(vision, tmp_path):
+    """A folder where the cache entry would go but without its stamp is not valley-rt's: the session is
+    the plain one and the folder keeps its files."""
+    from valley_rt.backends.ort_session import _optimized_folder
+
+    folder = _optimized_folder(vision, _opts())
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("a user's file")
+    assert optimized_cpu_session(vision, _opts())[1] == "uncached"
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
 def test_writing_an_entry_prunes_dead_and_unused_ones_and_nothing_else(vision, tmp_path):
     """A new entry removes entries whose source is gone or that went unused for UNUSED_DAYS; an entry
     whose source is alive and recently used stays, and so does a folder valley-rt did not write."""

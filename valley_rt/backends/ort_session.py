@@ -110,6 +110,8 @@ def optimized_cpu_session(path: str | Path, opts) -> tuple[object, str]:
     except OSError:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers), "uncached"
     how = "written"
+    if folder.exists() and not (folder / OPTIMIZED_STAMP).is_file():  # not an entry valley-rt wrote: left alone
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers), "uncached"
     if (folder / OPTIMIZED_STAMP).is_file():
         if _stamp_holds(folder):
             cached = _copy_options(opts)
@@ -121,7 +123,7 @@ def optimized_cpu_session(path: str | Path, opts) -> tuple[object, str]:
             except Exception:  # ORT's own exception types: a cache file ORT cannot read; rebuild it
                 pass
         how = "rebuilt"
-    shutil.rmtree(folder, ignore_errors=True)  # our own folder (named by a key under our cache root)
+    shutil.rmtree(folder, ignore_errors=True)  # our own entry (its stamp is there), being rebuilt
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     try:
         tmp.mkdir(parents=True)
