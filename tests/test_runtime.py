@@ -533,5 +533,6 @@ def test_a_large_models_llm_graphs_start_opening_before_the_vision_graph(tmp_pat
     monkeypatch.setattr(rt, "open_engine_vision", lambda *a, **k: (order.append("vision"), open_vision(*a, **k))[1])
     valley = rt.load(rt.DEMO_ENGINE)
     assert order[:2] == ["llm", "vision"] and "llm" not in order[2:]
+    assert valley.tokenizer._plain is not None  # the plain-text tokenizer copies: made by the load, not the answer
     answer = valley.ask(video, question, params=DEMO_GREEDY)
     assert answer.answer == usual.answer == "right" and answer.tokens_out == usual.tokens_out

@@ -32,7 +32,8 @@ from valley_rt.config import ValleyConfig
 from valley_rt.engine_format import MANIFEST, artifact_path, load_manifest
 from valley_rt.errors import EngineError, ValleyError
 from valley_rt.generate import SamplingParams, generate
-from valley_rt.prompt import Turn, VIDEO, clean_answer, encode, first_turn_video_at, format_conversation, splice_rows
+from valley_rt.prompt import (Turn, VIDEO, clean_answer, encode, first_turn_video_at, format_conversation,
+                              plain_tokens, splice_rows)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WARM_VISION_MAX_FLOPS = 1e9  # warm the vision session at load when one frame costs less than this
@@ -561,7 +562,9 @@ def _warm_up(valley: Valley) -> None:
                              timings={})
         valley.ask(blank, "What happens in the video?", params=SamplingParams(max_new_tokens=2))
     else:
-        valley.tokenizer("What happens in the video?")
+        # the plain-text tokenizer copies (prompt.plain_copies) are made on first use: here, not in the answer
+        for first in (True, False):
+            plain_tokens(valley.tokenizer, "What happens in the video?", first=first)
         if getattr(valley.llm, "defer_load", False):
             valley.llm.load_rest_in_background()  # the decode warm-up and the prompt graph, off the load path
         else:
