@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -507,6 +508,40 @@ def test_deferred_load_opens_both_graphs_on_a_worker_and_gives_the_same_logits(t
     np.testing.assert_array_equal(plain.prefill(plain.embed(ids)), lazy.fork().prefill(lazy.embed(ids)))
 
 
+def test_the_background_load_holds_the_decode_graph_until_a_decode_step_needs_it(hf_dirs, tmp_path, monkeypatch):
+    """With a prompt graph, the worker opens it and then waits: the first prompt runs with the cores to
+    itself, and the int4 decode graph opens when the first decode step (or a fork, or wait_loaded) needs
+    it; the logits are those of an eagerly loaded engine. "background-both" opens both without waiting."""
+    from valley_rt.backends.llm_onnx import LOAD_ENV, PREFILL_ENV, PREFILL_MIN_TOKENS
+
+    path = export_llm_onnx(hf_dirs["hd8"], tmp_path, quant="rtn4", group_size=32)
+    monkeypatch.setenv(PREFILL_ENV, "int8")
+    eager = OnnxLLM(path.parent)
+    ids = [3 + (7 * i) % 990 for i in range(PREFILL_MIN_TOKENS + 5)]
+    want = [eager.prefill(eager.embed(ids))] + [eager.decode(t) for t in (5, 6)]
+
+    lazy = OnnxLLM(path.parent, defer_load=True)
+    lazy.load_rest_in_background()
+    got = [lazy.prefill(lazy.embed(ids))]
+    deadline = time.monotonic() + 3  # opening the tiny graph takes milliseconds: time enough to see it held
+    while time.monotonic() < deadline and lazy.session is None:
+        time.sleep(0.05)
+    assert lazy.session is None and lazy._loader._thread.is_alive()
+    got += [lazy.decode(t) for t in (5, 6)]
+    assert lazy.session is not None and lazy._loader is None and lazy.load_wait_s >= lazy.prompt_wait_s
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+    monkeypatch.setenv(LOAD_ENV, "background-both")
+    both = OnnxLLM(path.parent, defer_load=True)
+    both.load_rest_in_background()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and both.session is None:
+        time.sleep(0.05)
+    assert both.session is not None  # no decode step asked for it
+    both.wait_loaded()
+
+
 def test_a_background_load_failure_is_one_engine_error_at_first_use(hf_dirs, tmp_path, monkeypatch):
     from valley_rt.backends.llm_onnx import LOAD_ENV, PREFILL_ENV, background_load_policy
 
@@ -519,7 +554,7 @@ def test_a_background_load_failure_is_one_engine_error_at_first_use(hf_dirs, tmp
     with pytest.raises(EngineError, match="llm_prefill.onnx: ONNX Runtime cannot open it"):
         llm.prefill(llm.embed(list(range(3, 80))))
     monkeypatch.setenv(LOAD_ENV, "lazy")
-    with pytest.raises(EngineError, match="expected background or eager"):
+    with pytest.raises(EngineError, match="expected background, background-both or eager"):
         background_load_policy()
 
 
@@ -527,7 +562,9 @@ def test_a_process_that_exits_during_the_background_load_waits_for_it(hf_dirs, t
     """The interpreter shuts down while the worker is inside ONNX Runtime (creating a session, or
     running the warm-up): it must wait for the worker, as for any non-daemon thread. A daemon worker
     there is torn down mid-call, and on bench-1b that aborted the process ('terminate called without
-    an active exception'). atexit handlers run after that wait, so the worker must be done by then."""
+    an active exception'). atexit handlers run after that wait, so the worker must be done by then. The
+    engine has a prompt graph, so the worker holds the decode graph for a decode step that never comes:
+    it must see the main thread end and give up, or the process hangs."""
     import subprocess
     import sys
 

@@ -19,11 +19,13 @@ continues from the prompt graph's cache.
 Opening the two graphs is most of an engine's load time: ONNX Runtime repacks every weight for its
 kernels (int4 blocks for MatMulNBits, int8 panels for the GEMM) and hashes the packed bytes, on one
 thread: ~1.6 GB at 1.1B (docs/cpu_latency.md). With `defer_load=True` neither is opened in
-`__init__`; `load_rest_in_background()` opens both and warms the decode graph (on a private scratch
-cache) on a worker thread while the caller reads and encodes a video. The prompt graph opens first: a
-first prompt waits only for it and runs while the int4 graph is still opening, and the first decode
-step waits for the rest. The CPU work is the same; it leaves the load path and overlaps what the
-caller does before its first prompt.
+`__init__`; `load_rest_in_background()` opens them on a worker thread while the caller reads and
+encodes a video. The prompt graph opens first, and a first prompt waits only for it. The int4 decode
+graph is opened once the first decode step needs it: opened earlier, its repacking shares the cores
+with the vision encode and the prompt, which the first token waits for, while the decode graph is
+needed only after it. (Without a prompt graph the int4 graph serves the prompt too, and opens at once,
+then is warmed on a private scratch cache.) The CPU work is the same; it leaves the load path, and
+the part the first token does not need comes after it.
 
 Attention runs in ONNX Runtime's CPU GroupQueryAttention, which has two kernels: a tiled online-softmax
 ("flash") one, ORT's default, and one that materializes each head's [S, T] scores in fp32 and runs the
@@ -53,7 +55,11 @@ from valley_rt.errors import EngineError
 KV_START_SLOTS = 512  # KV cache rows allocated at load; grown (doubled) on demand up to max_context
 PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph
 PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
-LOAD_ENV = "VALLEY_RT_LLM_LOAD"  # "background" (default): both LLM graphs open on a worker thread; "eager"
+# "background" (default): the LLM graphs open on a worker thread, the decode graph once a decode step needs it
+# when the engine has a prompt graph; "background-both": both at once; "eager": both before `load` returns
+LOAD_ENV = "VALLEY_RT_LLM_LOAD"
+LOAD_CHOICES = ("background", "background-both", "eager")
+HOLD_POLL_S = 0.1  # how often a worker holding the decode graph checks that the main thread still runs
 GQA_ENV = "VALLEY_RT_GQA"  # "materialized" (default) or "flash": which GroupQueryAttention kernel ORT builds
 ORT_GQA_FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"  # read by ORT when it builds each GQA kernel
 ATTN_SCRATCH_BYTES = 256 * 2**20  # the materialized kernel's fp32 scores [heads, S, T] for one run, at most
@@ -144,13 +150,17 @@ def append_chunks(s: int, past: int, heads: int, kernel: str, scratch: int = ATT
     return [s // n + (i < s % n) for i in range(n)]
 
 
-def background_load_policy() -> bool:
-    """Whether the runtime defers the prompt graph and the decode warm-up to a worker thread
-    (`OnnxLLM.load_rest_in_background`) instead of doing them before `load` returns."""
+def _load_choice() -> str:
     choice = os.environ.get(LOAD_ENV, "background")
-    if choice not in ("background", "eager"):
-        raise EngineError(f"{LOAD_ENV}={choice!r}: expected background or eager")
-    return choice == "background"
+    if choice not in LOAD_CHOICES:
+        raise EngineError(f"{LOAD_ENV}={choice!r}: expected {', '.join(LOAD_CHOICES[:-1])} or {LOAD_CHOICES[-1]}")
+    return choice
+
+
+def background_load_policy() -> bool:
+    """Whether the runtime defers the LLM graphs and the decode warm-up to a worker thread
+    (`OnnxLLM.load_rest_in_background`) instead of doing them before `load` returns."""
+    return _load_choice() != "eager"
 
 
 class OnnxLLM:
@@ -207,6 +217,7 @@ class OnnxLLM:
         self._cache_lock = threading.Lock()  # binding a session vs. growing the cache (loader vs caller)
         self.background_load_s = 0.0  # the worker's own time, once joined
         self.load_wait_s = 0.0  # time runs spent waiting for the worker or opening deferred sessions
+        self.prompt_wait_s = 0.0  # ... of it, prompts waiting for the prompt graph
         self.defer_load = defer_load
         if not defer_load:
             self._open_sessions()
@@ -242,10 +253,18 @@ class OnnxLLM:
                 setattr(self, attr, session)
 
     def load_rest_in_background(self, warm: bool = True) -> None:
-        """Open the deferred sessions, then warm the decode graph when `warm` (see `warm_up`), on a
-        worker thread; the next run, fork or warm-up waits for it, and re-raises its error."""
+        """Open the deferred sessions on a worker thread, the prompt graph first; the next run, fork or
+        warm-up waits for what it needs, and re-raises the worker's error.
+
+        With a prompt graph (and LOAD_ENV "background") the worker opens the int4 decode graph only
+        once something needs it (`wait_loaded`: the first decode step, a short append, a fork): the
+        first prompt then has the cores to itself, with the vision encode before it, and the first token
+        comes that much sooner; the decode graph is opened right after it. Otherwise (no prompt graph,
+        which leaves the decode graph to serve the prompt, or "background-both") the worker opens both
+        at once and warms the decode graph when `warm` (see `warm_up`)."""
         if self._loader is None:
-            self._loader = _Loader(self, warm)
+            hold = self._prefill_file is not None and _load_choice() == "background"
+            self._loader = _Loader(self, warm, hold)
 
     def wait_loaded(self) -> None:
         """Block until the background load is done (re-raising its error as an EngineError); open still
@@ -253,6 +272,7 @@ class OnnxLLM:
         t0 = time.perf_counter()
         loader, self._loader = self._loader, None
         if loader is not None:
+            loader.decode_graph_needed.set()
             loader.join()
             self.background_load_s = loader.seconds
         self._open_sessions()
@@ -260,19 +280,22 @@ class OnnxLLM:
 
     def _wait_prompt_graph(self) -> None:
         """Block until the prompt graph is open (the loader opens it first; the int4 graph may still be
-        opening), or the whole load when the loader failed."""
+        opening, or wait to be needed), or the whole load when the loader failed."""
+        t0 = time.perf_counter()
+        before = self.load_wait_s
         loader = self._loader
         if loader is None or self.prefill_session is not None:
             if self.prefill_session is None:
                 self._open_sessions(("prefill_session",))
-            return
-        t0 = time.perf_counter()
-        loader.prompt_graph_ready.wait()
-        if loader.error is not None or self.prefill_session is None:
-            self.load_wait_s += time.perf_counter() - t0
-            self.wait_loaded()
-            return
-        self.load_wait_s += time.perf_counter() - t0
+                self.load_wait_s += time.perf_counter() - t0
+        else:
+            loader.prompt_graph_ready.wait()
+            if loader.error is not None or self.prefill_session is None:
+                self.load_wait_s += time.perf_counter() - t0
+                self.wait_loaded()
+            else:
+                self.load_wait_s += time.perf_counter() - t0
+        self.prompt_wait_s += self.load_wait_s - before
 
     def _new_cache(self, slots: int) -> list[np.ndarray]:
         return [np.zeros((1, self._kv_heads, slots, self._head_dim), np.float32) for _ in range(2 * self.num_layers)]
@@ -451,28 +474,40 @@ class _Loader:
     """The worker thread of `OnnxLLM.load_rest_in_background`. ONNX Runtime releases the GIL while it
     creates a session or runs one, so the caller's own work goes on meanwhile. Not a daemon: a process
     that exits first waits for it, since tearing the interpreter down under a thread inside ORT aborts
-    the process ('terminate called without an active exception')."""
+    the process ('terminate called without an active exception'). A worker holding the decode graph
+    (hold=True) waits in Python, not in ORT, and gives up once the main thread has ended, so that such
+    a process exits without opening it."""
 
-    def __init__(self, llm: OnnxLLM, warm: bool):
+    def __init__(self, llm: OnnxLLM, warm: bool, hold: bool = False):
         self.error: BaseException | None = None
-        self.seconds = 0.0
+        self.seconds = 0.0  # the worker's time, the hold excluded
+        self.held_s = 0.0  # time it waited between the two graphs for a decode step to need the second
         self.prompt_graph_ready = threading.Event()  # set once the prompt graph is open (or the load failed)
-        self._thread = threading.Thread(target=self._work, args=(llm, warm), name="valley-rt-llm-load")
+        self.decode_graph_needed = threading.Event()  # set by OnnxLLM.wait_loaded
+        self._thread = threading.Thread(target=self._work, args=(llm, warm, hold), name="valley-rt-llm-load")
         self._thread.start()
 
-    def _work(self, llm: OnnxLLM, warm: bool) -> None:
+    def _work(self, llm: OnnxLLM, warm: bool, hold: bool) -> None:
         t0 = time.perf_counter()
         try:
             try:
                 llm._open_sessions(("prefill_session",))  # a first prompt can run while the int4 graph opens
             finally:
                 self.prompt_graph_ready.set()
+            if hold:
+                t1 = time.perf_counter()
+                while not self.decode_graph_needed.wait(HOLD_POLL_S):
+                    if not threading.main_thread().is_alive():  # the interpreter is exiting
+                        return
+                self.held_s = time.perf_counter() - t1
+                warm = False  # a decode step waits for the graph now: it pays ORT's first-run set-up itself
             llm._open_sessions(("session",))
             if warm:
                 llm._warm_decode_graph()
         except BaseException as e:  # handed to the thread that waits
             self.error = e
-        self.seconds = time.perf_counter() - t0
+        finally:
+            self.seconds = time.perf_counter() - t0 - self.held_s
 
     def join(self) -> None:
         self._thread.join()

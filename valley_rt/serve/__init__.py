@@ -48,6 +48,9 @@ def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int
         if getattr(s, name) < (0 if name == "max_queue" else 1):
             raise ValleyError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}")
     valley = load(model, threads=threads, llm=llm, llm_url=llm_url, llm_options=llm_options)
+    finish_load = getattr(valley.llm, "wait_loaded", None)
+    if finish_load is not None:  # every LLM graph open before the server listens, not in its first answer
+        finish_load()
     try:
         service = VllmService(valley.llm, valley.tokenizer, slots=s.kv_slots) if on_vllm else None
         app = build_app(ServeEngine(valley, s, llm=service), s)
