@@ -14,23 +14,32 @@ ISA_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "
 
 
 def cpu_flags() -> set[str]:
+    """valley_rt.cpu's flags: /proc/cpuinfo's, less the AMX ones where this process may not use the tiles."""
+    from valley_rt.cpu import cpu_flags as flags
+
+    return set(flags())
+
+
+def amx_denied() -> bool:
+    """The CPU has AMX tiles but this process may not use them (benchmarks/no_amx.py, or the kernel)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return set()
+        return False
+    return " amx_tile" in text and "amx_tile" not in cpu_flags()
 
 
 def cpu_kind() -> str:
-    """A short name for result files: the widest matrix engine the CPU reports."""
+    """A short name for result files: the widest matrix engine the process may use; "_noamx" where the
+    CPU's AMX tiles are denied to it (an AVX-512 run emulated on an AMX CPU)."""
     flags = cpu_flags()
     if "amx_int8" in flags or "amx_bf16" in flags:
         return "amx"
     if "avx512_bf16" in flags or "avx512_vnni" in flags:
-        return "avx512"
-    return "avx2" if "avx2" in flags else platform.machine()
+        kind = "avx512"
+    else:
+        kind = "avx2" if "avx2" in flags else platform.machine()
+    return f"{kind}_noamx" if amx_denied() else kind
 
 
 def peak_rss_mb() -> float:
@@ -79,7 +88,7 @@ def hardware() -> dict:
     return {"cpu": cpu, "cpu_kind": cpu_kind(), "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count(),
             "gpu": gpu, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version(), "load_avg_1min": round(os.getloadavg()[0], 2),
-            "last_level_cache_mb": round(last_level_cache_bytes() / 2**20)}
+            "last_level_cache_mb": round(last_level_cache_bytes() / 2**20), "amx_denied": amx_denied()}
 
 
 def read_bandwidth_gbs(threads: int, gib: float | None = None, repeats: int = 5) -> float:

@@ -62,15 +62,49 @@ def one_cpu_per_core(sysfs: Path = Path("/sys/devices/system/cpu")) -> list[int]
 
 # -- what the CPU's matrix units can do ------------------------------------------------------------------
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux names them in /proc/cpuinfo (empty elsewhere)."""
+    """The CPU's feature flags as Linux names them in /proc/cpuinfo (empty elsewhere), less the AMX ones
+    when Linux does not let this process use the tiles (`amx_permitted`): the kernels then run without
+    them, so every choice made from these flags must too."""
+    flags = frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return frozenset()
+    if any(f.startswith("amx") for f in flags) and not amx_permitted():
+        flags = frozenset(f for f in flags if not f.startswith("amx"))
+    return flags
+
+
+ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1022, 0x1023, 18, 158
+
+
+@functools.cache
+def amx_permitted() -> bool:
+    """Whether this process may use AMX tiles. Linux (5.16+) gives a process the tiles' register state
+    only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM), as ONNX Runtime's MLAS and oneDNN do before
+    using AMX: a kernel without that support, or a sandbox (seccomp) refusing the request, leaves them
+    on their AVX-512 kernels although /proc/cpuinfo lists the amx flags. Asking grants the tiles to the
+    process, as those libraries would."""
+    import ctypes
+    import platform
+    import sys
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mask = ctypes.c_ulong(0)
+        if libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(mask)) != 0:
+            return False  # a kernel that does not manage AMX state
+        if mask.value & (1 << XFEATURE_XTILEDATA):
+            return True
+        return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 ISA_CLASSES = ("amx", "avx512_bf16", "vnni", "avx2", "other")
