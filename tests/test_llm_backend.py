@@ -582,12 +582,12 @@ def test_a_process_that_exits_during_the_background_load_waits_for_it(hf_dirs, t
 
 
 def test_prefill_policy_auto_skips_a_prompt_graph_too_big_for_ram(monkeypatch):
-    """auto: the W8A8 prompt graph is loaded on AMX CPUs only when its weights fit a share of the RAM
-    (a 7B's 6.6 GB int8 copy beside the 3.6 GB int4 one is not loaded on a 24 GB machine)."""
+    """auto: the W8A8 prompt graph is loaded on CPUs with AMX-INT8 or AVX512-VNNI only when its weights fit
+    a share of the RAM (a 7B's 6.6 GB int8 copy beside the 3.6 GB int4 one is not loaded on a 24 GB machine)."""
     from valley_rt.backends import llm_onnx
 
     monkeypatch.delenv(llm_onnx.PREFILL_ENV, raising=False)
-    monkeypatch.setattr(llm_onnx, "cpu_has_int8_matrix_units", lambda: True)
+    monkeypatch.setattr(llm_onnx, "cpu_has_int8_gemm", lambda: True)
     monkeypatch.setattr(llm_onnx, "total_memory_bytes", lambda: 24 * 2**30)
     assert llm_onnx.prefill_policy(1 * 2**30)
     assert not llm_onnx.prefill_policy(int(6.6 * 2**30))
@@ -595,9 +595,19 @@ def test_prefill_policy_auto_skips_a_prompt_graph_too_big_for_ram(monkeypatch):
     assert llm_onnx.prefill_policy(int(6.6 * 2**30))
     monkeypatch.setenv(llm_onnx.PREFILL_ENV, "int4")
     assert not llm_onnx.prefill_policy(1)
-    monkeypatch.setattr(llm_onnx, "cpu_has_int8_matrix_units", lambda: False)
+    monkeypatch.setattr(llm_onnx, "cpu_has_int8_gemm", lambda: False)
     monkeypatch.delenv(llm_onnx.PREFILL_ENV)
     assert not llm_onnx.prefill_policy(1)
+
+
+@pytest.mark.parametrize("flags, want", [({"avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"}, True),
+                                         ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, True),  # Zen 4
+                                         ({"avx2", "avx_vnni"}, False), ({"avx2", "avx512f"}, False), (set(), False)])
+def test_the_prompt_graph_goes_where_the_cpu_has_int8_gemm_units(monkeypatch, flags, want):
+    from valley_rt.backends import llm_onnx
+
+    monkeypatch.setattr("valley_rt.cpu.cpu_flags", lambda: frozenset(flags))
+    assert llm_onnx.cpu_has_int8_gemm() is want
 
 
 def test_kv_cache_grows_on_demand_with_the_same_logits(hf_dirs, tmp_path, monkeypatch):
