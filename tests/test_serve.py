@@ -390,3 +390,33 @@ def test_concurrent_requests_share_one_encode(srv):
         t.join()
     assert codes == [200] * 4
     assert srv.metric("valley_encoder_cache_misses_total") - misses == 1
+
+
+def test_serve_opens_every_llm_graph_before_it_listens(monkeypatch):
+    """The runtime's load leaves an engine's decode graph to open when a decode step first needs it
+    (the CLI's first token comes sooner); a server finishes that before it takes requests."""
+    import valley_rt.runtime as rt
+    import valley_rt.serve.engine as serve_engine
+    from valley_rt.serve import serve
+
+    calls = []
+
+    class LLM:
+        def wait_loaded(self):
+            calls.append("wait_loaded")
+
+    class Loaded:
+        llm, tokenizer = LLM(), None
+
+    class Stop(Exception):
+        pass
+
+    def engine(*args, **kwargs):
+        calls.append("engine")
+        raise Stop
+
+    monkeypatch.setattr(rt, "load", lambda *args, **kwargs: Loaded())
+    monkeypatch.setattr(serve_engine, "ServeEngine", engine)
+    with pytest.raises(Stop):
+        serve(None)
+    assert calls == ["wait_loaded", "engine"]
