@@ -35,10 +35,11 @@ def deny_amx() -> None:
     code = b"".join(struct.pack("HBBI", *ins) for ins in program)
     buf = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("HxxxxxxP", len(program), ctypes.addressof(buf))  # struct sock_fprog
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    word = ctypes.c_ulong  # prctl is variadic: each argument a full 64-bit word, as the kernel reads it
+    if prctl(ctypes.c_int(PR_SET_NO_NEW_PRIVS), word(1), word(0), word(0), word(0)) != 0:
         raise SystemExit(f"error: prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(ctypes.get_errno())}")
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.c_char_p(fprog), 0, 0) != 0:
+    if prctl(ctypes.c_int(PR_SET_SECCOMP), word(SECCOMP_MODE_FILTER), ctypes.c_char_p(fprog), word(0), word(0)) != 0:
         raise SystemExit(f"error: prctl(PR_SET_SECCOMP): {os.strerror(ctypes.get_errno())}")
 
 

@@ -96,13 +96,16 @@ def amx_permitted() -> bool:
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return False
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        syscall.restype = ctypes.c_long
         mask = ctypes.c_ulong(0)
-        if libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(mask)) != 0:
+        # variadic: every argument passed as a full 64-bit word, as the kernel reads them
+        if syscall(ctypes.c_long(SYS_ARCH_PRCTL), ctypes.c_long(ARCH_GET_XCOMP_PERM), ctypes.byref(mask)) != 0:
             return False  # a kernel that does not manage AMX state
         if mask.value & (1 << XFEATURE_XTILEDATA):
             return True
-        return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+        return syscall(ctypes.c_long(SYS_ARCH_PRCTL), ctypes.c_long(ARCH_REQ_XCOMP_PERM),
+                       ctypes.c_ulong(XFEATURE_XTILEDATA)) == 0
     except (OSError, AttributeError):
         return False
 

@@ -566,7 +566,7 @@ def _warm_up(valley: Valley) -> None:
         for first in (True, False):
             plain_tokens(valley.tokenizer, "What happens in the video?", first=first)
         if getattr(valley.llm, "defer_load", False):
-            valley.llm.load_rest_in_background()  # the decode warm-up and the prompt graph, off the load path
+            valley.llm.load_rest_in_background()  # the LLM graphs, off the load path (the decode graph once needed)
         else:
             valley.llm.warm_up()
     valley.reset()
