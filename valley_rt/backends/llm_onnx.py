@@ -494,7 +494,7 @@ class _Loader:
         t0 = time.perf_counter()
         try:
             try:
-                llm._open_sessions(("prefill_session",))  # a first prompt can run while the int4 graph opens
+                llm._open_sessions(("prefill_session",))  # a first prompt needs only this one
             finally:
                 self.prompt_graph_ready.set()
             if hold:
