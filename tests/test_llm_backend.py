@@ -522,15 +522,31 @@ def test_the_background_load_holds_the_decode_graph_until_a_decode_step_needs_it
 
     lazy = OnnxLLM(path.parent, defer_load=True)
     lazy.load_rest_in_background()
-    got = [lazy.prefill(lazy.embed(ids))]
-    deadline = time.monotonic() + 3  # opening the tiny graph takes milliseconds: time enough to see it held
-    while time.monotonic() < deadline and lazy.session is None:
-        time.sleep(0.05)
-    assert lazy.session is None and lazy._loader._thread.is_alive()
-    got += [lazy.decode(t) for t in (5, 6)]
+    with lazy.first_token_work():  # what the runtime marks: a video's encode, an answer
+        got = [lazy.prefill(lazy.embed(ids))]
+        deadline = time.monotonic() + 3  # opening the tiny graph takes milliseconds: time enough to see it held
+        while time.monotonic() < deadline and lazy.session is None:
+            time.sleep(0.05)
+        assert lazy.session is None and lazy._loader._thread.is_alive()
+        got += [lazy.decode(t) for t in (5, 6)]
     assert lazy.session is not None and lazy._loader is None and lazy.load_wait_s >= lazy.prompt_wait_s
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+    # A caller out of first-token work for IDLE_S (a chat waiting for its first question): the worker
+    # opens the decode graph (and warms it) without a decode step asking.
+    idle = OnnxLLM(path.parent, defer_load=True)
+    with idle.first_token_work():
+        idle.load_rest_in_background()
+        idle.prefill(idle.embed(ids))
+        time.sleep(0.5)
+        assert idle.session is None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and idle.session is None:
+        time.sleep(0.05)
+    assert idle.session is not None
+    idle.wait_loaded()
+    np.testing.assert_array_equal(idle.decode(5), want[1])
 
     monkeypatch.setenv(LOAD_ENV, "background-both")
     both = OnnxLLM(path.parent, defer_load=True)

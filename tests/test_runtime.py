@@ -536,3 +536,25 @@ def test_a_large_models_llm_graphs_start_opening_before_the_vision_graph(tmp_pat
     assert valley.tokenizer._plain is not None  # the plain-text tokenizer copies: made by the load, not the answer
     answer = valley.ask(video, question, params=DEMO_GREEDY)
     assert answer.answer == usual.answer == "right" and answer.tokens_out == usual.tokens_out
+
+
+def test_the_video_encode_and_the_answer_are_marked_as_first_token_work(tmp_path, monkeypatch):
+    """The runtime marks what a first token waits for (OnnxLLM.first_token_work), so that a background
+    load holds the decode graph back meanwhile and opens it once the caller is idle: the vision encode
+    and the prompt run inside the mark, in `ask`, in `encode_video` + `ask`, and in a chat's turns."""
+    import valley_rt.runtime as rt
+
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path / "cache"))
+    valley = rt.load(rt.DEMO_ENGINE)
+    seen = []
+    encode, prefill = valley.vision.visual_tokens, valley.llm.prefill
+    monkeypatch.setattr(valley.vision, "visual_tokens", lambda x: (seen.append(("vision", valley.llm._busy)), encode(x))[1])
+    monkeypatch.setattr(valley.llm, "prefill", lambda e: (seen.append(("prompt", valley.llm._busy)), prefill(e))[1])
+    video, question = DEMO_CLIPS / "s4_00000.mp4", "Which way does the green square move?"
+    valley.ask(video, question, params=SamplingParams(max_new_tokens=4))
+    ctx = valley.encode_video(video)
+    valley.ask(ctx, question, params=SamplingParams(max_new_tokens=4))
+    valley.chat(ctx).send(question, params=SamplingParams(max_new_tokens=4))
+    assert [kind for kind, _ in seen] == ["vision", "prompt", "vision", "prompt", "prompt"]
+    assert all(busy >= 1 for _, busy in seen) and valley.llm._busy == 0
+    assert not valley.llm.caller_idle()  # the mark's end starts the idle clock

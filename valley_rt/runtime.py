@@ -14,6 +14,7 @@ imports the exporters (valley_rt.export): the engine format it reads is valley_r
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -216,9 +217,19 @@ class Valley:
         return {"vision": getattr(self.vision, "name", type(self.vision).__name__),
                 "llm": getattr(self.llm, "name", type(self.llm).__name__), "kind": self.kind}
 
+    def _first_token_work(self):
+        """The LLM backend's mark for work a first token waits for (OnnxLLM.first_token_work: its background
+        load holds back what the first token does not need meanwhile), or nothing."""
+        mark = getattr(self.llm, "first_token_work", None)
+        return mark() if mark is not None else contextlib.nullcontext()
+
     # -- video ------------------------------------------------------------------------------------
     def encode_video(self, path, *, frames: int | None = None, fps: float | None = None) -> VideoContext:
         """Decode, preprocess and encode a video once. frames: fixed-mode count; fps: fps mode."""
+        with self._first_token_work():
+            return self._encode_video(path, frames=frames, fps=fps)
+
+    def _encode_video(self, path, *, frames: int | None, fps: float | None) -> VideoContext:
         s = self.cfg.sampling
         n = frames if frames is not None else s.num_frames
         if fps is None and not 1 <= n <= self.max_frames:
@@ -246,6 +257,10 @@ class Valley:
     def encode_frames(self, frames: np.ndarray, *, source: str = "<frames>") -> VideoContext:
         """Encode frames decoded elsewhere (uint8 [T, H, W, 3], e.g. a client's list of images) the way
         encode_video encodes a video's sampled frames."""
+        with self._first_token_work():
+            return self._encode_frames(frames, source=source)
+
+    def _encode_frames(self, frames: np.ndarray, *, source: str) -> VideoContext:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValleyError(f"{source}: expected uint8 frames [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
         if not 1 <= len(frames) <= self.max_frames:
@@ -269,6 +284,13 @@ class Valley:
     def _answer(self, ctx: VideoContext, turns: list[Turn], question: str, *, params: SamplingParams,
                 system: str | None, on_text: Callable[[str], None] | None,
                 stop: tuple[str, ...] = ("###",), ignore_eos: bool = False) -> tuple[Answer, list[int]]:
+        with self._first_token_work():
+            return self._answer_now(ctx, turns, question, params=params, system=system, on_text=on_text,
+                                    stop=stop, ignore_eos=ignore_eos)
+
+    def _answer_now(self, ctx: VideoContext, turns: list[Turn], question: str, *, params: SamplingParams,
+                    system: str | None, on_text: Callable[[str], None] | None,
+                    stop: tuple[str, ...], ignore_eos: bool) -> tuple[Answer, list[int]]:
         system = self.cfg.system_prompt if system is None else system
         check_question(system, "system prompt", empty_ok=True)
         text, _ = format_conversation(turns, system=system)
@@ -347,10 +369,12 @@ class Valley:
         stop / ignore_eos: benchmarks generate a fixed number of tokens with stop=() and ignore_eos=True.
         """
         check_question(question)
-        ctx = video if isinstance(video, VideoContext) else self.encode_video(video, frames=frames, fps=fps)
-        q = f"{VIDEO}\n{question}"  # a "<video>" inside the question is the user's text, not a second video
-        ans, _ = self._answer(ctx, [Turn("human", q)], question, params=params or SamplingParams(max_new_tokens=256),
-                              system=system, on_text=on_text, stop=stop, ignore_eos=ignore_eos)
+        with self._first_token_work():  # one stretch: the video's encode, then the answer
+            ctx = video if isinstance(video, VideoContext) else self.encode_video(video, frames=frames, fps=fps)
+            q = f"{VIDEO}\n{question}"  # a "<video>" inside the question is the user's text, not a second video
+            ans, _ = self._answer(ctx, [Turn("human", q)], question,
+                                  params=params or SamplingParams(max_new_tokens=256), system=system,
+                                  on_text=on_text, stop=stop, ignore_eos=ignore_eos)
         return ans
 
     def stream(self, video, question: str, **kwargs) -> Iterator[str]:
@@ -500,6 +524,8 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
         _use_vllm(valley, llm_source, url=llm_url, **(llm_options or {}))
     if valley.kind in ("engine", "engine-cuda") and llm_url is None:  # a remote vLLM may not be up yet
         _warm_up(valley)
+        with valley._first_token_work():  # a question usually follows the load at once: the idle clock starts here
+            pass
     valley.load_ms = (time.perf_counter() - t0) * 1e3
     return valley
 

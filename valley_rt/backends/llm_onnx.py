@@ -59,7 +59,8 @@ PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the e
 # when the engine has a prompt graph; "background-both": both at once; "eager": both before `load` returns
 LOAD_ENV = "VALLEY_RT_LLM_LOAD"
 LOAD_CHOICES = ("background", "background-both", "eager")
-HOLD_POLL_S = 0.1  # how often a worker holding the decode graph checks that the main thread still runs
+HOLD_POLL_S = 0.1  # how often a worker holding the decode graph looks at the caller and the main thread
+IDLE_S = 0.25  # ... and how long the caller must have been out of first-token work for it to go on
 GQA_ENV = "VALLEY_RT_GQA"  # "materialized" (default) or "flash": which GroupQueryAttention kernel ORT builds
 ORT_GQA_FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"  # read by ORT when it builds each GQA kernel
 ATTN_SCRATCH_BYTES = 256 * 2**20  # the materialized kernel's fp32 scores [heads, S, T] for one run, at most
@@ -221,6 +222,7 @@ class OnnxLLM:
         self.background_load_s = 0.0  # the worker's own time, once joined
         self.load_wait_s = 0.0  # time runs spent waiting for the worker or opening deferred sessions
         self.prompt_wait_s = 0.0  # ... of it, prompts waiting for the prompt graph
+        self._busy, self._busy_lock, self._last_busy = 0, threading.Lock(), time.monotonic()  # first_token_work
         self.defer_load = defer_load
         if not defer_load:
             self._open_sessions()
@@ -260,14 +262,34 @@ class OnnxLLM:
         warm-up waits for what it needs, and re-raises the worker's error.
 
         With a prompt graph (and LOAD_ENV "background") the worker opens the int4 decode graph only
-        once something needs it (`wait_loaded`: the first decode step, a short append, a fork): the
-        first prompt then has the cores to itself, with the vision encode before it, and the first token
-        comes that much sooner; the decode graph is opened right after it. Otherwise (no prompt graph,
-        which leaves the decode graph to serve the prompt, or "background-both") the worker opens both
-        at once and warms the decode graph when `warm` (see `warm_up`)."""
+        once something needs it (`wait_loaded`: the first decode step, a short append, a fork) or the
+        caller is idle (`caller_idle`): a video's encode and the first prompt then have the cores to
+        themselves, and the first token comes that much sooner; the decode graph is opened right after
+        it. Otherwise (no prompt graph, which leaves the decode graph to serve the prompt, or
+        "background-both") the worker opens both at once. It warms the decode graph when `warm` (see
+        `warm_up`) unless a decode step is already waiting for it."""
         if self._loader is None:
             hold = self._prefill_file is not None and _load_choice() == "background"
             self._loader = _Loader(self, warm, hold)
+
+    @contextmanager
+    def first_token_work(self) -> Iterator[None]:
+        """Mark caller work that a first token waits for (a video's encode, an answer). A worker holding
+        the decode graph goes on to open it only once the caller has been out of such work for IDLE_S
+        (e.g. a chat waiting for its first question), or when a decode step needs it."""
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+                self._last_busy = time.monotonic()
+
+    def caller_idle(self) -> bool:
+        """No first-token work now, nor in the last IDLE_S."""
+        with self._busy_lock:
+            return self._busy == 0 and time.monotonic() - self._last_busy >= IDLE_S
 
     def wait_loaded(self) -> None:
         """Block until the background load is done (re-raising its error as an EngineError); open still
@@ -502,8 +524,11 @@ class _Loader:
                 while not self.decode_graph_needed.wait(HOLD_POLL_S):
                     if not threading.main_thread().is_alive():  # the interpreter is exiting
                         return
+                    if llm.caller_idle():  # nothing waits on the cores: open it now
+                        break
                 self.held_s = time.perf_counter() - t1
-                warm = False  # a decode step waits for the graph now: it pays ORT's first-run set-up itself
+                # a decode step that waits for the graph pays ORT's first-run set-up itself
+                warm = warm and not self.decode_graph_needed.is_set()
             llm._open_sessions(("session",))
             if warm:
                 llm._warm_decode_graph()
