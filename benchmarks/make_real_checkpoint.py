@@ -12,7 +12,11 @@ Writes, under OUT:
                 model-0000i-of-0000n.safetensors + model.safetensors.index.json, the CLIP tower inside
                 (`model.vision_tower.vision_model.*`), `model.mm_projector.*`, and the temporal weights
                 of the preset's pooling mode. With --delta, the LLM tensors are a delta on base/.
-    base/       (--delta) a plain HF LLaMA folder of the base vocabulary (no added tokens)
+    base/       (--delta) a plain HF LLaMA folder of the base vocabulary (no added tokens); with
+                --zero-base its tensors are all zeros, stored as holes (sparse files: `fallocate
+                --dig-holes`), for a disk that cannot hold a 13B base beside its delta and the converted
+                checkpoint. Reading a hole costs no disk I/O, so a convert's time is then a lower bound;
+                its memory is not changed (the tensors are read and summed all the same).
     clip/       the CLIP vision config.json (pass it as `valley-rt convert --vision-tower OUT/clip`)
     valley-rt/  (--layout valley-rt) a valley-rt checkpoint folder, LLM sharded as convert writes it
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 import zlib
@@ -130,7 +135,7 @@ def clip_config(cfg: ValleyConfig, folder: Path) -> None:
 
 
 def write_original(out: Path, cfg: ValleyConfig, *, dtype=torch.float16, shard_bytes: int = 10 * 2**30,
-                   seed: int = 0, delta: bool = False) -> Path:
+                   seed: int = 0, delta: bool = False, zero_base: bool = False) -> Path:
     """OUT/original (+ OUT/base with delta) + OUT/clip; returns OUT/original."""
     entries = _model_entries(cfg)
     base_vocab = cfg.tokens.im_patch
@@ -158,8 +163,15 @@ def write_original(out: Path, cfg: ValleyConfig, *, dtype=torch.float16, shard_b
             return (base_vocab, *shape[1:]) if vocab else shape
 
         base_entries = {original_name(k): base_shape(k, s) for k, s in entries if k.startswith("llm.")}
-        write_sharded(base, [(n, s, dtype) for n, s in base_entries.items()],
-                      lambda n: random_tensor("base." + n, base_entries[n], dtype, seed), max_shard_bytes=shard_bytes)
+        if zero_base:
+            files = write_sharded(base, [(n, s, dtype) for n, s in base_entries.items()],
+                                  lambda n: torch.zeros(base_entries[n], dtype=dtype), max_shard_bytes=shard_bytes)
+            for f in files:  # the zero bytes become holes: the shard keeps its size, not its disk blocks
+                subprocess.run(["fallocate", "--dig-holes", str(f)], check=True)
+        else:
+            write_sharded(base, [(n, s, dtype) for n, s in base_entries.items()],
+                          lambda n: random_tensor("base." + n, base_entries[n], dtype, seed),
+                          max_shard_bytes=shard_bytes)
         (base / "config.json").write_text(json.dumps(
             {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_llama_config(cfg, base_vocab, dtype)},
             indent=2))
@@ -201,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="valley2-7b", help="valley2-7b, valley-13b-v1, bench-1b, tiny")
     ap.add_argument("--layout", choices=("original", "valley-rt"), default="original")
     ap.add_argument("--delta", action="store_true", help="original layout as a delta on a base LLaMA (Valley-13B v1)")
+    ap.add_argument("--zero-base", action="store_true",
+                    help="with --delta: an all-zero base stored as holes (sparse files; see base/ above)")
     ap.add_argument("--layers", type=int, default=None, help="LLM decoder layers (default: the preset's)")
     ap.add_argument("--vision-layers", type=int, default=None, help="CLIP layers (default: the preset's)")
     ap.add_argument("--mode", default=None, help="temporal pooling mode (default: the preset's)")
@@ -223,16 +237,23 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.layout == "original":
         shard = int((args.shard_mb or 10240) * 2**20)
-        path = write_original(args.out, cfg, dtype=dtype, shard_bytes=shard, seed=args.seed, delta=args.delta)
+        if args.zero_base and not args.delta:
+            print("error: --zero-base is for --delta", file=sys.stderr)
+            return 2
+        path = write_original(args.out, cfg, dtype=dtype, shard_bytes=shard, seed=args.seed, delta=args.delta,
+                              zero_base=args.zero_base)
     else:
         if args.delta:
             print("error: --delta is for the original layout", file=sys.stderr)
             return 2
         path = write_valley_rt(args.out, cfg, dtype=dtype, shard_bytes=int((args.shard_mb or 2048) * 2**20),
                                seed=args.seed)
-    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    files = [f for f in args.out.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    on_disk = sum(f.stat().st_blocks * 512 for f in files)  # less than bytes where a zero base is sparse
     print(json.dumps({"path": str(path), "preset": args.preset, "layout": args.layout, "delta": args.delta,
-                      "llm_layers": cfg.llm.num_layers, "bytes": size, "seconds": round(time.perf_counter() - t0, 1)}))
+                      "zero_base": args.zero_base, "llm_layers": cfg.llm.num_layers, "bytes": size,
+                      "bytes_on_disk": on_disk, "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 
 
