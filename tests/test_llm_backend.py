@@ -558,6 +558,31 @@ def test_the_background_load_holds_the_decode_graph_until_a_decode_step_needs_it
     both.wait_loaded()
 
 
+def test_a_prompts_wait_for_the_background_load_is_counted_as_the_prompts(hf_dirs, tmp_path, monkeypatch):
+    """Without a prompt graph the int4 graph serves the prompt: its wait for the worker is the prompt's
+    (prompt_wait_s, which benchmarks subtract from the prefill), not a decode step's."""
+    import threading
+
+    from valley_rt.backends.llm_onnx import PREFILL_ENV
+
+    path = export_llm_onnx(hf_dirs["hd8"], tmp_path, quant="rtn4", group_size=32)
+    monkeypatch.setenv(PREFILL_ENV, "int4")
+    opened = OnnxLLM._open_sessions
+
+    def slow(self, which=("prefill_session", "session")):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.3)
+        return opened(self, which)
+
+    monkeypatch.setattr(OnnxLLM, "_open_sessions", slow)
+    llm = OnnxLLM(path.parent, defer_load=True)
+    llm.load_rest_in_background()
+    llm.prefill(llm.embed(list(range(3, 20))))
+    assert llm.load_wait_s > 0.1 and llm.prompt_wait_s == llm.load_wait_s
+    llm.decode(5)
+    assert llm.prompt_wait_s == llm.load_wait_s
+
+
 def test_a_background_load_failure_is_one_engine_error_at_first_use(hf_dirs, tmp_path, monkeypatch):
     from valley_rt.backends.llm_onnx import LOAD_ENV, PREFILL_ENV, background_load_policy
 

@@ -221,7 +221,7 @@ class OnnxLLM:
         self._cache_lock = threading.Lock()  # binding a session vs. growing the cache (loader vs caller)
         self.background_load_s = 0.0  # the worker's own time, once joined
         self.load_wait_s = 0.0  # time runs spent waiting for the worker or opening deferred sessions
-        self.prompt_wait_s = 0.0  # ... of it, prompts waiting for the prompt graph
+        self.prompt_wait_s = 0.0  # ... of it, prompts (appends of more than one token) waiting
         self._busy, self._busy_lock, self._last_busy = 0, threading.Lock(), time.monotonic()  # first_token_work
         self.defer_load = defer_load
         if not defer_load:
@@ -307,7 +307,6 @@ class OnnxLLM:
         """Block until the prompt graph is open (the loader opens it first; the int4 graph may still be
         opening, or wait to be needed), or the whole load when the loader failed."""
         t0 = time.perf_counter()
-        before = self.load_wait_s
         loader = self._loader
         if loader is None or self.prefill_session is not None:
             if self.prefill_session is None:
@@ -320,7 +319,6 @@ class OnnxLLM:
                 self.wait_loaded()
             else:
                 self.load_wait_s += time.perf_counter() - t0
-        self.prompt_wait_s += self.load_wait_s - before
 
     def _new_cache(self, slots: int) -> list[np.ndarray]:
         return [np.zeros((1, self._kv_heads, slots, self._head_dim), np.float32) for _ in range(2 * self.num_layers)]
@@ -379,10 +377,13 @@ class OnnxLLM:
         in chunks (append_chunks), each on the graph the whole append's length chose."""
         s = x.shape[1]
         prompt_graph = self._prefill_file is not None and s >= PREFILL_MIN_TOKENS
+        waited = self.load_wait_s
         if prompt_graph:
             self._wait_prompt_graph()  # the int4 graph may go on opening meanwhile
         elif self._loader is not None or self.session is None:
             self.wait_loaded()
+        if s > 1:
+            self.prompt_wait_s += self.load_wait_s - waited
         total = self._pos + s
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
