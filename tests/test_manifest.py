@@ -229,6 +229,12 @@ def test_export_engine_end_to_end(checkpoint, tmp_path):
 
     out = tmp_path / "engine"
     m = export_engine(checkpoint, out, precision="fp32", quant="none", gpu="no")
+    # The export's verified stamp still describes every artifact: nothing touched them after the hashing
+    # (a chmod would move their ctime, and the first load would hash the whole engine again). Checked
+    # before any load: a verifying load re-hashes what it cannot trust and writes a new stamp.
+    stamp = json.loads(ef._stamp_path(out).read_text())
+    assert set(stamp["files"]) == set(m["artifacts"])
+    assert {rel: ef.file_stat(out / rel) for rel in m["artifacts"]} == stamp["files"]
     assert m == mf.load_manifest(out)
     assert m["source"] == {"name": checkpoint.name, "sha256": mf.hash_folder(checkpoint)}  # no machine's path
     llm_meta = json.loads((out / "llm" / "llm_onnx.json").read_text())

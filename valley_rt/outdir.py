@@ -122,14 +122,18 @@ def check_target(target: str | Path, *, kind: str, sources: Iterable[str | Path 
 
 
 def _normalize_modes(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder: give the tree the modes a plain mkdir/open would (umask applies)."""
+    """mkdtemp makes a 0700 folder: give the tree the modes a plain mkdir/open would (umask applies).
+    Only paths whose mode differs are changed: a chmod moves the file's ctime, and an export's verified
+    stamp (engine_format.write_verified_stamp, written just before) trusts files by their stat."""
     mask = os.umask(0)
     os.umask(mask)
     for p in [folder, *folder.rglob("*")]:
         if p.is_symlink():
             continue
-        mode = 0o777 if p.is_dir() else (0o777 if os.stat(p).st_mode & stat.S_IXUSR else 0o666)
-        os.chmod(p, mode & ~mask)
+        st = os.stat(p)
+        mode = (0o777 if p.is_dir() else (0o777 if st.st_mode & stat.S_IXUSR else 0o666)) & ~mask
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(p, mode)
 
 
 @contextlib.contextmanager
