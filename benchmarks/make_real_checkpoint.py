@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -239,6 +240,9 @@ def main(argv=None) -> int:
         shard = int((args.shard_mb or 10240) * 2**20)
         if args.zero_base and not args.delta:
             print("error: --zero-base is for --delta", file=sys.stderr)
+            return 2
+        if args.zero_base and shutil.which("fallocate") is None:
+            print("error: --zero-base needs util-linux's fallocate (to dig the holes)", file=sys.stderr)
             return 2
         path = write_original(args.out, cfg, dtype=dtype, shard_bytes=shard, seed=args.seed, delta=args.delta,
                               zero_base=args.zero_base)
