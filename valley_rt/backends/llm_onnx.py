@@ -312,13 +312,11 @@ class OnnxLLM:
             if self.prefill_session is None:
                 self._open_sessions(("prefill_session",))
                 self.load_wait_s += time.perf_counter() - t0
-        else:
-            loader.prompt_graph_ready.wait()
-            if loader.error is not None or self.prefill_session is None:
-                self.load_wait_s += time.perf_counter() - t0
-                self.wait_loaded()
-            else:
-                self.load_wait_s += time.perf_counter() - t0
+            return
+        loader.prompt_graph_ready.wait()
+        self.load_wait_s += time.perf_counter() - t0
+        if loader.error is not None or self.prefill_session is None:
+            self.wait_loaded()
 
     def _new_cache(self, slots: int) -> list[np.ndarray]:
         return [np.zeros((1, self._kv_heads, slots, self._head_dim), np.float32) for _ in range(2 * self.num_layers)]
