@@ -13,8 +13,8 @@ Writes, under OUT:
                 (`model.vision_tower.vision_model.*`), `model.mm_projector.*`, and the temporal weights
                 of the preset's pooling mode. With --delta, the LLM tensors are a delta on base/.
     base/       (--delta) a plain HF LLaMA folder of the base vocabulary (no added tokens); with
-                --zero-base its tensors are all zeros, stored as holes (sparse files: `fallocate
-                --dig-holes`), for a disk that cannot hold a 13B base beside its delta and the converted
+                --zero-base its tensors are all zeros, stored as holes (sparse files: skipped over, not
+                written), for a disk that cannot hold a 13B base beside its delta and the converted
                 checkpoint. Reading a hole costs no disk I/O, so a convert's time is then a lower bound;
                 its memory is not changed (the tensors are read and summed all the same).
     clip/       the CLIP vision config.json (pass it as `valley-rt convert --vision-tower OUT/clip`)
@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
 import zlib
@@ -164,15 +162,9 @@ def write_original(out: Path, cfg: ValleyConfig, *, dtype=torch.float16, shard_b
             return (base_vocab, *shape[1:]) if vocab else shape
 
         base_entries = {original_name(k): base_shape(k, s) for k, s in entries if k.startswith("llm.")}
-        if zero_base:
-            files = write_sharded(base, [(n, s, dtype) for n, s in base_entries.items()],
-                                  lambda n: torch.zeros(base_entries[n], dtype=dtype), max_shard_bytes=shard_bytes)
-            for f in files:  # the zero bytes become holes: the shard keeps its size, not its disk blocks
-                subprocess.run(["fallocate", "--dig-holes", str(f)], check=True)
-        else:
-            write_sharded(base, [(n, s, dtype) for n, s in base_entries.items()],
-                          lambda n: random_tensor("base." + n, base_entries[n], dtype, seed),
-                          max_shard_bytes=shard_bytes)
+        write_sharded(base, [(n, s, dtype) for n, s in base_entries.items()],
+                      lambda n: None if zero_base else random_tensor("base." + n, base_entries[n], dtype, seed),
+                      max_shard_bytes=shard_bytes)
         (base / "config.json").write_text(json.dumps(
             {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_llama_config(cfg, base_vocab, dtype)},
             indent=2))
@@ -240,9 +232,6 @@ def main(argv=None) -> int:
         shard = int((args.shard_mb or 10240) * 2**20)
         if args.zero_base and not args.delta:
             print("error: --zero-base is for --delta", file=sys.stderr)
-            return 2
-        if args.zero_base and shutil.which("fallocate") is None:
-            print("error: --zero-base needs util-linux's fallocate (to dig the holes)", file=sys.stderr)
             return 2
         path = write_original(args.out, cfg, dtype=dtype, shard_bytes=shard, seed=args.seed, delta=args.delta,
                               zero_base=args.zero_base)

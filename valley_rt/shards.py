@@ -16,6 +16,7 @@ writes (`model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safe
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,7 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_sha
     return shards
 
 
-def _write_one(file: Path, entries: list, produce: Callable[[str], torch.Tensor], metadata: dict | None) -> int:
+def _write_one(file: Path, entries: list, produce: Callable[[str], torch.Tensor | None], metadata: dict | None) -> int:
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, shape, dtype in entries:
@@ -230,12 +231,16 @@ def _write_one(file: Path, entries: list, produce: Callable[[str], torch.Tensor]
         f.write(raw)
         for name, shape, dtype in entries:
             t = produce(name)
+            if t is None:  # all zeros: skipped over, a hole where the file system keeps them sparse
+                f.seek(nbytes(tuple(shape), dtype), os.SEEK_CUR)
+                continue
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise ValueError(f"{name}: produced {list(t.shape)} {t.dtype}, planned {list(shape)} {dtype}")
             t = t.detach().contiguous()
             if t.numel():
                 f.write(t.view(-1).view(torch.uint8).numpy().data)
             del t
+        f.truncate(8 + len(raw) + offset)  # the length, when the last tensors were skipped over
     return offset
 
 
@@ -244,7 +249,9 @@ def write_sharded(folder: Path, entries: list[tuple[str, tuple[int, ...], torch.
                   name: str = "model", metadata: dict | None = None) -> list[Path]:
     """Write entries [(name, shape, dtype)] as `{name}.safetensors`, or as numbered shards plus
     `{name}.safetensors.index.json` when they exceed max_shard_bytes. produce(name) is called once per
-    tensor, in order, and its result is written and dropped before the next call."""
+    tensor, in order, and its result is written and dropped before the next call; None stands for an
+    all-zero tensor, which is not written but skipped over (a hole: no disk blocks where the file system
+    keeps files sparse)."""
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"} if metadata is None else metadata
     shards = plan_shards(entries, max_shard_bytes)
