@@ -22,11 +22,9 @@ def cpu_flags() -> set[str]:
 
 def amx_denied() -> bool:
     """The CPU has AMX tiles but this process may not use them (benchmarks/no_amx.py, or the kernel)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_tile" in text and "amx_tile" not in cpu_flags()
+    from valley_rt.cpu import amx_permitted, cpuinfo_flags
+
+    return "amx_tile" in cpuinfo_flags() and not amx_permitted()
 
 
 def cpu_kind() -> str:

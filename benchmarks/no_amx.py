@@ -50,7 +50,6 @@ def main() -> None:
     if not args:
         raise SystemExit("usage: python benchmarks/no_amx.py -- COMMAND [ARGS ...]")
     deny_amx()
-    os.environ["VALLEY_RT_NO_AMX"] = "1"  # for the record: benchmarks print it with the hardware
     os.execvp(args[0], args)
 
 

@@ -61,19 +61,22 @@ def one_cpu_per_core(sysfs: Path = Path("/sys/devices/system/cpu")) -> list[int]
 
 
 # -- what the CPU's matrix units can do ------------------------------------------------------------------
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux names them in /proc/cpuinfo (empty elsewhere), less the AMX ones
-    when Linux does not let this process use the tiles (`amx_permitted`): the kernels then run without
-    them, so every choice made from these flags must too."""
-    flags = frozenset()
+def cpuinfo_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them in /proc/cpuinfo (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = frozenset(line.split(":", 1)[1].split())
-                    break
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return frozenset()
+
+
+def cpu_flags() -> frozenset[str]:
+    """`cpuinfo_flags`, less the AMX ones when Linux does not let this process use the tiles
+    (`amx_permitted`): the kernels then run without them, so every choice made from these flags must too."""
+    flags = cpuinfo_flags()
     if any(f.startswith("amx") for f in flags) and not amx_permitted():
         flags = frozenset(f for f in flags if not f.startswith("amx"))
     return flags
