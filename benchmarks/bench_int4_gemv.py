@@ -9,7 +9,7 @@ which the int4 weights stream from memory. This times MatMulNBits (the engine's 
 accuracy level asked (4: int8 activations, VNNI dot products, the engine's setting; 0: fp32), and
 prints GB/s and the fraction of the read roofline (`common.read_bandwidth_gbs`, same threads).
 
-    python benchmarks/bench_int4_gemv.py [--layers N] [--groups 128,64,32] [--levels 4,0] [--threads 2]
+    python benchmarks/bench_int4_gemv.py [--layers N] [--groups 128,64,32] [--levels 4,0] [--threads 1,2]
 
 Ends with one JSON line (hardware included).
 """
@@ -81,17 +81,19 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="default: 2.5x the last-level cache, at least 6")
     ap.add_argument("--groups", default="128,64,32")
     ap.add_argument("--levels", default="4,0", help="MatMulNBits accuracy levels (4: int8 compute; 0: fp32)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="thread counts, comma-separated; each against the read "
+                                                    "bandwidth of as many threads")
     args = ap.parse_args()
+    counts = [int(t) for t in args.threads.split(",")]
     if args.layers is None:  # int4 bytes of one layer at group 128: K x N / 2 plus the scales
         layer = sum(k * n // 2 + k * n // 128 * 5 for k, n in SHAPES[args.shape])
         args.layers = max(6, -(-int(2.5 * last_level_cache_bytes()) // layer))
     hw = hardware()
-    print(f"# {hw['cpu']} ({hw['cpu_kind']}), ISA {', '.join(hw['isa'])}; {args.threads} threads; "
+    print(f"# {hw['cpu']} ({hw['cpu_kind']}), ISA {', '.join(hw['isa'])}; threads {args.threads}; "
           f"load average {hw['load_avg_1min']}", flush=True)
-    roof = read_bandwidth_gbs(args.threads)
-    print(f"# read bandwidth (roofline): {roof:.1f} GB/s; {args.layers} layers, last-level cache "
-          f"{hw['last_level_cache_mb']} MB", flush=True)
+    roof = {t: read_bandwidth_gbs(t) for t in counts}
+    print(f"# read bandwidth (roofline): " + ", ".join(f"{roof[t]:.1f} GB/s on {t} thread(s)" for t in counts)
+          + f"; {args.layers} layers, last-level cache {hw['last_level_cache_mb']} MB", flush=True)
     torch.manual_seed(0)
     rows = []
     for group in (int(g) for g in args.groups.split(",")):
@@ -99,16 +101,22 @@ def main() -> None:
                    for _ in range(args.layers) for k, n in SHAPES[args.shape]]
         nbytes = sum(w.b.nbytes + w.scales.nbytes + w.zero_points.nbytes for w in weights)
         for level in (int(a) for a in args.levels.split(",")):
-            s = time_gemv(weights, level, args.threads)
-            row = {"group_size": group, "accuracy_level": level, "mb": round(nbytes / 1e6, 1),
-                   "ms": round(s * 1e3, 3), "gbs": round(nbytes / s / 1e9, 2), "roofline_frac": round(nbytes / s / 1e9 / roof, 3)}
-            rows.append(row)
-            print(f"group {group:4d}, accuracy level {level}: {row['ms']:8.2f} ms for {row['mb']:.0f} MB -> "
-                  f"{row['gbs']:5.1f} GB/s = {100 * row['roofline_frac']:.0f} % of the read roofline", flush=True)
-    roof_after = read_bandwidth_gbs(args.threads)
-    print(f"# read bandwidth after: {roof_after:.1f} GB/s")
+            for threads in counts:
+                s = time_gemv(weights, level, threads)
+                row = {"group_size": group, "accuracy_level": level, "threads": threads, "mb": round(nbytes / 1e6, 1),
+                       "ms": round(s * 1e3, 3), "gbs": round(nbytes / s / 1e9, 2),
+                       "roofline_frac": round(nbytes / s / 1e9 / roof[threads], 3)}
+                rows.append(row)
+                print(f"group {group:4d}, accuracy level {level}, {threads} thread(s): {row['ms']:8.2f} ms for "
+                      f"{row['mb']:.0f} MB -> {row['gbs']:5.1f} GB/s = {100 * row['roofline_frac']:.0f} % of the "
+                      f"read roofline", flush=True)
+    roof_after = {t: read_bandwidth_gbs(t) for t in counts}
+    print("# read bandwidth after: " + ", ".join(f"{roof_after[t]:.1f} GB/s on {t}" for t in counts))
     print(json.dumps({"bench": "int4_gemv", "hardware": hw, "shape": args.shape, "layers": args.layers,
-                      "threads": args.threads, "read_gbs": round(roof, 2), "read_gbs_after": round(roof_after, 2),
+                      "threads": counts, "read_gbs": round(roof[counts[-1]], 2),
+                      "read_gbs_after": round(roof_after[counts[-1]], 2),
+                      "read_gbs_by_threads": {str(t): round(roof[t], 2) for t in counts},
+                      "read_gbs_after_by_threads": {str(t): round(roof_after[t], 2) for t in counts},
                       "rows": rows}))
 
 
