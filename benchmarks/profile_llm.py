@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
+    # ORT's node profile covers ORT's graphs: keep the decode steps on the int4 graph
+    os.environ.setdefault("VALLEY_RT_DECODE", "onnxruntime")
     import valley_rt.backends.llm_onnx as llm_onnx
 
     tmp = tempfile.mkdtemp(prefix="ort_profile_")

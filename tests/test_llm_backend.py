@@ -693,6 +693,7 @@ def test_gqa_kernels_agree_and_a_chunked_prompt_equals_one_run(hf_dirs, tmp_path
     creation: checked too."""
     from valley_rt.backends import llm_onnx
 
+    monkeypatch.setenv("VALLEY_RT_DECODE", "onnxruntime")  # ORT's graphs, both opened (not native decode)
     path = export_llm_onnx(hf_dirs["hd32"], tmp_path, quant="rtn4", group_size=32)
     seen = []
     real = llm_onnx.session_options

@@ -54,6 +54,9 @@ from valley_rt.errors import EngineError
 
 KV_START_SLOTS = 512  # KV cache rows allocated at load; grown (doubled) on demand up to max_context
 PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph
+# With the native decode step (native_decode.py) beside a prompt graph, the int4 graph is not opened:
+# appends of up to this many tokens run as native steps, longer ones on the prompt graph.
+NATIVE_MAX_APPEND = 3
 PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
 # "background" (default): the LLM graphs open on a worker thread, the decode graph once a decode step needs it
 # when the engine has a prompt graph; "background-both": both at once; "eager": both before `load` returns
@@ -154,6 +157,27 @@ def append_chunks(s: int, past: int, heads: int, kernel: str, scratch: int = ATT
     return [s // n + (i < s % n) for i in range(n)]
 
 
+def _native_wanted(has_prompt_graph: bool) -> tuple[bool, str]:
+    """Whether to try the native decode step (VALLEY_RT_DECODE), and if not, why. "auto": on CPUs it
+    runs on, for engines whose prompts run on the prompt graph, where it replaces the int4 graph; an
+    engine without one (7B and up on a 24 GB machine) keeps the int4 graph for its prompts, and a native
+    decoder beside it would hold the int4 weights twice. "native": always (an error where it cannot
+    run); "onnxruntime": never."""
+    from valley_rt.backends.native_decode import cpu_reason, decode_choice
+
+    choice = decode_choice()
+    if choice == "onnxruntime":
+        return False, "VALLEY_RT_DECODE=onnxruntime"
+    why = cpu_reason()
+    if why:
+        if choice == "native":
+            raise EngineError(f"VALLEY_RT_DECODE=native, but {why}")
+        return False, why
+    if choice == "auto" and not has_prompt_graph:
+        return False, "no prompt graph loaded: the int4 graph serves prompts and decode steps"
+    return True, ""
+
+
 def _load_choice() -> str:
     choice = os.environ.get(LOAD_ENV, "background")
     if choice not in LOAD_CHOICES:
@@ -217,6 +241,13 @@ class OnnxLLM:
                 raise EngineError(f"{self._prefill_file}: the prompt graph named in {meta_file} is missing; "
                                   "re-export the engine")
             self.name += "+w8a8-prefill"
+        # The decode step: ORT's int4 graph, or native_decode where the policy and CPU allow (chosen
+        # now, opened with the decode graph; a native decoder that cannot open falls back to the graph).
+        self._native = None
+        self.native_reason = ""
+        self._want_native, self.native_reason = _native_wanted(self._prefill_file is not None)
+        # native beside a prompt graph: the int4 graph serves nothing and is not opened
+        self._native_only = self._want_native and self._prefill_file is not None
         self._loader: _Loader | None = None  # the worker finishing the load, while it runs
         self._cache_lock = threading.Lock()  # binding a session vs. growing the cache (loader vs caller)
         self.background_load_s = 0.0  # the worker's own time, once joined
@@ -228,6 +259,16 @@ class OnnxLLM:
             self._open_sessions()
         self._pos = 0
         self.load_s = time.perf_counter() - t0
+
+    @property
+    def decode_ready(self) -> bool:
+        """Whether the decode step is open: ORT's int4 graph or the native decoder."""
+        return self.session is not None or self._native is not None
+
+    @property
+    def decode_backend(self) -> str:
+        """"native" (native_decode.py), "onnxruntime" (the int4 graph), or "pending" before the load."""
+        return "native" if self._native is not None else ("onnxruntime" if self.session is not None else "pending")
 
     @property
     def has_prefill_graph(self) -> bool:
@@ -244,6 +285,11 @@ class OnnxLLM:
         files = {"session": self._model_file, "prefill_session": self._prefill_file}
         for attr in which:
             file = files[attr]
+            if attr == "session" and self._want_native:
+                if self._native is None:
+                    self._open_native()
+                if self._native is not None and self._native_only:
+                    continue
             if file is None or getattr(self, attr) is not None:
                 continue
             try:
@@ -256,6 +302,21 @@ class OnnxLLM:
             with self._cache_lock:
                 setattr(self, "_binding" if attr == "session" else "_prefill_binding", self._bind_static(ort, session))
                 setattr(self, attr, session)
+
+    def _open_native(self) -> None:
+        """Open the native decoder over the decode graph's weights; where it cannot run, say why in
+        native_reason and keep ORT's graph (VALLEY_RT_DECODE=native makes that an error instead)."""
+        from valley_rt.backends.native_decode import NativeDecoder, decode_choice
+
+        native, why = NativeDecoder.open(self._model_file, self.meta, self._session_options[0])
+        if native is None:
+            if decode_choice() == "native":
+                raise EngineError(f"{self._model_file}: VALLEY_RT_DECODE=native, but {why}")
+            self._want_native = self._native_only = False
+            self.native_reason = why
+            return
+        self._native = native
+        self.name += "+native-decode"
 
     def load_rest_in_background(self, warm: bool = True) -> None:
         """Open the deferred sessions on a worker thread, the prompt graph first; the next run, fork or
@@ -374,11 +435,12 @@ class OnnxLLM:
         """x: [1, S, H] float32 appended after the cache -> last-position logits [V]. A long append runs
         in chunks (append_chunks), each on the graph the whole append's length chose."""
         s = x.shape[1]
-        prompt_graph = self._prefill_file is not None and s >= PREFILL_MIN_TOKENS
+        native_only = self._native_only  # decided at construction: the int4 graph is never opened
+        prompt_graph = self._prefill_file is not None and (s >= PREFILL_MIN_TOKENS or (native_only and s > NATIVE_MAX_APPEND))
         waited = self.load_wait_s
         if prompt_graph:
-            self._wait_prompt_graph()  # the int4 graph may go on opening meanwhile
-        elif self._loader is not None or self.session is None:
+            self._wait_prompt_graph()  # the decode step may go on opening meanwhile
+        elif self._loader is not None or not self.decode_ready:
             self.wait_loaded()
         if s > 1:
             self.prompt_wait_s += self.load_wait_s - waited
@@ -386,6 +448,11 @@ class OnnxLLM:
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
         self._ensure_slots(total)
+        if not prompt_graph and self._native is not None and (s <= NATIVE_MAX_APPEND or self.session is None):
+            for i in range(s):
+                self._native.step(x[0, i], self._cache, self._pos + i, self._logits[0, 0])
+            self._pos = total
+            return self._logits[0, 0].copy()
         session, binding = (self.prefill_session, self._prefill_binding) if prompt_graph else (self.session, self._binding)
         done = 0
         for n in append_chunks(s, self._pos, self._num_heads, self.gqa_kernel):
@@ -423,6 +490,12 @@ class OnnxLLM:
         into the LLM's own cache through the prompt graph."""
         import onnxruntime as ort
 
+        if self._native is not None:  # its pages read in, and one step's first-run costs paid
+            self._native.warm()
+            self._native.step(np.asarray(self.embed_table[1], np.float32), self._new_cache(8), 0,
+                              np.zeros(self.vocab_size, np.float32))
+            if self.session is None:
+                return
         binding = self._bind_static(ort, self.session, cache=self._new_cache(8), logits=np.zeros_like(self._logits))
         x = np.asarray(self.embed_table[[1] * 4], dtype=np.float32)[None]  # [1, 4, H]
         self._run_graph(self.session, binding, x, 4)
@@ -443,7 +516,7 @@ class OnnxLLM:
                 st = f.stat()
                 stats.append([str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
         return ["onnx-llm", LLM_FORMAT_VERSION, stats, ort.__version__, sorted(cpu_flags()), PREFILL_MIN_TOKENS,
-                self.gqa_kernel]
+                self.gqa_kernel] + ([["native-decode", NATIVE_MAX_APPEND]] if self._want_native else [])
 
     def prefix_shape(self, tokens: int) -> tuple[int, int, int, int]:
         return (2 * self.num_layers, self._kv_heads, tokens, self._head_dim)
@@ -487,7 +560,8 @@ class OnnxLLM:
         other._cache = other._new_cache(min(KV_START_SLOTS, self.max_context))
         other._cache_lock = threading.Lock()
         other._logits = np.zeros_like(self._logits)
-        other._binding = other._bind_static(ort, other.session)
+        if other.session is not None:
+            other._binding = other._bind_static(ort, other.session)
         if other.prefill_session is not None:
             other._prefill_binding = other._bind_static(ort, other.prefill_session)
         other._pos = 0

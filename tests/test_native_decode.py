@@ -1,0 +1,224 @@
+"""The native decode step (valley_rt/backends/native_decode.{c,py}) against ONNX Runtime's int4 graph.
+
+It must compute what the graph computes for one appended token: the same logits up to the int8
+activation rounding both make (each against the dequantized fp32 reference as close as the graph is),
+the same KV rows, the same greedy tokens; it must replace the int4 graph only where it can run, and
+say why not elsewhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from valley_rt.backends import native_decode
+from valley_rt.backends.llm_onnx import PREFILL_MIN_TOKENS, OnnxLLM
+from valley_rt.backends.llm_torch import TorchLLM
+from valley_rt.errors import EngineError
+from valley_rt.export.llm_onnx import export_llm_onnx
+from valley_rt.generate import SamplingParams, generate
+
+why_not = native_decode.cpu_reason() or (None if native_decode.library()[0] is not None else native_decode.library()[1])
+needs_native = pytest.mark.skipif(why_not is not None, reason=f"native decode cannot run here: {why_not}")
+
+# (hidden, heads, kv heads, intermediate): head sizes 32 / 64 / 48; hidden 256 takes the GEMV's
+# block-128 path; the others the general one (192 in blocks of 64: a partial last 64-byte load).
+SHAPES = {"h128": (128, 4, 2, 256), "h256": (256, 4, 2, 512), "h192": (192, 4, 4, 384)}
+
+
+def tiny_llama(kind: str, seed: int = 0) -> LlamaForCausalLM:
+    hidden, heads, kv, inter = SHAPES[kind]
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
+                      rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # confident logits: greedy paths are not decided by near-ties
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name == "model.norm.weight":
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    out = {}
+    for kind in SHAPES:
+        d = tmp_path_factory.mktemp(f"hf_{kind}")
+        tiny_llama(kind).save_pretrained(d)
+        out[kind] = d
+    return out
+
+
+def _cos(a, b) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_the_graph_reader_equals_onnx(hf_dirs, tmp_path):
+    """read_graph (the protobuf read without the onnx package) gives onnx.load's nodes, attributes and
+    initializer values, external and inline."""
+    path = export_llm_onnx(hf_dirs["h256"], tmp_path, quant="rtn4", group_size=128)
+    nodes, tensors = native_decode.read_graph(path)
+    model = onnx.load(str(path))
+    assert [n["op_type"] for n in nodes] == [n.op_type for n in model.graph.node]
+    for mine, theirs in zip(nodes, model.graph.node):
+        assert mine["inputs"] == list(theirs.input)
+        want = {a.name: onnx.helper.get_attribute_value(a) for a in theirs.attribute}
+        assert mine["attrs"].keys() == want.keys()
+        for k, v in want.items():
+            assert mine["attrs"][k] == (list(v) if isinstance(v, (list, tuple)) else v) or np.isclose(mine["attrs"][k], v)
+    inits = native_decode._Initializers(tensors, path.parent)
+    assert set(tensors) == {t.name for t in model.graph.initializer}
+    external = 0
+    for t in model.graph.initializer:
+        external += bool(tensors[t.name]["external"])
+        np.testing.assert_array_equal(inits[t.name], numpy_helper.to_array(t))
+    assert external > 0
+
+
+def _pair(path, monkeypatch):
+    """The same engine on ORT's int4 graph, and a native decoder over its weights."""
+    monkeypatch.setenv("VALLEY_RT_DECODE", "onnxruntime")
+    monkeypatch.setenv("VALLEY_RT_PREFILL", "int4")
+    ort_llm = OnnxLLM(path.parent)
+    native, why = native_decode.NativeDecoder.open(ort_llm._model_file, ort_llm.meta, None)
+    assert native is not None, why
+    return ort_llm, native
+
+
+@needs_native
+@pytest.mark.parametrize("kind,group_size,lm_head", [("h256", 128, "int8"), ("h192", 64, "int8"),
+                                                     ("h128", 32, "int4"), ("h256", 64, "int4")])
+def test_a_native_step_computes_what_the_int4_graph_computes(hf_dirs, tmp_path, monkeypatch, kind, group_size, lm_head):
+    path = export_llm_onnx(hf_dirs[kind], tmp_path, quant="rtn4", group_size=group_size, lm_head=lm_head)
+    ort_llm, native = _pair(path, monkeypatch)
+    ref = TorchLLM(LlamaForCausalLM.from_pretrained(str(hf_dirs[kind]), dtype=torch.float32))
+    ids = [3 + (7 * i) % 990 for i in range(40)]
+    ort_llm.prefill(ort_llm.embed(ids))
+    ref.prefill(ref.embed(ids))
+    cache = [c.copy() for c in ort_llm._cache]
+    pos = ort_llm.position
+    logits = np.zeros(ort_llm.vocab_size, np.float32)
+    for i, tok in enumerate((5, 17, 400, 999)):
+        want, exact = ort_llm.decode(tok), ref.decode(tok)
+        native.step(ort_llm.embed([tok])[0], cache, pos + i, logits)
+        assert _cos(logits, want) > 0.999
+        assert _cos(logits, exact) > _cos(want, exact) - 0.002  # as close to fp32 as the graph is
+        assert logits.argmax() == want.argmax()
+    for mine, theirs in zip(cache, ort_llm._cache):  # K/V rows: rotary and the appended positions alike
+        rows = slice(pos, pos + 4)
+        np.testing.assert_allclose(mine[0, :, rows], theirs[0, :, rows], atol=0.05 * np.abs(theirs[0, :, rows]).max())
+        np.testing.assert_array_equal(mine[0, :, :pos], theirs[0, :, :pos])  # rows before are left alone
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+
+@needs_native
+def test_native_decode_replaces_the_int4_graph_beside_a_prompt_graph(hf_dirs, tmp_path, monkeypatch):
+    """With a prompt graph, "auto" decodes natively and never opens the int4 graph: single steps and
+    appends of up to NATIVE_MAX_APPEND tokens run natively, longer ones on the prompt graph; the greedy
+    answer equals the int4 graph's, through a fork and a KV cache that grows under native steps."""
+    import valley_rt.backends.llm_onnx as llm_onnx
+
+    path = export_llm_onnx(hf_dirs["h256"], tmp_path, quant="rtn4", group_size=128)
+    monkeypatch.setenv("VALLEY_RT_PREFILL", "int8")
+    monkeypatch.setenv("VALLEY_RT_DECODE", "onnxruntime")
+    plain = OnnxLLM(path.parent)
+    monkeypatch.setenv("VALLEY_RT_DECODE", "auto")
+    monkeypatch.setattr(llm_onnx, "KV_START_SLOTS", 80)  # the answer below grows the cache mid-decode
+    llm = OnnxLLM(path.parent, defer_load=True)
+    llm.load_rest_in_background()
+    ids = [3 + (11 * i) % 990 for i in range(PREFILL_MIN_TOKENS + 8)]
+    params = SamplingParams(max_new_tokens=24)
+    a = generate(llm, _Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    b = generate(plain, _Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    assert a.token_ids == b.token_ids
+    assert llm.decode_backend == "native" and llm.session is None and llm.name.endswith("+native-decode")
+    assert plain.decode_backend == "onnxruntime" and llm.cache_slots > 80
+
+    steps = []
+    real = llm._native.step
+    monkeypatch.setattr(llm._native, "step", lambda *a: (steps.append(a[2]), real(*a)))
+    for n, native_steps in ((2, 2), (llm_onnx.NATIVE_MAX_APPEND, llm_onnx.NATIVE_MAX_APPEND), (12, 0)):
+        steps.clear()
+        at = llm.position
+        plain.truncate(at)
+        got, want = llm.prefill(llm.embed(ids[:n])), plain.prefill(plain.embed(ids[:n]))
+        assert len(steps) == native_steps and llm.position == at + n
+        assert _cos(got, want) > 0.998
+    assert llm.session is None
+
+    other = llm.fork()
+    c = generate(other, _Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    assert c.token_ids == a.token_ids and other._native is llm._native
+
+
+def test_where_native_decode_does_not_run_the_graph_does(hf_dirs, tmp_path, monkeypatch):
+    """auto keeps the int4 graph (and says why) without a prompt graph, on a graph the kernel does not
+    compute (heads padded to 16), without a C compiler, or on a CPU without AVX512-VNNI; "native" makes
+    each of these an error; an unknown choice is one."""
+    import valley_rt.cpu
+
+    monkeypatch.setenv("VALLEY_RT_PREFILL", "int4")
+    plain = export_llm_onnx(hf_dirs["h256"], tmp_path / "plain", quant="rtn4", group_size=128)
+    llm = OnnxLLM(plain.parent)
+    assert llm.decode_backend == "onnxruntime"
+    assert "no prompt graph" in llm.native_reason or native_decode.cpu_reason()
+
+    monkeypatch.setenv("VALLEY_RT_PREFILL", "int8")
+    cfg = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(1)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf8")
+    padded = export_llm_onnx(tmp_path / "hf8", tmp_path / "padded", quant="rtn4", group_size=32)
+    if native_decode.cpu_reason() is None:
+        llm = OnnxLLM(padded.parent)
+        assert llm.decode_backend == "onnxruntime" and "pads its attention heads" in llm.native_reason
+        monkeypatch.setenv("VALLEY_RT_DECODE", "native")
+        with pytest.raises(EngineError, match="pads its attention heads"):
+            OnnxLLM(padded.parent)
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        with pytest.raises(EngineError, match="VALLEY_RT_DECODE=native, but .*no-such-cc"):
+            OnnxLLM(path := export_llm_onnx(hf_dirs["h256"], tmp_path / "pg", quant="rtn4")).parent
+        monkeypatch.setenv("VALLEY_RT_DECODE", "auto")
+        llm = OnnxLLM(path.parent)
+        assert llm.decode_backend == "onnxruntime" and "no-such-cc" in llm.native_reason
+        monkeypatch.delenv("CC")
+
+    monkeypatch.setattr(valley_rt.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setenv("VALLEY_RT_DECODE", "native")
+    with pytest.raises(EngineError, match="the CPU lacks avx512f"):
+        OnnxLLM(padded.parent)
+    monkeypatch.setenv("VALLEY_RT_DECODE", "fast")
+    with pytest.raises(EngineError, match="expected auto, native or onnxruntime"):
+        OnnxLLM(padded.parent)
+
+
+@needs_native
+def test_a_process_with_native_decode_exits(hf_dirs, tmp_path):
+    """OpenMP's worker threads (the kernel's) and ORT's do not keep a finished process alive."""
+    path = export_llm_onnx(hf_dirs["h128"], tmp_path, quant="rtn4", group_size=32)
+    code = textwrap.dedent(f"""
+        import os
+        os.environ["VALLEY_RT_PREFILL"] = "int8"
+        from valley_rt.backends.llm_onnx import OnnxLLM
+        llm = OnnxLLM({str(path.parent)!r}, defer_load=True)
+        llm.load_rest_in_background()
+        llm.prefill(llm.embed(list(range(3, 80))))
+        llm.decode(5)
+        print(llm.decode_backend)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "native"

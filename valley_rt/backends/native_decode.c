@@ -1,0 +1,385 @@
+/* One batch-1 decode step of the exported LLaMA decoder, on AVX-512 VNNI CPUs.
+ *
+ * It computes what llm.onnx computes for one appended token (valley_rt/export/llm_onnx.py): RMSNorms,
+ * the int4 linears (ONNX Runtime's MatMulNBits layout and math at accuracy level 4: activations
+ * quantized to int8 per block, int32 dot products), rotary + KV append + grouped-query attention in
+ * fp32 over the caller's cache, SiLU-gated MLP, and the int8/int4 vocabulary projection. The weights
+ * are the graph's own initializers, read in place from the memory-mapped data file.
+ *
+ * Why a kernel of its own: a decode step streams every weight once, so its speed is the rate at which
+ * one core can keep loads in flight. The GEMV below prefetches PREFETCH_BYTES ahead of its loads, which
+ * lets each core stream the int4 weights at about its plain read rate (benchmarks/bench_native_decode.py
+ * measures it against MatMulNBits and a read of the same size).
+ *
+ * Layouts (MatMulNBits): B [n][blocks][bs * bits / 8] uint8, 4-bit codes two per byte, low nibble =
+ * even k; scales [n][blocks] fp32; zero points 4-bit [n][(blocks + 1) / 2] (low nibble first) or
+ * 8-bit [n][blocks]. K/V cache: per layer [kv_heads][slots][head_dim] fp32.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PREFETCH_BYTES 4096
+
+typedef struct {
+    const uint8_t *b;
+    const float *scales;
+    const uint8_t *zp;
+    int64_t n, k;
+    int32_t bits, bs;
+} vrt_linear;
+
+typedef struct {
+    const float *ln1, *ln2;
+    vrt_linear qkv, o, gate_up, down;
+} vrt_layer;
+
+typedef struct {
+    int32_t layers, hidden, heads, kv_heads, head_dim, inter, vocab, threads;
+    float eps, scale;
+    const float *cos, *sin; /* [max_pos][head_dim / 2] */
+    int64_t max_pos;
+    const float *final_norm;
+    vrt_linear lm_head;
+    const vrt_layer *layer;
+} vrt_model;
+
+/* ---------------------------------------------------------------------------------------- helpers */
+
+static inline int64_t nblocks(const vrt_linear *L) { return (L->k + L->bs - 1) / L->bs; }
+
+/* Elements one 64-byte load of B holds: 128 4-bit codes or 64 8-bit ones. */
+static inline int64_t chunk_elems(const vrt_linear *L) { return L->bits == 4 ? 128 : 64; }
+
+/* Padded activation length: whole blocks, then whole chunks. */
+static inline int64_t padded_k(const vrt_linear *L) {
+    int64_t kp = nblocks(L) * L->bs, ce = chunk_elems(L);
+    return (kp + ce - 1) / ce * ce;
+}
+
+static inline __m512 exp512(__m512 x) {
+    /* e^x = 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 polynomial (relative error ~2e-7) */
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447504f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 tail16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+static void rmsnorm(const float *x, const float *w, float *y, int64_t n, float eps) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 v = _mm512_maskz_loadu_ps(tail16(n - i), x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail16(n - i);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(inv));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + i)));
+    }
+}
+
+/* x [k] -> int8 codes per block of bs (scale = absmax / 127, round to nearest even), zero-padded to
+ * padded_k; for 4-bit weights each 128-element chunk is reordered as its 64 even then 64 odd elements,
+ * to meet the low / high nibbles of one 64-byte load. sx: block scales; sumx: block sums of the codes. */
+static void quantize(const vrt_linear *L, const float *x, int8_t *q, float *sx, int32_t *sumx, int8_t *tmp) {
+    int64_t nb = nblocks(L), kp = padded_k(L), bs = L->bs;
+    int8_t *dst = L->bits == 4 ? tmp : q;
+    memset(dst, 0, (size_t)kp);
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t lo = b * bs, hi = lo + bs < L->k ? lo + bs : L->k;
+        float amax = 0.0f;
+        for (int64_t i = lo; i < hi; i++) amax = fmaxf(amax, fabsf(x[i]));
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t s = 0;
+        for (int64_t i = lo; i < hi; i++) {
+            int32_t v = (int32_t)nearbyintf(x[i] * inv);
+            v = v > 127 ? 127 : (v < -127 ? -127 : v);
+            dst[i] = (int8_t)v;
+            s += v;
+        }
+        sx[b] = amax / 127.0f;
+        sumx[b] = s;
+    }
+    if (L->bits == 4)
+        for (int64_t c = 0; c < kp; c += 128)
+            for (int64_t j = 0; j < 64; j++) {
+                q[c + j] = tmp[c + 2 * j];
+                q[c + 64 + j] = tmp[c + 2 * j + 1];
+            }
+}
+
+/* gemv for the common case, 4-bit codes in blocks of 128 (one 64-byte load per block), K a multiple
+ * of 128: no tails, the scale products and the zero-point term vectorized per row. */
+static void gemv4_128(const vrt_linear *L, const int8_t *q, const float *sx, const int32_t *sumx, float *y, int threads) {
+    const int64_t nb = L->k / 128, rowbytes = nb * 64, zrow = (nb + 1) / 2;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < L->n; r++) {
+        const uint8_t *w = L->b + r * rowbytes;
+        const float *sw = L->scales + r * nb;
+        const uint8_t *zr = L->zp + r * zrow;
+        float s[nb];
+        __m512 zacc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b += 16) {
+            __mmask16 m = tail16(nb - b);
+            __m512 sv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sw + b), _mm512_maskz_loadu_ps(m, sx + b));
+            _mm512_mask_storeu_ps(s + b, m, sv);
+            /* zero points of blocks b..b+15: 8 bytes, two nibbles each */
+            const int64_t cnt = nb - b < 16 ? nb - b : 16;
+            __m128i zb = _mm_maskz_loadu_epi8((__mmask16)((1u << ((cnt + 1) / 2)) - 1), zr + b / 2);
+            __m512i z32 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(_mm_and_si128(zb, _mm_set1_epi8(0x0F)),
+                                                                 _mm_and_si128(_mm_srli_epi16(zb, 4), _mm_set1_epi8(0x0F))));
+            __m512 zs = _mm512_cvtepi32_ps(_mm512_mullo_epi32(z32, _mm512_maskz_loadu_epi32(m, sumx + b)));
+            zacc = _mm512_fmadd_ps(_mm512_maskz_mov_ps(m, sv), zs, zacc);
+        }
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int64_t b = 0;
+        for (; b + 1 < nb; b += 2) {
+            _mm_prefetch((const char *)(w + b * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + b * 64 + 64 + PREFETCH_BYTES), _MM_HINT_T0);
+            __m512i w0 = _mm512_loadu_si512((const void *)(w + b * 64)), w1 = _mm512_loadu_si512((const void *)(w + b * 64 + 64));
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w0, low4), _mm512_loadu_si512((const void *)(q + b * 128)));
+            __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w1, low4), _mm512_loadu_si512((const void *)(q + b * 128 + 128)));
+            d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(_mm512_srli_epi16(w0, 4), low4), _mm512_loadu_si512((const void *)(q + b * 128 + 64)));
+            d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(w1, 4), low4), _mm512_loadu_si512((const void *)(q + b * 128 + 192)));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s[b]), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s[b + 1]), acc1);
+        }
+        if (b < nb) {
+            __m512i w0 = _mm512_loadu_si512((const void *)(w + b * 64));
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w0, low4), _mm512_loadu_si512((const void *)(q + b * 128)));
+            d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(_mm512_srli_epi16(w0, 4), low4), _mm512_loadu_si512((const void *)(q + b * 128 + 64)));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s[b]), acc0);
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - _mm512_reduce_add_ps(zacc);
+    }
+}
+
+/* gemv for 8-bit codes in blocks of 32 or 64 (the int8 vocabulary projection), K a multiple of 64:
+ * one 64-byte load spans 64 / bs blocks; scale products and zero-point term vectorized per row. */
+static void gemv8(const vrt_linear *L, const int8_t *q, const float *sx, const int32_t *sumx, float *y, int threads) {
+    const int64_t nb = L->k / L->bs, rowbytes = L->k, per = 64 / L->bs;
+    int32_t idx[16];
+    for (int l = 0; l < 16; l++) idx[l] = (int32_t)(l * 4 / L->bs);
+    const __m512i lane_block = _mm512_loadu_si512(idx);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < L->n; r++) {
+        const uint8_t *w = L->b + r * rowbytes;
+        const float *sw = L->scales + r * nb;
+        const uint8_t *zr = L->zp + r * nb;
+        float s[nb + 16];
+        __m512 zacc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b += 16) {
+            __mmask16 m = tail16(nb - b);
+            __m512 sv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sw + b), _mm512_maskz_loadu_ps(m, sx + b));
+            _mm512_storeu_ps(s + b, sv);
+            __m512i z32 = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zr + b));
+            __m512 zs = _mm512_cvtepi32_ps(_mm512_mullo_epi32(z32, _mm512_maskz_loadu_epi32(m, sumx + b)));
+            zacc = _mm512_fmadd_ps(sv, zs, zacc);
+        }
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < rowbytes / 64; c++) {
+            _mm_prefetch((const char *)(w + c * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512((const void *)(w + c * 64)),
+                                            _mm512_loadu_si512((const void *)(q + c * 64)));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(lane_block, _mm512_loadu_ps(s + c * per)), acc);
+        }
+        y[r] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(zacc);
+    }
+}
+
+/* y[r] = sum over blocks of scale_w * scale_x * (codes_w - zero) . codes_x, for every row r. */
+static void gemv(const vrt_linear *L, const int8_t *q, const float *sx, const int32_t *sumx, float *y, int threads) {
+    const int64_t nb = nblocks(L), ce = chunk_elems(L);
+    const int64_t rowbytes = nb * L->bs * L->bits / 8, chunks = (rowbytes + 63) / 64;
+    const int64_t lane_elems = L->bits == 4 ? 8 : 4; /* elements of one int32 lane of a 64-byte load */
+    const int per_chunk = L->bs < ce ? (int)(ce / L->bs) : 1; /* blocks one load spans */
+    int32_t idx[16];
+    for (int l = 0; l < 16; l++) idx[l] = L->bs < ce ? (int32_t)(l * lane_elems / L->bs) : 0;
+    const __m512i lane_block = _mm512_loadu_si512(idx);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const int64_t zrow = L->bits == 4 ? (nb + 1) / 2 : nb;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < L->n; r++) {
+        const uint8_t *w = L->b + r * rowbytes;
+        const float *sw = L->scales + r * nb;
+        const uint8_t *zr = L->zp + r * zrow;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; c++) {
+            _mm_prefetch((const char *)(w + c * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+            int64_t left = rowbytes - c * 64;
+            __m512i wv = left >= 64 ? _mm512_loadu_si512((const void *)(w + c * 64))
+                                    : _mm512_maskz_loadu_epi8((__mmask64)((1ull << left) - 1), w + c * 64);
+            __m512i dot;
+            if (L->bits == 4) {
+                __m512i lo = _mm512_and_si512(wv, low4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4);
+                dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(q + c * 128)));
+                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void *)(q + c * 128 + 64)));
+            } else {
+                dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512((const void *)(q + c * 64)));
+            }
+            int64_t b0 = c * ce / L->bs;
+            __m512 s;
+            if (per_chunk == 1) {
+                s = _mm512_set1_ps(sw[b0] * sx[b0]);
+            } else {
+                int64_t nblk = nb - b0 < per_chunk ? nb - b0 : per_chunk;
+                __mmask16 m = (__mmask16)((1u << nblk) - 1);
+                __m512 sv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sw + b0), _mm512_maskz_loadu_ps(m, sx + b0));
+                s = _mm512_permutexvar_ps(lane_block, sv);
+            }
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
+        }
+        float zterm = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t z = L->bits == 4 ? (zr[b >> 1] >> ((b & 1) * 4)) & 15 : zr[b];
+            zterm += sw[b] * sx[b] * (float)(z * sumx[b]);
+        }
+        y[r] = _mm512_reduce_add_ps(acc) - zterm;
+    }
+}
+
+typedef struct {
+    int8_t *q, *tmp;
+    float *sx;
+    int32_t *sumx;
+} quant_buf;
+
+static void linear(const vrt_linear *L, const float *x, float *y, quant_buf *qb, int threads) {
+    quantize(L, x, qb->q, qb->sx, qb->sumx, qb->tmp);
+    if (L->bits == 4 && L->bs == 128 && L->k % 128 == 0)
+        gemv4_128(L, qb->q, qb->sx, qb->sumx, y, threads);
+    else if (L->bits == 8 && (L->bs == 32 || L->bs == 64) && L->k % 64 == 0)
+        gemv8(L, qb->q, qb->sx, qb->sumx, y, threads);
+    else
+        gemv(L, qb->q, qb->sx, qb->sumx, y, threads);
+}
+
+static void rotate(float *v, const float *cos, const float *sin, int half) {
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = tail16(n - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* qkv [(heads + 2 kv_heads) * hd] of position pos: rotary on q and k, k and v appended to the cache,
+ * then each head's softmax(q K^T * scale) V over positions 0..pos -> out [heads * hd]. */
+static void attention(const vrt_model *M, float *qkv, float *kc, float *vc, int64_t slots, int64_t pos,
+                      float *out, float *scores) {
+    const int hd = M->head_dim, half = hd / 2, group = M->heads / M->kv_heads;
+    const float *cs = M->cos + pos * half, *sn = M->sin + pos * half;
+    float *q = qkv, *k = qkv + (int64_t)M->heads * hd, *v = k + (int64_t)M->kv_heads * hd;
+    for (int h = 0; h < M->heads; h++) rotate(q + h * hd, cs, sn, half);
+    for (int g = 0; g < M->kv_heads; g++) {
+        rotate(k + g * hd, cs, sn, half);
+        memcpy(kc + ((int64_t)g * slots + pos) * hd, k + g * hd, sizeof(float) * hd);
+        memcpy(vc + ((int64_t)g * slots + pos) * hd, v + g * hd, sizeof(float) * hd);
+    }
+    const int64_t T = pos + 1;
+#pragma omp parallel for schedule(static) num_threads(M->threads)
+    for (int h = 0; h < M->heads; h++) {
+        const int g = h / group;
+        const float *K = kc + (int64_t)g * slots * hd, *V = vc + (int64_t)g * slots * hd, *qh = q + h * hd;
+        float *sc = scores + (int64_t)h * T, mx = -INFINITY;
+        for (int64_t t = 0; t < T; t++) {
+            sc[t] = dot(qh, K + t * hd, hd) * M->scale;
+            mx = fmaxf(mx, sc[t]);
+        }
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < T; t += 16) {
+            __mmask16 m = tail16(T - t);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + t), _mm512_set1_ps(mx)));
+            e = _mm512_maskz_mov_ps(m, e);
+            _mm512_mask_storeu_ps(sc + t, m, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        float *oh = out + h * hd;
+        for (int d = 0; d < hd; d += 16) {
+            __mmask16 m = tail16(hd - d);
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t t = 0; t < T; t++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[t]), _mm512_maskz_loadu_ps(m, V + t * hd + d), acc);
+            _mm512_mask_storeu_ps(oh + d, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+        }
+    }
+}
+
+static void silu_mul(const float *gate, const float *up, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail16(n - i);
+        __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                   _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+static void add(float *acc, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) acc[i] += x[i];
+}
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Append the token whose embedding is x [hidden] at position pos (< slots, < max_pos) to the caches
+ * kcache[layer] / vcache[layer] ([kv_heads][slots][head_dim] each) and write the next-token logits
+ * [vocab]. Returns 0, or -1 when scratch memory cannot be had. */
+int vrt_decode_step(const vrt_model *M, const float *x, float *const *kcache, float *const *vcache,
+                    int64_t slots, int64_t pos, float *logits) {
+    const int64_t H = M->hidden, hd = M->head_dim, qkv_n = (int64_t)(M->heads + 2 * M->kv_heads) * hd;
+    int64_t kmax = padded_k(&M->lm_head);
+    for (int i = 0; i < M->layers; i++) {
+        const vrt_layer *ly = &M->layer[i];
+        kmax = max64(kmax, max64(max64(padded_k(&ly->qkv), padded_k(&ly->o)), max64(padded_k(&ly->gate_up), padded_k(&ly->down))));
+    }
+    const int64_t floats = 3 * H + qkv_n + (int64_t)M->heads * hd + 3 * (int64_t)M->inter + (int64_t)M->heads * (pos + 1) + kmax;
+    float *mem = (float *)aligned_alloc(64, (size_t)((floats * 4 + 2 * kmax + 63) / 64 * 64) + 64 * 8);
+    if (mem == NULL) return -1;
+    float *residual = mem, *normed = residual + H, *tmp = normed + H, *qkv = tmp + H;
+    float *attn = qkv + qkv_n, *gu = attn + (int64_t)M->heads * hd, *act = gu + 2 * (int64_t)M->inter;
+    float *scores = act + M->inter, *sx = scores + (int64_t)M->heads * (pos + 1);
+    quant_buf qb = {(int8_t *)(sx + kmax), (int8_t *)(sx + kmax) + kmax, sx, (int32_t *)(sx + kmax / 2)};
+    /* sx and sumx share the kmax floats: blocks are at least 32 wide, so kmax / 32 of each suffices */
+    memcpy(residual, x, sizeof(float) * H);
+    rmsnorm(residual, M->layer[0].ln1, normed, H, M->eps);
+    for (int i = 0; i < M->layers; i++) {
+        const vrt_layer *ly = &M->layer[i];
+        linear(&ly->qkv, normed, qkv, &qb, M->threads);
+        attention(M, qkv, kcache[i], vcache[i], slots, pos, attn, scores);
+        linear(&ly->o, attn, tmp, &qb, M->threads);
+        add(residual, tmp, H);
+        rmsnorm(residual, ly->ln2, normed, H, M->eps);
+        linear(&ly->gate_up, normed, gu, &qb, M->threads);
+        silu_mul(gu, gu + M->inter, act, M->inter);
+        linear(&ly->down, act, tmp, &qb, M->threads);
+        add(residual, tmp, H);
+        rmsnorm(residual, i + 1 < M->layers ? M->layer[i + 1].ln1 : M->final_norm, normed, H, M->eps);
+    }
+    linear(&M->lm_head, normed, logits, &qb, M->threads);
+    free(mem);
+    return 0;
+}
