@@ -133,7 +133,8 @@ def child_reference(args) -> dict:
 # "fast-vision-ort": the engine's ONNX Runtime vision graph even where its manifest chose OpenVINO
 # (VALLEY_RT_VISION=onnx-cpu). "fast-both-graphs": both LLM graphs opened at once in the background, the
 # decode graph before the first prompt instead of when the first decode step needs it
-# (VALLEY_RT_LLM_LOAD=background-both).
+# (VALLEY_RT_LLM_LOAD=background-both). "fast-ort-decode": decode steps on ONNX Runtime's int4 graph
+# instead of the native decode step (VALLEY_RT_DECODE=onnxruntime).
 FRESH = "<a new folder per run>"
 SIDES = {"reference": ("reference", {}), "fast": ("fast", {}),
          "fast-eager-load": ("fast", {"VALLEY_RT_LLM_LOAD": "eager", "VALLEY_RT_ORT_CACHE": "off"}),
@@ -142,7 +143,8 @@ SIDES = {"reference": ("reference", {}), "fast": ("fast", {}),
          "fast-gqa-flash": ("fast", {"VALLEY_RT_GQA": "flash"}),
          "fast-vision-spin": ("fast", {"VALLEY_RT_VISION_SPIN": "on"}),
          "fast-vision-ort": ("fast", {"VALLEY_RT_VISION": "onnx-cpu"}),
-         "fast-both-graphs": ("fast", {"VALLEY_RT_LLM_LOAD": "background-both"})}
+         "fast-both-graphs": ("fast", {"VALLEY_RT_LLM_LOAD": "background-both"}),
+         "fast-ort-decode": ("fast", {"VALLEY_RT_DECODE": "onnxruntime"})}
 
 
 def run_side(side: str, model: Path, video: Path, question: str, tokens: int, env: dict | None = None) -> dict:

@@ -447,6 +447,8 @@ def run_peers(args, hf_dir: Path) -> None:
                            lambda i, r=r: r["weight_bytes"] + r["kv_bytes"] * (args.prompt + i), bw)
         rows[key]["paired_roofline_pct"] = 100 * r["paired"]
         rows[key]["weight_mb"] = r["weight_bytes"] / 1e6
+        if "path" in r:  # valley-rt's backends, e.g. onnx-int4+w8a8-prefill+native-decode
+            rows[key]["path"] = r["path"]
     vllm = None
     if args.vllm_python:
         vllm = llm_peers.bench_vllm(args.vllm_python, hf_dir, prompt, args.new, args.threads, args.vllm_dtype,
