@@ -125,6 +125,30 @@ class _Tok:
 
 
 @needs_native
+@pytest.mark.parametrize("kind,group_size", [("h256", 128), ("h128", 32)])
+def test_a_native_prompt_computes_what_the_int4_graph_computes(hf_dirs, tmp_path, monkeypatch, kind, group_size):
+    """An append of many tokens (int8 GEMMs over all of them; blocks of 128: the tiled kernel, with a
+    token count that leaves a partial tile; else row by row) gives the int4 graph's logits and KV rows,
+    and decoding goes on from them alike."""
+    path = export_llm_onnx(hf_dirs[kind], tmp_path, quant="rtn4", group_size=group_size)
+    ort_llm, native = _pair(path, monkeypatch)
+    ref = TorchLLM(LlamaForCausalLM.from_pretrained(str(hf_dirs[kind]), dtype=torch.float32))
+    ids = [3 + (13 * i) % 990 for i in range(47)]
+    want, exact = ort_llm.prefill(ort_llm.embed(ids)), ref.prefill(ref.embed(ids))
+    cache = ort_llm._new_cache(ort_llm.cache_slots)
+    logits = np.zeros(ort_llm.vocab_size, np.float32)
+    native.append(ort_llm.embed(ids[:30]), cache, 0, logits)  # two appends: positions carry on
+    native.append(ort_llm.embed(ids[30:]), cache, 30, logits)
+    assert _cos(logits, want) > 0.999 and logits.argmax() == want.argmax()
+    assert _cos(logits, exact) > _cos(want, exact) - 0.002
+    for mine, theirs in zip(cache, ort_llm._cache):
+        rows = theirs[0, :, :len(ids)]
+        np.testing.assert_allclose(mine[0, :, :len(ids)], rows, atol=0.05 * np.abs(rows).max())
+    native.step(ort_llm.embed([9])[0], cache, len(ids), logits)
+    assert _cos(logits, ort_llm.decode(9)) > 0.999
+
+
+@needs_native
 def test_native_decode_replaces_the_int4_graph_beside_a_prompt_graph(hf_dirs, tmp_path, monkeypatch):
     """With a prompt graph, "auto" decodes natively and never opens the int4 graph: single steps and
     appends of up to NATIVE_MAX_APPEND tokens run natively, longer ones on the prompt graph; the greedy
@@ -147,15 +171,15 @@ def test_native_decode_replaces_the_int4_graph_beside_a_prompt_graph(hf_dirs, tm
     assert llm.decode_backend == "native" and llm.session is None and llm.name.endswith("+native-decode")
     assert plain.decode_backend == "onnxruntime" and llm.cache_slots > 80
 
-    steps = []
-    real = llm._native.step
-    monkeypatch.setattr(llm._native, "step", lambda *a: (steps.append(a[2]), real(*a)))
-    for n, native_steps in ((2, 2), (llm_onnx.NATIVE_MAX_APPEND, llm_onnx.NATIVE_MAX_APPEND), (12, 0)):
-        steps.clear()
+    runs = []
+    real = llm._native.append
+    monkeypatch.setattr(llm._native, "append", lambda *a: (runs.append(len(a[0])), real(*a)))
+    for n, native_tokens in ((2, [2]), (llm_onnx.NATIVE_MAX_APPEND, [llm_onnx.NATIVE_MAX_APPEND]), (12, [])):
+        runs.clear()
         at = llm.position
         plain.truncate(at)
         got, want = llm.prefill(llm.embed(ids[:n])), plain.prefill(plain.embed(ids[:n]))
-        assert len(steps) == native_steps and llm.position == at + n
+        assert runs == native_tokens and llm.position == at + n
         assert _cos(got, want) > 0.998
     assert llm.session is None
 
@@ -164,17 +188,40 @@ def test_native_decode_replaces_the_int4_graph_beside_a_prompt_graph(hf_dirs, tm
     assert c.token_ids == a.token_ids and other._native is llm._native
 
 
+@needs_native
+def test_without_a_prompt_graph_the_native_decoder_serves_prompts_too(hf_dirs, tmp_path, monkeypatch):
+    """No prompt graph (VALLEY_RT_PREFILL=int4, or a large model on a small machine): the int4 graph is
+    not opened; a prompt of any length (past NATIVE_APPEND_CHUNK: several runs) and the answer run
+    natively, with the int4 graph's greedy answer."""
+    import valley_rt.backends.llm_onnx as llm_onnx
+
+    path = export_llm_onnx(hf_dirs["h256"], tmp_path, quant="rtn4", group_size=128)
+    monkeypatch.setenv("VALLEY_RT_PREFILL", "int4")
+    monkeypatch.setenv("VALLEY_RT_DECODE", "onnxruntime")
+    plain = OnnxLLM(path.parent)
+    monkeypatch.setenv("VALLEY_RT_DECODE", "auto")
+    monkeypatch.setattr(llm_onnx, "NATIVE_APPEND_CHUNK", 32)
+    llm = OnnxLLM(path.parent)
+    ids = [3 + (17 * i) % 990 for i in range(70)]
+    params = SamplingParams(max_new_tokens=16)
+    a = generate(llm, _Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    b = generate(plain, _Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    assert a.token_ids == b.token_ids
+    assert llm.decode_backend == "native" and llm.session is None and llm.prefill_session is None
+
+
 def test_where_native_decode_does_not_run_the_graph_does(hf_dirs, tmp_path, monkeypatch):
-    """auto keeps the int4 graph (and says why) without a prompt graph, on a graph the kernel does not
-    compute (heads padded to 16), without a C compiler, or on a CPU without AVX512-VNNI; "native" makes
-    each of these an error; an unknown choice is one."""
+    """auto keeps the int4 graph (and says why) on a graph the kernel does not compute (heads padded to
+    16), without a C compiler, or on a CPU without AVX512-VNNI; "native" makes each of these an error;
+    "onnxruntime" keeps the graph anyway; an unknown choice is an error."""
     import valley_rt.cpu
 
     monkeypatch.setenv("VALLEY_RT_PREFILL", "int4")
+    monkeypatch.setenv("VALLEY_RT_DECODE", "onnxruntime")
     plain = export_llm_onnx(hf_dirs["h256"], tmp_path / "plain", quant="rtn4", group_size=128)
     llm = OnnxLLM(plain.parent)
-    assert llm.decode_backend == "onnxruntime"
-    assert "no prompt graph" in llm.native_reason or native_decode.cpu_reason()
+    assert llm.decode_backend == "onnxruntime" and llm.native_reason == "VALLEY_RT_DECODE=onnxruntime"
+    monkeypatch.setenv("VALLEY_RT_DECODE", "auto")
 
     monkeypatch.setenv("VALLEY_RT_PREFILL", "int8")
     cfg = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

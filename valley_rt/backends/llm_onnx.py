@@ -27,6 +27,12 @@ needed only after it. (Without a prompt graph the int4 graph serves the prompt t
 then is warmed on a private scratch cache.) The CPU work is the same; it leaves the load path, and
 the part the first token does not need comes after it.
 
+On CPUs with AVX-512 VNNI, what the int4 graph computes runs in native code instead
+(`native_decode.py`: the same computation over the int4 graph's own weights, memory-mapped; decode
+steps at about the CPU's read rate); the int4 graph is then not opened at all. Beside a prompt graph,
+appends of more than NATIVE_MAX_APPEND tokens go to the prompt graph. `VALLEY_RT_DECODE` chooses
+(auto, native, onnxruntime).
+
 Attention runs in ONNX Runtime's CPU GroupQueryAttention, which has two kernels: a tiled online-softmax
 ("flash") one, ORT's default, and one that materializes each head's [S, T] scores in fp32 and runs the
 two products on MLAS' SGEMM. `gqa_kernel_policy` picks the second by default: it ran a 554-token
@@ -53,10 +59,11 @@ from valley_rt.errors import EngineError
 
 
 KV_START_SLOTS = 512  # KV cache rows allocated at load; grown (doubled) on demand up to max_context
-PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph
-# With the native decode step (native_decode.py) beside a prompt graph, the int4 graph is not opened:
-# appends of up to this many tokens run as native steps, longer ones on the prompt graph.
+PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4 graph (or the native step)
+# With the native decoder (native_decode.py) the int4 graph is not opened. Beside a prompt graph, appends
+# of up to NATIVE_MAX_APPEND tokens run natively and longer ones on the prompt graph; without one, all.
 NATIVE_MAX_APPEND = 3
+NATIVE_APPEND_CHUNK = 256  # tokens per native run of a long append (its scratch grows with them)
 PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
 # "background" (default): the LLM graphs open on a worker thread, the decode graph once a decode step needs it
 # when the engine has a prompt graph; "background-both": both at once; "eager": both before `load` returns
@@ -157,12 +164,10 @@ def append_chunks(s: int, past: int, heads: int, kernel: str, scratch: int = ATT
     return [s // n + (i < s % n) for i in range(n)]
 
 
-def _native_wanted(has_prompt_graph: bool) -> tuple[bool, str]:
-    """Whether to try the native decode step (VALLEY_RT_DECODE), and if not, why. "auto": on CPUs it
-    runs on, for engines whose prompts run on the prompt graph, where it replaces the int4 graph; an
-    engine without one (7B and up on a 24 GB machine) keeps the int4 graph for its prompts, and a native
-    decoder beside it would hold the int4 weights twice. "native": always (an error where it cannot
-    run); "onnxruntime": never."""
+def _native_wanted() -> tuple[bool, str]:
+    """Whether to try the native decoder (VALLEY_RT_DECODE) in place of the int4 graph, and if not,
+    why. "auto": on CPUs it runs on (whether it also runs on this engine's graph is known when it
+    opens); "native": the same, but an error where it cannot run; "onnxruntime": never."""
     from valley_rt.backends.native_decode import cpu_reason, decode_choice
 
     choice = decode_choice()
@@ -173,8 +178,6 @@ def _native_wanted(has_prompt_graph: bool) -> tuple[bool, str]:
         if choice == "native":
             raise EngineError(f"VALLEY_RT_DECODE=native, but {why}")
         return False, why
-    if choice == "auto" and not has_prompt_graph:
-        return False, "no prompt graph loaded: the int4 graph serves prompts and decode steps"
     return True, ""
 
 
@@ -241,13 +244,10 @@ class OnnxLLM:
                 raise EngineError(f"{self._prefill_file}: the prompt graph named in {meta_file} is missing; "
                                   "re-export the engine")
             self.name += "+w8a8-prefill"
-        # The decode step: ORT's int4 graph, or native_decode where the policy and CPU allow (chosen
-        # now, opened with the decode graph; a native decoder that cannot open falls back to the graph).
+        # What the int4 graph would run: ORT's session, or native_decode where the CPU allows (chosen now,
+        # opened in its place; a native decoder that cannot run this graph falls back to the session).
         self._native = None
-        self.native_reason = ""
-        self._want_native, self.native_reason = _native_wanted(self._prefill_file is not None)
-        # native beside a prompt graph: the int4 graph serves nothing and is not opened
-        self._native_only = self._want_native and self._prefill_file is not None
+        self._want_native, self.native_reason = _native_wanted()
         self._loader: _Loader | None = None  # the worker finishing the load, while it runs
         self._cache_lock = threading.Lock()  # binding a session vs. growing the cache (loader vs caller)
         self.background_load_s = 0.0  # the worker's own time, once joined
@@ -288,7 +288,7 @@ class OnnxLLM:
             if attr == "session" and self._want_native:
                 if self._native is None:
                     self._open_native()
-                if self._native is not None and self._native_only:
+                if self._native is not None:
                     continue
             if file is None or getattr(self, attr) is not None:
                 continue
@@ -312,7 +312,7 @@ class OnnxLLM:
         if native is None:
             if decode_choice() == "native":
                 raise EngineError(f"{self._model_file}: VALLEY_RT_DECODE=native, but {why}")
-            self._want_native = self._native_only = False
+            self._want_native = False
             self.native_reason = why
             return
         self._native = native
@@ -435,8 +435,8 @@ class OnnxLLM:
         """x: [1, S, H] float32 appended after the cache -> last-position logits [V]. A long append runs
         in chunks (append_chunks), each on the graph the whole append's length chose."""
         s = x.shape[1]
-        native_only = self._native_only  # decided at construction: the int4 graph is never opened
-        prompt_graph = self._prefill_file is not None and (s >= PREFILL_MIN_TOKENS or (native_only and s > NATIVE_MAX_APPEND))
+        native = self._want_native  # the native decoder in place of the int4 graph (unless it cannot open)
+        prompt_graph = self._prefill_file is not None and (s >= PREFILL_MIN_TOKENS or (native and s > NATIVE_MAX_APPEND))
         waited = self.load_wait_s
         if prompt_graph:
             self._wait_prompt_graph()  # the decode step may go on opening meanwhile
@@ -448,9 +448,10 @@ class OnnxLLM:
         if total > self.max_context:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
         self._ensure_slots(total)
-        if not prompt_graph and self._native is not None and (s <= NATIVE_MAX_APPEND or self.session is None):
-            for i in range(s):
-                self._native.step(x[0, i], self._cache, self._pos + i, self._logits[0, 0])
+        if not prompt_graph and self._native is not None:
+            for start in range(0, s, NATIVE_APPEND_CHUNK):  # bounded scratch memory per run
+                self._native.append(x[0, start:start + NATIVE_APPEND_CHUNK], self._cache, self._pos + start,
+                                    self._logits[0, 0])
             self._pos = total
             return self._logits[0, 0].copy()
         session, binding = (self.prefill_session, self._prefill_binding) if prompt_graph else (self.session, self._binding)

@@ -1,15 +1,16 @@
-/* One batch-1 decode step of the exported LLaMA decoder, on AVX-512 VNNI CPUs.
+/* The exported LLaMA decoder's int4 graph (valley_rt/export/llm_onnx.py), on AVX-512 VNNI CPUs: one
+ * decode step (vrt_decode_step) or an append of many tokens (vrt_prefill).
  *
- * It computes what llm.onnx computes for one appended token (valley_rt/export/llm_onnx.py): RMSNorms,
- * the int4 linears (ONNX Runtime's MatMulNBits layout and math at accuracy level 4: activations
- * quantized to int8 per block, int32 dot products), rotary + KV append + grouped-query attention in
- * fp32 over the caller's cache, SiLU-gated MLP, and the int8/int4 vocabulary projection. The weights
- * are the graph's own initializers, read in place from the memory-mapped data file.
+ * It computes what llm.onnx computes for the appended tokens: RMSNorms, the int4 linears (ONNX
+ * Runtime's MatMulNBits layout and math at accuracy level 4: activations quantized to int8 per block,
+ * int32 dot products), rotary + KV append + grouped-query attention in fp32 over the caller's cache,
+ * SiLU-gated MLP, and the int8/int4 vocabulary projection of the last token. The weights are the
+ * graph's own initializers, read in place from the memory-mapped data file.
  *
  * Why a kernel of its own: a decode step streams every weight once, so its speed is the rate at which
  * one core can keep loads in flight. The GEMV below prefetches PREFETCH_BYTES ahead of its loads, which
  * lets each core stream the int4 weights at about its plain read rate (benchmarks/bench_native_decode.py
- * measures it against MatMulNBits and a read of the same size).
+ * measures it against the int4 graph and the read bandwidth).
  *
  * Layouts (MatMulNBits): B [n][blocks][bs * bits / 8] uint8, 4-bit codes two per byte, low nibble =
  * even k; scales [n][blocks] fp32; zero points 4-bit [n][(blocks + 1) / 2] (low nibble first) or
@@ -253,6 +254,69 @@ static void gemv(const vrt_linear *L, const int8_t *q, const float *sx, const in
     }
 }
 
+/* Y [m][n] for m rows of activations at once (a prompt): 4-bit codes in blocks of 128, K a multiple of
+ * 128. Tiles of 4 weight rows x 4 activation rows keep 16 accumulators in registers; each weight block
+ * is unpacked once per tile and used by 4 rows of activations. q: [mp][kp] (mp a multiple of 4, the
+ * padding rows zero), sx / sumx: [mp][nb]. */
+static int gemm4_128(const vrt_linear *L, int64_t m, const int8_t *q, int64_t kp, const float *sx,
+                     const int32_t *sumx, float *y, int threads) {
+    const int64_t nb = L->k / 128, rowbytes = nb * 64, zrow = (nb + 1) / 2, mp = (m + 3) / 4 * 4;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    /* the zero points' term of row r and token i: sum over blocks of (sw * zero)[r][b] * (sx * sumx)[i][b] */
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(m * nb));
+    if (xs == NULL) return -1;
+    for (int64_t i = 0; i < m * nb; i++) xs[i] = sx[i] * (float)sumx[i];
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+    for (int64_t n0 = 0; n0 < L->n; n0 += 4) {
+        const int nr = L->n - n0 < 4 ? (int)(L->n - n0) : 4;
+        const uint8_t *w[4];
+        const float *sw[4];
+        const uint8_t *zr[4];
+        for (int r = 0; r < 4; r++) {
+            int64_t row = n0 + (r < nr ? r : 0); /* a missing row repeats row 0; its results are dropped */
+            w[r] = L->b + row * rowbytes;
+            sw[r] = L->scales + row * nb;
+            zr[r] = L->zp + row * zrow;
+        }
+        float zs[4][nb];
+        for (int r = 0; r < 4; r++)
+            for (int64_t b = 0; b < nb; b++) zs[r][b] = sw[r][b] * (float)((zr[r][b >> 1] >> ((b & 1) * 4)) & 15);
+        for (int64_t m0 = 0; m0 < mp; m0 += 4) {
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                __m512i lo[4], hi[4];
+                for (int r = 0; r < 4; r++) {
+                    __m512i wv = _mm512_loadu_si512((const void *)(w[r] + b * 64));
+                    lo[r] = _mm512_and_si512(wv, low4);
+                    hi[r] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4);
+                }
+                for (int i = 0; i < 4; i++) {
+                    const int8_t *qi = q + (m0 + i) * kp + b * 128;
+                    __m512i xl = _mm512_loadu_si512((const void *)qi), xh = _mm512_loadu_si512((const void *)(qi + 64));
+                    const float si = sx[(m0 + i) * nb + b];
+                    for (int r = 0; r < 4; r++) {
+                        __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xl), hi[r], xh);
+                        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(si * sw[r][b]), acc[i][r]);
+                    }
+                }
+            }
+            for (int i = 0; i < 4 && m0 + i < m; i++)
+                for (int r = 0; r < nr; r++) {
+                    __m512 z = _mm512_setzero_ps();
+                    for (int64_t b = 0; b < nb; b += 16) {
+                        __mmask16 k = tail16(nb - b);
+                        z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zs[r] + b), _mm512_maskz_loadu_ps(k, xs + (m0 + i) * nb + b), z);
+                    }
+                    y[(m0 + i) * L->n + n0 + r] = _mm512_reduce_add_ps(acc[i][r]) - _mm512_reduce_add_ps(z);
+                }
+        }
+    }
+    free(xs);
+    return 0;
+}
+
 typedef struct {
     int8_t *q, *tmp;
     float *sx;
@@ -380,6 +444,76 @@ int vrt_decode_step(const vrt_model *M, const float *x, float *const *kcache, fl
         rmsnorm(residual, i + 1 < M->layers ? M->layer[i + 1].ln1 : M->final_norm, normed, H, M->eps);
     }
     linear(&M->lm_head, normed, logits, &qb, M->threads);
+    free(mem);
+    return 0;
+}
+
+/* Append m tokens (embeddings x [m][hidden]) at positions pos .. pos + m - 1, as m decode steps would,
+ * with the linears as int8 GEMMs over all m rows at once; the last token's logits [vocab]. Returns 0,
+ * or -1 when scratch memory cannot be had. */
+int vrt_prefill(const vrt_model *M, const float *x, int64_t m, float *const *kcache, float *const *vcache,
+                int64_t slots, int64_t pos, float *logits) {
+    const int64_t H = M->hidden, hd = M->head_dim, I = M->inter, qkv_n = (int64_t)(M->heads + 2 * M->kv_heads) * hd;
+    const int64_t mp = (m + 3) / 4 * 4;
+    int64_t kmax = padded_k(&M->lm_head);
+    for (int i = 0; i < M->layers; i++) {
+        const vrt_layer *ly = &M->layer[i];
+        kmax = max64(kmax, max64(max64(padded_k(&ly->qkv), padded_k(&ly->o)), max64(padded_k(&ly->gate_up), padded_k(&ly->down))));
+    }
+    const int64_t nbmax = kmax / 32;
+    const int64_t widest = max64(max64(qkv_n, 2 * I), H);
+    size_t bytes = sizeof(float) * (size_t)(m * (3 * H + widest + (int64_t)M->heads * hd + I) + (int64_t)M->heads * (pos + m))
+                 + (size_t)(mp * kmax) + sizeof(float) * (size_t)(mp * nbmax) * 2 + (size_t)kmax + 64 * 16;
+    char *mem = (char *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (mem == NULL) return -1;
+    float *residual = (float *)mem, *normed = residual + m * H, *tmp = normed + m * H, *wide = tmp + m * H;
+    float *attn = wide + m * widest, *act = attn + m * (int64_t)M->heads * hd, *scores = act + m * I;
+    int8_t *q = (int8_t *)(scores + (int64_t)M->heads * (pos + m));
+    float *sx = (float *)(((uintptr_t)(q + mp * kmax) + 63) & ~(uintptr_t)63);
+    int32_t *sumx = (int32_t *)(sx + mp * nbmax);
+    int8_t *qtmp = (int8_t *)(sumx + mp * nbmax);
+    quant_buf qb = {q, qtmp, sx, sumx};
+
+    memcpy(residual, x, sizeof(float) * (size_t)(m * H));
+    for (int64_t t = 0; t < m; t++) rmsnorm(residual + t * H, M->layer[0].ln1, normed + t * H, H, M->eps);
+#define LINEAR_ROWS(L, in, in_w, out)                                                                         \
+    do {                                                                                                     \
+        const vrt_linear *L_ = (L);                                                                          \
+        if (L_->bits == 4 && L_->bs == 128 && L_->k % 128 == 0) {                                            \
+            const int64_t kp_ = padded_k(L_), nb_ = nblocks(L_);                                             \
+            memset(q, 0, (size_t)(mp * kp_));                                                                \
+            memset(sx, 0, sizeof(float) * (size_t)(mp * nb_));                                               \
+            memset(sumx, 0, sizeof(int32_t) * (size_t)(mp * nb_));                                           \
+            for (int64_t t_ = 0; t_ < m; t_++)                                                               \
+                quantize(L_, (in) + t_ * (in_w), q + t_ * kp_, sx + t_ * nb_, sumx + t_ * nb_, qtmp);        \
+            if (gemm4_128(L_, m, q, kp_, sx, sumx, (out), M->threads) != 0) {                               \
+                free(mem);                                                                                   \
+                return -1;                                                                                   \
+            }                                                                                                \
+        } else {                                                                                             \
+            for (int64_t t_ = 0; t_ < m; t_++) linear(L_, (in) + t_ * (in_w), (out) + t_ * L_->n, &qb, M->threads); \
+        }                                                                                                    \
+    } while (0)
+    for (int i = 0; i < M->layers; i++) {
+        const vrt_layer *ly = &M->layer[i];
+        LINEAR_ROWS(&ly->qkv, normed, H, wide);
+        for (int64_t t = 0; t < m; t++)
+            attention(M, wide + t * qkv_n, kcache[i], vcache[i], slots, pos + t, attn + t * (int64_t)M->heads * hd, scores);
+        LINEAR_ROWS(&ly->o, attn, (int64_t)M->heads * hd, tmp);
+        for (int64_t t = 0; t < m; t++) {
+            add(residual + t * H, tmp + t * H, H);
+            rmsnorm(residual + t * H, ly->ln2, normed + t * H, H, M->eps);
+        }
+        LINEAR_ROWS(&ly->gate_up, normed, H, wide);
+        for (int64_t t = 0; t < m; t++) silu_mul(wide + t * 2 * I, wide + t * 2 * I + I, act + t * I, I);
+        LINEAR_ROWS(&ly->down, act, I, tmp);
+        for (int64_t t = 0; t < m; t++) {
+            add(residual + t * H, tmp + t * H, H);
+            rmsnorm(residual + t * H, i + 1 < M->layers ? M->layer[i + 1].ln1 : M->final_norm, normed + t * H, H, M->eps);
+        }
+    }
+#undef LINEAR_ROWS
+    linear(&M->lm_head, normed + (m - 1) * H, logits, &qb, M->threads);
     free(mem);
     return 0;
 }

@@ -1,18 +1,19 @@
-"""The decode step in native code (native_decode.c): what llm.onnx computes for one appended token,
-with an int4 GEMV that streams the weights at about the CPU's read rate.
+"""What the exported int4 decode graph computes, in native code (native_decode.c): decode steps with an
+int4 GEMV that streams the weights at about the CPU's read rate, and appends of many tokens (a prompt)
+with the linears as int8 GEMMs over all of them.
 
 A decode step reads every weight once, so its speed is how fast the weights stream from memory. ONNX
 Runtime's MatMulNBits keeps 67-75 % of the read rate of the threads it runs on, and a 1.1B step adds
 attention and norms on top (docs/peers.md); the GEMV here prefetches ahead of its loads and reaches
 about the read rate itself (benchmarks/bench_native_decode.py). It reads the decode graph's own
-initializers in place (the data file memory-mapped), so an engine needs no re-export, and it writes the
-same KV cache rows the ONNX graphs read.
+initializers in place (the data file memory-mapped, no packing at load), so an engine needs no
+re-export, and it writes the same KV cache rows the ONNX graphs read.
 
-Used for single-token steps where `native_decode_policy` allows: an x86 CPU with AVX512-F/BW/VL/DQ and
-AVX512-VNNI, a C compiler to build the kernel once per machine (into $VALLEY_RT_CACHE/native/), and a
-decode graph of the layout `valley_rt.export.llm_onnx` writes for int4 layers (fused q/k/v and
-gate/up, no act-order permutation, head size unpadded, int8 or int4 lm_head). Anything else keeps ONNX
-Runtime's graph, and `NativeDecoder.open` says why.
+Used in place of the int4 graph where `VALLEY_RT_DECODE` allows (auto: wherever it can run): an x86 CPU
+with AVX512-F/BW/VL/DQ and AVX512-VNNI, a C compiler to build the kernel once per machine (into
+$VALLEY_RT_CACHE/native/), and a decode graph of the layout `valley_rt.export.llm_onnx` writes for int4
+layers (fused q/k/v and gate/up, no act-order permutation, head size unpadded, int8 or int4 lm_head).
+Anything else keeps ONNX Runtime's graph, and `NativeDecoder.open` says why.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class _Model(ctypes.Structure):
 
 
 _BUILD_LOCK = threading.Lock()
+_LOADED: dict[Path, ctypes.CDLL] = {}  # per process: one library per build
 
 
 def library() -> tuple[ctypes.CDLL | None, str]:
@@ -93,26 +95,29 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
     target = cache_root() / "native" / key / "libvrt_decode.so"
     with _BUILD_LOCK:
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:
+        if target in _LOADED:
+            return _LOADED[target], ""
+        try:
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
                 run = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True,
                                      text=True, timeout=300)
-            except (OSError, subprocess.SubprocessError) as e:
-                return None, f"building the native decode kernel failed: {e}"
-            if run.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                lines = (run.stderr or run.stdout).strip().splitlines()
-                return None, f"building the native decode kernel failed: {lines[0] if lines else run.returncode}"
-            os.replace(tmp, target)
-        try:
+                if run.returncode != 0:
+                    tmp.unlink(missing_ok=True)
+                    lines = (run.stderr or run.stdout).strip().splitlines()
+                    return None, f"building the native decode kernel failed: {lines[0] if lines else run.returncode}"
+                os.replace(tmp, target)
             lib = ctypes.CDLL(str(target))
-        except OSError as e:
-            return None, f"{target}: cannot be loaded ({e})"
+        except (OSError, subprocess.SubprocessError) as e:  # an unwritable cache, a compiler that hangs, ...
+            return None, f"building or loading the native decode kernel ({target}) failed: {e}"
     lib.vrt_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.vrt_decode_step.restype = ctypes.c_int
+    lib.vrt_prefill.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
+                                ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.vrt_prefill.restype = ctypes.c_int
+    _LOADED[target] = lib
     return lib, ""
 
 
@@ -259,7 +264,7 @@ class _Initializers:
 
 
 class NativeDecoder:
-    """One decode step in native code over an exported decode graph's weights (see the module doc).
+    """The int4 decode graph's computation in native code, over its own weights (see the module doc).
     Stateless between calls: the caller owns the KV cache and the position."""
 
     def __init__(self, lib, model_struct, keep, inits: _Initializers, shape: dict):
@@ -319,15 +324,36 @@ class NativeDecoder:
     def step(self, x: np.ndarray, cache: list[np.ndarray], pos: int, logits: np.ndarray) -> None:
         """Append the token embedded as x [hidden] at `pos` to `cache` (OnnxLLM's: K and V per layer,
         [1, kv_heads, slots, head_dim] fp32) and write its next-token logits into `logits` [vocab]."""
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        self.append(np.asarray(x, np.float32).reshape(1, -1), cache, pos, logits)
+
+    def append(self, x: np.ndarray, cache: list[np.ndarray], pos: int, logits: np.ndarray) -> None:
+        """Append the tokens embedded as x [m, hidden] at positions pos .. pos + m - 1 (as m steps would,
+        with the linears as int8 GEMMs over the m rows) and write the last one's next-token logits."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = x.shape[0] if x.ndim == 2 else 0
+        m = self._model
         slots = cache[0].shape[2]
-        if not 0 <= pos < min(slots, self.max_positions) or x.size != self.hidden or logits.size != self.vocab:
-            raise ValueError(f"native decode step at position {pos} outside the cache of {slots} rows")
+        want = (1, m.kv_heads, slots, m.head_dim)
+        # the kernel writes through these pointers: every buffer must be what it assumes
+        if (len(cache) != 2 * self.layers or any(c.shape != want or c.dtype != np.float32 or not c.flags.c_contiguous
+                                                 for c in cache)):
+            raise ValueError(f"native decode step: expected {2 * self.layers} float32 KV buffers of shape {list(want)}")
+        if (n < 1 or x.shape[1] != self.hidden or logits.size != self.vocab or logits.dtype != np.float32
+                or not logits.flags.c_contiguous):
+            raise ValueError(f"native decode step: expected [m, {self.hidden}] embeddings and a float32 "
+                             f"[{self.vocab}] logits buffer")
+        if not 0 <= pos and pos + n <= min(slots, self.max_positions):
+            raise ValueError(f"native decode: positions {pos}..{pos + n - 1} outside the cache of {slots} rows")
         keys = (ctypes.c_void_p * self.layers)(*[c.ctypes.data for c in cache[0::2]])
         values = (ctypes.c_void_p * self.layers)(*[c.ctypes.data for c in cache[1::2]])
-        if self._lib.vrt_decode_step(ctypes.byref(self._model), x.ctypes.data, keys, values, slots, pos,
-                                     logits.ctypes.data) != 0:
-            raise MemoryError("native decode step: no scratch memory")
+        if n == 1:
+            rc = self._lib.vrt_decode_step(ctypes.byref(self._model), x.ctypes.data, keys, values, slots, pos,
+                                           logits.ctypes.data)
+        else:
+            rc = self._lib.vrt_prefill(ctypes.byref(self._model), x.ctypes.data, n, keys, values, slots, pos,
+                                       logits.ctypes.data)
+        if rc != 0:
+            raise MemoryError("native decode: no scratch memory")
 
 
 def _plan(nodes: list[dict], meta: dict) -> tuple[dict | None, str]:
