@@ -269,3 +269,20 @@ def test_a_process_with_native_decode_exits(hf_dirs, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "native"
+
+
+@needs_native
+def test_the_kernel_is_built_once_and_loaded_only_when_it_is_the_users_own(tmp_path, monkeypatch):
+    """The build lands in $VALLEY_RT_CACHE/native/<key>/ (0755, renamed into place); a library there
+    that others may write is not loaded into the process."""
+    monkeypatch.setenv("VALLEY_RT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_decode, "_LOADED", {})
+    lib, why = native_decode.library()
+    assert lib is not None, why
+    built = list((tmp_path / "native").glob("*/libvrt_decode.so"))
+    assert len(built) == 1 and built[0].stat().st_mode & 0o777 == 0o755
+    assert native_decode.library()[0] is lib  # once per process
+    monkeypatch.setattr(native_decode, "_LOADED", {})
+    built[0].chmod(0o777)
+    lib, why = native_decode.library()
+    assert lib is None and "writable by others" in why

@@ -107,7 +107,11 @@ def library() -> tuple[ctypes.CDLL | None, str]:
                     tmp.unlink(missing_ok=True)
                     lines = (run.stderr or run.stdout).strip().splitlines()
                     return None, f"building the native decode kernel failed: {lines[0] if lines else run.returncode}"
+                os.chmod(tmp, 0o755)
                 os.replace(tmp, target)
+            st = target.stat()
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:  # loaded into this process: ours, and ours only
+                return None, f"{target}: not owned by this user or writable by others; not loaded"
             lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError) as e:  # an unwritable cache, a compiler that hangs, ...
             return None, f"building or loading the native decode kernel ({target}) failed: {e}"
