@@ -92,7 +92,7 @@ def main() -> None:
     print(f"# {hw['cpu']} ({hw['cpu_kind']}), ISA {', '.join(hw['isa'])}; threads {args.threads}; "
           f"load average {hw['load_avg_1min']}", flush=True)
     roof = {t: read_bandwidth_gbs(t) for t in counts}
-    print(f"# read bandwidth (roofline): " + ", ".join(f"{roof[t]:.1f} GB/s on {t} thread(s)" for t in counts)
+    print("# read bandwidth (roofline): " + ", ".join(f"{roof[t]:.1f} GB/s on {t} thread(s)" for t in counts)
           + f"; {args.layers} layers, last-level cache {hw['last_level_cache_mb']} MB", flush=True)
     torch.manual_seed(0)
     rows = []

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -13,7 +15,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from valley_rt.backends.llm_onnx import OnnxLLM
 from valley_rt.backends.llm_torch import TorchLLM
@@ -22,23 +24,15 @@ from valley_rt.export.gptq_format import GPTQLinear, pack_int32, to_gptq_checkpo
 from valley_rt.export.llm_onnx import _Graph, export_llm_onnx, iter_linear_names, quantize_rtn, to_matmul_nbits
 from valley_rt.generate import SamplingParams, generate
 
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_llama import tiny_llama as _tiny_llama  # noqa: E402  (tests/tiny_llama.py)
+
 # (hidden, heads, kv heads): head_dim 8 (padded inside the graph) and head_dim 32 (native)
 SHAPES = {"hd8": (64, 8, 2), "hd32": (128, 4, 2)}
 
 
 def tiny_llama(kind: str = "hd8", seed: int = 0) -> LlamaForCausalLM:
-    hidden, heads, kv = SHAPES[kind]
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=128,
-                      rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # confident logits: greedy paths are not decided by near-ties
-        for name, p in model.named_parameters():
-            if "layernorm" in name or name == "model.norm.weight":
-                p.uniform_(0.5, 1.5)  # non-trivial RMSNorm weights
-    return model
+    return _tiny_llama(*SHAPES[kind], seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,27 +26,19 @@ from valley_rt.errors import EngineError
 from valley_rt.export.llm_onnx import export_llm_onnx
 from valley_rt.generate import SamplingParams, generate
 
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_llama import tiny_llama as _tiny_llama  # noqa: E402  (tests/tiny_llama.py)
+
 why_not = native_decode.cpu_reason() or (None if native_decode.library()[0] is not None else native_decode.library()[1])
 needs_native = pytest.mark.skipif(why_not is not None, reason=f"native decode cannot run here: {why_not}")
 
-# (hidden, heads, kv heads, intermediate): head sizes 32 / 64 / 48; hidden 256 takes the GEMV's
-# block-128 path; the others the general one (192 in blocks of 64: a partial last 64-byte load).
-SHAPES = {"h128": (128, 4, 2, 256), "h256": (256, 4, 2, 512), "h192": (192, 4, 4, 384)}
+# (hidden, heads, kv heads): head sizes 32 / 64 / 48; hidden 256 takes the GEMV's block-128 path; the
+# others the general one (192 in blocks of 64: a partial last 64-byte load).
+SHAPES = {"h128": (128, 4, 2), "h256": (256, 4, 2), "h192": (192, 4, 4)}
 
 
 def tiny_llama(kind: str, seed: int = 0) -> LlamaForCausalLM:
-    hidden, heads, kv, inter = SHAPES[kind]
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
-                      rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # confident logits: greedy paths are not decided by near-ties
-        for name, p in model.named_parameters():
-            if "layernorm" in name or name == "model.norm.weight":
-                p.uniform_(0.5, 1.5)
-    return model
+    return _tiny_llama(*SHAPES[kind], seed=seed)
 
 
 @pytest.fixture(scope="module")
