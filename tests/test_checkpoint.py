@@ -117,7 +117,7 @@ def test_delta_release_with_base(tmp_path, converted):
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=k)
 
 
-def test_malicious_pickle_is_refused(tmp_path):
+def test_malicious_pickle_is_refused(tmp_path, shared_dir):
     shutil.copytree(FIXTURES / "model_mean", tmp_path / "orig")
     (tmp_path / "orig" / "model.safetensors").unlink()
 
@@ -133,7 +133,7 @@ def test_malicious_pickle_is_refused(tmp_path):
         convert_original(original_dir=tmp_path / "orig", out_dir=tmp_path / "out")
 
 
-def test_convert_rejects_non_valley(tmp_path):
+def test_convert_rejects_non_valley(tmp_path, shared_dir):
     shutil.copytree(FIXTURES / "model_mean", tmp_path / "orig")
     cfg = json.loads((tmp_path / "orig" / "config.json").read_text())
     cfg["model_type"] = "llama"
