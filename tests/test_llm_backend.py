@@ -25,7 +25,7 @@ from valley_rt.export.llm_onnx import _Graph, export_llm_onnx, iter_linear_names
 from valley_rt.generate import SamplingParams, generate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_llama import tiny_llama as _tiny_llama  # noqa: E402  (tests/tiny_llama.py)
+from tiny_llama import save_tiny_llamas, tiny_llama as _tiny_llama  # noqa: E402  (tests/tiny_llama.py)
 
 # (hidden, heads, kv heads): head_dim 8 (padded inside the graph) and head_dim 32 (native)
 SHAPES = {"hd8": (64, 8, 2), "hd32": (128, 4, 2)}
@@ -37,12 +37,7 @@ def tiny_llama(kind: str = "hd8", seed: int = 0) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    out = {}
-    for kind in SHAPES:
-        d = tmp_path_factory.mktemp(f"hf_{kind}")
-        tiny_llama(kind).save_pretrained(d)
-        out[kind] = d
-    return out
+    return save_tiny_llamas(tmp_path_factory, SHAPES)
 
 
 def _torch(folder) -> TorchLLM:

@@ -27,7 +27,7 @@ from valley_rt.export.llm_onnx import export_llm_onnx
 from valley_rt.generate import SamplingParams, generate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_llama import tiny_llama as _tiny_llama  # noqa: E402  (tests/tiny_llama.py)
+from tiny_llama import save_tiny_llamas, tiny_llama as _tiny_llama  # noqa: E402  (tests/tiny_llama.py)
 
 why_not = native_decode.cpu_reason() or (None if native_decode.library()[0] is not None else native_decode.library()[1])
 needs_native = pytest.mark.skipif(why_not is not None, reason=f"native decode cannot run here: {why_not}")
@@ -43,12 +43,7 @@ def tiny_llama(kind: str, seed: int = 0) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    out = {}
-    for kind in SHAPES:
-        d = tmp_path_factory.mktemp(f"hf_{kind}")
-        tiny_llama(kind).save_pretrained(d)
-        out[kind] = d
-    return out
+    return save_tiny_llamas(tmp_path_factory, SHAPES)
 
 
 def _cos(a, b) -> float:

@@ -4,6 +4,8 @@ Not a test module: the tests put this folder on sys.path and import it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,3 +24,12 @@ def tiny_llama(hidden: int, heads: int, kv_heads: int, seed: int = 0, layers: in
             if "layernorm" in name or name == "model.norm.weight":
                 p.uniform_(0.5, 1.5)
     return model
+
+
+def save_tiny_llamas(tmp_path_factory, shapes: dict[str, tuple[int, int, int]]) -> dict[str, Path]:
+    """One saved HF folder per named shape (hidden, heads, kv heads): {name: folder}."""
+    out = {}
+    for kind, shape in shapes.items():
+        out[kind] = tmp_path_factory.mktemp(f"hf_{kind}")
+        tiny_llama(*shape).save_pretrained(out[kind])
+    return out

@@ -317,6 +317,9 @@ static int gemm4_128(const vrt_linear *L, int64_t m, const int8_t *q, int64_t kp
     return 0;
 }
 
+/* The linears gemv4_128 / gemm4_128 take: 4-bit codes in blocks of 128, K a multiple of 128. */
+static inline int blocks_of_128(const vrt_linear *L) { return L->bits == 4 && L->bs == 128 && L->k % 128 == 0; }
+
 typedef struct {
     int8_t *q, *tmp;
     float *sx;
@@ -325,7 +328,7 @@ typedef struct {
 
 static void linear(const vrt_linear *L, const float *x, float *y, quant_buf *qb, int threads) {
     quantize(L, x, qb->q, qb->sx, qb->sumx, qb->tmp);
-    if (L->bits == 4 && L->bs == 128 && L->k % 128 == 0)
+    if (blocks_of_128(L))
         gemv4_128(L, qb->q, qb->sx, qb->sumx, y, threads);
     else if (L->bits == 8 && (L->bs == 32 || L->bs == 64) && L->k % 64 == 0)
         gemv8(L, qb->q, qb->sx, qb->sumx, y, threads);
@@ -479,7 +482,7 @@ int vrt_prefill(const vrt_model *M, const float *x, int64_t m, float *const *kca
 #define LINEAR_ROWS(L, in, in_w, out)                                                                         \
     do {                                                                                                     \
         const vrt_linear *L_ = (L);                                                                          \
-        if (L_->bits == 4 && L_->bs == 128 && L_->k % 128 == 0) {                                            \
+        if (blocks_of_128(L_)) {                                                                             \
             const int64_t kp_ = padded_k(L_), nb_ = nblocks(L_);                                             \
             memset(q, 0, (size_t)(mp * kp_));                                                                \
             memset(sx, 0, sizeof(float) * (size_t)(mp * nb_));                                               \
