@@ -134,7 +134,8 @@ def child_reference(args) -> dict:
 # (VALLEY_RT_VISION=onnx-cpu). "fast-both-graphs": both LLM graphs opened at once in the background, the
 # decode graph before the first prompt instead of when the first decode step needs it
 # (VALLEY_RT_LLM_LOAD=background-both). "fast-ort-decode": decode steps on ONNX Runtime's int4 graph
-# instead of the native decode step (VALLEY_RT_DECODE=onnxruntime).
+# instead of the native decode step (VALLEY_RT_DECODE=onnxruntime). "fast-w8a8-prompt": the engine's W8A8
+# prompt graph even where the native decoder runs prompts on AMX tiles (VALLEY_RT_PREFILL=int8).
 FRESH = "<a new folder per run>"
 SIDES = {"reference": ("reference", {}), "fast": ("fast", {}),
          "fast-eager-load": ("fast", {"VALLEY_RT_LLM_LOAD": "eager", "VALLEY_RT_ORT_CACHE": "off"}),
@@ -144,7 +145,8 @@ SIDES = {"reference": ("reference", {}), "fast": ("fast", {}),
          "fast-vision-spin": ("fast", {"VALLEY_RT_VISION_SPIN": "on"}),
          "fast-vision-ort": ("fast", {"VALLEY_RT_VISION": "onnx-cpu"}),
          "fast-both-graphs": ("fast", {"VALLEY_RT_LLM_LOAD": "background-both"}),
-         "fast-ort-decode": ("fast", {"VALLEY_RT_DECODE": "onnxruntime"})}
+         "fast-ort-decode": ("fast", {"VALLEY_RT_DECODE": "onnxruntime"}),
+         "fast-w8a8-prompt": ("fast", {"VALLEY_RT_PREFILL": "int8"})}
 
 
 def run_side(side: str, model: Path, video: Path, question: str, tokens: int, env: dict | None = None) -> dict:

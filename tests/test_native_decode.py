@@ -7,6 +7,7 @@ say why not elsewhere."""
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,8 @@ from tiny_llama import save_tiny_llamas, tiny_llama as _tiny_llama  # noqa: E402
 
 why_not = native_decode.cpu_reason() or (None if native_decode.library()[0] is not None else native_decode.library()[1])
 needs_native = pytest.mark.skipif(why_not is not None, reason=f"native decode cannot run here: {why_not}")
+AMX = why_not is None and native_decode.amx_usable(native_decode.library()[0])
+needs_amx = pytest.mark.skipif(not AMX, reason="no AMX-INT8 tiles for this process (CPU, kernel or compiler)")
 
 # (hidden, heads, kv heads): head sizes 32 / 64 / 48; hidden 256 takes the GEMV's block-128 path; the
 # others the general one (192 in blocks of 64: a partial last 64-byte load).
@@ -113,13 +116,16 @@ class _Tok:
 
 
 @needs_native
-@pytest.mark.parametrize("kind,group_size", [("h256", 128), ("h128", 32)])
-def test_a_native_prompt_computes_what_the_int4_graph_computes(hf_dirs, tmp_path, monkeypatch, kind, group_size):
-    """An append of many tokens (int8 GEMMs over all of them; blocks of 128: the tiled kernel, with a
-    token count that leaves a partial tile; else row by row) gives the int4 graph's logits and KV rows,
-    and decoding goes on from them alike."""
+@pytest.mark.parametrize("kind,group_size,kernel", [("h256", 128, "amx"), ("h256", 128, "vnni"), ("h128", 32, "vnni")])
+def test_a_native_prompt_computes_what_the_int4_graph_computes(hf_dirs, tmp_path, monkeypatch, kind, group_size, kernel):
+    """An append of many tokens (int8 GEMMs over all of them; blocks of 128: on the AMX tiles or the
+    tiled VNNI kernel, with a token count that leaves partial tiles; else row by row) gives the int4
+    graph's logits and KV rows, and decoding goes on from them alike."""
+    if kernel == "amx" and not AMX:
+        pytest.skip("no AMX-INT8 tiles for this process")
     path = export_llm_onnx(hf_dirs[kind], tmp_path, quant="rtn4", group_size=group_size)
     ort_llm, native = _pair(path, monkeypatch)
+    native._model.amx = int(kernel == "amx")
     ref = TorchLLM(LlamaForCausalLM.from_pretrained(str(hf_dirs[kind]), dtype=torch.float32))
     ids = [3 + (13 * i) % 990 for i in range(47)]
     want, exact = ort_llm.prefill(ort_llm.embed(ids)), ref.prefill(ref.embed(ids))
@@ -156,7 +162,7 @@ def test_native_decode_replaces_the_int4_graph_beside_a_prompt_graph(hf_dirs, tm
     a = generate(llm, _Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
     b = generate(plain, _Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
     assert a.token_ids == b.token_ids
-    assert llm.decode_backend == "native" and llm.session is None and llm.name.endswith("+native-decode")
+    assert llm.decode_backend == "native" and llm.session is None and "native-decode" in llm.tags
     assert plain.decode_backend == "onnxruntime" and llm.cache_slots > 80
 
     runs = []
@@ -274,3 +280,105 @@ def test_the_kernel_is_built_once_and_loaded_only_when_it_is_the_users_own(tmp_p
     built[0].chmod(0o777)
     lib, why = native_decode.library()
     assert lib is None and "writable by others" in why
+
+
+def _quantized_reference(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """What MatMulNBits at accuracy level 4 computes for 4-bit blocks of 128, in float64 from the same
+    int8 activation codes the kernels make (float32 absmax / 127 scales, rounded half to even)."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 128, 128)
+    amax = np.abs(xb).max(axis=2)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint((xb * inv[:, :, None]).astype(np.float32)), -127, 127)
+    sx = (amax / np.float32(127)).astype(np.float64)
+    w = codes.astype(np.float64) - zeros.astype(np.float64)[:, :, None]  # [n, blocks, 128]
+    return np.einsum("mb,nb,mbk,nbk->mn", sx, scales.astype(np.float64), q, w)
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 5, 17, 33, 70])
+def test_the_prompt_kernels_compute_matmulnbits_on_any_token_count(m):
+    """One linear of 4-bit codes in blocks of 128 over m tokens, with a row count that is not a multiple
+    of the tiles (40) and zero points, on the AMX tiles and on AVX512-VNNI: both equal the quantized
+    product computed in float64 (the int32 sums are exact; only the fp32 summation order differs)."""
+    rng = np.random.default_rng(m)
+    n, k = 40, 384
+    codes = rng.integers(0, 16, (n, k // 128, 128), dtype=np.uint8)
+    zeros = rng.integers(0, 16, (n, k // 128), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.02, (n, k // 128)).astype(np.float32)
+    packed = np.ascontiguousarray(codes[:, :, 0::2] | (codes[:, :, 1::2] << 4))  # low nibble = even k
+    zp = np.zeros((n, (k // 128 + 1) // 2), np.uint8)
+    for b in range(k // 128):
+        zp[:, b // 2] |= zeros[:, b] << (4 * (b % 2))
+    lin = native_decode._Linear(packed.ctypes.data, scales.ctypes.data, zp.ctypes.data, n, k, 4, 128)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, :128] = 0.0  # an all-zero block: scale 0, no division by zero
+    want = _quantized_reference(x, codes, scales, zeros)
+    lib = native_decode.library()[0]
+    for amx in ([0, 1] if AMX else [0]):
+        y = np.full((m, n), np.nan, np.float32)
+        assert lib.vrt_linear_rows(ctypes.byref(lin), x.ctypes.data, m, y.ctypes.data, amx, 2) == 0
+        np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5 * np.abs(want).max(), err_msg=f"amx={amx}")
+    bad = native_decode._Linear(packed.ctypes.data, scales.ctypes.data, zp.ctypes.data, n, k, 4, 64)
+    assert lib.vrt_linear_rows(ctypes.byref(bad), x.ctypes.data, m, y.ctypes.data, 0, 2) == -2
+
+
+@needs_amx
+def test_with_amx_tiles_prompts_run_natively_and_the_prompt_graph_stays_closed(hf_dirs, tmp_path, monkeypatch):
+    """"auto" on a CPU whose tiles this process may use: the engine's W8A8 prompt graph is never opened,
+    prompts (past NATIVE_APPEND_CHUNK: several runs) run on the native AMX kernel, and the greedy
+    answer equals the int4 graph's. Without the tiles (flags without amx), or with VALLEY_RT_PREFILL=int8,
+    the prompt graph is used as before."""
+    import valley_rt.backends.llm_onnx as llm_onnx
+    import valley_rt.cpu
+
+    path = export_llm_onnx(hf_dirs["h256"], tmp_path, quant="rtn4", group_size=128)
+    assert (path.parent / "llm_prefill.onnx").is_file()
+    monkeypatch.setenv("VALLEY_RT_PREFILL", "int4")
+    monkeypatch.setenv("VALLEY_RT_DECODE", "onnxruntime")
+    plain = OnnxLLM(path.parent)
+    monkeypatch.setenv("VALLEY_RT_PREFILL", "auto")
+    monkeypatch.setenv("VALLEY_RT_DECODE", "auto")
+    monkeypatch.setattr(llm_onnx, "NATIVE_APPEND_CHUNK", 32)
+    llm = OnnxLLM(path.parent, defer_load=True)
+    assert not llm.has_prefill_graph and llm.decode_backend == "native" and llm._native.prompt_kernel == "amx"
+    assert llm.tags == ["native-decode", "amx-prompt"]
+    llm.load_rest_in_background()
+    llm.wait_loaded()  # its warm-up step done
+    runs = []
+    real = llm._native.append
+    monkeypatch.setattr(llm._native, "append", lambda *a: (runs.append(len(a[0])), real(*a)))
+    ids = [3 + (19 * i) % 990 for i in range(PREFILL_MIN_TOKENS + 30)]
+    params = SamplingParams(max_new_tokens=16)
+    a = generate(llm, _Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    b = generate(plain, _Tok(), input_ids=ids, params=params, stop=(), eos_token_id=-1)
+    assert a.token_ids == b.token_ids
+    assert runs[:3] == [32, 31, 31] and llm.prefill_session is None and llm.session is None
+
+    monkeypatch.setenv("VALLEY_RT_PREFILL", "int8")
+    assert OnnxLLM(path.parent, defer_load=True).has_prefill_graph
+    monkeypatch.setenv("VALLEY_RT_PREFILL", "auto")
+    flags = valley_rt.cpu.cpu_flags()
+    monkeypatch.setattr(valley_rt.cpu, "cpu_flags", lambda: frozenset(f for f in flags if not f.startswith("amx")))
+    other = OnnxLLM(path.parent, defer_load=True)
+    assert other.has_prefill_graph and "w8a8-prefill" in other.tags
+
+
+@needs_native
+def test_a_process_refused_the_tiles_runs_prompts_on_vnni(hf_dirs, tmp_path):
+    """Under benchmarks/no_amx.py (the tiles' permission refused, as on a CPU or kernel without AMX)
+    the native prompt kernel is the VNNI one and runs (the tiles' instructions would kill the process)."""
+    path = export_llm_onnx(hf_dirs["h256"], tmp_path, quant="rtn4", group_size=128)
+    wrapper = Path(__file__).resolve().parents[1] / "benchmarks" / "no_amx.py"
+    code = textwrap.dedent(f"""
+        import os
+        os.environ["VALLEY_RT_PREFILL"] = "int4"
+        from valley_rt.backends.llm_onnx import OnnxLLM
+        llm = OnnxLLM({str(path.parent)!r})
+        llm.prefill(llm.embed(list(range(3, 80))))
+        print(llm._native.prompt_kernel, int(llm.decode(5).argmax()))
+    """)
+    run = subprocess.run([sys.executable, str(wrapper), "--", sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] == "vnni"

@@ -29,9 +29,12 @@ the part the first token does not need comes after it.
 
 On CPUs with AVX-512 VNNI, what the int4 graph computes runs in native code instead
 (`native_decode.py`: the same computation over the int4 graph's own weights, memory-mapped; decode
-steps at about the CPU's read rate); the int4 graph is then not opened at all. Beside a prompt graph,
-appends of more than NATIVE_MAX_APPEND tokens go to the prompt graph. `VALLEY_RT_DECODE` chooses
-(auto, native, onnxruntime).
+steps at about the CPU's read rate); the int4 graph is then not opened at all. Where this process may
+use AMX-INT8 tiles, the native code also runs prompts on them, faster than the W8A8 graph's QGEMM
+(docs/cpu_latency.md), and "auto" then leaves the prompt graph closed (`native_prompt_policy`): no
+repacking of its weights in the load, ~1 GB less resident at 1.1B. Beside a prompt graph, appends of
+more than NATIVE_MAX_APPEND tokens go to the prompt graph. `VALLEY_RT_DECODE` chooses (auto, native,
+onnxruntime).
 
 Attention runs in ONNX Runtime's CPU GroupQueryAttention, which has two kernels: a tiled online-softmax
 ("flash") one, ORT's default, and one that materializes each head's [S, T] scores in fp32 and runs the
@@ -63,7 +66,7 @@ PREFILL_MIN_TOKENS = 64  # shorter appends (chat turns, decode) stay on the int4
 # With the native decoder (native_decode.py) the int4 graph is not opened. Beside a prompt graph, appends
 # of up to NATIVE_MAX_APPEND tokens run natively and longer ones on the prompt graph; without one, all.
 NATIVE_MAX_APPEND = 3
-NATIVE_APPEND_CHUNK = 256  # tokens per native run of a long append (its scratch grows with them)
+NATIVE_APPEND_CHUNK = 512  # tokens per native run of a long append, at most (its scratch grows with them)
 PREFILL_ENV = "VALLEY_RT_PREFILL"  # "auto" (default), "int8" (always when the engine has it), "int4" (never)
 # "background" (default): the LLM graphs open on a worker thread, the decode graph once a decode step needs it
 # when the engine has a prompt graph; "background-both": both at once; "eager": both before `load` returns
@@ -116,6 +119,21 @@ def prefill_policy(graph_bytes: int = 0) -> bool:
     total = total_memory_bytes()
     fits = total is None or graph_bytes <= PREFILL_MEMORY_SHARE * total
     return cpu_has_int8_gemm() and fits
+
+
+def native_prompt_policy() -> bool:
+    """Whether prompts may go to the native decoder's AMX-INT8 kernel instead of the W8A8 prompt graph:
+    $VALLEY_RT_PREFILL is "auto" and this process may use the tiles. (Whether the native decoder runs
+    this engine's graph, and was built with the tiles, is known once it opens.)"""
+    from valley_rt.cpu import cpu_flags
+
+    return os.environ.get(PREFILL_ENV, "auto") == "auto" and "amx_int8" in cpu_flags()
+
+
+def native_chunks(s: int) -> list[int]:
+    """A native append of s tokens as near-equal runs of at most NATIVE_APPEND_CHUNK."""
+    n = -(-s // NATIVE_APPEND_CHUNK)
+    return [s // n + (i < s % n) for i in range(n)]
 
 
 def _graph_bytes(model_file: Path) -> int:
@@ -222,7 +240,8 @@ class OnnxLLM:
         self.num_layers = int(shape["num_layers"])
         self.max_context = int(min(max_context or shape["max_position_embeddings"], shape["max_position_embeddings"]))
         quant = self.meta["quant"]["quant"]
-        self.name = f"onnx-{'fp32' if quant == 'none' else 'int4'}"
+        self.label = f"onnx-{'fp32' if quant == 'none' else 'int4'}"  # `name` = label + the tags of what runs
+        self.tags: list[str] = []
         self.weight_bytes_per_token = int(self.meta["weight_bytes_per_token"])
 
         self.embed_table = np.load(folder / LLM_EMBED_FILE, mmap_mode="r")  # [V, H], rows read on demand
@@ -243,11 +262,16 @@ class OnnxLLM:
             if not self._prefill_file.is_file():
                 raise EngineError(f"{self._prefill_file}: the prompt graph named in {meta_file} is missing; "
                                   "re-export the engine")
-            self.name += "+w8a8-prefill"
+            self.tags.append("w8a8-prefill")
         # What the int4 graph would run: ORT's session, or native_decode where the CPU allows (chosen now,
         # opened in its place; a native decoder that cannot run this graph falls back to the session).
         self._native = None
         self._want_native, self.native_reason = _native_wanted()
+        if self._prefill_file is not None and self._want_native and native_prompt_policy():
+            self._open_native()  # now, not deferred: it decides whether the prompt graph is needed at all
+            if self._native is not None and self._native.prompt_kernel == "amx":
+                self._prefill_file = None
+                self.tags.remove("w8a8-prefill")
         self._loader: _Loader | None = None  # the worker finishing the load, while it runs
         self._cache_lock = threading.Lock()  # binding a session vs. growing the cache (loader vs caller)
         self.background_load_s = 0.0  # the worker's own time, once joined
@@ -259,6 +283,15 @@ class OnnxLLM:
             self._open_sessions()
         self._pos = 0
         self.load_s = time.perf_counter() - t0
+
+    @property
+    def name(self) -> str:
+        """The label, then what runs: +w8a8-prefill (the prompt graph), +native-decode, +amx-prompt."""
+        return "+".join([self.label, *self.tags])
+
+    @name.setter
+    def name(self, label: str) -> None:
+        self.label = label
 
     @property
     def decode_ready(self) -> bool:
@@ -316,7 +349,9 @@ class OnnxLLM:
             self.native_reason = why
             return
         self._native = native
-        self.name += "+native-decode"
+        self.tags.append("native-decode")
+        if native.prompt_kernel == "amx":
+            self.tags.append("amx-prompt")
 
     def load_rest_in_background(self, warm: bool = True) -> None:
         """Open the deferred sessions on a worker thread, the prompt graph first; the next run, fork or
@@ -449,9 +484,10 @@ class OnnxLLM:
             raise ValueError(f"{total} tokens exceed the KV cache of {self.max_context}")
         self._ensure_slots(total)
         if not prompt_graph and self._native is not None:
-            for start in range(0, s, NATIVE_APPEND_CHUNK):  # bounded scratch memory per run
-                self._native.append(x[0, start:start + NATIVE_APPEND_CHUNK], self._cache, self._pos + start,
-                                    self._logits[0, 0])
+            start = 0
+            for n in native_chunks(s):  # bounded scratch memory per run
+                self._native.append(x[0, start:start + n], self._cache, self._pos + start, self._logits[0, 0])
+                start += n
             self._pos = total
             return self._logits[0, 0].copy()
         session, binding = (self.prefill_session, self._prefill_binding) if prompt_graph else (self.session, self._binding)
@@ -509,6 +545,7 @@ class OnnxLLM:
         stat: any rewrite changes ctime), ONNX Runtime's version and the CPU's flags (kernels differ)."""
         import onnxruntime as ort
 
+        from valley_rt.backends.native_decode import source_key as native_source_key
         from valley_rt.cpu import cpu_flags
 
         stats = []
@@ -517,7 +554,8 @@ class OnnxLLM:
                 st = f.stat()
                 stats.append([str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
         return ["onnx-llm", LLM_FORMAT_VERSION, stats, ort.__version__, sorted(cpu_flags()), PREFILL_MIN_TOKENS,
-                self.gqa_kernel] + ([["native-decode", NATIVE_MAX_APPEND]] if self._want_native else [])
+                self.gqa_kernel] + ([["native-decode", NATIVE_MAX_APPEND, NATIVE_APPEND_CHUNK, native_source_key()]]
+                                    if self._want_native else [])
 
     def prefix_shape(self, tokens: int) -> tuple[int, int, int, int]:
         return (2 * self.num_layers, self._kv_heads, tokens, self._head_dim)

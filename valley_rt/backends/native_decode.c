@@ -18,6 +18,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,7 @@ typedef struct {
     const float *final_norm;
     vrt_linear lm_head;
     const vrt_layer *layer;
+    int32_t amx; /* 1: prompt appends on the AMX-INT8 tiles (the caller holds the permission) */
 } vrt_model;
 
 /* ---------------------------------------------------------------------------------------- helpers */
@@ -320,6 +322,228 @@ static int gemm4_128(const vrt_linear *L, int64_t m, const int8_t *q, int64_t kp
 /* The linears gemv4_128 / gemm4_128 take: 4-bit codes in blocks of 128, K a multiple of 128. */
 static inline int blocks_of_128(const vrt_linear *L) { return L->bits == 4 && L->bs == 128 && L->k % 128 == 0; }
 
+/* ------------------------------------------------------------------------ AMX (prompt appends) */
+
+/* A prompt's linears on the CPU's AMX-INT8 tiles (Sapphire Rapids and later), for 4-bit codes in blocks
+ * of 128. The weights are the tiles' A operand in their own row order (16 rows x 64 codes: one block's
+ * low or high nibbles, unpacked once per 32 rows and used by every token); the activations are the B
+ * operand, quantized per token and block as `quantize` does and stored straight into the tiles' layout
+ * (16 k-quads x 16 tokens x 4 bytes). Each block's int32 products are scaled into fp32 accumulators,
+ * with the zero points' term, before the next block: the same products, sums and scales as gemm4_128,
+ * summed in another order. The process must hold the tiles' permission (arch_prctl
+ * ARCH_REQ_XCOMP_PERM, asked for by valley_rt.cpu.amx_permitted) before the first call. */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define VRT_AMX 1
+#define AMX_TARGET __attribute__((target("amx-tile,amx-int8")))
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* One token's activations for a linear, quantized into the B tiles: slice s (the 64 even- or odd-k codes
+ * of block s / 2) of token t is tile (s * mtp + t / 16), row r = codes 4r..4r+3, column t % 16. */
+static inline int8_t *b_tile(int8_t *qv, int64_t s, int64_t mtp, int64_t t) { return qv + (s * mtp + t / 16) * 1024 + (t % 16) * 4; }
+
+/* x [m][ldx] -> the B tiles of m tokens (mtp tiles of 16 tokens, the padding zero), their block scales
+ * sxT [nb][mtp * 16] and the scales times the codes' sums xsT [nb][mtp * 16]. */
+static void quantize_tiles(const vrt_linear *L, const float *x, int64_t ldx, int64_t m, int64_t mtp, int8_t *qv,
+                           float *sxT, float *xsT, int threads) {
+    const int64_t nb = L->k / 128, mp = mtp * 16;
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    memset(qv, 0, (size_t)(2 * nb * mtp * 1024));
+    memset(sxT, 0, sizeof(float) * (size_t)(nb * mp));
+    memset(xsT, 0, sizeof(float) * (size_t)(nb * mp));
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < m; t++) {
+        const float *xt = x + t * ldx;
+        for (int64_t b = 0; b < nb; b++) {
+            __m512 v[8], amax = _mm512_setzero_ps();
+            for (int i = 0; i < 8; i++) {
+                v[i] = _mm512_loadu_ps(xt + b * 128 + 16 * i);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+            }
+            const float a = _mm512_reduce_max_ps(amax), inv = a > 0.0f ? 127.0f / a : 0.0f;
+            __m512i c[8], sum = _mm512_setzero_si512();
+            for (int i = 0; i < 8; i++) { /* round to nearest even, as nearbyintf */
+                c[i] = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv)));
+                c[i] = _mm512_max_epi32(_mm512_min_epi32(c[i], _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                sum = _mm512_add_epi32(sum, c[i]);
+            }
+            sxT[b * mp + t] = a / 127.0f;
+            xsT[b * mp + t] = (a / 127.0f) * (float)_mm512_reduce_add_epi32(sum);
+            for (int h = 0; h < 2; h++) { /* h = 0: the even codes (low nibbles), 1: the odd ones */
+                int8_t *dst = b_tile(qv, 2 * b + h, mtp, t);
+                for (int i = 0; i < 4; i++) {
+                    __m128i q8 = _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(c[2 * i], h ? odd : even, c[2 * i + 1]));
+                    for (int j = 0; j < 4; j++) *(int32_t *)(dst + (4 * i + j) * 64) = _mm_extract_epi32(q8, j);
+                }
+            }
+        }
+    }
+}
+
+/* 16 x 16 floats in r[] transposed in place. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+}
+
+AMX_TARGET static void tiles_configure(void) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.rows[i] = 16;
+        c.colsb[i] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Y [m][n] = the linear of m tokens quantized by quantize_tiles. Per thread: 32 weight rows at a time
+ * (two A tiles per half block), 32 tokens at a time (two B tiles), four C tiles. Returns 0, or -1 when
+ * scratch memory cannot be had. */
+AMX_TARGET static int gemm4_128_amx(const vrt_linear *L, int64_t m, const int8_t *qv, int64_t mtp, const float *sxT,
+                                    const float *xsT, float *y, int threads) {
+    const int64_t nb = L->k / 128, rowbytes = nb * 64, zrow = (nb + 1) / 2, mp = mtp * 16, N = L->n;
+    const int64_t groups = (N + 31) / 32;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        uint8_t *a = (uint8_t *)aligned_alloc(64, (size_t)(nb * 4096));
+        int32_t *c = (int32_t *)aligned_alloc(64, 4096);
+        float *acc = (float *)aligned_alloc(64, 4096);
+        float *sw = (float *)aligned_alloc(64, sizeof(float) * (size_t)(nb * 64));
+        float *zp = sw + nb * 32;
+        if (a == NULL || c == NULL || acc == NULL || sw == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            tiles_configure();
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t g = 0; g < groups; g++) {
+            if (a == NULL || c == NULL || acc == NULL || sw == NULL) continue;
+            const int64_t n0 = g * 32;
+            for (int64_t rr = 0; rr < 32; rr++) { /* unpack 32 rows: a [block][half][tile][16][64] */
+                const int64_t n = n0 + rr;
+                const uint8_t *w = L->b + n * rowbytes;
+                for (int64_t b = 0; b < nb; b++) {
+                    uint8_t *lo = a + ((b * 2 + 0) * 2 + rr / 16) * 1024 + (rr % 16) * 64;
+                    uint8_t *hi = a + ((b * 2 + 1) * 2 + rr / 16) * 1024 + (rr % 16) * 64;
+                    if (n < N) {
+                        __m512i wv = _mm512_loadu_si512((const void *)(w + b * 64));
+                        _mm512_store_si512((void *)lo, _mm512_and_si512(wv, low4));
+                        _mm512_store_si512((void *)hi, _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4));
+                        sw[b * 32 + rr] = L->scales[n * nb + b];
+                        zp[b * 32 + rr] = (float)((L->zp[n * zrow + b / 2] >> ((b & 1) * 4)) & 15);
+                    } else {
+                        _mm512_store_si512((void *)lo, _mm512_setzero_si512());
+                        _mm512_store_si512((void *)hi, _mm512_setzero_si512());
+                        sw[b * 32 + rr] = zp[b * 32 + rr] = 0.0f;
+                    }
+                }
+            }
+            for (int64_t t0 = 0; t0 < mtp; t0 += 2) { /* tiles t0, t0 + 1: tokens 16 t0 .. 16 t0 + 31 */
+                for (int64_t b = 0; b < nb; b++) {
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int64_t h = 0; h < 2; h++) {
+                        const uint8_t *at = a + (b * 2 + h) * 2048;
+                        const int8_t *bt = qv + ((2 * b + h) * mtp + t0) * 1024;
+                        _tile_loadd(4, at, 64);
+                        _tile_loadd(5, at + 1024, 64);
+                        _tile_loadd(6, bt, 64);
+                        _tile_loadd(7, bt + 1024, 64);
+                        _tile_dpbusd(0, 4, 6);
+                        _tile_dpbusd(1, 4, 7);
+                        _tile_dpbusd(2, 5, 6);
+                        _tile_dpbusd(3, 5, 7);
+                    }
+                    _tile_stored(0, c, 64);
+                    _tile_stored(1, c + 256, 64);
+                    _tile_stored(2, c + 512, 64);
+                    _tile_stored(3, c + 768, 64);
+                    for (int j = 0; j < 2; j++) {
+                        const __m512 sx = _mm512_loadu_ps(sxT + b * mp + (t0 + j) * 16);
+                        const __m512 xs = _mm512_loadu_ps(xsT + b * mp + (t0 + j) * 16);
+                        for (int i = 0; i < 2; i++)
+                            for (int r = 0; r < 16; r++) { /* acc [row][token] += sw (C sx - zp xs) */
+                                const int64_t row = i * 16 + r;
+                                float *ar = acc + row * 32 + j * 16;
+                                __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + (i * 2 + j) * 256 + r * 16))), sx);
+                                u = _mm512_fnmadd_ps(_mm512_set1_ps(zp[b * 32 + row]), xs, u);
+                                const __m512 prev = b ? _mm512_load_ps(ar) : _mm512_setzero_ps();
+                                _mm512_store_ps(ar, _mm512_fmadd_ps(u, _mm512_set1_ps(sw[b * 32 + row]), prev));
+                            }
+                    }
+                }
+                for (int j = 0; j < 2; j++) /* acc [row][token] -> y [token][row] */
+                    for (int i = 0; i < 2; i++) {
+                        const int64_t col = n0 + i * 16;
+                        if (col >= N) continue;
+                        __m512 r[16];
+                        for (int k = 0; k < 16; k++) r[k] = _mm512_load_ps(acc + (i * 16 + k) * 32 + j * 16);
+                        transpose16(r);
+                        const __mmask16 keep = tail16(N - col);
+                        for (int k = 0; k < 16; k++) {
+                            const int64_t t = (t0 + j) * 16 + k;
+                            if (t < m) _mm512_mask_storeu_ps(y + t * N + col, keep, r[k]);
+                        }
+                    }
+            }
+        }
+        if (a != NULL && c != NULL && acc != NULL && sw != NULL) _tile_release();
+        free(a);
+        free(c);
+        free(acc);
+        free(sw);
+    }
+    return failed ? -1 : 0;
+}
+
+/* y [m][n] = the linear of x [m][ldx] on the tiles; q, sx, xs: scratch for the quantized tokens. */
+static int linear_rows_amx(const vrt_linear *L, const float *x, int64_t ldx, int64_t m, int8_t *q, float *sx, float *xs,
+                           float *y, int threads) {
+    const int64_t mtp = (m + 31) / 32 * 2;
+    quantize_tiles(L, x, ldx, m, mtp, q, sx, xs, threads);
+    return gemm4_128_amx(L, m, q, mtp, sx, xs, y, threads);
+}
+#else
+#define VRT_AMX 0
+static int linear_rows_amx(const vrt_linear *L, const float *x, int64_t ldx, int64_t m, int8_t *q, float *sx, float *xs,
+                           float *y, int threads) {
+    return -1;
+}
+#endif
+
+/* Whether this build has the AMX kernels (a compiler that knows the tiles). */
+int vrt_amx_built(void) { return VRT_AMX; }
+
 typedef struct {
     int8_t *q, *tmp;
     float *sx;
@@ -396,6 +620,101 @@ static void attention(const vrt_model *M, float *qkv, float *kc, float *vc, int6
     }
 }
 
+/* The attention of m appended tokens (qkv [m][(heads + 2 kv_heads) * hd], positions pos .. pos + m - 1):
+ * rotary on q and k, every k and v appended to the cache, then each head's causal softmax(q K^T * scale) V
+ * -> out [m][heads * hd]. Per head, 4 tokens at a time against a transposed copy of the keys (kt:
+ * [kv_heads][hd][pp], pp = pos + m rounded up to 32), so the products need no reductions across lanes.
+ * scores: threads x 4 x pp floats. */
+static void attention_rows(const vrt_model *M, float *qkv, int64_t m, float *kc, float *vc, int64_t slots, int64_t pos,
+                           float *out, float *kt, int64_t pp, float *scores) {
+    const int hd = M->head_dim, half = hd / 2, group = M->heads / M->kv_heads, kvh = M->kv_heads;
+    const int64_t qkv_n = (int64_t)(M->heads + 2 * kvh) * hd, hw = (int64_t)M->heads * hd;
+#pragma omp parallel for schedule(static) num_threads(M->threads)
+    for (int64_t t = 0; t < m; t++) {
+        float *q = qkv + t * qkv_n, *k = q + hw, *v = k + (int64_t)kvh * hd;
+        const float *cs = M->cos + (pos + t) * half, *sn = M->sin + (pos + t) * half;
+        for (int h = 0; h < M->heads; h++) rotate(q + h * hd, cs, sn, half);
+        for (int g = 0; g < kvh; g++) {
+            rotate(k + g * hd, cs, sn, half);
+            memcpy(kc + ((int64_t)g * slots + pos + t) * hd, k + g * hd, sizeof(float) * hd);
+            memcpy(vc + ((int64_t)g * slots + pos + t) * hd, v + g * hd, sizeof(float) * hd);
+        }
+    }
+    const int64_t P = pos + m;
+#pragma omp parallel for schedule(static) num_threads(M->threads)
+    for (int64_t gd = 0; gd < (int64_t)kvh * hd; gd++) {
+        const int64_t g = gd / hd, d = gd % hd;
+        float *dst = kt + gd * pp;
+        const float *src = kc + g * slots * hd + d;
+        for (int64_t p = 0; p < P; p++) dst[p] = src[p * hd];
+        for (int64_t p = P; p < pp; p++) dst[p] = 0.0f;
+    }
+    const int64_t tiles = (m + 3) / 4;
+#pragma omp parallel num_threads(M->threads)
+    {
+        float *S = scores + (int64_t)omp_get_thread_num() * 4 * pp;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t job = 0; job < (int64_t)M->heads * tiles; job++) {
+            const int h = (int)(job / tiles), g = h / group;
+            const int64_t t0 = (job % tiles) * 4, tn = m - t0 < 4 ? m - t0 : 4, last = pos + t0 + tn; /* positions seen */
+            const float *qs[4];
+            for (int i = 0; i < 4; i++) qs[i] = qkv + (t0 + (i < tn ? i : 0)) * qkv_n + (int64_t)h * hd;
+            const float *K = kt + (int64_t)g * hd * pp, *V = vc + (int64_t)g * slots * hd;
+            for (int64_t p = 0; p < last; p += 32) { /* S [4][p .. p + 31] */
+                __m512 a[4][2];
+                for (int i = 0; i < 4; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+                for (int d = 0; d < hd; d++) {
+                    const __m512 k0 = _mm512_loadu_ps(K + (int64_t)d * pp + p), k1 = _mm512_loadu_ps(K + (int64_t)d * pp + p + 16);
+                    for (int i = 0; i < 4; i++) {
+                        const __m512 qd = _mm512_set1_ps(qs[i][d]);
+                        a[i][0] = _mm512_fmadd_ps(qd, k0, a[i][0]);
+                        a[i][1] = _mm512_fmadd_ps(qd, k1, a[i][1]);
+                    }
+                }
+                for (int i = 0; i < 4; i++) {
+                    _mm512_storeu_ps(S + i * pp + p, _mm512_mul_ps(a[i][0], _mm512_set1_ps(M->scale)));
+                    _mm512_storeu_ps(S + i * pp + p + 16, _mm512_mul_ps(a[i][1], _mm512_set1_ps(M->scale)));
+                }
+            }
+            float inv[4];
+            for (int i = 0; i < 4; i++) { /* softmax over the positions token t0 + i sees; zero beyond them */
+                float *s = S + i * pp;
+                const int64_t T = i < tn ? pos + t0 + i + 1 : 1;
+                __m512 mv = _mm512_set1_ps(-INFINITY);
+                for (int64_t p = 0; p < T; p += 16) mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(mv, tail16(T - p), s + p));
+                const float mx = _mm512_reduce_max_ps(mv);
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t p = 0; p < last; p += 16) {
+                    __mmask16 mk = p < T ? tail16(T - p) : 0;
+                    __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + p), _mm512_set1_ps(mx))));
+                    _mm512_storeu_ps(s + p, e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
+            }
+            for (int d = 0; d < hd; d += 64) { /* out [4][d .. d + 63] = S V */
+                __mmask16 mk[4];
+                for (int j = 0; j < 4; j++) mk[j] = d + 16 * j < hd ? tail16(hd - d - 16 * j) : 0;
+                __m512 a[4][4];
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
+                for (int64_t p = 0; p < last; p++) {
+                    __m512 v[4];
+                    for (int j = 0; j < 4; j++) v[j] = _mm512_maskz_loadu_ps(mk[j], V + p * hd + d + 16 * j);
+                    for (int i = 0; i < 4; i++) {
+                        const __m512 s = _mm512_set1_ps(S[i * pp + p]);
+                        for (int j = 0; j < 4; j++) a[i][j] = _mm512_fmadd_ps(s, v[j], a[i][j]);
+                    }
+                }
+                for (int i = 0; i < tn; i++)
+                    for (int j = 0; j < 4; j++)
+                        _mm512_mask_storeu_ps(out + (t0 + i) * hw + (int64_t)h * hd + d + 16 * j, mk[j],
+                                              _mm512_mul_ps(a[i][j], _mm512_set1_ps(inv[i])));
+            }
+        }
+    }
+}
+
 static void silu_mul(const float *gate, const float *up, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 m = tail16(n - i);
@@ -452,12 +771,12 @@ int vrt_decode_step(const vrt_model *M, const float *x, float *const *kcache, fl
 }
 
 /* Append m tokens (embeddings x [m][hidden]) at positions pos .. pos + m - 1, as m decode steps would,
- * with the linears as int8 GEMMs over all m rows at once; the last token's logits [vocab]. Returns 0,
- * or -1 when scratch memory cannot be had. */
+ * with the linears as int8 GEMMs over all m rows at once (on the AMX tiles where M->amx says so); the last
+ * token's logits [vocab]. Returns 0, or -1 when scratch memory cannot be had. */
 int vrt_prefill(const vrt_model *M, const float *x, int64_t m, float *const *kcache, float *const *vcache,
                 int64_t slots, int64_t pos, float *logits) {
     const int64_t H = M->hidden, hd = M->head_dim, I = M->inter, qkv_n = (int64_t)(M->heads + 2 * M->kv_heads) * hd;
-    const int64_t mp = (m + 3) / 4 * 4;
+    const int64_t mp = (m + 31) / 32 * 32, pp = (pos + m + 31) / 32 * 32, hw = (int64_t)M->heads * hd;
     int64_t kmax = padded_k(&M->lm_head);
     for (int i = 0; i < M->layers; i++) {
         const vrt_layer *ly = &M->layer[i];
@@ -465,58 +784,89 @@ int vrt_prefill(const vrt_model *M, const float *x, int64_t m, float *const *kca
     }
     const int64_t nbmax = kmax / 32;
     const int64_t widest = max64(max64(qkv_n, 2 * I), H);
-    size_t bytes = sizeof(float) * (size_t)(m * (3 * H + widest + (int64_t)M->heads * hd + I) + (int64_t)M->heads * (pos + m))
-                 + (size_t)(mp * kmax) + sizeof(float) * (size_t)(mp * nbmax) * 2 + (size_t)kmax + 64 * 16;
-    char *mem = (char *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+    const int64_t floats = m * (3 * H + widest + hw + I) + (int64_t)M->kv_heads * hd * pp + (int64_t)M->threads * 4 * pp
+                         + 2 * mp * nbmax;
+    char *mem = (char *)aligned_alloc(64, (sizeof(float) * (size_t)floats + (size_t)(mp * kmax) + (size_t)kmax + 64 * 16 + 63) / 64 * 64);
     if (mem == NULL) return -1;
     float *residual = (float *)mem, *normed = residual + m * H, *tmp = normed + m * H, *wide = tmp + m * H;
-    float *attn = wide + m * widest, *act = attn + m * (int64_t)M->heads * hd, *scores = act + m * I;
-    int8_t *q = (int8_t *)(scores + (int64_t)M->heads * (pos + m));
-    float *sx = (float *)(((uintptr_t)(q + mp * kmax) + 63) & ~(uintptr_t)63);
+    float *attn = wide + m * widest, *act = attn + m * hw, *kt = act + m * I, *scores = kt + (int64_t)M->kv_heads * hd * pp;
+    float *sx = scores + (int64_t)M->threads * 4 * pp;
     int32_t *sumx = (int32_t *)(sx + mp * nbmax);
-    int8_t *qtmp = (int8_t *)(sumx + mp * nbmax);
+    int8_t *q = (int8_t *)(((uintptr_t)(sumx + mp * nbmax) + 63) & ~(uintptr_t)63);
+    int8_t *qtmp = q + mp * kmax;
     quant_buf qb = {q, qtmp, sx, sumx};
 
     memcpy(residual, x, sizeof(float) * (size_t)(m * H));
+#pragma omp parallel for schedule(static) num_threads(M->threads)
     for (int64_t t = 0; t < m; t++) rmsnorm(residual + t * H, M->layer[0].ln1, normed + t * H, H, M->eps);
 #define LINEAR_ROWS(L, in, in_w, out)                                                                         \
     do {                                                                                                     \
         const vrt_linear *L_ = (L);                                                                          \
-        if (blocks_of_128(L_)) {                                                                             \
-            const int64_t kp_ = padded_k(L_), nb_ = nblocks(L_);                                             \
-            memset(q, 0, (size_t)(mp * kp_));                                                                \
-            memset(sx, 0, sizeof(float) * (size_t)(mp * nb_));                                               \
-            memset(sumx, 0, sizeof(int32_t) * (size_t)(mp * nb_));                                           \
+        int rc_ = 0;                                                                                         \
+        if (VRT_AMX && M->amx && blocks_of_128(L_)) {                                                        \
+            rc_ = linear_rows_amx(L_, (in), (in_w), m, q, sx, (float *)sumx, (out), M->threads);             \
+        } else if (blocks_of_128(L_)) {                                                                      \
+            const int64_t kp_ = padded_k(L_), nb_ = nblocks(L_), mp4_ = (m + 3) / 4 * 4;                     \
+            memset(q, 0, (size_t)(mp4_ * kp_));                                                              \
+            memset(sx, 0, sizeof(float) * (size_t)(mp4_ * nb_));                                             \
+            memset(sumx, 0, sizeof(int32_t) * (size_t)(mp4_ * nb_));                                         \
             for (int64_t t_ = 0; t_ < m; t_++)                                                               \
                 quantize(L_, (in) + t_ * (in_w), q + t_ * kp_, sx + t_ * nb_, sumx + t_ * nb_, qtmp);        \
-            if (gemm4_128(L_, m, q, kp_, sx, sumx, (out), M->threads) != 0) {                               \
-                free(mem);                                                                                   \
-                return -1;                                                                                   \
-            }                                                                                                \
+            rc_ = gemm4_128(L_, m, q, kp_, sx, sumx, (out), M->threads);                                     \
         } else {                                                                                             \
             for (int64_t t_ = 0; t_ < m; t_++) linear(L_, (in) + t_ * (in_w), (out) + t_ * L_->n, &qb, M->threads); \
+        }                                                                                                    \
+        if (rc_ != 0) {                                                                                      \
+            free(mem);                                                                                       \
+            return -1;                                                                                       \
         }                                                                                                    \
     } while (0)
     for (int i = 0; i < M->layers; i++) {
         const vrt_layer *ly = &M->layer[i];
+        const float *next = i + 1 < M->layers ? M->layer[i + 1].ln1 : M->final_norm;
         LINEAR_ROWS(&ly->qkv, normed, H, wide);
-        for (int64_t t = 0; t < m; t++)
-            attention(M, wide + t * qkv_n, kcache[i], vcache[i], slots, pos + t, attn + t * (int64_t)M->heads * hd, scores);
-        LINEAR_ROWS(&ly->o, attn, (int64_t)M->heads * hd, tmp);
+        attention_rows(M, wide, m, kcache[i], vcache[i], slots, pos, attn, kt, pp, scores);
+        LINEAR_ROWS(&ly->o, attn, hw, tmp);
+#pragma omp parallel for schedule(static) num_threads(M->threads)
         for (int64_t t = 0; t < m; t++) {
             add(residual + t * H, tmp + t * H, H);
             rmsnorm(residual + t * H, ly->ln2, normed + t * H, H, M->eps);
         }
         LINEAR_ROWS(&ly->gate_up, normed, H, wide);
+#pragma omp parallel for schedule(static) num_threads(M->threads)
         for (int64_t t = 0; t < m; t++) silu_mul(wide + t * 2 * I, wide + t * 2 * I + I, act + t * I, I);
         LINEAR_ROWS(&ly->down, act, I, tmp);
+#pragma omp parallel for schedule(static) num_threads(M->threads)
         for (int64_t t = 0; t < m; t++) {
             add(residual + t * H, tmp + t * H, H);
-            rmsnorm(residual + t * H, i + 1 < M->layers ? M->layer[i + 1].ln1 : M->final_norm, normed + t * H, H, M->eps);
+            rmsnorm(residual + t * H, next, normed + t * H, H, M->eps);
         }
     }
 #undef LINEAR_ROWS
     linear(&M->lm_head, normed + (m - 1) * H, logits, &qb, M->threads);
     free(mem);
     return 0;
+}
+
+/* One linear over m rows x [m][k] -> y [m][n], on the tiles (amx 1) or AVX512-VNNI (0), as vrt_prefill
+ * runs it: for tests that hold the two kernels to the same int32 products. Returns 0, -1 without scratch
+ * memory, -2 for a linear the kernel does not take this way (not 4-bit blocks of 128, or amx not built). */
+int vrt_linear_rows(const vrt_linear *L, const float *x, int64_t m, float *y, int amx, int threads) {
+    if (!blocks_of_128(L) || (amx && !VRT_AMX)) return -2;
+    const int64_t kp = padded_k(L), nb = nblocks(L), mp = (m + 31) / 32 * 32;
+    char *mem = (char *)aligned_alloc(64, (size_t)(mp * kp + 2 * sizeof(float) * mp * nb + kp + 127) / 64 * 64);
+    if (mem == NULL) return -1;
+    int8_t *q = (int8_t *)mem, *qtmp = q + mp * kp;
+    float *sx = (float *)(((uintptr_t)(qtmp + kp) + 63) & ~(uintptr_t)63), *xs = sx + mp * nb;
+    int rc;
+    if (amx) {
+        rc = linear_rows_amx(L, x, L->k, m, q, sx, xs, y, threads);
+    } else {
+        memset(q, 0, (size_t)(mp * kp));
+        memset(sx, 0, sizeof(float) * (size_t)(2 * mp * nb));
+        for (int64_t t = 0; t < m; t++) quantize(L, x + t * L->k, q + t * kp, sx + t * nb, (int32_t *)xs + t * nb, qtmp);
+        rc = gemm4_128(L, m, q, kp, sx, (int32_t *)xs, y, threads);
+    }
+    free(mem);
+    return rc;
 }

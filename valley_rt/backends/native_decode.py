@@ -1,6 +1,7 @@
 """What the exported int4 decode graph computes, in native code (native_decode.c): decode steps with an
 int4 GEMV that streams the weights at about the CPU's read rate, and appends of many tokens (a prompt)
-with the linears as int8 GEMMs over all of them.
+with the linears as int8 GEMMs over all of them: on the AMX-INT8 tiles where this process may use them
+(`amx_usable`; the tiles' permission is asked for by `valley_rt.cpu.cpu_flags`), else with AVX512-VNNI.
 
 A decode step reads every weight once, so its speed is how fast the weights stream from memory. ONNX
 Runtime's MatMulNBits keeps 67-75 % of the read rate of the threads it runs on, and a 1.1B step adds
@@ -19,6 +20,7 @@ Anything else keeps ONNX Runtime's graph, and `NativeDecoder.open` says why.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import mmap
 import os
@@ -57,6 +59,14 @@ def cpu_reason() -> str | None:
     return f"the CPU lacks {', '.join(missing)}" if missing else None
 
 
+def amx_usable(lib: ctypes.CDLL) -> bool:
+    """Whether prompts run on the AMX-INT8 tiles: the CPU has them, Linux lets this process use them
+    (`cpu_flags` asks), and the kernel was built with them."""
+    from valley_rt.cpu import cpu_flags
+
+    return "amx_int8" in cpu_flags() and bool(lib.vrt_amx_built())
+
+
 class _Linear(ctypes.Structure):
     _fields_ = [("b", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zp", ctypes.c_void_p),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int32), ("bs", ctypes.c_int32)]
@@ -73,7 +83,13 @@ class _Model(ctypes.Structure):
                 ("vocab", ctypes.c_int32), ("threads", ctypes.c_int32), ("eps", ctypes.c_float),
                 ("scale", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
                 ("max_pos", ctypes.c_int64), ("final_norm", ctypes.c_void_p), ("lm_head", _Linear),
-                ("layer", ctypes.POINTER(_Layer))]
+                ("layer", ctypes.POINTER(_Layer)), ("amx", ctypes.c_int32)]
+
+
+@functools.cache
+def source_key() -> str:
+    """The kernel source's hash: results (e.g. stored prefix rows) computed by one version of it."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
 
 
 _BUILD_LOCK = threading.Lock()
@@ -121,6 +137,11 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     lib.vrt_prefill.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
                                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.vrt_prefill.restype = ctypes.c_int
+    lib.vrt_linear_rows.argtypes = [ctypes.POINTER(_Linear), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_int, ctypes.c_int]
+    lib.vrt_linear_rows.restype = ctypes.c_int
+    lib.vrt_amx_built.argtypes = []
+    lib.vrt_amx_built.restype = ctypes.c_int
     _LOADED[target] = lib
     return lib, ""
 
@@ -315,8 +336,13 @@ class NativeDecoder:
                    int(meta["cache_head_dim"]), int(shape["intermediate_size"]), int(shape["vocab_size"]),
                    int(threads or os.cpu_count() or 1), plan["eps"], plan["scale"], cos.ctypes.data, sin.ctypes.data,
                    cos.shape[0], ptr(plan["final_norm"], np.float32), lin(plan["lm_head"]),
-                   ctypes.cast(layers, ctypes.POINTER(_Layer)))
+                   ctypes.cast(layers, ctypes.POINTER(_Layer)), int(amx_usable(lib)))
         return cls(lib, m, keep, inits, shape), ""
+
+    @property
+    def prompt_kernel(self) -> str:
+        """What appends of many tokens run on: "amx" (the AMX-INT8 tiles) or "vnni" (AVX512-VNNI)."""
+        return "amx" if self._model.amx else "vnni"
 
     @property
     def max_positions(self) -> int:
