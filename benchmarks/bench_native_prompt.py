@@ -59,6 +59,7 @@ def main() -> None:
     past = int4.embed(rng.integers(3, int4.vocab_size, args.past).tolist())
     prompt = int4.embed(rng.integers(3, int4.vocab_size, args.prompt).tolist())
     int4.prefill(past)
+    int4._ensure_slots(args.past + args.prompt)
     cache0 = [c.copy() for c in int4._cache]
 
     def graph_side(llm):

@@ -382,3 +382,25 @@ def test_a_process_refused_the_tiles_runs_prompts_on_vnni(hf_dirs, tmp_path):
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[0] == "vnni"
+
+
+@needs_native
+def test_the_kernel_never_writes_outside_the_cache(hf_dirs, tmp_path, monkeypatch):
+    """Positions past the cache's rows (or negative), a cache of the wrong shape or dtype, or a wrong
+    logits buffer are refused before the kernel runs: it writes K/V rows through these pointers."""
+    path = export_llm_onnx(hf_dirs["h128"], tmp_path, quant="rtn4", group_size=32)
+    ort_llm, native = _pair(path, monkeypatch)
+    cache = ort_llm._new_cache(16)
+    logits = np.zeros(ort_llm.vocab_size, np.float32)
+    x = ort_llm.embed(list(range(3, 13)))
+    for pos in (7, -1, 16):
+        with pytest.raises(ValueError, match="outside the cache"):
+            native.append(x, cache, pos, logits)
+    with pytest.raises(ValueError, match="outside the cache"):
+        native.step(x[0], cache, 16, logits)
+    with pytest.raises(ValueError, match="KV buffers"):
+        native.append(x, [c.astype(np.float64) for c in cache], 0, logits)
+    with pytest.raises(ValueError, match="logits buffer"):
+        native.append(x, cache, 0, logits[:-1])
+    native.append(x, cache, 6, logits)  # the last rows the cache has: runs
+    assert np.abs(cache[0][0, :, 6:16]).sum() > 0

@@ -372,7 +372,7 @@ class NativeDecoder:
                 or not logits.flags.c_contiguous):
             raise ValueError(f"native decode step: expected [m, {self.hidden}] embeddings and a float32 "
                              f"[{self.vocab}] logits buffer")
-        if not 0 <= pos and pos + n <= min(slots, self.max_positions):
+        if pos < 0 or pos + n > min(slots, self.max_positions):
             raise ValueError(f"native decode: positions {pos}..{pos + n - 1} outside the cache of {slots} rows")
         keys = (ctypes.c_void_p * self.layers)(*[c.ctypes.data for c in cache[0::2]])
         values = (ctypes.c_void_p * self.layers)(*[c.ctypes.data for c in cache[1::2]])
