@@ -90,6 +90,7 @@ def main() -> None:
     if (meta.get("prefill") or {}).get("file"):
         os.environ["VALLEY_RT_PREFILL"] = "int8"
         w8a8 = OnnxLLM(args.engine, threads=args.threads)
+        w8a8._ensure_slots(args.past + args.prompt)
         for a, b in zip(w8a8._cache, cache0):
             a[...] = b
         w8a8._pos = args.past
