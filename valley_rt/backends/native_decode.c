@@ -326,12 +326,13 @@ static inline int blocks_of_128(const vrt_linear *L) { return L->bits == 4 && L-
 
 /* A prompt's linears on the CPU's AMX-INT8 tiles (Sapphire Rapids and later), for 4-bit codes in blocks
  * of 128. The weights are the tiles' A operand in their own row order (16 rows x 64 codes: one block's
- * low or high nibbles, unpacked once per 32 rows and used by every token); the activations are the B
- * operand, quantized per token and block as `quantize` does and stored straight into the tiles' layout
- * (16 k-quads x 16 tokens x 4 bytes). Each block's int32 products are scaled into fp32 accumulators,
- * with the zero points' term, before the next block: the same products, sums and scales as gemm4_128,
- * summed in another order. The process must hold the tiles' permission (arch_prctl
- * ARCH_REQ_XCOMP_PERM, asked for by valley_rt.cpu.amx_permitted) before the first call. */
+ * low or high nibbles less the block's zero point, signed, unpacked once per 32 rows and used by every
+ * token); the activations are the B operand, quantized per token and block as `quantize` does and
+ * stored straight into the tiles' layout (16 k-quads x 16 tokens x 4 bytes). Each block's int32 products
+ * are scaled into fp32 accumulators before the next block: the same integer sums and scales as
+ * gemm4_128 (which takes the zero points' term apart), summed in another order. The process must hold
+ * the tiles' permission (arch_prctl ARCH_REQ_XCOMP_PERM, asked for by valley_rt.cpu.amx_permitted)
+ * before the first call. */
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
 #define VRT_AMX 1
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8")))
@@ -347,15 +348,14 @@ typedef struct {
 static inline int8_t *b_tile(int8_t *qv, int64_t s, int64_t mtp, int64_t t) { return qv + (s * mtp + t / 16) * 1024 + (t % 16) * 4; }
 
 /* x [m][ldx] -> the B tiles of m tokens (mtp tiles of 16 tokens, the padding zero), their block scales
- * sxT [nb][mtp * 16] and the scales times the codes' sums xsT [nb][mtp * 16]. */
+ * sxT [nb][mtp * 16]. */
 static void quantize_tiles(const vrt_linear *L, const float *x, int64_t ldx, int64_t m, int64_t mtp, int8_t *qv,
-                           float *sxT, float *xsT, int threads) {
+                           float *sxT, int threads) {
     const int64_t nb = L->k / 128, mp = mtp * 16;
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     memset(qv, 0, (size_t)(2 * nb * mtp * 1024));
     memset(sxT, 0, sizeof(float) * (size_t)(nb * mp));
-    memset(xsT, 0, sizeof(float) * (size_t)(nb * mp));
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < m; t++) {
         const float *xt = x + t * ldx;
@@ -366,14 +366,12 @@ static void quantize_tiles(const vrt_linear *L, const float *x, int64_t ldx, int
                 amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
             }
             const float a = _mm512_reduce_max_ps(amax), inv = a > 0.0f ? 127.0f / a : 0.0f;
-            __m512i c[8], sum = _mm512_setzero_si512();
+            __m512i c[8];
             for (int i = 0; i < 8; i++) { /* round to nearest even, as nearbyintf */
                 c[i] = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv)));
                 c[i] = _mm512_max_epi32(_mm512_min_epi32(c[i], _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-                sum = _mm512_add_epi32(sum, c[i]);
             }
             sxT[b * mp + t] = a / 127.0f;
-            xsT[b * mp + t] = (a / 127.0f) * (float)_mm512_reduce_add_epi32(sum);
             for (int h = 0; h < 2; h++) { /* h = 0: the even codes (low nibbles), 1: the odd ones */
                 int8_t *dst = b_tile(qv, 2 * b + h, mtp, t);
                 for (int i = 0; i < 4; i++) {
@@ -421,103 +419,120 @@ AMX_TARGET static void tiles_configure(void) {
     _tile_loadconfig(&c);
 }
 
-/* Y [m][n] = the linear of m tokens quantized by quantize_tiles. Per thread: 32 weight rows at a time
- * (two A tiles per half block), 32 tokens at a time (two B tiles), four C tiles. Returns 0, or -1 when
- * scratch memory cannot be had. */
+#define AMX_GROUPS 4 /* groups of 32 weight rows a thread unpacks at once */
+#define AMX_KC 4     /* blocks of 128 per pass over those groups: the B tiles of a pass stay in L1 */
+
+/* Y [m][n] = the linear of m tokens quantized by quantize_tiles. A thread takes AMX_GROUPS x 32 weight
+ * rows, unpacks them once, then for each 32 tokens (two B tiles) runs every group over AMX_KC blocks at a
+ * time: each group's 32 rows are two A tiles, four C tiles take the 2 x 2 products, and each block's
+ * int32 sums are scaled into the group's fp32 accumulators before the next (the block scales differ).
+ * Returns 0, or -1 when scratch memory cannot be had. */
 AMX_TARGET static int gemm4_128_amx(const vrt_linear *L, int64_t m, const int8_t *qv, int64_t mtp, const float *sxT,
-                                    const float *xsT, float *y, int threads) {
+                                    float *y, int threads) {
     const int64_t nb = L->k / 128, rowbytes = nb * 64, zrow = (nb + 1) / 2, mp = mtp * 16, N = L->n;
-    const int64_t groups = (N + 31) / 32;
+    const int64_t supers = (N + 32 * AMX_GROUPS - 1) / (32 * AMX_GROUPS);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        uint8_t *a = (uint8_t *)aligned_alloc(64, (size_t)(nb * 4096));
+        /* a [group][block][half][tile][16][64]: codes minus zero points, int8; sw [group][block][32];
+         * acc [group][32 rows][32 tokens] */
+        uint8_t *a = (uint8_t *)aligned_alloc(64, (size_t)(AMX_GROUPS * nb * 4096));
         int32_t *c = (int32_t *)aligned_alloc(64, 4096);
-        float *acc = (float *)aligned_alloc(64, 4096);
-        float *sw = (float *)aligned_alloc(64, sizeof(float) * (size_t)(nb * 64));
-        float *zp = sw + nb * 32;
-        if (a == NULL || c == NULL || acc == NULL || sw == NULL) {
+        float *acc = (float *)aligned_alloc(64, AMX_GROUPS * 4096);
+        float *sw = (float *)aligned_alloc(64, sizeof(float) * (size_t)(AMX_GROUPS * nb * 32));
+        const int ok = a != NULL && c != NULL && acc != NULL && sw != NULL;
+        if (!ok) {
 #pragma omp atomic write
             failed = 1;
         } else {
             tiles_configure();
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t g = 0; g < groups; g++) {
-            if (a == NULL || c == NULL || acc == NULL || sw == NULL) continue;
-            const int64_t n0 = g * 32;
-            for (int64_t rr = 0; rr < 32; rr++) { /* unpack 32 rows: a [block][half][tile][16][64] */
-                const int64_t n = n0 + rr;
+        for (int64_t sg = 0; sg < supers; sg++) {
+            if (!ok) continue;
+            const int64_t first = sg * 32 * AMX_GROUPS;
+            const int groups = (int)((N - first + 31) / 32 < AMX_GROUPS ? (N - first + 31) / 32 : AMX_GROUPS);
+            for (int64_t rr = 0; rr < 32 * groups; rr++) { /* unpack the rows; those past N are zero */
+                const int64_t n = first + rr, g = rr / 32, r = rr % 32;
                 const uint8_t *w = L->b + n * rowbytes;
+                uint8_t *ag = a + g * nb * 4096;
                 for (int64_t b = 0; b < nb; b++) {
-                    uint8_t *lo = a + ((b * 2 + 0) * 2 + rr / 16) * 1024 + (rr % 16) * 64;
-                    uint8_t *hi = a + ((b * 2 + 1) * 2 + rr / 16) * 1024 + (rr % 16) * 64;
+                    uint8_t *lo = ag + ((b * 2 + 0) * 2 + r / 16) * 1024 + (r % 16) * 64;
+                    uint8_t *hi = ag + ((b * 2 + 1) * 2 + r / 16) * 1024 + (r % 16) * 64;
+                    float *swr = sw + (g * nb + b) * 32 + r;
                     if (n < N) {
-                        __m512i wv = _mm512_loadu_si512((const void *)(w + b * 64));
-                        _mm512_store_si512((void *)lo, _mm512_and_si512(wv, low4));
-                        _mm512_store_si512((void *)hi, _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4));
-                        sw[b * 32 + rr] = L->scales[n * nb + b];
-                        zp[b * 32 + rr] = (float)((L->zp[n * zrow + b / 2] >> ((b & 1) * 4)) & 15);
+                        const __m512i wv = _mm512_loadu_si512((const void *)(w + b * 64));
+                        const __m512i z = _mm512_set1_epi8((char)((L->zp[n * zrow + b / 2] >> ((b & 1) * 4)) & 15));
+                        _mm512_store_si512((void *)lo, _mm512_sub_epi8(_mm512_and_si512(wv, low4), z));
+                        _mm512_store_si512((void *)hi, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(wv, 4), low4), z));
+                        *swr = L->scales[n * nb + b];
                     } else {
                         _mm512_store_si512((void *)lo, _mm512_setzero_si512());
                         _mm512_store_si512((void *)hi, _mm512_setzero_si512());
-                        sw[b * 32 + rr] = zp[b * 32 + rr] = 0.0f;
+                        *swr = 0.0f;
                     }
                 }
             }
             for (int64_t t0 = 0; t0 < mtp; t0 += 2) { /* tiles t0, t0 + 1: tokens 16 t0 .. 16 t0 + 31 */
-                for (int64_t b = 0; b < nb; b++) {
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int64_t h = 0; h < 2; h++) {
-                        const uint8_t *at = a + (b * 2 + h) * 2048;
-                        const int8_t *bt = qv + ((2 * b + h) * mtp + t0) * 1024;
-                        _tile_loadd(4, at, 64);
-                        _tile_loadd(5, at + 1024, 64);
-                        _tile_loadd(6, bt, 64);
-                        _tile_loadd(7, bt + 1024, 64);
-                        _tile_dpbusd(0, 4, 6);
-                        _tile_dpbusd(1, 4, 7);
-                        _tile_dpbusd(2, 5, 6);
-                        _tile_dpbusd(3, 5, 7);
-                    }
-                    _tile_stored(0, c, 64);
-                    _tile_stored(1, c + 256, 64);
-                    _tile_stored(2, c + 512, 64);
-                    _tile_stored(3, c + 768, 64);
-                    for (int j = 0; j < 2; j++) {
-                        const __m512 sx = _mm512_loadu_ps(sxT + b * mp + (t0 + j) * 16);
-                        const __m512 xs = _mm512_loadu_ps(xsT + b * mp + (t0 + j) * 16);
-                        for (int i = 0; i < 2; i++)
-                            for (int r = 0; r < 16; r++) { /* acc [row][token] += sw (C sx - zp xs) */
-                                const int64_t row = i * 16 + r;
-                                float *ar = acc + row * 32 + j * 16;
-                                __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + (i * 2 + j) * 256 + r * 16))), sx);
-                                u = _mm512_fnmadd_ps(_mm512_set1_ps(zp[b * 32 + row]), xs, u);
-                                const __m512 prev = b ? _mm512_load_ps(ar) : _mm512_setzero_ps();
-                                _mm512_store_ps(ar, _mm512_fmadd_ps(u, _mm512_set1_ps(sw[b * 32 + row]), prev));
+                for (int64_t b0 = 0; b0 < nb; b0 += AMX_KC) {
+                    const int64_t b1 = b0 + AMX_KC < nb ? b0 + AMX_KC : nb;
+                    for (int g = 0; g < groups; g++) {
+                        const uint8_t *ag = a + g * nb * 4096;
+                        float *accg = acc + g * 1024;
+                        for (int64_t b = b0; b < b1; b++) {
+                            _tile_zero(0);
+                            _tile_zero(1);
+                            _tile_zero(2);
+                            _tile_zero(3);
+                            for (int64_t h = 0; h < 2; h++) {
+                                const uint8_t *at = ag + (b * 2 + h) * 2048;
+                                const int8_t *bt = qv + ((2 * b + h) * mtp + t0) * 1024;
+                                _tile_loadd(4, at, 64);
+                                _tile_loadd(5, at + 1024, 64);
+                                _tile_loadd(6, bt, 64);
+                                _tile_loadd(7, bt + 1024, 64);
+                                _tile_dpbssd(0, 4, 6);
+                                _tile_dpbssd(1, 4, 7);
+                                _tile_dpbssd(2, 5, 6);
+                                _tile_dpbssd(3, 5, 7);
                             }
-                    }
-                }
-                for (int j = 0; j < 2; j++) /* acc [row][token] -> y [token][row] */
-                    for (int i = 0; i < 2; i++) {
-                        const int64_t col = n0 + i * 16;
-                        if (col >= N) continue;
-                        __m512 r[16];
-                        for (int k = 0; k < 16; k++) r[k] = _mm512_load_ps(acc + (i * 16 + k) * 32 + j * 16);
-                        transpose16(r);
-                        const __mmask16 keep = tail16(N - col);
-                        for (int k = 0; k < 16; k++) {
-                            const int64_t t = (t0 + j) * 16 + k;
-                            if (t < m) _mm512_mask_storeu_ps(y + t * N + col, keep, r[k]);
+                            _tile_stored(0, c, 64);
+                            _tile_stored(1, c + 256, 64);
+                            _tile_stored(2, c + 512, 64);
+                            _tile_stored(3, c + 768, 64);
+                            const float *swb = sw + (g * nb + b) * 32;
+                            for (int j = 0; j < 2; j++) {
+                                const __m512 sx = _mm512_loadu_ps(sxT + b * mp + (t0 + j) * 16);
+                                for (int i = 0; i < 2; i++)
+                                    for (int r = 0; r < 16; r++) { /* acc [row][token] += sw sx C */
+                                        const int row = i * 16 + r;
+                                        float *ar = accg + row * 32 + j * 16;
+                                        const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + (i * 2 + j) * 256 + r * 16))), sx);
+                                        const __m512 prev = b ? _mm512_load_ps(ar) : _mm512_setzero_ps();
+                                        _mm512_store_ps(ar, _mm512_fmadd_ps(u, _mm512_set1_ps(swb[row]), prev));
+                                    }
+                            }
                         }
                     }
+                }
+                for (int g = 0; g < groups; g++) /* acc [row][token] -> y [token][row] */
+                    for (int j = 0; j < 2; j++)
+                        for (int i = 0; i < 2; i++) {
+                            const int64_t col = first + g * 32 + i * 16;
+                            if (col >= N) continue;
+                            __m512 r[16];
+                            for (int k = 0; k < 16; k++) r[k] = _mm512_load_ps(acc + g * 1024 + (i * 16 + k) * 32 + j * 16);
+                            transpose16(r);
+                            const __mmask16 keep = tail16(N - col);
+                            for (int k = 0; k < 16; k++) {
+                                const int64_t t = (t0 + j) * 16 + k;
+                                if (t < m) _mm512_mask_storeu_ps(y + t * N + col, keep, r[k]);
+                            }
+                        }
             }
         }
-        if (a != NULL && c != NULL && acc != NULL && sw != NULL) _tile_release();
+        if (ok) _tile_release();
         free(a);
         free(c);
         free(acc);
@@ -526,17 +541,17 @@ AMX_TARGET static int gemm4_128_amx(const vrt_linear *L, int64_t m, const int8_t
     return failed ? -1 : 0;
 }
 
-/* y [m][n] = the linear of x [m][ldx] on the tiles; q, sx, xs: scratch for the quantized tokens. */
-static int linear_rows_amx(const vrt_linear *L, const float *x, int64_t ldx, int64_t m, int8_t *q, float *sx, float *xs,
-                           float *y, int threads) {
+/* y [m][n] = the linear of x [m][ldx] on the tiles; q, sx: scratch for the quantized tokens. */
+static int linear_rows_amx(const vrt_linear *L, const float *x, int64_t ldx, int64_t m, int8_t *q, float *sx, float *y,
+                           int threads) {
     const int64_t mtp = (m + 31) / 32 * 2;
-    quantize_tiles(L, x, ldx, m, mtp, q, sx, xs, threads);
-    return gemm4_128_amx(L, m, q, mtp, sx, xs, y, threads);
+    quantize_tiles(L, x, ldx, m, mtp, q, sx, threads);
+    return gemm4_128_amx(L, m, q, mtp, sx, y, threads);
 }
 #else
 #define VRT_AMX 0
-static int linear_rows_amx(const vrt_linear *L, const float *x, int64_t ldx, int64_t m, int8_t *q, float *sx, float *xs,
-                           float *y, int threads) {
+static int linear_rows_amx(const vrt_linear *L, const float *x, int64_t ldx, int64_t m, int8_t *q, float *sx, float *y,
+                           int threads) {
     return -1;
 }
 #endif
@@ -706,10 +721,11 @@ static void attention_rows(const vrt_model *M, float *qkv, int64_t m, float *kc,
                         for (int j = 0; j < 4; j++) a[i][j] = _mm512_fmadd_ps(s, v[j], a[i][j]);
                     }
                 }
-                for (int i = 0; i < tn; i++)
+                for (int i = 0; i < 4; i++) /* constant bounds: the accumulators stay in registers */
                     for (int j = 0; j < 4; j++)
-                        _mm512_mask_storeu_ps(out + (t0 + i) * hw + (int64_t)h * hd + d + 16 * j, mk[j],
-                                              _mm512_mul_ps(a[i][j], _mm512_set1_ps(inv[i])));
+                        if (i < tn)
+                            _mm512_mask_storeu_ps(out + (t0 + i) * hw + (int64_t)h * hd + d + 16 * j, mk[j],
+                                                  _mm512_mul_ps(a[i][j], _mm512_set1_ps(inv[i])));
             }
         }
     }
@@ -804,7 +820,7 @@ int vrt_prefill(const vrt_model *M, const float *x, int64_t m, float *const *kca
         const vrt_linear *L_ = (L);                                                                          \
         int rc_ = 0;                                                                                         \
         if (VRT_AMX && M->amx && blocks_of_128(L_)) {                                                        \
-            rc_ = linear_rows_amx(L_, (in), (in_w), m, q, sx, (float *)sumx, (out), M->threads);             \
+            rc_ = linear_rows_amx(L_, (in), (in_w), m, q, sx, (out), M->threads);             \
         } else if (blocks_of_128(L_)) {                                                                      \
             const int64_t kp_ = padded_k(L_), nb_ = nblocks(L_), mp4_ = (m + 3) / 4 * 4;                     \
             memset(q, 0, (size_t)(mp4_ * kp_));                                                              \
@@ -860,7 +876,7 @@ int vrt_linear_rows(const vrt_linear *L, const float *x, int64_t m, float *y, in
     float *sx = (float *)(((uintptr_t)(qtmp + kp) + 63) & ~(uintptr_t)63), *xs = sx + mp * nb;
     int rc;
     if (amx) {
-        rc = linear_rows_amx(L, x, L->k, m, q, sx, xs, y, threads);
+        rc = linear_rows_amx(L, x, L->k, m, q, sx, y, threads);
     } else {
         memset(q, 0, (size_t)(mp * kp));
         memset(sx, 0, sizeof(float) * (size_t)(2 * mp * nb));
