@@ -11,7 +11,7 @@ questions (valley_rt/assets/clips/questions.json):
 3. the server's RSS sampled every 0.1 s: after warm-up, peak, at the end (growth = leak).
 4. baseline: the same questions, one `valley-rt ask` process each (wall time per question).
 
-Prints a table and ends with one JSON line (also written to benchmarks/results/bench_serve_demo.json).
+Prints a table and ends with one JSON line (also written to --out: benchmarks/results/bench_serve_<model>.json).
 
 With `--llm builtin,vllm` the same run serves the model twice, one backend after the other (the
 built-in interleaving scheduler, then `valley-rt serve --llm vllm`: an in-process vLLM engine that
@@ -375,7 +375,8 @@ def main() -> None:
     ap.add_argument("--request-factor", type=int, default=2, help="with --requests 0: this many x concurrency")
     ap.add_argument("--mem-limit-mb", type=float, default=0,
                     help="stop when the server's processes hold more anonymous memory than this (0: no limit)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_serve_demo.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result JSON (default: benchmarks/results/bench_serve_<model folder>.json, _demo without --model)")
     ap.add_argument("--plot", type=Path, default=None, help="PNG: throughput against concurrency per backend")
     ap.add_argument("--plot-only", type=Path, default=None, help="draw --plot from this result JSON and exit")
     args = ap.parse_args()
@@ -421,6 +422,9 @@ def main() -> None:
         print_levels(f"{llm}: start {run['server_startup_s']} s, RSS {run['rss_mb_after_startup']} MB", run["levels"])
     if "vllm_over_builtin" in result:
         print("vLLM / built-in:", json.dumps(result["vllm_over_builtin"]))
+    if args.out is None:  # never the demo's file for another model's figures
+        name = Path(args.model).resolve().name if args.model else "demo"
+        args.out = REPO / "benchmarks" / "results" / f"bench_serve_{name}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot and "backends" in result:
