@@ -622,7 +622,7 @@ def _load_engine(path: Path, manifest: dict, *, vision: str = "onnx-cpu", thread
     else:
         deferred = background_load_policy()
         llm = OnnxLLM(llm_dir, threads=threads, defer_load=deferred)
-        llm.name = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"  # the label; tags follow
+        llm.label = f"onnxruntime-{manifest.get('precision', {}).get('llm', '?')}"  # its name: label + tags
         if deferred and _warms_with_short_prompt(cfg, llm):
             # Opening the LLM graphs (ONNX Runtime repacks every weight) is one worker thread's work; started
             # here, it runs on the core the rest of the load (vision graph, tokenizer, PyAV), one thread,

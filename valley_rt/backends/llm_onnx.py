@@ -110,7 +110,8 @@ def prefill_policy(graph_bytes: int = 0) -> bool:
     resident beside the int4 ones) fit PREFILL_MEMORY_SHARE of the machine's RAM: a 7B's 6.6 GB prompt
     graph would more than double the int4 engine's memory (docs/real_size.md). Elsewhere (AVX2, with
     or without AVX-VNNI: not measured) the second graph is not loaded. "int8" loads it whatever its
-    size; "int4" never does."""
+    size; "int4" never does. Where the native decoder runs prompts on AMX tiles, "auto" then leaves it
+    closed after all (`native_prompt_policy`)."""
     choice = os.environ.get(PREFILL_ENV, "auto")
     if choice not in ("auto", "int8", "int4"):
         raise EngineError(f"{PREFILL_ENV}={choice!r}: expected auto, int8 or int4")
@@ -288,10 +289,6 @@ class OnnxLLM:
     def name(self) -> str:
         """The label, then what runs: +w8a8-prefill (the prompt graph), +native-decode, +amx-prompt."""
         return "+".join([self.label, *self.tags])
-
-    @name.setter
-    def name(self, label: str) -> None:
-        self.label = label
 
     @property
     def decode_ready(self) -> bool:

@@ -376,7 +376,10 @@ static void quantize_tiles(const vrt_linear *L, const float *x, int64_t ldx, int
                 int8_t *dst = b_tile(qv, 2 * b + h, mtp, t);
                 for (int i = 0; i < 4; i++) {
                     __m128i q8 = _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(c[2 * i], h ? odd : even, c[2 * i + 1]));
-                    for (int j = 0; j < 4; j++) *(int32_t *)(dst + (4 * i + j) * 64) = _mm_extract_epi32(q8, j);
+                    for (int j = 0; j < 4; j++) {
+                        const int32_t quad = _mm_extract_epi32(q8, j);
+                        memcpy(dst + (4 * i + j) * 64, &quad, 4);
+                    }
                 }
             }
         }
