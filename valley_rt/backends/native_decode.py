@@ -92,6 +92,11 @@ def source_key() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
 
 
+# Appends of up to this many tokens run as decode steps: on the 1.1B bench engine two steps took 54 ms
+# where one 2-token GEMM pass took 93-98 ms (it unpacks every weight for the tokens); from 8 tokens on the
+# GEMM is ahead (docs/cpu_latency.md section 11).
+STEPWISE_MAX = 3
+
 _BUILD_LOCK = threading.Lock()
 _LOADED: dict[Path, ctypes.CDLL] = {}  # per process: one library per build
 
@@ -376,9 +381,12 @@ class NativeDecoder:
             raise ValueError(f"native decode: positions {pos}..{pos + n - 1} outside the cache of {slots} rows")
         keys = (ctypes.c_void_p * self.layers)(*[c.ctypes.data for c in cache[0::2]])
         values = (ctypes.c_void_p * self.layers)(*[c.ctypes.data for c in cache[1::2]])
-        if n == 1:
-            rc = self._lib.vrt_decode_step(ctypes.byref(self._model), x.ctypes.data, keys, values, slots, pos,
-                                           logits.ctypes.data)
+        if n <= STEPWISE_MAX:  # one decode step per token: each streams the weights once, no unpacking
+            for i in range(n):
+                rc = self._lib.vrt_decode_step(ctypes.byref(self._model), x[i].ctypes.data, keys, values, slots,
+                                               pos + i, logits.ctypes.data)
+                if rc != 0:
+                    break
         else:
             rc = self._lib.vrt_prefill(ctypes.byref(self._model), x.ctypes.data, n, keys, values, slots, pos,
                                        logits.ctypes.data)
