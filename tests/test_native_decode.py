@@ -116,11 +116,13 @@ class _Tok:
 
 
 @needs_native
-@pytest.mark.parametrize("kind,group_size,kernel", [("h256", 128, "amx"), ("h256", 128, "vnni"), ("h128", 32, "vnni")])
+@pytest.mark.parametrize("kind,group_size,kernel", [("h256", 128, "amx"), ("h256", 128, "vnni"), ("h128", 32, "vnni"),
+                                                     ("h192", 64, "vnni")])
 def test_a_native_prompt_computes_what_the_int4_graph_computes(hf_dirs, tmp_path, monkeypatch, kind, group_size, kernel):
     """An append of many tokens (int8 GEMMs over all of them; blocks of 128: on the AMX tiles or the
-    tiled VNNI kernel, with a token count that leaves partial tiles; else row by row) gives the int4
-    graph's logits and KV rows, and decoding goes on from them alike."""
+    tiled VNNI kernel, with a token count that leaves partial tiles; else row by row; head sizes 64, 32
+    and 48, a partial vector in the attention) gives the int4 graph's logits and KV rows, and decoding
+    goes on from them alike."""
     if kernel == "amx" and not AMX:
         pytest.skip("no AMX-INT8 tiles for this process")
     path = export_llm_onnx(hf_dirs[kind], tmp_path, quant="rtn4", group_size=group_size)
