@@ -458,13 +458,13 @@ AMX_TARGET static int gemm4_128_amx(const vrt_linear *L, int64_t m, const int8_t
             const int groups = (int)((N - first + 31) / 32 < AMX_GROUPS ? (N - first + 31) / 32 : AMX_GROUPS);
             for (int64_t rr = 0; rr < 32 * groups; rr++) { /* unpack the rows; those past N are zero */
                 const int64_t n = first + rr, g = rr / 32, r = rr % 32;
-                const uint8_t *w = L->b + n * rowbytes;
+                const uint8_t *w = n < N ? L->b + n * rowbytes : NULL;
                 uint8_t *ag = a + g * nb * 4096;
                 for (int64_t b = 0; b < nb; b++) {
                     uint8_t *lo = ag + ((b * 2 + 0) * 2 + r / 16) * 1024 + (r % 16) * 64;
                     uint8_t *hi = ag + ((b * 2 + 1) * 2 + r / 16) * 1024 + (r % 16) * 64;
                     float *swr = sw + (g * nb + b) * 32 + r;
-                    if (n < N) {
+                    if (w != NULL) {
                         const __m512i wv = _mm512_loadu_si512((const void *)(w + b * 64));
                         const __m512i z = _mm512_set1_epi8((char)((L->zp[n * zrow + b / 2] >> ((b & 1) * 4)) & 15));
                         _mm512_store_si512((void *)lo, _mm512_sub_epi8(_mm512_and_si512(wv, low4), z));
