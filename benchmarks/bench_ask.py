@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_kind, gemm_gflops, hardware, peak_rss_mb, read_bandwidth_gbs  # benchmarks/common.py
+from common import (cpu_kind, gemm_gflops, hardware, linear_macs_per_token, peak_rss_mb,  # benchmarks/common.py
+                    read_bandwidth_gbs)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CLIP = REPO.parent / "shared" / "videos" / "snowmobile.mp4"
@@ -357,8 +358,7 @@ def prefill_flops(cfg, tokens: int, cached: int = 0) -> float:
     vocabulary projection at the last one."""
     llm = cfg.llm
     hd = llm.hidden_size // llm.num_heads
-    linear = (llm.hidden_size * (llm.num_heads + 2 * llm.num_kv_heads) * hd + llm.num_heads * hd * llm.hidden_size
-              + 3 * llm.hidden_size * llm.intermediate_size)
+    linear = linear_macs_per_token(llm.hidden_size, llm.num_heads, llm.num_kv_heads, llm.intermediate_size)
     attention = 2 * 2 * llm.num_heads * hd * (tokens * (tokens + 1) - cached * (cached + 1)) / 2
     new = tokens - cached
     return llm.num_layers * (2 * linear * new + attention) + 2 * llm.hidden_size * llm.vocab_size

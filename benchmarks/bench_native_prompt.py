@@ -24,16 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from common import gemm_gflops, hardware  # noqa: E402  (benchmarks/common.py)
+from common import gemm_gflops, hardware, linear_macs_per_token  # noqa: E402  (benchmarks/common.py)
 
 
 def linear_macs(meta: dict) -> int:
     """Multiply-adds of the decoder's linears per token (the vocabulary projection runs for one)."""
     s = meta["shape"]
-    h, i, layers = int(s["hidden_size"]), int(s["intermediate_size"]), int(s["num_layers"])
-    hd = int(meta["cache_head_dim"])
-    qkv = (int(s["num_heads"]) + 2 * int(s["num_kv_heads"])) * hd
-    return layers * (h * qkv + int(s["num_heads"]) * hd * h + 3 * h * i)
+    return int(s["num_layers"]) * linear_macs_per_token(int(s["hidden_size"]), int(s["num_heads"]),
+                                                        int(s["num_kv_heads"]), int(s["intermediate_size"]))
 
 
 def main() -> None:

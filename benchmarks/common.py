@@ -127,3 +127,9 @@ def gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, floa
             best = min(best, time.perf_counter() - t0)
         out[name] = 2 * n**3 / best / 1e9
     return out
+
+
+def linear_macs_per_token(hidden: int, heads: int, kv_heads: int, intermediate: int) -> int:
+    """Multiply-adds of one decoder layer's linears per token: q/k/v, o, gate/up and down."""
+    hd = hidden // heads
+    return hidden * (heads + 2 * kv_heads) * hd + heads * hd * hidden + 3 * hidden * intermediate
