@@ -131,10 +131,15 @@ def native_prompt_policy() -> bool:
     return os.environ.get(PREFILL_ENV, "auto") == "auto" and "amx_int8" in cpu_flags()
 
 
-def native_chunks(s: int) -> list[int]:
-    """A native append of s tokens as near-equal runs of at most NATIVE_APPEND_CHUNK."""
-    n = -(-s // NATIVE_APPEND_CHUNK)
+def near_equal_runs(s: int, most: int) -> list[int]:
+    """s tokens as the fewest near-equal runs of at most `most` each."""
+    n = -(-s // most)
     return [s // n + (i < s % n) for i in range(n)]
+
+
+def native_chunks(s: int) -> list[int]:
+    """A native append of s tokens as runs of at most NATIVE_APPEND_CHUNK (its scratch grows with them)."""
+    return near_equal_runs(s, NATIVE_APPEND_CHUNK)
 
 
 def _graph_bytes(model_file: Path) -> int:
@@ -179,8 +184,7 @@ def append_chunks(s: int, past: int, heads: int, kernel: str, scratch: int = ATT
     if kernel == "flash" or s <= 1:
         return [s]
     rows = max(1, scratch // (4 * heads * (past + s)))  # query rows per run at the final total length
-    n = -(-s // rows)
-    return [s // n + (i < s % n) for i in range(n)]
+    return near_equal_runs(s, rows)
 
 
 def _native_wanted() -> tuple[bool, str]:
@@ -241,8 +245,7 @@ class OnnxLLM:
         self.num_layers = int(shape["num_layers"])
         self.max_context = int(min(max_context or shape["max_position_embeddings"], shape["max_position_embeddings"]))
         quant = self.meta["quant"]["quant"]
-        self.label = f"onnx-{'fp32' if quant == 'none' else 'int4'}"  # `name` = label + the tags of what runs
-        self.tags: list[str] = []
+        self.label = f"onnx-{'fp32' if quant == 'none' else 'int4'}"  # `name` = label + `tags`
         self.weight_bytes_per_token = int(self.meta["weight_bytes_per_token"])
 
         self.embed_table = np.load(folder / LLM_EMBED_FILE, mmap_mode="r")  # [V, H], rows read on demand
@@ -263,7 +266,6 @@ class OnnxLLM:
             if not self._prefill_file.is_file():
                 raise EngineError(f"{self._prefill_file}: the prompt graph named in {meta_file} is missing; "
                                   "re-export the engine")
-            self.tags.append("w8a8-prefill")
         # What the int4 graph would run: ORT's session, or native_decode where the CPU allows (chosen now,
         # opened in its place; a native decoder that cannot run this graph falls back to the session).
         self._native = None
@@ -272,7 +274,6 @@ class OnnxLLM:
             self._open_native()  # now, not deferred: it decides whether the prompt graph is needed at all
             if self._native is not None and self._native.prompt_kernel == "amx":
                 self._prefill_file = None
-                self.tags.remove("w8a8-prefill")
         self._loader: _Loader | None = None  # the worker finishing the load, while it runs
         self._cache_lock = threading.Lock()  # binding a session vs. growing the cache (loader vs caller)
         self.background_load_s = 0.0  # the worker's own time, once joined
@@ -286,8 +287,19 @@ class OnnxLLM:
         self.load_s = time.perf_counter() - t0
 
     @property
+    def tags(self) -> list[str]:
+        """What runs: "w8a8-prefill" (the prompt graph), "native-decode", "amx-prompt" (prompts natively
+        on the AMX tiles: the native decoder's kernel, and no prompt graph)."""
+        tags = ["w8a8-prefill"] if self._prefill_file is not None else []
+        if self._native is not None:
+            tags.append("native-decode")
+            if self._native.prompt_kernel == "amx" and self._prefill_file is None:
+                tags.append("amx-prompt")
+        return tags
+
+    @property
     def name(self) -> str:
-        """The label, then what runs: +w8a8-prefill (the prompt graph), +native-decode, +amx-prompt."""
+        """The label, then the tags: e.g. onnxruntime-rtn4-g128+native-decode+amx-prompt."""
         return "+".join([self.label, *self.tags])
 
     @property
@@ -346,9 +358,6 @@ class OnnxLLM:
             self.native_reason = why
             return
         self._native = native
-        self.tags.append("native-decode")
-        if native.prompt_kernel == "amx":
-            self.tags.append("amx-prompt")
 
     def load_rest_in_background(self, warm: bool = True) -> None:
         """Open the deferred sessions on a worker thread, the prompt graph first; the next run, fork or
