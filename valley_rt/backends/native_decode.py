@@ -113,7 +113,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{cc} --version failed: {e}"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256((source_key() + " ".join(CFLAGS) + version).encode()).hexdigest()[:16]
     target = cache_root() / "native" / key / "libvrt_decode.so"
     with _BUILD_LOCK:
         if target in _LOADED:
