@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from valley_rt.backends.prefix_kv import PREFIX_MIN_FLOPS, PrefixStore, prefix_store_enabled
+from valley_rt.backends.native_vision import native_policy
 from valley_rt.backends.vision import open_engine_vision, pick_vision, torch_cuda_available
 from valley_rt.config import ValleyConfig
 from valley_rt.engine_format import MANIFEST, artifact_path, load_manifest
@@ -495,7 +496,8 @@ def load(path: str | Path | None = None, *, reference: bool = False, device: str
         if reference:
             raise EngineError(f"{path}: --reference needs a checkpoint folder, this is an engine folder")
         manifest = load_manifest(path, verify=True)
-        choice = pick_vision("engine", device=device, gpu=manifest.get("gpu"), cpu=manifest.get("vision_cpu"))
+        choice = pick_vision("engine", device=device, gpu=manifest.get("gpu"), cpu=manifest.get("vision_cpu"),
+                             native=native_policy(manifest))
     elif (path / "valley.json").is_file():
         manifest = None
         choice = pick_vision("checkpoint", device=device, reference=reference)

@@ -89,7 +89,7 @@ class _Model(ctypes.Structure):
 @functools.cache
 def source_key() -> str:
     """The kernel source's hash: results (e.g. stored prefix rows) computed by one version of it."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return _file_key(SOURCE)
 
 
 # Appends of up to this many tokens run as decode steps: on the 1.1B bench engine two steps took 54 ms
@@ -101,20 +101,22 @@ _BUILD_LOCK = threading.Lock()
 _LOADED: dict[Path, ctypes.CDLL] = {}  # per process: one library per build
 
 
-def library() -> tuple[ctypes.CDLL | None, str]:
-    """The compiled kernel (built once per source, flags and compiler into the user cache), or None and
-    why not. The build writes a temporary file and renames it, so concurrent builds never see half a file."""
+def build_library(source: Path, cflags: list[str], name: str, what: str) -> tuple[ctypes.CDLL | None, str]:
+    """The C file `source` compiled with `cflags` into $VALLEY_RT_CACHE/native/<key>/<name> (key: the
+    source's hash, the flags and the compiler's version) and loaded, or None and why not. The build writes
+    a temporary file and renames it, so concurrent builds never see half a file. what: the kernel's name
+    in messages."""
     from valley_rt.engine_format import cache_root
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        return None, "no C compiler (cc) to build the native decode kernel"
+        return None, f"no C compiler (cc) to build the {what} kernel"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{cc} --version failed: {e}"
-    key = hashlib.sha256((source_key() + " ".join(CFLAGS) + version).encode()).hexdigest()[:16]
-    target = cache_root() / "native" / key / "libvrt_decode.so"
+    key = hashlib.sha256((_file_key(source) + " ".join(cflags) + version).encode()).hexdigest()[:16]
+    target = cache_root() / "native" / key / name
     with _BUILD_LOCK:
         if target in _LOADED:
             return _LOADED[target], ""
@@ -122,12 +124,12 @@ def library() -> tuple[ctypes.CDLL | None, str]:
             if not target.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                run = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True,
+                run = subprocess.run([cc, *cflags, "-o", str(tmp), str(source), "-lm"], capture_output=True,
                                      text=True, timeout=300)
                 if run.returncode != 0:
                     tmp.unlink(missing_ok=True)
                     lines = (run.stderr or run.stdout).strip().splitlines()
-                    return None, f"building the native decode kernel failed: {lines[0] if lines else run.returncode}"
+                    return None, f"building the {what} kernel failed: {lines[0] if lines else run.returncode}"
                 os.chmod(tmp, 0o755)
                 os.replace(tmp, target)
             st = target.stat()
@@ -135,7 +137,21 @@ def library() -> tuple[ctypes.CDLL | None, str]:
                 return None, f"{target}: not owned by this user or writable by others; not loaded"
             lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError) as e:  # an unwritable cache, a compiler that hangs, ...
-            return None, f"building or loading the native decode kernel ({target}) failed: {e}"
+            return None, f"building or loading the {what} kernel ({target}) failed: {e}"
+        _LOADED[target] = lib
+    return lib, ""
+
+
+@functools.cache
+def _file_key(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def library() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled decode kernel, or None and why not (`build_library`)."""
+    lib, why = build_library(SOURCE, CFLAGS, "libvrt_decode.so", "native decode")
+    if lib is None:
+        return None, why
     lib.vrt_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.vrt_decode_step.restype = ctypes.c_int
@@ -147,7 +163,6 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     lib.vrt_linear_rows.restype = ctypes.c_int
     lib.vrt_amx_built.argtypes = []
     lib.vrt_amx_built.restype = ctypes.c_int
-    _LOADED[target] = lib
     return lib, ""
 
 
@@ -213,20 +228,23 @@ def _attribute(buf: memoryview):
 
 
 def read_graph(model_file: Path) -> tuple[list[dict], dict[str, dict]]:
-    """The nodes (op_type, inputs, attrs, in order) and initializers (dims, dtype and raw bytes or
+    """The nodes (op_type, inputs, outputs, attrs, in order) and initializers (dims, dtype and raw bytes or
     external location / offset / length) of an ONNX file, read straight from its protobuf encoding:
     the engine path does not depend on the onnx package."""
-    buf = memoryview(Path(model_file).read_bytes())
+    with open(model_file, "rb") as f:  # mapped, not read: a graph with its weights inside can be large
+        buf = memoryview(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
     graph = next((v for f, w, v in _fields(buf) if f == 7), None)
     if graph is None:
         raise EngineError(f"{model_file}: no graph in this ONNX file")
     nodes, inits = [], {}
     for f, w, v in _fields(graph):
         if f == 1:
-            node = {"op_type": "", "inputs": [], "attrs": {}}
+            node = {"op_type": "", "inputs": [], "outputs": [], "attrs": {}}
             for nf, nw, nv in _fields(v):
                 if nf == 1:
                     node["inputs"].append(bytes(nv).decode())
+                elif nf == 2:
+                    node["outputs"].append(bytes(nv).decode())
                 elif nf == 4:
                     node["op_type"] = bytes(nv).decode()
                 elif nf == 5:
@@ -250,6 +268,14 @@ def read_graph(model_file: Path) -> tuple[list[dict], dict[str, dict]]:
                     t["name"] = bytes(tv).decode()
                 elif tf == 9:
                     t["raw"] = tv
+                elif tf == 4 and tw == 2:  # float_data, packed
+                    t["typed"] = np.frombuffer(bytes(tv), "<f4")
+                elif tf == 5 and tw == 2:  # int32_data, packed varints (also int8 / uint8 / int16 values)
+                    j, vals = 0, []
+                    while j < len(tv):
+                        x, j = _varint(tv, j)
+                        vals.append(_signed(x))
+                    t["typed"] = np.array(vals, np.int64)
                 elif tf == 13:
                     entry = dict((ef, bytes(ev).decode()) for ef, ew, ev in _fields(tv))
                     t["external"][entry.get(1, "")] = entry.get(2, "")
@@ -281,7 +307,9 @@ class _Initializers:
             ext = t["external"]
             arr = np.frombuffer(self._map(ext["location"]), dtype=t["dtype"], count=count, offset=int(ext.get("offset", 0)))
         elif t["raw"] is not None:
-            arr = np.frombuffer(bytes(t["raw"]), dtype=t["dtype"], count=count)
+            arr = np.frombuffer(t["raw"], dtype=t["dtype"], count=count)  # read-only, in the mapped graph file
+        elif t.get("typed") is not None and t["typed"].size == count:
+            arr = t["typed"].astype(t["dtype"])
         else:
             raise EngineError(f"initializer {name}: stored as typed fields, which the native decoder does not read")
         return arr.reshape(tuple(t["dims"]))

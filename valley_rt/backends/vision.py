@@ -16,6 +16,10 @@ override for tests, like the pooling kernel's `pick_backend`):
   when the export measured it faster than ONNX Runtime at cosine >= 0.999 (manifest "vision_cpu").
   Without the openvino package, or on a CPU that lacks the ISA the variant needs, the engine falls
   back to its ONNX Runtime graph with a one-line notice on stderr.
+* "native-cpu" (`backends.native_vision.NativeVision`, no torch): an int8 engine's ViT encoder in native
+  code on the CPU's AMX tiles, with the ONNX graph's own int8 weights; chosen over the graphs above on
+  CPUs with usable AMX tiles (`native_vision.native_policy`; $VALLEY_RT_VISION_NATIVE=off keeps the
+  graphs). Where the graph's layout is not the one it computes, the engine opens its graph instead.
 * "torch" (`TorchVision`): the reference model's modules on a GPU, temporal pooling through
   `valley_rt.kernels.temporal_pool` (its dispatch picks the fused Triton kernel on CUDA and the torch
   reference on CPU) and the projector. Mean and importance pool the raw features before the projector
@@ -42,8 +46,8 @@ from valley_rt.errors import EngineError, ValleyError
 if TYPE_CHECKING:
     import torch
 
-VISION_BACKENDS = ("onnx-cpu", "openvino-cpu", "onnx-cuda", "onnx-tensorrt", "torch", "reference")
-ENGINE_BACKENDS = ("onnx-cpu", "openvino-cpu", "onnx-cuda", "onnx-tensorrt")
+VISION_BACKENDS = ("onnx-cpu", "openvino-cpu", "native-cpu", "onnx-cuda", "onnx-tensorrt", "torch", "reference")
+ENGINE_BACKENDS = ("onnx-cpu", "openvino-cpu", "native-cpu", "onnx-cuda", "onnx-tensorrt")
 VISION_ENV = "VALLEY_RT_VISION"  # override of the dispatch, e.g. onnx-cpu on a GPU machine
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -98,8 +102,11 @@ class OnnxVision:
         """Load ENGINE's vision graph (manifest checked) for `device`, as `pick_vision` chooses."""
         from valley_rt.engine_format import load_manifest
 
+        from valley_rt.backends.native_vision import native_policy
+
         manifest = manifest or load_manifest(engine_dir, verify=verify)
-        name = pick_vision("engine", device=device, gpu=manifest.get("gpu"), cpu=manifest.get("vision_cpu"))
+        name = pick_vision("engine", device=device, gpu=manifest.get("gpu"), cpu=manifest.get("vision_cpu"),
+                           native=native_policy(manifest))
         return open_engine_vision(engine_dir, manifest, name, threads=threads)
 
     def preprocess(self, frames) -> np.ndarray:
@@ -288,14 +295,14 @@ def engine_cpu_backend(cpu: dict | None, *, notice=None) -> str:
 
 
 def pick_vision(kind: str, *, device: str = "auto", reference: bool = False, gpu: dict | None = None,
-                backend: str | None = None, cpu: dict | None = None) -> str:
+                backend: str | None = None, cpu: dict | None = None, native: bool = False) -> str:
     """The one dispatch point for the vision stage (and so for the whole path: the LLM follows it).
 
     kind: "engine" (an exported folder) or "checkpoint". device: "auto" / "cpu" / "cuda". gpu, cpu:
-    an engine manifest's "gpu" and "vision_cpu" entries. backend: explicit choice, else
-    $VALLEY_RT_VISION, else:
-      engine:     cpu -> the CPU graph (`engine_cpu_backend`: openvino-cpu when the export chose it and
-                  this machine can run it, else onnx-cpu); auto / cuda -> the GPU graph when the engine
+    an engine manifest's "gpu" and "vision_cpu" entries; native: `native_vision.native_policy` of the
+    engine's manifest. backend: explicit choice, else $VALLEY_RT_VISION, else:
+      engine:     cpu -> native-cpu when `native`, else the CPU graph (`engine_cpu_backend`: openvino-cpu
+                  when the export chose it and this machine can run it, else onnx-cpu); auto / cuda -> the GPU graph when the engine
                   has one and ONNX Runtime has its provider, else the CPU graph (cuda also runs the LLM
                   in CUDA graphs, so it needs torch to see a GPU).
       checkpoint: reference -> reference; cuda (or auto with a CUDA GPU) -> torch;
@@ -319,11 +326,11 @@ def pick_vision(kind: str, *, device: str = "auto", reference: bool = False, gpu
         return "reference"
     if kind == "engine":
         if device == "cpu":
-            return engine_cpu_backend(cpu)
+            return "native-cpu" if native else engine_cpu_backend(cpu)
         if device == "cuda" and not torch_cuda_available():  # the engine's LLM runs in CUDA graphs (llm_cuda)
             raise EngineError("--device cuda: torch sees no CUDA GPU on this machine")
-        # the GPU vision graph when the engine has one and ONNX Runtime its provider, else the CPU graph
-        return engine_gpu_backend(gpu) or engine_cpu_backend(cpu)
+        # the GPU vision graph when the engine has one and ONNX Runtime its provider, else the CPU one
+        return engine_gpu_backend(gpu) or ("native-cpu" if native else engine_cpu_backend(cpu))
     if device == "cpu":
         return "onnx-cpu"
     cuda = torch_cuda_available()
@@ -333,13 +340,28 @@ def pick_vision(kind: str, *, device: str = "auto", reference: bool = False, gpu
 
 
 def open_engine_vision(engine_dir: str | Path, manifest: dict, name: str, *, threads: int | None = None):
-    """The engine's vision graph for backend `name` (onnx-cpu / openvino-cpu / onnx-cuda / onnx-tensorrt)."""
+    """The engine's vision stage for backend `name` (native-cpu / onnx-cpu / openvino-cpu / onnx-cuda /
+    onnx-tensorrt). native-cpu, where the graph's layout declines it, opens the engine's CPU graph instead
+    (its `native_declined` says why), unless $VALLEY_RT_VISION asked for native-cpu: then an EngineError."""
     from valley_rt.backends.ort_session import gpu_providers
 
     engine_dir = Path(engine_dir)
     cfg = ValleyConfig.from_dict(manifest["config"])
     gpu = manifest.get("gpu") or {}
     crop = cfg.preprocess.crop_size
+    if name == "native-cpu":
+        from valley_rt.backends.native_vision import NativeVision
+
+        graph = artifact_path(engine_dir, manifest.get("files", {}).get("vision", VISION_FILE), where="files.vision")
+        vision, why = NativeVision.open(graph, cfg, threads=threads)
+        if vision is not None:
+            return vision
+        if os.environ.get(VISION_ENV) == "native-cpu":
+            raise EngineError(f"{engine_dir}: vision backend native-cpu cannot run: {why}")
+        vision = open_engine_vision(engine_dir, manifest, engine_cpu_backend(manifest.get("vision_cpu")),
+                                    threads=threads)
+        vision.native_declined = why
+        return vision
     if name == "onnx-tensorrt":
         # the unfused graph under TensorRT fp16, engine from the cache built at export
         vision = OnnxVision(artifact_path(engine_dir, gpu["trt"], where="gpu.trt"), cfg, threads=threads,
