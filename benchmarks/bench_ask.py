@@ -137,6 +137,8 @@ def child_reference(args) -> dict:
 # (VALLEY_RT_LLM_LOAD=background-both). "fast-ort-decode": decode steps on ONNX Runtime's int4 graph
 # instead of the native decode step (VALLEY_RT_DECODE=onnxruntime). "fast-w8a8-prompt": the engine's W8A8
 # prompt graph even where the native decoder runs prompts on AMX tiles (VALLEY_RT_PREFILL=int8).
+# "fast-graph-vision": the engine's vision graph (OpenVINO or ONNX Runtime, as its manifest chose) even where
+# the native encoder runs it on AMX tiles (VALLEY_RT_VISION_NATIVE=off).
 FRESH = "<a new folder per run>"
 SIDES = {"reference": ("reference", {}), "fast": ("fast", {}),
          "fast-eager-load": ("fast", {"VALLEY_RT_LLM_LOAD": "eager", "VALLEY_RT_ORT_CACHE": "off"}),
@@ -147,7 +149,8 @@ SIDES = {"reference": ("reference", {}), "fast": ("fast", {}),
          "fast-vision-ort": ("fast", {"VALLEY_RT_VISION": "onnx-cpu"}),
          "fast-both-graphs": ("fast", {"VALLEY_RT_LLM_LOAD": "background-both"}),
          "fast-ort-decode": ("fast", {"VALLEY_RT_DECODE": "onnxruntime"}),
-         "fast-w8a8-prompt": ("fast", {"VALLEY_RT_PREFILL": "int8"})}
+         "fast-w8a8-prompt": ("fast", {"VALLEY_RT_PREFILL": "int8"}),
+         "fast-graph-vision": ("fast", {"VALLEY_RT_VISION_NATIVE": "off"})}
 
 
 def run_side(side: str, model: Path, video: Path, question: str, tokens: int, env: dict | None = None) -> dict:

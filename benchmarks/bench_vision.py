@@ -11,7 +11,9 @@ Variants (each in its own fresh process, so peak RSS is that variant's own):
   No ORT bf16: its x86 CPU provider has no bf16 MatMul (export/onnx_vision.py);
 * openvino-fp32 / -bf16 / -int8 / -int8-bf16 (`[openvino]` extra): the traced graph as an OpenVINO IR,
   bf16 = the fp32 IR with a bf16 inference-precision hint, int8 = NNCF static post-training int8 from
-  a few calibration clips (export/openvino_vision.py); skipped when openvino / nncf are missing.
+  a few calibration clips (export/openvino_vision.py); skipped when openvino / nncf are missing;
+* native-amx-int8: the onnxruntime-int8 graph's encoder in native code on the AMX tiles
+  (backends/native_vision.py); reported as failed on a CPU without usable tiles.
 After the warm-ups the variants are timed round-robin with the baseline, --group of them at a time (at
 most group + 1 models in memory; the CPU may be shared with other jobs: interleaving spreads their load
 over a group and the baseline alike); best-of-N wall ms per variant, and its speedup against the
@@ -48,7 +50,7 @@ RESULTS = Path(__file__).parent / "results"
 CALIBRATION_CLIPS, CALIBRATION_FRAMES = 3, 4  # NNCF statistics: 12 frames, other seeds than the timed ones
 BASELINE = "torch-fp32-eager"
 ALL_VARIANTS = (BASELINE, "torch-bf16", "onnxruntime-fp32", "onnxruntime-int8",
-                "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8-bf16")
+                "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8-bf16", "native-amx-int8")
 
 
 def bench_config(mode: str, name: str = "bench-1b"):
@@ -178,6 +180,13 @@ def _runner(name: str, tmp: Path, cfg, crops):
     if name.startswith("onnxruntime"):
         sess = session(tmp / f"{name}.onnx", threads=THREADS)
         return lambda: sess.run(list(OUTPUTS), {INPUT: crops})
+    if name == "native-amx-int8":
+        from valley_rt.backends.native_vision import NativeVision
+
+        vision, why = NativeVision.open(tmp / "onnxruntime-int8.onnx", cfg, threads=THREADS)
+        if vision is None:
+            raise RuntimeError(f"native vision cannot run here: {why}")
+        return lambda: vision.encode(crops)
     from valley_rt.backends.openvino_vision import VARIANTS, OpenVinoVision
 
     variant = name.removeprefix("openvino-")
@@ -466,7 +475,7 @@ def main() -> None:
     ref = results[BASELINE]
     rows = {}
     for name, r in results.items():
-        flops = vision_flops(cfg, args.frames, pool_first=name.startswith(("onnx", "openvino")))
+        flops = vision_flops(cfg, args.frames, pool_first=name.startswith(("onnx", "openvino", "native")))
         gflops = flops / r["ms"] / 1e6
         row = {"ms": round(r["ms"], 1), "all_ms": r["all_ms"], "speedup": round(r["baseline_ms"] / r["ms"], 2),
                "gflops": round(gflops, 1), "peak_frac": round(gflops / best, 3),
