@@ -88,7 +88,7 @@ class _Model(ctypes.Structure):
 
 @functools.cache
 def source_key() -> str:
-    """The kernel source's hash: results (e.g. stored prefix rows) computed by one version of it."""
+    """The kernel source's hash (with its header): results (e.g. stored prefix rows) computed by one version of it."""
     return _file_key(SOURCE)
 
 
@@ -103,7 +103,7 @@ _LOADED: dict[Path, ctypes.CDLL] = {}  # per process: one library per build
 
 def build_library(source: Path, cflags: list[str], name: str, what: str) -> tuple[ctypes.CDLL | None, str]:
     """The C file `source` compiled with `cflags` into $VALLEY_RT_CACHE/native/<key>/<name> (key: the
-    source's hash, the flags and the compiler's version) and loaded, or None and why not. The build writes
+    hash of the source and native_common.h, the flags and the compiler's version) and loaded, or None and why not. The build writes
     a temporary file and renames it, so concurrent builds never see half a file. what: the kernel's name
     in messages."""
     from valley_rt.engine_format import cache_root
@@ -142,9 +142,13 @@ def build_library(source: Path, cflags: list[str], name: str, what: str) -> tupl
     return lib, ""
 
 
+HEADER = Path(__file__).with_name("native_common.h")  # included by every native kernel
+
+
 @functools.cache
 def _file_key(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """The hash of a kernel's source and the header it includes."""
+    return hashlib.sha256(Path(path).read_bytes() + HEADER.read_bytes()).hexdigest()[:16]
 
 
 def library() -> tuple[ctypes.CDLL | None, str]:
