@@ -5,6 +5,7 @@ runtime picks it."""
 from __future__ import annotations
 
 import ctypes
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -71,6 +72,13 @@ def test_native_encoder_matches_reference_and_graph(tmp_path, mode, image, frame
     again = vision.encode(crops)  # scratch reused: the same numbers
     np.testing.assert_array_equal(again[0], pooled)
     assert vision.stage_seconds.min() > 0
+    # encodes from several threads at once (the scratch is shared): each its own clip's numbers
+    clips = [ov.sample_crops(cfg, frames, seed=100 + i) for i in range(3)]
+    alone = [vision.encode(c)[0] for c in clips]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda c: vision.encode(c)[0], clips))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
 
 
 @needs_tiles

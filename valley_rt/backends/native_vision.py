@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -221,6 +222,7 @@ class NativeVision:
         self._lib, self.cfg, self._model, self._keep = lib, cfg, model, keep
         self._embed, self._projector, self.threads = embed, projector, threads
         self._scratch: dict = {}
+        self._lock = threading.Lock()  # one encode at a time: they share the scratch buffers
         self.stage_seconds = np.zeros(3)  # the last encode's linears, attention, norms + quantization
         self.name = "native-amx-int8"
 
@@ -339,7 +341,9 @@ class NativeVision:
 
     def encode(self, frames) -> tuple[np.ndarray, np.ndarray]:
         """uint8 frames [T, H, W, 3] -> (pooled [N, D], frames [T, D]) float32."""
-        x = self.hidden_states(self.preprocess(frames))
+        crops = self.preprocess(frames)
+        with self._lock:
+            x = self.hidden_states(crops)
         T, seq, D = x.shape
         if self.cfg.temporal.mode == "mean":  # linear: pool, then project (T times less projector work)
             y = self.project(np.concatenate([x[:, 1:].mean(0), x[:, 0]]))
