@@ -140,3 +140,20 @@ def test_a_graph_it_cannot_read_opens_the_graph_runtime(tmp_path, monkeypatch):
     monkeypatch.setenv("VALLEY_RT_VISION", "native-cpu")
     with pytest.raises(Exception, match="native-cpu cannot run"):
         open_engine_vision(tmp_path, manifest, "native-cpu")
+
+
+@needs_tiles
+def test_asymmetric_weights_are_declined_not_raised(tmp_path):
+    """A graph whose int8 weights have zero points (which the kernel's math leaves out) is declined with
+    the reason, so the engine opens its graph instead of failing."""
+    import onnx
+    from onnx import numpy_helper
+
+    cfg = native_cfg()
+    export_int8(cfg, tmp_path)
+    model = onnx.load(str(tmp_path / "vision.onnx"))
+    zp = next(t for t in model.graph.initializer if t.name.endswith("zero_point") and t.data_type == onnx.TensorProto.INT8)
+    zp.CopyFrom(numpy_helper.from_array(np.ones(numpy_helper.to_array(zp).shape, np.int8), zp.name))
+    onnx.save(model, str(tmp_path / "asym.onnx"))
+    vision, why = nv.NativeVision.open(tmp_path / "asym.onnx", cfg)
+    assert vision is None and "asymmetric" in why

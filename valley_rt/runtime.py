@@ -27,8 +27,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from valley_rt.backends.prefix_kv import PREFIX_MIN_FLOPS, PrefixStore, prefix_store_enabled
 from valley_rt.backends.native_vision import native_policy
+from valley_rt.backends.prefix_kv import PREFIX_MIN_FLOPS, PrefixStore, prefix_store_enabled
 from valley_rt.backends.vision import open_engine_vision, pick_vision, torch_cuda_available
 from valley_rt.config import ValleyConfig
 from valley_rt.engine_format import MANIFEST, artifact_path, load_manifest

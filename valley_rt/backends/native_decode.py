@@ -88,7 +88,8 @@ class _Model(ctypes.Structure):
 
 @functools.cache
 def source_key() -> str:
-    """The kernel source's hash (with its header): results (e.g. stored prefix rows) computed by one version of it."""
+    """The kernel source's hash (with its header): what results computed by one version of it (e.g.
+    stored prefix rows) are keyed by."""
     return _file_key(SOURCE)
 
 
@@ -103,9 +104,9 @@ _LOADED: dict[Path, ctypes.CDLL] = {}  # per process: one library per build
 
 def build_library(source: Path, cflags: list[str], name: str, what: str) -> tuple[ctypes.CDLL | None, str]:
     """The C file `source` compiled with `cflags` into $VALLEY_RT_CACHE/native/<key>/<name> (key: the
-    hash of the source and native_common.h, the flags and the compiler's version) and loaded, or None and why not. The build writes
-    a temporary file and renames it, so concurrent builds never see half a file. what: the kernel's name
-    in messages."""
+    hash of the source and native_common.h, the flags and the compiler's version) and loaded, or None and
+    why not. The build writes a temporary file and renames it, so concurrent builds never see half a file.
+    what: the kernel's name in messages."""
     from valley_rt.engine_format import cache_root
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

@@ -203,10 +203,13 @@ TARGET static void gemm(const int8_t *q, const float *sx, int64_t m, int64_t mp,
                             const int64_t t = tp * 32 + r;
                             if (t >= m) break;
                             const __m512 st = _mm512_mul_ps(_mm512_set1_ps(sx[t]), f);
-                            const __m512 v0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32))), st), sw0, _mm512_mul_ps(b0v, f));
-                            const __m512 v1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32 + 16))), st), sw1, _mm512_mul_ps(b1v, f));
+                            const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32)));
+                            const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32 + 16)));
+                            const __m512 v0 = _mm512_fmadd_ps(_mm512_mul_ps(c0, st), sw0, _mm512_mul_ps(b0v, f));
+                            const __m512 v1 = _mm512_fmadd_ps(_mm512_mul_ps(c1, st), sw1, _mm512_mul_ps(b1v, f));
                             const int64_t fr = t / dst->seq, j = t % dst->seq;
-                            uint16_t *o = dst->out + (((part * dst->frames + fr) * dst->heads + head) * dst->seq + j) * dst->hd + d0;
+                            const int64_t row = ((part * dst->frames + fr) * dst->heads + head) * dst->seq + j;
+                            uint16_t *o = dst->out + row * dst->hd + d0;
                             _mm512_storeu_si512((void *)o, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
                         }
                         continue;
@@ -241,7 +244,8 @@ TARGET static void pack_keys(const uint16_t *k, int64_t seq, int64_t sp, int64_t
     for (int64_t j0 = 0; j0 < sp; j0 += 16)
         for (int64_t c = 0; c < hd / 32; c++) {
             __m512 r[16];
-            for (int i = 0; i < 16; i++) r[i] = j0 + i < seq ? _mm512_loadu_ps((const float *)(k + (j0 + i) * hd + c * 32)) : _mm512_setzero_ps();
+            for (int i = 0; i < 16; i++)
+                r[i] = j0 + i < seq ? _mm512_loadu_ps((const float *)(k + (j0 + i) * hd + c * 32)) : _mm512_setzero_ps();
             transpose16(r);
             for (int i = 0; i < 16; i++) _mm512_storeu_ps((float *)kp + (c * 16 + i) * sp + j0, r[i]);
         }
@@ -251,9 +255,9 @@ TARGET static void pack_keys(const uint16_t *k, int64_t seq, int64_t sp, int64_t
 TARGET static void pack_values(const uint16_t *v, int64_t seq, int64_t sp, int64_t hd, uint16_t *vp) {
     for (int64_t j = 0; j < sp; j += 2)
         for (int64_t d = 0; d < hd; d += 16) {
-            const __m512i a = j < seq ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + j * hd + d))) : _mm512_setzero_si512();
-            const __m512i b = j + 1 < seq ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + (j + 1) * hd + d)))
-                                          : _mm512_setzero_si512();
+            const __m256i *ra = (const __m256i *)(v + j * hd + d), *rb = (const __m256i *)(v + (j + 1) * hd + d);
+            const __m512i a = j < seq ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(ra)) : _mm512_setzero_si512();
+            const __m512i b = j + 1 < seq ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(rb)) : _mm512_setzero_si512();
             _mm512_storeu_si512((void *)(vp + ((j / 2) * hd + d) * 2), _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
         }
 }

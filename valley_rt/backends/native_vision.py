@@ -8,7 +8,7 @@ attention on the AMX-BF16 tiles. Around it, numpy: the normalization and patch e
 = kernel: one matrix product), the class and position embeddings, the pre-LayerNorm, then the temporal
 pooling and the projector (int8 weights, through the same GEMM).
 
-Used for an engine's CPU vision (`backends.vision.engine_cpu_backend`) where `VALLEY_RT_VISION_NATIVE`
+Used for an engine's CPU vision (`backends.vision.pick_vision`, `native_policy`) where `VALLEY_RT_VISION_NATIVE`
 allows (auto: wherever it can run): a CPU with AMX-INT8/BF16 tiles this process may use, a C compiler
 (the kernel is built once per machine into $VALLEY_RT_CACHE/native/), and an int8 vision graph of the
 layout `valley_rt.export.onnx_vision` writes (fused attention, LayerNorms before each block, quick-GELU,
@@ -227,7 +227,8 @@ class NativeVision:
         self.name = "native-amx-int8"
 
     @classmethod
-    def open(cls, path: str | Path, cfg: ValleyConfig, *, threads: int | None = None) -> tuple["NativeVision | None", str]:
+    def open(cls, path: str | Path, cfg: ValleyConfig, *,
+             threads: int | None = None) -> tuple["NativeVision | None", str]:
         """The native vision stage over the int8 graph at `path`, or None and why it cannot run here."""
         from valley_rt.cpu import default_threads
 
@@ -255,27 +256,31 @@ class NativeVision:
         def linear(spec: dict) -> _Linear:
             w = np.ascontiguousarray(inits[spec["w"]])
             if w.dtype != np.int8 or w.ndim != 2:
-                raise EngineError(f"{path}: {spec['w']}: expected int8 [k, n] weights, got {w.dtype} {list(w.shape)}")
+                raise _Unsupported(f"{spec['w']}: {w.dtype} {list(w.shape)} weights, not int8 [k, n]")
             if spec.get("zp") and np.any(inits[spec["zp"]]):
-                raise EngineError(f"{path}: {spec['w']}: asymmetric weights (nonzero zero points)")
+                raise _Unsupported(f"{spec['w']}: asymmetric weights (nonzero zero points)")
             k, n = w.shape
             packed = np.empty(k * n, np.int8)
             if lib.vv_pack(w.ctypes.data, k, n, packed.ctypes.data, threads) != 0:
-                raise EngineError(f"{path}: {spec['w']}: [{k}, {n}] cannot be packed into tiles")
+                raise _Unsupported(f"{spec['w']}: [{k}, {n}] cannot be packed into tiles")
             scale = np.broadcast_to(f32(spec["scale"]).reshape(-1), (n,)).copy()
             bias = f32(spec["bias"]).reshape(-1) if spec.get("bias") else np.zeros(n, np.float32)
             keep.extend([packed, scale, bias])
             return _Linear(packed.ctypes.data, scale.ctypes.data, bias.ctypes.data, n, k)
 
         v = cfg.vision
-        layers = (_Layer * len(plan["layers"]))()
-        for i, ly in enumerate(plan["layers"]):
-            layers[i] = _Layer(f32(ly["ln1"][0]).ctypes.data, f32(ly["ln1"][1]).ctypes.data,
-                               f32(ly["ln2"][0]).ctypes.data, f32(ly["ln2"][1]).ctypes.data,
-                               linear(ly["qkv"]), linear(ly["o"]), linear(ly["fc1"]), linear(ly["fc2"]))
         first = plan["layers"][0]
-        if {ly["alpha"] for ly in plan["layers"]} != {first["alpha"]} or {ly["eps"] for ly in plan["layers"]} != {first["eps"]}:
+        if len({(ly["alpha"], ly["eps"]) for ly in plan["layers"]}) != 1:
             return None, "the vision graph's layout: layers differ in GELU alpha or LayerNorm epsilon"
+        layers = (_Layer * len(plan["layers"]))()
+        try:
+            for i, ly in enumerate(plan["layers"]):
+                layers[i] = _Layer(f32(ly["ln1"][0]).ctypes.data, f32(ly["ln1"][1]).ctypes.data,
+                                   f32(ly["ln2"][0]).ctypes.data, f32(ly["ln2"][1]).ctypes.data,
+                                   linear(ly["qkv"]), linear(ly["o"]), linear(ly["fc1"]), linear(ly["fc2"]))
+            projector = linear(plan["projector"])
+        except _Unsupported as e:
+            return None, f"the vision graph's weights: {e}"
         keep.append(layers)
         model = _Model(len(plan["layers"]), v.hidden_size, v.num_heads, v.hidden_size // v.num_heads,
                        v.intermediate_size, threads, first["eps"], first["alpha"],
@@ -283,7 +288,7 @@ class NativeVision:
         patch = f32(plan["patch"])
         embed = {"patch": patch.reshape(patch.shape[0], -1).T.copy(), "cls": f32(plan["cls"]).reshape(-1),
                  "pos": f32(plan["pos"]), "pre": (f32(plan["pre"][0]), f32(plan["pre"][1])), "eps": first["eps"]}
-        return cls(lib, cfg, model, keep, embed, linear(plan["projector"]), threads), ""
+        return cls(lib, cfg, model, keep, embed, projector, threads), ""
 
     def preprocess(self, frames) -> np.ndarray:
         """uint8 frames [T, H, W, 3] -> uint8 crops [T, crop, crop, 3]."""

@@ -100,9 +100,8 @@ class OnnxVision:
     def from_engine(cls, engine_dir: str | Path, *, manifest: dict | None = None, verify: bool = True,
                     threads: int | None = None, device: str = "auto") -> "OnnxVision":
         """Load ENGINE's vision graph (manifest checked) for `device`, as `pick_vision` chooses."""
-        from valley_rt.engine_format import load_manifest
-
         from valley_rt.backends.native_vision import native_policy
+        from valley_rt.engine_format import load_manifest
 
         manifest = manifest or load_manifest(engine_dir, verify=verify)
         name = pick_vision("engine", device=device, gpu=manifest.get("gpu"), cpu=manifest.get("vision_cpu"),
@@ -302,9 +301,9 @@ def pick_vision(kind: str, *, device: str = "auto", reference: bool = False, gpu
     an engine manifest's "gpu" and "vision_cpu" entries; native: `native_vision.native_policy` of the
     engine's manifest. backend: explicit choice, else $VALLEY_RT_VISION, else:
       engine:     cpu -> native-cpu when `native`, else the CPU graph (`engine_cpu_backend`: openvino-cpu
-                  when the export chose it and this machine can run it, else onnx-cpu); auto / cuda -> the GPU graph when the engine
-                  has one and ONNX Runtime has its provider, else the CPU graph (cuda also runs the LLM
-                  in CUDA graphs, so it needs torch to see a GPU).
+                  when the export chose it and this machine can run it, else onnx-cpu); auto / cuda -> the
+                  GPU graph when the engine has one and ONNX Runtime has its provider, else the CPU choice
+                  above (cuda also runs the LLM in CUDA graphs, so it needs torch to see a GPU).
       checkpoint: reference -> reference; cuda (or auto with a CUDA GPU) -> torch;
                   otherwise onnx-cpu, i.e. the checkpoint must first be exported to an engine.
     """
