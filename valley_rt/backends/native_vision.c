@@ -77,7 +77,6 @@ TARGET static void tiles_configure(void) {
     _tile_loadconfig(&c);
 }
 
-
 /* out [n / 16][k / 4][16][4] from w [k][n]: each 64-byte group is 4 rows' 16 bytes, interleaved by one byte
  * permutation (AVX512-VBMI, which every AMX CPU has). */
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) static void vv_pack_rows(const int8_t *w, int64_t k, int64_t n,

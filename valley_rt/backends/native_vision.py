@@ -33,7 +33,8 @@ from valley_rt.errors import EngineError
 NATIVE_ENV = "VALLEY_RT_VISION_NATIVE"  # "auto" (default): where it can run; "off": the graph runtime
 SOURCE = Path(__file__).with_name("native_vision.c")
 CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
-NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_bf16", "amx_tile", "amx_int8",
+                "amx_bf16")
 POOLING = ("mean", "max")
 
 
