@@ -49,4 +49,14 @@ VRT_SIMD static inline void transpose16(__m512 r[16]) {
         r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
     }
 }
+/* The one tile shape both kernels use (ldtilecfg's 64-byte layout): palette 1, tiles 0-7 of 16 rows x 64
+ * bytes. A constant in memory: nothing has to be stored before the ldtilecfg that reads it. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} vrt_tile_config;
+static const vrt_tile_config VRT_TILES_16X64 __attribute__((aligned(64), unused)) = {
+    1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
 #endif

@@ -323,12 +323,6 @@ static inline int blocks_of_128(const vrt_linear *L) { return L->bits == 4 && L-
 #define VRT_AMX 1
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8")))
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
 /* One token's activations for a linear, quantized into the B tiles: slice s (the 64 even- or odd-k codes
  * of block s / 2) of token t is tile (s * mtp + t / 16), row r = codes 4r..4r+3, column t % 16. */
 static inline int8_t *b_tile(int8_t *qv, int64_t s, int64_t mtp, int64_t t) { return qv + (s * mtp + t / 16) * 1024 + (t % 16) * 4; }
@@ -373,16 +367,7 @@ static void quantize_tiles(const vrt_linear *L, const float *x, int64_t ldx, int
 }
 
 
-AMX_TARGET static void tiles_configure(void) {
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        c.rows[i] = 16;
-        c.colsb[i] = 64;
-    }
-    _tile_loadconfig(&c);
-}
+AMX_TARGET static void tiles_configure(void) { _tile_loadconfig(&VRT_TILES_16X64); }
 
 #define AMX_GROUPS 4 /* groups of 32 weight rows a thread unpacks at once */
 #define AMX_KC 4     /* blocks of 128 per pass over those groups: the B tiles of a pass stay in L1 */

@@ -60,22 +60,7 @@ TARGET static inline __m512 exp512_coarse(__m512 x) {
 
 #define GEMM_COLS 256 /* weight columns a thread keeps in L2 while every token passes over them */
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-TARGET static void tiles_configure(void) {
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        c.rows[i] = 16;
-        c.colsb[i] = 64;
-    }
-    _tile_loadconfig(&c);
-}
+TARGET static void tiles_configure(void) { _tile_loadconfig(&VRT_TILES_16X64); }
 
 /* out [n / 16][k / 4][16][4] from w [k][n]: each 64-byte group is 4 rows' 16 bytes, interleaved by one byte
  * permutation (AVX512-VBMI, which every AMX CPU has). */
