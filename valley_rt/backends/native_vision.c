@@ -141,6 +141,49 @@ typedef struct {
     float q_scale;
 } qkv_dest;
 
+/* The epilogue of one 32 x 32 block of y (tokens tp * 32.., columns col..): c [32][32] int32 products ->
+ * scaled by token and channel, plus bias, then as the mode says (see gemm). */
+TARGET static inline void block_out(const int32_t *c, int64_t tp, int64_t col, const float *sx, int64_t m,
+                                    const vv_linear *L, float *y, int64_t ldy, int mode, float alpha,
+                                    const qkv_dest *dst) {
+    const __m512 sw0 = _mm512_loadu_ps(L->scale + col), sw1 = _mm512_loadu_ps(L->scale + col + 16);
+    const __m512 b0v = _mm512_loadu_ps(L->bias + col), b1v = _mm512_loadu_ps(L->bias + col + 16);
+    if (mode == QKV) { /* 32 columns: one part (q, k or v), one head, 32 of its dimensions */
+        const int64_t part = col / dst->hidden, head = (col % dst->hidden) / dst->hd, d0 = col % dst->hd;
+        const __m512 f = _mm512_set1_ps(part == 0 ? dst->q_scale : 1.0f);
+        for (int r = 0; r < 32; r++) {
+            const int64_t t = tp * 32 + r;
+            if (t >= m) break;
+            const __m512 st = _mm512_mul_ps(_mm512_set1_ps(sx[t]), f);
+            const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32)));
+            const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32 + 16)));
+            const __m512 v0 = _mm512_fmadd_ps(_mm512_mul_ps(c0, st), sw0, _mm512_mul_ps(b0v, f));
+            const __m512 v1 = _mm512_fmadd_ps(_mm512_mul_ps(c1, st), sw1, _mm512_mul_ps(b1v, f));
+            const int64_t fr = t / dst->seq, j = t % dst->seq;
+            const int64_t row = ((part * dst->frames + fr) * dst->heads + head) * dst->seq + j;
+            _mm512_storeu_si512((void *)(dst->out + row * dst->hd + d0), (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+        }
+        return;
+    }
+    for (int r = 0; r < 32; r++) {
+        const int64_t t = tp * 32 + r;
+        if (t >= m) break;
+        const __m512 st = _mm512_set1_ps(sx[t]);
+        float *yt = y + t * ldy + col;
+        for (int h = 0; h < 2; h++) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32 + h * 16)));
+            v = _mm512_fmadd_ps(_mm512_mul_ps(v, st), h ? sw1 : sw0, h ? b1v : b0v);
+            if (mode == GELU) { /* x sigmoid(alpha x); the reciprocal to 2^-14: the result is quantized next */
+                const __m512 e = exp512_coarse(_mm512_mul_ps(v, _mm512_set1_ps(-alpha)));
+                v = _mm512_mul_ps(v, _mm512_rcp14_ps(_mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+            } else if (mode == ACCUMULATE) {
+                v = _mm512_add_ps(v, _mm512_loadu_ps(yt + h * 16));
+            }
+            _mm512_storeu_ps(yt + h * 16, v);
+        }
+    }
+}
+
 /* y [m][n] (row stride ldy) = (codes q of mp tokens) x L, scaled, plus bias; mode GELU applies quick-GELU
  * x * sigmoid(alpha x), ACCUMULATE adds into y (a residual), QKV writes bf16 per head to dst instead of y.
  * Each 32 x 32 block of y: two A and two B tiles per 64 k, four C tiles summed over all of k in int32, then
@@ -177,50 +220,12 @@ TARGET static void gemm(const int8_t *q, const float *sx, int64_t m, int64_t mp,
                     _tile_stored(1, c + 16, 128);
                     _tile_stored(2, c + 512, 128);
                     _tile_stored(3, c + 528, 128);
-                    const int64_t col = np * 32;
-                    const __m512 sw0 = _mm512_loadu_ps(L->scale + col), sw1 = _mm512_loadu_ps(L->scale + col + 16);
-                    const __m512 b0v = _mm512_loadu_ps(L->bias + col), b1v = _mm512_loadu_ps(L->bias + col + 16);
-                    if (mode == QKV) { /* 32 columns: one part (q, k or v), one head, 32 of its dimensions */
-                        const int64_t part = col / dst->hidden, head = (col % dst->hidden) / dst->hd, d0 = col % dst->hd;
-                        const __m512 f = _mm512_set1_ps(part == 0 ? dst->q_scale : 1.0f);
-                        for (int r = 0; r < 32; r++) {
-                            const int64_t t = tp * 32 + r;
-                            if (t >= m) break;
-                            const __m512 st = _mm512_mul_ps(_mm512_set1_ps(sx[t]), f);
-                            const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32)));
-                            const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32 + 16)));
-                            const __m512 v0 = _mm512_fmadd_ps(_mm512_mul_ps(c0, st), sw0, _mm512_mul_ps(b0v, f));
-                            const __m512 v1 = _mm512_fmadd_ps(_mm512_mul_ps(c1, st), sw1, _mm512_mul_ps(b1v, f));
-                            const int64_t fr = t / dst->seq, j = t % dst->seq;
-                            const int64_t row = ((part * dst->frames + fr) * dst->heads + head) * dst->seq + j;
-                            uint16_t *o = dst->out + row * dst->hd + d0;
-                            _mm512_storeu_si512((void *)o, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
-                        }
-                        continue;
-                    }
-                    for (int r = 0; r < 32; r++) {
-                        const int64_t t = tp * 32 + r;
-                        if (t >= m) break;
-                        const __m512 st = _mm512_set1_ps(sx[t]);
-                        float *yt = y + t * ldy + col;
-                        for (int h = 0; h < 2; h++) {
-                            __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + r * 32 + h * 16)));
-                            v = _mm512_fmadd_ps(_mm512_mul_ps(v, st), h ? sw1 : sw0, h ? b1v : b0v);
-                            if (mode == GELU) {
-                                const __m512 e = exp512_coarse(_mm512_mul_ps(v, _mm512_set1_ps(-alpha)));
-                                v = _mm512_mul_ps(v, _mm512_rcp14_ps(_mm512_add_ps(e, _mm512_set1_ps(1.0f)))); /* 2^-14: int8 next */
-                            } else if (mode == ACCUMULATE) {
-                                v = _mm512_add_ps(v, _mm512_loadu_ps(yt + h * 16));
-                            }
-                            _mm512_storeu_ps(yt + h * 16, v);
-                        }
-                    }
+                    block_out(c, tp, np * 32, sx, m, L, y, ldy, mode, alpha, dst);
                 }
             }
         _tile_release();
     }
 }
-
 
 /* The keys of one head, bf16 [seq][hd], into kp [hd / 2][sp][2] (keys past seq zero): 16 keys x 16
  * dimension pairs (32-bit words) at a time, transposed. */
