@@ -252,9 +252,9 @@ TARGET static void pack_values(const uint16_t *v, int64_t seq, int64_t sp, int64
 }
 
 /* out [frames * seq][hidden] = softmax(q k^T) v per frame and head, from qkv bf16 [3][frames][heads][seq][hd]
- * (q already scaled; the buffer holds sp - seq rows past its end, read as padding queries whose outputs are
- * dropped). Keys padded to sp (a multiple of 32) weigh zero. QK^T and PV on the AMX-BF16 tiles, a block of
- * 32 queries at a time; softmax in fp32. */
+ * (q already scaled). A block of 32 queries past a head's seq rows reads the rows after them (the next
+ * head's q, or the first k rows after the last head: inside the buffer) and those outputs are dropped. Keys
+ * padded to sp (a multiple of 32) weigh zero. QK^T and PV on the AMX-BF16 tiles; softmax in fp32. */
 TARGET static int attention(const vv_model *M, const uint16_t *qkv, int64_t frames, int64_t seq, float *out, int threads) {
     const int64_t hd = M->head_dim, D = M->hidden, sp = (seq + 31) / 32 * 32, items = frames * M->heads;
     int failed = 0;
@@ -356,17 +356,17 @@ TARGET static int attention(const vv_model *M, const uint16_t *qkv, int64_t fram
     return failed ? -1 : 0;
 }
 
-/* The encoder layers over x [frames * seq][hidden] in place. Scratch (caller's): qkv bf16 [3][m][hidden] (q, k,
- * v per frame and head; the padding queries of the last head read into k), h [m][inter] and att [m][hidden]
- * fp32, q [mp][max(hidden, inter)] int8 and sx [mp] fp32 with mp = m rounded up to 32, ln [threads][hidden]
- * fp32. seconds (or NULL): [3] the time in the linears, the attention, and the norms and quantization.
- * Returns 0, or -1 when scratch memory cannot be had. */
+/* The encoder layers over x [frames * seq][hidden] in place. Scratch (caller's): qkv bf16 [3][m][hidden] (q,
+ * k, v per frame and head), h [m][inter] and att [m][hidden] fp32, q [mp][max(hidden, inter)] int8 and
+ * sx [mp] fp32 with mp = m rounded up to 32, ln [threads][hidden] fp32. seconds (or NULL): [3] the time in
+ * the linears, the attention, and the norms and quantization. Returns 0, or -1 when scratch memory cannot
+ * be had. */
 int vv_encode(const vv_model *M, float *x, int64_t frames, int64_t seq, uint16_t *qkv, float *h, float *att, int8_t *q,
               float *sx, float *ln, double *seconds) {
     const int64_t m = frames * seq, mp = (m + 31) / 32 * 32, D = M->hidden;
     const int th = M->threads;
     const qkv_dest dst = {qkv, seq, frames, M->heads, M->head_dim, D, 1.0f / sqrtf((float)M->head_dim)};
-    double t[4] = {0.0, 0.0, 0.0, 0.0}, t0 = omp_get_wtime(), t1; /* linears, attention, norms + quantization */
+    double t[3] = {0.0, 0.0, 0.0}, t0 = omp_get_wtime(), t1; /* linears, attention, norms + quantization */
 #define LAP(i) (t1 = omp_get_wtime(), t[i] += t1 - t0, t0 = t1)
     for (int i = 0; i < M->layers; i++) {
         const vv_layer *L = M->layer + i;
