@@ -251,6 +251,31 @@ TARGET static void pack_values(const uint16_t *v, int64_t seq, int64_t sp, int64
         }
 }
 
+/* c [32][32] fp32 (row stride ldc floats) = A [32 rows][steps x 32] x B on the AMX-BF16 tiles: per step,
+ * A's two 16-row tiles (a, a + 16 lda; rows lda bf16 apart, each step a_step further) and B's two tiles of
+ * 16 pair-rows x 16 columns (b, b + 32; rows ldb bf16 apart, each step b_step further) into four C tiles. */
+TARGET static inline void bf16_block(const uint16_t *a, int64_t lda, int64_t a_step, const uint16_t *b, int64_t ldb,
+                                     int64_t b_step, int64_t steps, float *c, int64_t ldc) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t st = 0; st < steps; st++) {
+        _tile_loadd(4, a + st * a_step, lda * 2);
+        _tile_loadd(5, a + 16 * lda + st * a_step, lda * 2);
+        _tile_loadd(6, b + st * b_step, ldb * 2);
+        _tile_loadd(7, b + st * b_step + 32, ldb * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, ldc * 4);
+    _tile_stored(1, c + 16, ldc * 4);
+    _tile_stored(2, c + 16 * ldc, ldc * 4);
+    _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+}
+
 /* out [frames * seq][hidden] = softmax(q k^T) v per frame and head, from qkv bf16 [3][frames][heads][seq][hd]
  * (q already scaled). A block of 32 queries past a head's seq rows reads the rows after them (the next
  * head's q, or the first k rows after the last head: inside the buffer) and those outputs are dropped. Keys
@@ -281,26 +306,8 @@ TARGET static int attention(const vv_model *M, const uint16_t *qkv, int64_t fram
             pack_values(qkv + 2 * per_part + it * seq * hd, seq, sp, hd, vp);
             for (int64_t q0 = 0; q0 < seq; q0 += 32) {
                 /* s [32][sp] = q k^T, 2 x 2 C tiles over 16-key blocks, k-steps of 32 dimensions */
-                for (int64_t kb = 0; kb < sp / 16; kb += 2) {
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int64_t st = 0; st < hd / 32; st++) {
-                        _tile_loadd(4, qb + q0 * hd + st * 32, hd * 2);
-                        _tile_loadd(5, qb + (q0 + 16) * hd + st * 32, hd * 2);
-                        _tile_loadd(6, kp + (st * 16 * sp + kb * 16) * 2, sp * 4);
-                        _tile_loadd(7, kp + (st * 16 * sp + (kb + 1) * 16) * 2, sp * 4);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                    _tile_stored(0, s + kb * 16, sp * 4);
-                    _tile_stored(1, s + (kb + 1) * 16, sp * 4);
-                    _tile_stored(2, s + 16 * sp + kb * 16, sp * 4);
-                    _tile_stored(3, s + 16 * sp + (kb + 1) * 16, sp * 4);
-                }
+                for (int64_t kb = 0; kb < sp / 16; kb += 2)
+                    bf16_block(qb + q0 * hd, hd, 32, kp + kb * 32, 2 * sp, 32 * sp, hd / 32, s + kb * 16, sp);
                 for (int r = 0; r < 32; r++) { /* softmax over the seq real keys; padded keys weigh 0 */
                     float *sr = s + r * sp;
                     __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -322,26 +329,8 @@ TARGET static int attention(const vv_model *M, const uint16_t *qkv, int64_t fram
                             _mm512_mul_ps(_mm512_loadu_ps(sr + j + 16), inv), _mm512_mul_ps(_mm512_loadu_ps(sr + j), inv)));
                 }
                 /* o [32][hd] = p v: C tiles of 16 queries x 16 dimensions, k-steps of 32 keys */
-                for (int64_t db = 0; db < hd / 16; db += 2) {
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int64_t kt = 0; kt < sp / 32; kt++) {
-                        _tile_loadd(4, p + kt * 32, sp * 2);
-                        _tile_loadd(5, p + 16 * sp + kt * 32, sp * 2);
-                        _tile_loadd(6, vp + (kt * 16 * hd + db * 16) * 2, hd * 4);
-                        _tile_loadd(7, vp + (kt * 16 * hd + (db + 1) * 16) * 2, hd * 4);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                    _tile_stored(0, o + db * 16, hd * 4);
-                    _tile_stored(1, o + (db + 1) * 16, hd * 4);
-                    _tile_stored(2, o + 16 * hd + db * 16, hd * 4);
-                    _tile_stored(3, o + 16 * hd + (db + 1) * 16, hd * 4);
-                }
+                for (int64_t db = 0; db < hd / 16; db += 2)
+                    bf16_block(p, sp, 32, vp + db * 32, 2 * hd, 32 * hd, sp / 32, o + db * 16, hd);
                 for (int64_t r = 0; r < 32 && q0 + r < seq; r++)
                     memcpy(out + (f * seq + q0 + r) * D + h * hd, o + r * hd, (size_t)(hd * 4));
             }
