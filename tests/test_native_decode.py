@@ -66,7 +66,7 @@ def test_the_graph_reader_equals_onnx(hf_dirs, tmp_path):
         assert mine["attrs"].keys() == want.keys()
         for k, v in want.items():
             assert mine["attrs"][k] == (list(v) if isinstance(v, (list, tuple)) else v) or np.isclose(mine["attrs"][k], v)
-    inits = native_decode._Initializers(tensors, path.parent)
+    inits = native_decode.Initializers(tensors, path.parent)
     assert set(tensors) == {t.name for t in model.graph.initializer}
     external = 0
     for t in model.graph.initializer:

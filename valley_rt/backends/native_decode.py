@@ -289,7 +289,7 @@ def read_graph(model_file: Path) -> tuple[list[dict], dict[str, dict]]:
     return nodes, inits
 
 
-class _Initializers:
+class Initializers:
     """The graph's initializers by name, as arrays: external ones viewed in place in the mapped data file."""
 
     def __init__(self, inits: dict[str, dict], folder: Path):
@@ -330,7 +330,7 @@ class NativeDecoder:
     """The int4 decode graph's computation in native code, over its own weights (see the module doc).
     Stateless between calls: the caller owns the KV cache and the position."""
 
-    def __init__(self, lib, model_struct, keep, inits: _Initializers, shape: dict):
+    def __init__(self, lib, model_struct, keep, inits: Initializers, shape: dict):
         self._lib, self._model, self._keep, self._inits = lib, model_struct, keep, inits
         self.hidden, self.vocab = int(shape["hidden_size"]), int(shape["vocab_size"])
         self.layers = int(shape["num_layers"])
@@ -348,7 +348,7 @@ class NativeDecoder:
         lib, why = library()
         if lib is None:
             return None, why
-        inits = _Initializers(tensors, model_file.parent)
+        inits = Initializers(tensors, model_file.parent)
         keep: list = []
 
         def ptr(name: str, dtype) -> int:

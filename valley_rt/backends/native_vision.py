@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from valley_rt.backends.native_decode import _Initializers, build_library, read_graph
+from valley_rt.backends.native_decode import Initializers, build_library, read_graph
 from valley_rt.config import ValleyConfig
 from valley_rt.errors import EngineError
 
@@ -245,7 +245,7 @@ class NativeVision:
         lib, why = library()
         if lib is None:
             return None, why
-        inits = _Initializers(tensors, path.parent)
+        inits = Initializers(tensors, path.parent)
         threads = int(threads or default_threads())
         keep: list = []
 
